@@ -1,0 +1,398 @@
+"""The async half of a delivery: a push session, its worker-thread hops and group commit.
+
+A :class:`DeliverySession` buffers what the caller writes and hands it to a worker thread in
+batches (one hop per small message, ~1 MiB per hop for large ones). ``commit()`` publishes the
+message and returns only after a directory fsync that covers it. Concurrent deliveries into
+the same directory share that fsync (group commit): one ``fsync(new/)`` covers every link that
+completed before it started. A delivery with nothing else in flight does it inside its own
+hop instead, so a lone message costs exactly one thread hop.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, TypeVar
+
+import anyio
+from anyio.lowlevel import RunVar
+
+from ._errors import MessageTooLargeError
+from ._writer import Layout, TmpFile
+
+__all__ = ["BATCH", "STATS", "THREADS", "Delivery", "DeliverySession", "as_chunk", "limiter"]
+
+T = TypeVar("T")
+
+#: Worker threads per event loop: enough to keep fsyncs of concurrent deliveries in flight.
+THREADS = 64
+#: Bytes buffered before a hop writes them (large messages are written in batches this big).
+BATCH = 1 << 20
+
+#: Process-wide counters (read by the benchmarks): deliveries committed, directory fsyncs.
+STATS = {"deliveries": 0, "dir_fsyncs": 0}
+
+_limiter: RunVar[anyio.CapacityLimiter] = RunVar("maildrop_limiter")
+_dirsyncs: RunVar[dict[tuple[str, str], _DirSync]] = RunVar("maildrop_dirsyncs")
+
+
+def limiter() -> anyio.CapacityLimiter:
+    """Return this event loop's worker limiter (made lazily: limiters bind to one loop)."""
+    try:
+        return _limiter.get()
+    except LookupError:
+        lim = anyio.CapacityLimiter(THREADS)
+        _limiter.set(lim)
+        return lim
+
+
+class _Aborted(Exception):
+    """A hop found its delivery already aborted and did nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A message that is durable in the maildir."""
+
+    path: Path
+    """Where the message is (in ``new/``, or ``cur/`` when delivered with flags)."""
+    name: str
+    """The file's basename."""
+    size: int
+    """Bytes written."""
+
+
+def as_chunk(data: object) -> bytes | memoryview:
+    """Return *data* as an immutable bytes-like chunk, or raise a helpful ``TypeError``."""
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, bytearray):
+        return bytes(data)  # the caller may reuse its buffer once write() returns
+    if isinstance(data, memoryview):
+        if data.readonly and data.c_contiguous and data.ndim == 1 and data.format == "B":
+            return data
+        return data.tobytes()
+    if isinstance(data, str):
+        raise TypeError(
+            "maildrop takes bytes, not str; encode the message first (e.g. msg.encode()) "
+            "or open files in binary mode ('rb')"
+        )
+    raise TypeError(
+        f"message data must be bytes, bytearray or memoryview, not {type(data).__name__}"
+    )
+
+
+class _DirSync:
+    """Group-commit bookkeeping for one destination directory on one event loop."""
+
+    def __init__(self) -> None:
+        self.inflight = 0  # deliveries between commit() entry and return
+        self.linked = 0  # links completed (as seen by the loop)
+        self.synced = 0  # every link numbered <= this is durable
+        self.failed = 0  # every link numbered <= this saw a failed fsync
+        self.error: OSError | None = None
+        self.running: anyio.Event | None = None
+
+    async def wait_durable(self, seq: int, session: DeliverySession) -> None:
+        while self.synced < seq:
+            if self.failed >= seq and self.error is not None:
+                err = self.error
+                raise OSError(err.errno, f"fsync of the maildir failed: {err.strerror}")
+            if self.running is not None:
+                await self.running.wait()
+                continue
+            target = self.linked
+            done = self.running = anyio.Event()
+            try:
+                STATS["dir_fsyncs"] += 1
+                await session._hop(session._tmp.sync_dest)
+            except OSError as exc:
+                self.failed, self.error = max(self.failed, target), exc
+                raise
+            else:
+                self.synced = max(self.synced, target)
+            finally:
+                self.running = None
+                done.set()
+
+
+def _dirsync(key: tuple[str, str]) -> _DirSync:
+    try:
+        table = _dirsyncs.get()
+    except LookupError:
+        table = {}
+        _dirsyncs.set(table)
+    ds = table.get(key)
+    if ds is None:
+        ds = table[key] = _DirSync()
+    return ds
+
+
+def _release_dirsync(key: tuple[str, str], ds: _DirSync) -> None:
+    if ds.inflight == 0 and ds.running is None:
+        table = _dirsyncs.get()
+        if table.get(key) is ds:
+            del table[key]
+
+
+class DeliverySession:
+    """A message being delivered piece by piece; get one from ``Maildir.open_delivery()``.
+
+    Use it as an async context manager: ``write()`` the chunks, then ``commit()``. Leaving
+    the block without committing aborts silently; leaving it with an exception aborts and
+    lets the exception through. Nothing is visible in the maildir before ``commit()``
+    returns.
+    """
+
+    def __init__(
+        self,
+        layout: Layout,
+        *,
+        flags: str | None = None,
+        size_stamp: bool = False,
+        max_size: int | None = None,
+        batch_size: int = BATCH,
+    ) -> None:
+        self._layout = layout
+        self._tmp = TmpFile(layout, "new" if flags is None else "cur")
+        self._flags = flags
+        self._size_stamp = size_stamp
+        self._max_size = max_size
+        self._batch = batch_size
+        self._buf: list[bytes | memoryview] = []
+        self._buffered = 0
+        self._size = 0
+        self._file: IO[bytes] | None = None
+        self._started = False
+        self._state = "open"  # open -> committed | aborted
+        self._result: Delivery | None = None
+
+    @property
+    def size(self) -> int:
+        """Bytes accepted so far."""
+        return self._size
+
+    @property
+    def closed(self) -> bool:
+        """Whether the session was committed or aborted."""
+        return self._state != "open"
+
+    async def __aenter__(self) -> DeliverySession:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._state == "open":
+            await self._abort(keep_published=False)
+
+    def _check_open(self, what: str) -> None:
+        if self._state != "open":
+            raise RuntimeError(f"cannot {what}: this delivery was already {self._state}")
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Add *data* to the message; it is written off the event loop in batches.
+
+        Raises:
+            TypeError: *data* is not bytes-like (the delivery is aborted).
+            MessageTooLargeError: the message passed ``max_size`` (the delivery is aborted).
+            OSError: a batch could not be written (the delivery is aborted).
+
+        **Cancellation:** the delivery is aborted; the tmp file is removed once any write
+        already running in a worker thread has finished.
+        """
+        self._check_open("write")
+        try:
+            chunk = as_chunk(data)
+            n = len(chunk)
+            if self._max_size is not None and self._size + n > self._max_size:
+                raise MessageTooLargeError(self._max_size)
+            if not n:
+                return
+            self._size += n
+            self._buf.append(chunk)
+            self._buffered += n
+            if self._buffered >= self._batch:
+                await self._flush()
+        except BaseException as exc:
+            await self._fail(exc)
+            raise
+
+    def _take(self) -> list[bytes | memoryview]:
+        chunks, self._buf, self._buffered = self._buf, [], 0
+        return chunks
+
+    async def _flush(self) -> None:
+        chunks = self._take()
+        await self._hop(self._write_step, chunks)
+
+    def _write_step(self, chunks: list[bytes | memoryview]) -> None:
+        tmp = self._tmp
+        if not self._started:
+            tmp.open_dirs()
+            tmp.create()
+            self._started = True
+        tmp.write(chunks)
+
+    def _finish_step(self, chunks: list[bytes | memoryview], alone: bool) -> str:
+        self._write_step(chunks)
+        if self._file is not None:
+            self._copy_file(self._file)
+        final = self._tmp.publish(size_stamp=self._size_stamp, flags=self._flags, sync_dir=alone)
+        if alone:
+            self._tmp.close_dirs()
+        return final
+
+    def _copy_file(self, f: IO[bytes]) -> None:
+        """Copy the rest of the synchronous file *f* (runs in the worker)."""
+        tmp = self._tmp
+        limit = self._max_size
+        try:
+            src_fd = f.fileno()
+            is_regular = os.path.isfile(f"/proc/self/fd/{src_fd}")
+        except (AttributeError, OSError, ValueError):
+            is_regular = False
+        if is_regular:
+            offset = f.tell()
+            while True:
+                if tmp.aborted:
+                    raise _Aborted
+                budget = self._batch if limit is None else min(self._batch, limit + 1 - tmp.size)
+                n = tmp.copy_from(src_fd, offset, budget)
+                offset += n
+                if limit is not None and tmp.size > limit:
+                    raise MessageTooLargeError(limit)
+                if n < budget:
+                    break
+            f.seek(offset)
+        else:
+            while True:
+                if tmp.aborted:
+                    raise _Aborted
+                data = f.read(self._batch)
+                if not data:
+                    break
+                chunk = as_chunk(data)
+                if limit is not None and tmp.size + len(chunk) > limit:
+                    raise MessageTooLargeError(limit)
+                tmp.write([chunk])
+        self._size = tmp.size
+
+    def _attach_file(self, f: IO[bytes]) -> None:
+        self._file = f
+
+    async def commit(self) -> Delivery:
+        """Publish the message and return once it is durable.
+
+        Raises:
+            OSError: a step failed (original errno); nothing is left in ``tmp/`` or the
+                destination.
+
+        **Cancellation:** before the message is linked into the destination, the delivery
+        is aborted and cleaned up. Once linked it stays: it is complete and will be made
+        durable by the next directory fsync (a retried SMTP transaction may then deliver
+        it twice, which beats losing it).
+        """
+        self._check_open("commit")
+        key = (self._layout.path, self._tmp.subdir)
+        ds = _dirsync(key)
+        ds.inflight += 1
+        try:
+            alone = ds.inflight == 1 and ds.running is None
+            chunks = self._take()
+            final = await self._hop(self._finish_step, chunks, alone)
+            if alone:
+                STATS["dir_fsyncs"] += 1
+            else:
+                ds.linked += 1
+                await ds.wait_durable(ds.linked, self)
+                # No worker uses these fds any more, and closing a directory fd never
+                # blocks, so it is done here rather than with another thread hop.
+                self._tmp.close_dirs()
+            STATS["deliveries"] += 1
+            self._state = "committed"
+            if self._file is not None:
+                self._size = self._tmp.size
+            path = Path(self._layout.path, self._tmp.subdir, final)
+            self._result = Delivery(path=path, name=final, size=self._tmp.size)
+            return self._result
+        except BaseException as exc:
+            await self._fail(exc)
+            raise
+        finally:
+            ds.inflight -= 1
+            _release_dirsync(key, ds)
+
+    async def abort(self) -> None:
+        """Abandon the message and remove everything it created.
+
+        **Cancellation:** cleanup still completes in its worker thread.
+        """
+        if self._state == "open":
+            await self._abort(keep_published=False)
+
+    async def _fail(self, exc: BaseException) -> None:
+        if self._state != "open":
+            return
+        # Cancellation after the link keeps the message (it is complete); errors remove it.
+        cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
+        await self._abort(keep_published=cancelled)
+
+    async def _abort(self, *, keep_published: bool) -> None:
+        self._state = "aborted"
+        self._buf = []
+        tmp = self._tmp
+        with tmp.lock:
+            if tmp.cleaned:
+                return
+            tmp.aborted = True
+            tmp.keep_published = keep_published
+            running = tmp.running
+            if not running and not tmp.dir_fds:
+                tmp.cleaned = True  # nothing was ever opened: no I/O needed
+                return
+        with anyio.CancelScope(shield=True):
+            if running:
+                # The worker sees `aborted` when its call returns and cleans up itself. It
+                # cannot set an anyio.Event (that needs a loop round-trip from the thread,
+                # which fails once the loop is closing), so poll: this path is rare and a
+                # hop lasts at most one ~1 MiB write or one fsync.
+                while not tmp.cleaned:  # noqa: ASYNC110 - see above
+                    await anyio.sleep(0.001)
+            else:
+                await anyio.to_thread.run_sync(self._cleanup_step, limiter=limiter())
+
+    def _cleanup_step(self) -> None:
+        with self._tmp.lock:
+            self._tmp.cleanup()
+
+    async def _hop(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run *fn* in a worker thread that owns the tmp file for the call's duration."""
+        tmp = self._tmp
+
+        def run() -> T:
+            with tmp.lock:
+                if tmp.aborted:
+                    raise _Aborted
+                tmp.running = True
+            ok = False
+            try:
+                result = fn(*args)
+                ok = True
+                return result
+            finally:
+                with tmp.lock:
+                    tmp.running = False
+                    if not ok:
+                        tmp.keep_published = False
+                        tmp.cleanup()
+                    elif tmp.aborted:
+                        tmp.cleanup()
+
+        return await anyio.to_thread.run_sync(run, limiter=limiter())

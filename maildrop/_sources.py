@@ -1,0 +1,73 @@
+"""Feed any supported message source into a :class:`DeliverySession`.
+
+Supported: bytes-like objects; synchronous binary files (read in the worker thread, copied
+with ``copy_file_range`` when they are regular files); objects with an async ``read(n)``
+(aiofiles and anyio files, ``asyncio.StreamReader``); async iterables of bytes-like chunks,
+which includes anyio's ``ByteReceiveStream``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+from collections.abc import AsyncIterable
+from typing import IO, Any, cast
+
+from anyio.abc import ByteReceiveStream
+
+from ._session import BATCH, DeliverySession
+
+__all__ = ["Source", "feed"]
+
+#: Anything :meth:`Maildir.deliver` accepts.
+Source = (
+    bytes
+    | bytearray
+    | memoryview
+    | IO[bytes]
+    | AsyncIterable[bytes | bytearray | memoryview]
+    | ByteReceiveStream
+    | Any
+)
+
+_WHAT = (
+    "bytes, bytearray, memoryview, a binary file, an object with an async read(n) "
+    "(aiofiles, anyio, asyncio.StreamReader), an async iterable of bytes, or an anyio "
+    "ByteReceiveStream"
+)
+
+
+async def feed(session: DeliverySession, source: object) -> None:
+    """Write all of *source* into *session* (without committing it)."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        await session.write(source)
+        return
+    if isinstance(source, str):
+        raise TypeError(
+            "deliver() takes bytes, not str; encode the message first (e.g. msg.encode())"
+        )
+    if isinstance(source, io.TextIOBase):
+        raise TypeError(
+            "deliver() needs a binary file; open it in binary mode ('rb'), not text mode"
+        )
+    if isinstance(source, ByteReceiveStream):
+        async for chunk in source:
+            await session.write(chunk)
+        return
+    read = getattr(source, "read", None)
+    if read is not None and inspect.iscoroutinefunction(read):
+        while True:
+            chunk = await read(BATCH)
+            if not chunk:
+                return
+            await session.write(chunk)
+    if isinstance(source, AsyncIterable):
+        async for chunk in source:
+            await session.write(chunk)
+        return
+    if read is not None and callable(read):
+        # A synchronous file: read (or copy_file_range) it in the worker thread, in the
+        # same hop that publishes the message.
+        session._attach_file(cast(IO[bytes], source))
+        return
+    raise TypeError(f"cannot deliver a {type(source).__name__}; pass {_WHAT}")

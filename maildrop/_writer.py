@@ -1,0 +1,350 @@
+"""The blocking half of a delivery: every step that runs in a worker thread.
+
+Why the steps are ordered the way they are (the one long explanation of the engine):
+
+* Directories are opened ``O_DIRECTORY|O_NOFOLLOW`` and every later call is relative to those
+  fds, so a ``tmp/``, ``new/`` or folder replaced by a symlink is refused instead of followed
+  (``O_NOFOLLOW`` on a path only guards its last component).
+* The tmp file is created ``O_CREAT|O_EXCL|O_NOFOLLOW`` at 0600; ``O_EXCL`` never follows a
+  planted symlink and never opens someone else's file.
+* The data is fsynced before the file gets its name in ``new/``, so a crash can never leave a
+  short or empty message there. An fsync error is final: after a failed fsync the kernel may
+  have dropped the dirty pages, so retrying it would report success for lost data.
+* Publishing uses ``link()``, which refuses an existing target, never ``rename()``, which
+  silently replaces one. The link is made from ``/proc/self/fd/N`` (``linkat`` with
+  ``AT_SYMLINK_FOLLOW``) so it publishes exactly the file this delivery wrote, even if someone
+  swapped the name in ``tmp/``. The fd is closed only after the link; a close error still
+  fails the delivery (and removes the link). Filesystems without hard links get a rename
+  after an existence check: documented, and narrower than the stdlib's plain rename.
+* ``new/`` is fsynced after the link; only then is the message durable. Callers share that
+  fsync when several deliveries are in flight (group commit, see ``_session``).
+* A :class:`TmpFile` is owned by at most one thread at a time. Whatever fails inside a worker
+  call is cleaned up by that worker before the exception leaves it, so the event loop never
+  unlinks a file that a still-running write or fsync is using.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ._errors import MaildirNotFoundError
+from ._naming import published_name, unique_name
+from ._sys import Syscalls
+
+__all__ = ["Layout", "TmpFile", "new_name"]
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_SUBDIRS = ("tmp", "new", "cur")
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
+_PROC_FD = os.path.isdir("/proc/self/fd")
+# link() errnos that mean "this filesystem has no hard links", not "this link failed".
+_NO_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
+_NAME_TRIES = 100
+
+_counter_lock = threading.Lock()
+_counter = 0
+
+
+def new_name() -> str:
+    """Return a fresh unique base name (clock, pid and host read now: fork-safe)."""
+    global _counter
+    with _counter_lock:
+        _counter += 1
+        n = _counter
+    now = time.time_ns() // 1000
+    return unique_name(
+        now // 1_000_000, now % 1_000_000, os.getpid(), n, random.getrandbits(64),
+        socket.gethostname(),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where a maildir is: its root path and, for a Maildir++ folder, the folder's dirname."""
+
+    root: str
+    folder: str | None
+    create: bool
+    fsync: bool
+    syscalls: Syscalls
+
+    @property
+    def path(self) -> str:
+        """The maildir's own directory."""
+        return self.root if self.folder is None else os.path.join(self.root, self.folder)
+
+
+class TmpFile:
+    """One message being written: its directory fds, tmp file and published name.
+
+    Only worker threads call its methods, one at a time (``_session`` guarantees it); the
+    ``lock``/``running``/``aborted`` fields are how the event loop hands over cleanup.
+    """
+
+    def __init__(self, layout: Layout, subdir: str) -> None:
+        self.layout = layout
+        self.sys = layout.syscalls
+        self.subdir = subdir  # "new" or "cur"
+        self.lock = threading.Lock()
+        self.running = False
+        self.aborted = False
+        self.keep_published = False
+        self.cleaned = False
+        self.dir_fds: list[int] = []
+        self.tmp_fd = -1
+        self.dest_fd = -1
+        self.fd = -1
+        self.tmp_name: str | None = None
+        self.final_name: str | None = None
+        self.size = 0
+
+    # -- opening ----------------------------------------------------------------------------
+
+    def open_dirs(self) -> None:
+        """Open (creating if allowed) the maildir's ``tmp/`` and destination directories."""
+        lay = self.layout
+        root = self._open_root(lay.root, None)
+        if lay.folder is not None:
+            try:
+                root = self._open_dir(lay.folder, root)
+            except FileNotFoundError:
+                self._refuse_missing(lay.path)
+                # A folder's parent must be a whole maildir, or Maildir++ readers skip it.
+                self._open_sub(root, "tmp")
+                root = self._open_root(lay.folder, root)
+                self._mark_folder(root)
+        self.tmp_fd = self._open_sub(root, "tmp")
+        self.dest_fd = self._open_sub(root, self.subdir)
+
+    def _refuse_missing(self, path: str) -> None:
+        if not self.layout.create:
+            raise MaildirNotFoundError(
+                errno.ENOENT, f"no maildir at {path!r}; create it or pass create=True"
+            )
+
+    def _open_dir(self, name: str, dir_fd: int | None) -> int:
+        fd = self.sys.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        self.dir_fds.append(fd)
+        return fd
+
+    def _open_root(self, name: str, dir_fd: int | None) -> int:
+        try:
+            return self._open_dir(name, dir_fd)
+        except FileNotFoundError:
+            self._refuse_missing(self.layout.path)
+        try:
+            self.sys.mkdir(name, 0o700, dir_fd=dir_fd)
+        except FileExistsError:
+            pass  # another delivery made it first
+        except FileNotFoundError:
+            raise MaildirNotFoundError(
+                errno.ENOENT,
+                f"cannot create maildir {self.layout.path!r}: its parent directory is missing",
+            ) from None
+        else:
+            self._sync_parent(name, dir_fd)
+        return self._open_dir(name, dir_fd)
+
+    def _sync_parent(self, name: str, dir_fd: int | None) -> None:
+        if not self.layout.fsync:
+            return
+        if dir_fd is not None:
+            self.sys.fsync_dir(dir_fd)
+            return
+        parent = os.path.dirname(os.path.abspath(name))
+        fd = self.sys.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self.sys.fsync_dir(fd)
+        finally:
+            self.sys.close_dir(fd)
+
+    def _open_sub(self, root: int, name: str) -> int:
+        try:
+            return self._open_dir(name, root)
+        except FileNotFoundError:
+            self._refuse_missing(self.layout.path)
+        made = False
+        for sub in _SUBDIRS:
+            try:
+                self.sys.mkdir(sub, 0o700, dir_fd=root)
+                made = True
+            except FileExistsError:
+                pass
+        if made and self.layout.fsync:
+            self.sys.fsync_dir(root)
+        return self._open_dir(name, root)
+
+    def _mark_folder(self, folder_fd: int) -> None:
+        # Courier and Dovecot mark Maildir++ folders with an empty "maildirfolder" file.
+        try:
+            fd = self.sys.open("maildirfolder", _FILE_FLAGS, 0o600, dir_fd=folder_fd)
+        except FileExistsError:
+            return
+        self.sys.close(fd)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def create(self) -> None:
+        """Create the tmp file under a fresh unique name."""
+        for _ in range(_NAME_TRIES):
+            name = new_name()
+            try:
+                self.fd = self.sys.open(name, _FILE_FLAGS, 0o600, dir_fd=self.tmp_fd)
+            except FileExistsError:
+                continue
+            self.tmp_name = name
+            return
+        raise FileExistsError(errno.EEXIST, "could not find a free name in tmp/")
+
+    def write(self, chunks: Sequence[bytes | memoryview]) -> None:
+        """Write every byte of *chunks*, looping on short writes."""
+        views = [memoryview(c) for c in chunks if len(c)]
+        i = 0
+        while i < len(views):
+            if i + 1 == len(views):
+                n = self.sys.write(self.fd, views[i])
+            else:
+                n = self.sys.writev(self.fd, views[i : i + _IOV_MAX])
+            if n <= 0:
+                raise OSError(errno.EIO, "write() wrote nothing; the message was not delivered")
+            self.size += n
+            while n:
+                if n >= len(views[i]):
+                    n -= len(views[i])
+                    i += 1
+                else:
+                    views[i] = views[i][n:]
+                    n = 0
+
+    def copy_from(self, src_fd: int, offset: int, count: int) -> int:
+        """Copy up to *count* bytes of the regular file *src_fd* from *offset*; return bytes."""
+        done = 0
+        while done < count:
+            n = self.sys.copy_file_range(src_fd, self.fd, count - done, offset + done)
+            if n == 0:
+                break  # EOF (the file shrank)
+            done += n
+            self.size += n
+        return done
+
+    # -- publishing -------------------------------------------------------------------------
+
+    def publish(self, *, size_stamp: bool, flags: str | None, sync_dir: bool) -> str:
+        """Fsync, link into the destination without clobbering, close, unlink tmp."""
+        if self.layout.fsync:
+            self.sys.fsync(self.fd)
+        base = self.tmp_name
+        assert base is not None
+        size = self.size if size_stamp else None
+        for _ in range(_NAME_TRIES):
+            final = published_name(base, size=size, flags=flags)
+            try:
+                self._link(final)
+            except FileExistsError:
+                base = new_name()
+                continue
+            break
+        else:
+            raise FileExistsError(errno.EEXIST, f"could not find a free name in {self.subdir}/")
+        fd, self.fd = self.fd, -1
+        self.sys.close(fd)
+        if self.tmp_name is not None:
+            # ENOENT: a publish hook renamed it (compat) or it was swept; the link is ours.
+            with contextlib.suppress(FileNotFoundError):
+                self.sys.unlink(self.tmp_name, dir_fd=self.tmp_fd)
+            self.tmp_name = None
+        if sync_dir:
+            self.sync_dest()
+        return final
+
+    def _link(self, final: str) -> None:
+        assert self.tmp_name is not None
+        try:
+            if _PROC_FD:
+                self.sys.link(
+                    f"/proc/self/fd/{self.fd}", final, dst_dir_fd=self.dest_fd,
+                    follow_symlinks=True,
+                )  # fmt: skip
+            else:  # pragma: no cover - Linux without /proc
+                self.sys.link(
+                    self.tmp_name, final, src_dir_fd=self.tmp_fd, dst_dir_fd=self.dest_fd,
+                    follow_symlinks=False,
+                )  # fmt: skip
+        except OSError as exc:
+            if exc.errno not in _NO_LINKS:
+                raise
+            self._rename_without_links(final)
+            return
+        self.final_name = final
+
+    def _rename_without_links(self, final: str) -> None:
+        # Only for filesystems without hard links. rename() would replace an existing
+        # message, so look first; the window between the check and the rename is the one
+        # this fallback cannot close (renameat2(RENAME_NOREPLACE) is not in the stdlib).
+        try:
+            self.sys.stat(final, dir_fd=self.dest_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        else:
+            raise FileExistsError(errno.EEXIST, final)
+        assert self.tmp_name is not None
+        self.sys.rename(self.tmp_name, final, src_dir_fd=self.tmp_fd, dst_dir_fd=self.dest_fd)
+        self.tmp_name = None
+        self.final_name = final
+
+    def sync_dest(self) -> None:
+        """Fsync the destination directory, making the published name durable."""
+        if self.layout.fsync:
+            self.sys.fsync_dir(self.dest_fd)
+
+    # -- cleanup ----------------------------------------------------------------------------
+
+    def close_dirs(self) -> None:
+        """Close the directory fds (the delivery is over)."""
+        fds, self.dir_fds = self.dir_fds, []
+        for fd in reversed(fds):
+            # A directory fd holds no data: its close cannot lose anything.
+            with contextlib.suppress(OSError):
+                self.sys.close_dir(fd)
+        self.tmp_fd = self.dest_fd = -1
+
+    def cleanup(self) -> None:
+        """Remove everything this delivery created (but a kept publish) and close all fds.
+
+        Idempotent; called with ``lock`` held by whoever owns the file at that moment.
+        """
+        if self.cleaned:
+            return
+        self.cleaned = True
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            with contextlib.suppress(OSError):
+                self.sys.close(fd)
+        if self.final_name is not None and not self.keep_published:
+            self._unlink_quietly(self.final_name, self.dest_fd)
+            self.final_name = None
+        if self.tmp_name is not None:
+            self._unlink_quietly(self.tmp_name, self.tmp_fd)
+            self.tmp_name = None
+        self.close_dirs()
+
+    def _unlink_quietly(self, name: str, dir_fd: int) -> None:
+        # Cleanup runs after a failure that is already being raised; a second error here
+        # must not replace it. One retry covers a transient failure of the first unlink.
+        for _ in range(2):
+            try:
+                self.sys.unlink(name, dir_fd=dir_fd)
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                continue
