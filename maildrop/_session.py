@@ -21,36 +21,20 @@ import anyio
 from anyio.lowlevel import RunVar
 
 from ._errors import MessageTooLargeError
-from ._writer import Layout, TmpFile
+from ._pool import run_sync
+from ._writer import Aborted, Layout, TmpFile
 
-__all__ = ["BATCH", "STATS", "THREADS", "Delivery", "DeliverySession", "as_chunk", "limiter"]
+__all__ = ["BATCH", "STATS", "Delivery", "DeliverySession", "as_chunk"]
 
 T = TypeVar("T")
 
-#: Worker threads per event loop: enough to keep fsyncs of concurrent deliveries in flight.
-THREADS = 64
 #: Bytes buffered before a hop writes them (large messages are written in batches this big).
 BATCH = 1 << 20
 
 #: Process-wide counters (read by the benchmarks): deliveries committed, directory fsyncs.
 STATS = {"deliveries": 0, "dir_fsyncs": 0}
 
-_limiter: RunVar[anyio.CapacityLimiter] = RunVar("maildrop_limiter")
 _dirsyncs: RunVar[dict[tuple[str, str], _DirSync]] = RunVar("maildrop_dirsyncs")
-
-
-def limiter() -> anyio.CapacityLimiter:
-    """Return this event loop's worker limiter (made lazily: limiters bind to one loop)."""
-    try:
-        return _limiter.get()
-    except LookupError:
-        lim = anyio.CapacityLimiter(THREADS)
-        _limiter.set(lim)
-        return lim
-
-
-class _Aborted(Exception):
-    """A hop found its delivery already aborted and did nothing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,7 +246,7 @@ class DeliverySession:
             offset = f.tell()
             while True:
                 if tmp.aborted:
-                    raise _Aborted
+                    raise Aborted
                 budget = self._batch if limit is None else min(self._batch, limit + 1 - tmp.size)
                 n = tmp.copy_from(src_fd, offset, budget)
                 offset += n
@@ -274,7 +258,7 @@ class DeliverySession:
         else:
             while True:
                 if tmp.aborted:
-                    raise _Aborted
+                    raise Aborted
                 data = f.read(self._batch)
                 if not data:
                     break
@@ -366,7 +350,7 @@ class DeliverySession:
                 while not tmp.cleaned:  # noqa: ASYNC110 - see above
                     await anyio.sleep(0.001)
             else:
-                await anyio.to_thread.run_sync(self._cleanup_step, limiter=limiter())
+                await run_sync(self._cleanup_step)
 
     def _cleanup_step(self) -> None:
         with self._tmp.lock:
@@ -379,7 +363,7 @@ class DeliverySession:
         def run() -> T:
             with tmp.lock:
                 if tmp.aborted:
-                    raise _Aborted
+                    raise Aborted
                 tmp.running = True
             ok = False
             try:
@@ -395,4 +379,6 @@ class DeliverySession:
                     elif tmp.aborted:
                         tmp.cleanup()
 
-        return await anyio.to_thread.run_sync(run, limiter=limiter())
+        # A cancelled caller returns at once; the worker finishes its call and, seeing
+        # `aborted`, cleans up (see _abort).
+        return await run_sync(run)

@@ -61,6 +61,15 @@ async def feed(session: DeliverySession, source: object) -> None:
             if not chunk:
                 return
             await session.write(chunk)
+    if inspect.isasyncgen(source):
+        # An async generator handed to us is ours to finish: close it if we stop early
+        # (a bad chunk, max_size, a disk error), so it is not left suspended.
+        try:
+            async for piece in source:
+                await session.write(cast(bytes, piece))  # write() validates the type
+        finally:
+            await source.aclose()
+        return
     if isinstance(source, AsyncIterable):
         async for chunk in source:
             await session.write(chunk)

@@ -39,7 +39,7 @@ from ._errors import MaildirNotFoundError
 from ._naming import published_name, unique_name
 from ._sys import Syscalls
 
-__all__ = ["Layout", "TmpFile", "new_name"]
+__all__ = ["Aborted", "Layout", "TmpFile", "new_name"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -65,6 +65,10 @@ def new_name() -> str:
         now // 1_000_000, now % 1_000_000, os.getpid(), n, random.getrandbits(64),
         socket.gethostname(),
     )  # fmt: skip
+
+
+class Aborted(Exception):
+    """The delivery was abandoned (cancelled) while a worker call was running."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +136,18 @@ class TmpFile:
             )
 
     def _open_dir(self, name: str, dir_fd: int | None) -> int:
-        fd = self.sys.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        try:
+            fd = self.sys.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        except (NotADirectoryError, OSError) as exc:
+            if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise
+            parent = self.layout.root if name == self.layout.folder else self.layout.path
+            shown = name if dir_fd is None else os.path.join(parent, name)
+            raise OSError(
+                exc.errno,
+                f"{shown!r} is a symbolic link or not a directory; maildrop does not follow "
+                "symlinks in a maildir (pass the real path)",
+            ) from None
         self.dir_fds.append(fd)
         return fd
 
@@ -242,6 +257,9 @@ class TmpFile:
         """Fsync, link into the destination without clobbering, close, unlink tmp."""
         if self.layout.fsync:
             self.sys.fsync(self.fd)
+        if self.aborted:
+            # Cancelled while this call was writing or syncing: never publish after that.
+            raise Aborted
         base = self.tmp_name
         assert base is not None
         size = self.size if size_stamp else None
@@ -324,7 +342,6 @@ class TmpFile:
         """
         if self.cleaned:
             return
-        self.cleaned = True
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             with contextlib.suppress(OSError):
@@ -336,6 +353,8 @@ class TmpFile:
             self._unlink_quietly(self.tmp_name, self.tmp_fd)
             self.tmp_name = None
         self.close_dirs()
+        # Last: the event loop polls this flag and may report the delivery gone right after.
+        self.cleaned = True
 
     def _unlink_quietly(self, name: str, dir_fd: int) -> None:
         # Cleanup runs after a failure that is already being raised; a second error here

@@ -1,0 +1,71 @@
+"""Shared fixtures: real maildirs under tmp_path, both anyio backends, fault tables."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from maildrop import DEFAULT_SYSCALLS, Syscalls
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Run every ``@pytest.mark.anyio`` test on asyncio and on trio."""
+    return str(request.param)
+
+
+@pytest.fixture
+def maildir_path(tmp_path: Path) -> Path:
+    """A path where a maildir may be created (it does not exist yet)."""
+    return tmp_path / "Maildir"
+
+
+def listing(md: Path) -> dict[str, list[str]]:
+    """Return the sorted entries of tmp/, new/ and cur/ (missing dirs list as empty)."""
+    out: dict[str, list[str]] = {}
+    for sub in ("tmp", "new", "cur"):
+        d = md / sub
+        out[sub] = sorted(os.listdir(d)) if d.is_dir() else []
+    return out
+
+
+def open_fds() -> set[int]:
+    """Return the set of this process's open file descriptors."""
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+class Faults:
+    """Build a syscall table whose named step fails on its k-th call (1-based)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def failing(
+        self, step: str, *, when: int = 1, err: int = errno.EIO, times: int = 1
+    ) -> Syscalls:
+        real: Callable[..., Any] = getattr(DEFAULT_SYSCALLS, step)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with self.lock:
+                n = self.calls[step] = self.calls.get(step, 0) + 1
+            if when <= n < when + times:
+                if step in ("close", "close_dir"):
+                    # Linux releases the fd even when close() reports an error.
+                    real(*args, **kwargs)
+                raise OSError(err, f"injected {errno.errorcode[err]} in {step}")
+            return real(*args, **kwargs)
+
+        return DEFAULT_SYSCALLS.replace(**{step: wrapper})
+
+
+@pytest.fixture
+def faults() -> Faults:
+    """A fresh fault-table builder."""
+    return Faults()

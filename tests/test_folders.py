@@ -1,0 +1,61 @@
+"""Maildir++ folder-name validation and encoding."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from maildrop import InvalidFolderNameError
+from maildrop._folders import encode_folder_name, folder_dirname
+
+BAD = [
+    "", ".", "..", "a..b", ".x", "x.", "a/b", "../x", "a\0b", "~x", "tmp", "new", "cur",
+    "Lists.tmp", "a\nb", "x" * 300,
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_names_are_refused(name: str) -> None:
+    """Each malformed or reserved name raises InvalidFolderNameError (also a ValueError)."""
+    with pytest.raises(InvalidFolderNameError):
+        folder_dirname(name)
+    with pytest.raises(ValueError, match="folder name"):
+        folder_dirname(name)
+
+
+def test_non_str_names_are_refused() -> None:
+    """bytes are not folder names."""
+    with pytest.raises(InvalidFolderNameError, match="must be a str"):
+        folder_dirname(b"x")  # type: ignore[arg-type]
+
+
+def test_good_names_map_to_dot_dirs() -> None:
+    """'Lists.python' lives in '.Lists.python'."""
+    assert folder_dirname("Lists.python") == ".Lists.python"
+    assert folder_dirname("INBOX") == ".INBOX"
+
+
+def test_modified_utf7() -> None:
+    """Non-ASCII and '&' are stored in IMAP modified UTF-7, as Courier and Dovecot do."""
+    assert encode_folder_name("Entwürfe") == "Entw&APw-rfe"
+    assert encode_folder_name("R&D") == "R&-D"
+    assert encode_folder_name("日本語") == "&ZeVnLIqe-"
+
+
+@given(st.text())
+def test_any_accepted_name_stays_inside_the_maildir(name: str) -> None:
+    """Whatever is accepted is one hidden path component: never '/', '..' or NUL."""
+    try:
+        d = folder_dirname(name)
+    except InvalidFolderNameError:
+        return
+    assert d.startswith(".")
+    assert d not in (".", "..")
+    assert "/" not in d
+    assert "\0" not in d
+    assert ".." not in d
+    assert len(d.encode()) <= 255
+    levels = d[1:].split(".")
+    assert all(levels)
+    assert not {"tmp", "new", "cur"} & set(levels)
