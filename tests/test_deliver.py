@@ -443,3 +443,18 @@ async def test_symlinked_tmp_is_refused(maildir_path: Path, tmp_path: Path) -> N
         await deliver(maildir_path, MSG)
     assert list(canary.iterdir()) == []
     assert len(listing(maildir_path)["new"]) == 1
+
+
+async def test_hostile_hostname_is_escaped(
+    maildir_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hostname with '/', ':' and NUL still gives one safe name inside new/."""
+    import socket
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "evil/../host:25\0x")
+    d = await deliver(maildir_path, MSG)
+    assert d.path.parent == maildir_path / "new"
+    assert "/" not in d.name
+    assert ":" not in d.name
+    assert "\0" not in d.name
+    assert d.name.endswith(".evil\\057..\\057host\\07225\\000x")
