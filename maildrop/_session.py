@@ -288,11 +288,13 @@ class DeliverySession:
         ds = _dirsync(key)
         ds.inflight += 1
         try:
-            alone = ds.inflight == 1 and ds.running is None
+            # Without fsync there is no directory fsync to share: finish in one hop.
+            fsync = self._layout.fsync
+            alone = not fsync or (ds.inflight == 1 and ds.running is None)
             chunks = self._take()
             final = await self._hop(self._finish_step, chunks, alone)
             if alone:
-                STATS["dir_fsyncs"] += 1
+                STATS["dir_fsyncs"] += fsync
             else:
                 ds.linked += 1
                 await ds.wait_durable(ds.linked, self)
