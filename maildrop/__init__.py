@@ -10,6 +10,8 @@ from ._errors import (
     outcome,
 )
 from ._maildir import Maildir, deliver
+from ._many import deliver_many
+from ._quota import Quota
 from ._session import Delivery, DeliverySession
 from ._sources import Source
 from ._sys import DEFAULT_SYSCALLS, Syscalls
@@ -26,9 +28,11 @@ __all__ = [
     "MaildropError",
     "MessageTooLargeError",
     "Outcome",
+    "Quota",
     "QuotaExceededError",
     "Source",
     "Syscalls",
     "deliver",
+    "deliver_many",
     "outcome",
 ]

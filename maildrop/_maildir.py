@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from ._folders import folder_dirname
 from ._naming import format_flags
+from ._pool import run_sync
+from ._quota import Quota
+from ._quota_io import QuotaGuard
 from ._session import Delivery, DeliverySession
 from ._sources import Source, feed
+from ._sweep import sweep_tmp
 from ._sys import DEFAULT_SYSCALLS, Syscalls
+from ._transform import make_transform
 from ._writer import Layout
+
+#: The maildir spec's age for stale files in tmp/: 36 hours.
+TMP_MAX_AGE = 36 * 3600
 
 __all__ = ["Maildir", "deliver"]
 
@@ -35,6 +44,8 @@ class Maildir:
         fsync: with ``False`` skip every fsync (tests, bulk imports): fast, not durable.
         max_size: refuse messages larger than this many bytes (checked while streaming).
         size_stamp: add the Maildir++ ``,S=<size>`` stamp to delivered names.
+        quota: enforce and maintain a Maildir++ quota (``maildirsize``), see :class:`Quota`;
+            over-quota deliveries raise :class:`QuotaExceededError` while streaming.
         syscalls: the table of blocking calls to use (fault injection, compat hooks).
     """
 
@@ -46,6 +57,7 @@ class Maildir:
         fsync: bool = True,
         max_size: int | None = None,
         size_stamp: bool = False,
+        quota: Quota | None = None,
         syscalls: Syscalls = DEFAULT_SYSCALLS,
     ) -> None:
         if isinstance(path, bytes):
@@ -63,6 +75,9 @@ class Maildir:
         )
         self._max_size = _check_max_size(max_size)
         self._size_stamp = bool(size_stamp)
+        if quota is not None and not isinstance(quota, Quota):
+            raise TypeError(f"quota must be a maildrop.Quota or None, not {quota!r}")
+        self._quota = quota
 
     @property
     def path(self) -> Path:
@@ -94,31 +109,68 @@ class Maildir:
         sub._layout = Layout(lay.root, dirname, lay.create, lay.fsync, lay.syscalls)
         sub._max_size = self._max_size
         sub._size_stamp = self._size_stamp
+        sub._quota = self._quota
         return sub
 
-    def open_delivery(self, *, flags: str | None = None) -> DeliverySession:
+    def open_delivery(
+        self,
+        *,
+        flags: str | None = None,
+        return_path: str | None = None,
+        delivered_to: str | None = None,
+        crlf_to_lf: bool = False,
+    ) -> DeliverySession:
         """Return a session to feed a message into chunk by chunk.
 
         ``async with md.open_delivery() as w: await w.write(chunk); ...; d = await
         w.commit()``. With *flags* (e.g. ``"S"``) the message goes to ``cur/`` with the
         ``:2,<flags>`` info suffix instead of ``new/``.
+
+        *return_path* prepends ``Return-Path: <addr>`` (``""`` is the null sender ``<>``),
+        *delivered_to* prepends ``Delivered-To: addr``; the added lines end like the
+        message's first line (CRLF or LF). *crlf_to_lf* converts CRLF line endings to LF
+        (SMTP wire format to the maildir convention), and then every line ends in LF. Both
+        are applied while streaming; sizes, ``max_size`` and the quota count the bytes
+        written.
+
+        Raises:
+            ValueError: a flag is not one of ``DFPRST``, or a header value contains CR, LF
+                or NUL (checked before any I/O).
         """
+        flags = None if flags is None else format_flags(flags)
+        transform = make_transform(
+            return_path=return_path, delivered_to=delivered_to, crlf_to_lf=crlf_to_lf
+        )
         return DeliverySession(
             self._layout,
-            flags=None if flags is None else format_flags(flags),
+            flags=flags,
             size_stamp=self._size_stamp,
             max_size=self._max_size,
+            transform=transform,
+            quota=None if self._quota is None else QuotaGuard(self._quota, self._layout),
         )
 
-    async def deliver(self, source: Source, *, flags: str | None = None) -> Delivery:
+    async def deliver(
+        self,
+        source: Source,
+        *,
+        flags: str | None = None,
+        return_path: str | None = None,
+        delivered_to: str | None = None,
+        crlf_to_lf: bool = False,
+    ) -> Delivery:
         """Deliver *source* and return where it landed, once it is durable.
 
         *source* may be bytes-like, a binary file, an object with an async ``read(n)``, an
-        async iterable of bytes-like chunks or an anyio ``ByteReceiveStream``.
+        async iterable of bytes-like chunks or an anyio ``ByteReceiveStream``. The other
+        options are those of :meth:`open_delivery`.
 
         Raises:
             TypeError: *source* (or one of its chunks) is not bytes-like.
+            ValueError: a bad flag or header value (before any I/O).
             MessageTooLargeError: the message passed ``max_size``.
+            QuotaExceededError: the message does not fit in the quota (``.permanent`` says
+                whether to bounce).
             MaildirNotFoundError: the maildir is missing and ``create=False``.
             OSError: a disk error, with its original errno.
             Exception: whatever *source* raised, as the same object.
@@ -130,10 +182,34 @@ class Maildir:
         linked into ``new/``, it stays there: it is complete, and becomes durable with the
         next directory fsync.
         """
-        session = self.open_delivery(flags=flags)
+        session = self.open_delivery(
+            flags=flags, return_path=return_path, delivered_to=delivered_to,
+            crlf_to_lf=crlf_to_lf,
+        )  # fmt: skip
         async with session:
             await feed(session, source)
             return await session.commit()
+
+    async def clean_tmp(
+        self, older_than: float = TMP_MAX_AGE, *, now: float | None = None
+    ) -> list[str]:
+        """Remove stale files from ``tmp/`` and return their names.
+
+        A file is stale when its access, modification and change times are all more than
+        *older_than* seconds (default 36 hours, as the maildir spec recommends) before
+        *now* (default: the current time). Files that a delivery of this process is still
+        writing are never removed; directories are left alone; a missing maildir has
+        nothing to clean. Folders are separate maildirs: clean each one.
+
+        **Cancellation:** the sweep runs to completion in its worker thread; the caller
+        stops waiting and does not get the list.
+        """
+        if isinstance(older_than, bool) or not isinstance(older_than, int | float):
+            raise TypeError(f"older_than must be a number of seconds, not {older_than!r}")
+        if older_than < 0:
+            raise ValueError(f"older_than must not be negative, not {older_than!r}")
+        cutoff = (time.time() if now is None else now) - older_than
+        return await run_sync(sweep_tmp, self._layout, cutoff)
 
 
 async def deliver(
@@ -144,8 +220,12 @@ async def deliver(
     fsync: bool = True,
     max_size: int | None = None,
     size_stamp: bool = False,
+    quota: Quota | None = None,
     syscalls: Syscalls = DEFAULT_SYSCALLS,
     flags: str | None = None,
+    return_path: str | None = None,
+    delivered_to: str | None = None,
+    crlf_to_lf: bool = False,
 ) -> Delivery:
     """Deliver *source* into the maildir at *path*: ``Maildir(path, ...).deliver(source)``.
 
@@ -153,6 +233,9 @@ async def deliver(
     """
     md = Maildir(
         path, create=create, fsync=fsync, max_size=max_size, size_stamp=size_stamp,
-        syscalls=syscalls,
+        quota=quota, syscalls=syscalls,
     )  # fmt: skip
-    return await md.deliver(source, flags=flags)
+    return await md.deliver(
+        source, flags=flags, return_path=return_path, delivered_to=delivered_to,
+        crlf_to_lf=crlf_to_lf,
+    )  # fmt: skip

@@ -10,6 +10,8 @@ hop instead, so a lone message costs exactly one thread hop.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,15 +20,21 @@ from types import TracebackType
 from typing import IO, Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 from anyio.lowlevel import RunVar
 
 from ._errors import MessageTooLargeError
-from ._pool import run_sync
+from ._pool import run_sync, submit
+from ._quota_io import QuotaGuard
+from ._transform import Transform
 from ._writer import Aborted, Layout, TmpFile
 
 __all__ = ["BATCH", "STATS", "Delivery", "DeliverySession", "as_chunk"]
 
 T = TypeVar("T")
+
+# copy_file_range errnos that mean "not between these two files": fall back to read/write.
+_NO_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS})
 
 #: Bytes buffered before a hop writes them (large messages are written in batches this big).
 BATCH = 1 << 20
@@ -139,9 +147,17 @@ class DeliverySession:
         size_stamp: bool = False,
         max_size: int | None = None,
         batch_size: int = BATCH,
+        transform: Transform | None = None,
+        quota: QuotaGuard | None = None,
     ) -> None:
         self._layout = layout
         self._tmp = TmpFile(layout, "new" if flags is None else "cur")
+        # Header stamps / CRLF conversion (``_transform``) and Maildir++ quota (``_quota_io``).
+        self._transform = transform
+        self._quota = quota
+        if quota is not None:
+            quota.tmp = self._tmp
+            self._tmp.link_guard = quota
         self._flags = flags
         self._size_stamp = size_stamp
         self._max_size = max_size
@@ -153,6 +169,11 @@ class DeliverySession:
         self._started = False
         self._state = "open"  # open -> committed | aborted
         self._result: Delivery | None = None
+        # The batch a worker is writing while the caller gathers the next (asyncio only).
+        # Only pull sources (``_sources.feed``) turn pipelining on: a push caller (compat,
+        # servers) keeps "write() returns once its batch is on disk" for its flow control.
+        self._pipeline = False
+        self._pending: asyncio.Future[None] | None = None
 
     @property
     def size(self) -> int:
@@ -194,6 +215,8 @@ class DeliverySession:
         self._check_open("write")
         try:
             chunk = as_chunk(data)
+            if self._transform is not None:
+                chunk = self._transform.feed(chunk)
             n = len(chunk)
             if self._max_size is not None and self._size + n > self._max_size:
                 raise MessageTooLargeError(self._max_size)
@@ -214,20 +237,46 @@ class DeliverySession:
 
     async def _flush(self) -> None:
         chunks = self._take()
-        await self._hop(self._write_step, chunks)
+        # Pipelining: a worker writes this batch while the caller produces the next one
+        # (at most one batch in flight, so memory stays at ~2 batches). Where no worker can
+        # start at once (or off asyncio) the batch is written before write() returns.
+        await self._drain()
+        pending = submit(self._job(self._write_step, chunks)) if self._pipeline else None
+        if pending is None:
+            await self._hop(self._write_step, chunks)
+            return
+        self._pending = pending
+        # Let other tasks run even when the source never suspends (an in-memory iterator).
+        await anyio.lowlevel.checkpoint()
+
+    async def _drain(self) -> None:
+        """Wait for the batch in flight, if any; raise its error (it cleaned up already)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            await pending
 
     def _write_step(self, chunks: list[bytes | memoryview]) -> None:
         tmp = self._tmp
         if not self._started:
             tmp.open_dirs()
+            if self._quota is not None:
+                self._quota.check(tmp.dir_fds[0], sum(len(c) for c in chunks))
             tmp.create()
             self._started = True
+        elif self._quota is not None and chunks:
+            self._quota.check(tmp.dir_fds[0], tmp.size + sum(len(c) for c in chunks))
         tmp.write(chunks)
 
     def _finish_step(self, chunks: list[bytes | memoryview], alone: bool) -> str:
         self._write_step(chunks)
         if self._file is not None:
             self._copy_file(self._file)
+        if self._transform is not None:
+            tail = self._transform.finish()
+            if self._max_size is not None and self._tmp.size + len(tail) > self._max_size:
+                raise MessageTooLargeError(self._max_size)
+            if tail:
+                self._write_step([tail])
         final = self._tmp.publish(size_stamp=self._size_stamp, flags=self._flags, sync_dir=alone)
         if alone:
             self._tmp.close_dirs()
@@ -242,20 +291,34 @@ class DeliverySession:
             is_regular = os.path.isfile(f"/proc/self/fd/{src_fd}")
         except (AttributeError, OSError, ValueError):
             is_regular = False
+        # A transform must see every byte, so it reads; the quota is checked per batch.
+        is_regular = is_regular and self._transform is None
         if is_regular:
             offset = f.tell()
             while True:
                 if tmp.aborted:
                     raise Aborted
                 budget = self._batch if limit is None else min(self._batch, limit + 1 - tmp.size)
-                n = tmp.copy_from(src_fd, offset, budget)
+                before = tmp.size
+                try:
+                    n = tmp.copy_from(src_fd, offset, budget)
+                except OSError as exc:
+                    # copy_file_range refuses some pairs (EXDEV: a file on another kind
+                    # of filesystem, e.g. tmpfs to ext4); read the rest instead.
+                    if exc.errno not in _NO_COPY:
+                        raise
+                    offset += tmp.size - before
+                    is_regular = False
+                    break
                 offset += n
                 if limit is not None and tmp.size > limit:
                     raise MessageTooLargeError(limit)
+                if self._quota is not None:
+                    self._quota.check(tmp.dir_fds[0], tmp.size)
                 if n < budget:
                     break
             f.seek(offset)
-        else:
+        if not is_regular:
             while True:
                 if tmp.aborted:
                     raise Aborted
@@ -263,8 +326,12 @@ class DeliverySession:
                 if not data:
                     break
                 chunk = as_chunk(data)
+                if self._transform is not None:
+                    chunk = self._transform.feed(chunk)
                 if limit is not None and tmp.size + len(chunk) > limit:
                     raise MessageTooLargeError(limit)
+                if self._quota is not None:
+                    self._quota.check(tmp.dir_fds[0], tmp.size + len(chunk))
                 tmp.write([chunk])
         self._size = tmp.size
 
@@ -284,6 +351,11 @@ class DeliverySession:
         it twice, which beats losing it).
         """
         self._check_open("commit")
+        try:
+            await self._drain()
+        except BaseException as exc:
+            await self._fail(exc)
+            raise
         key = (self._layout.path, self._tmp.subdir)
         ds = _dirsync(key)
         ds.inflight += 1
@@ -303,7 +375,7 @@ class DeliverySession:
                 self._tmp.close_dirs()
             STATS["deliveries"] += 1
             self._state = "committed"
-            if self._file is not None:
+            if self._file is not None or self._transform is not None:
                 self._size = self._tmp.size
             path = Path(self._layout.path, self._tmp.subdir, final)
             self._result = Delivery(path=path, name=final, size=self._tmp.size)
@@ -333,6 +405,8 @@ class DeliverySession:
     async def _abort(self, *, keep_published: bool) -> None:
         self._state = "aborted"
         self._buf = []
+        if self._quota is not None:
+            self._quota.release()
         tmp = self._tmp
         with tmp.lock:
             if tmp.cleaned:
@@ -360,6 +434,12 @@ class DeliverySession:
 
     async def _hop(self, fn: Callable[..., T], *args: Any) -> T:
         """Run *fn* in a worker thread that owns the tmp file for the call's duration."""
+        # A cancelled caller returns at once; the worker finishes its call and, seeing
+        # `aborted`, cleans up (see _abort).
+        return await run_sync(self._job(fn, *args))
+
+    def _job(self, fn: Callable[..., T], *args: Any) -> Callable[[], T]:
+        """Wrap *fn* for a worker: refuse an aborted delivery, clean up after a failure."""
         tmp = self._tmp
 
         def run() -> T:
@@ -381,6 +461,4 @@ class DeliverySession:
                     elif tmp.aborted:
                         tmp.cleanup()
 
-        # A cancelled caller returns at once; the worker finishes its call and, seeing
-        # `aborted`, cleans up (see _abort).
-        return await run_sync(run)
+        return run

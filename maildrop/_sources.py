@@ -39,6 +39,9 @@ _WHAT = (
 
 async def feed(session: DeliverySession, source: object) -> None:
     """Write all of *source* into *session* (without committing it)."""
+    # The engine drives the source itself: let a worker write each batch while the next
+    # one is read (see DeliverySession._flush).
+    session._pipeline = True
     if isinstance(source, bytes | bytearray | memoryview):
         await session.write(source)
         return

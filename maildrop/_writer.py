@@ -39,7 +39,7 @@ from ._errors import MaildirNotFoundError
 from ._naming import published_name, unique_name
 from ._sys import Syscalls
 
-__all__ = ["Aborted", "Layout", "TmpFile", "new_name"]
+__all__ = ["LIVE_TMP", "Aborted", "Layout", "TmpFile", "new_name"]
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -52,6 +52,10 @@ _NAME_TRIES = 100
 
 _counter_lock = threading.Lock()
 _counter = 0
+
+#: Names of the tmp files that deliveries of this process are writing right now; the tmp
+#: sweeper (``Maildir.clean_tmp``) never removes them. Names are unique per process.
+LIVE_TMP: set[str] = set()
 
 
 def new_name() -> str:
@@ -110,6 +114,8 @@ class TmpFile:
         self.tmp_name: str | None = None
         self.final_name: str | None = None
         self.size = 0
+        # Held around the link into the destination (quota bookkeeping, see _quota_io).
+        self.link_guard: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
 
     # -- opening ----------------------------------------------------------------------------
 
@@ -212,10 +218,14 @@ class TmpFile:
         """Create the tmp file under a fresh unique name."""
         for _ in range(_NAME_TRIES):
             name = new_name()
+            LIVE_TMP.add(name)  # before the file exists, so a sweep never sees it unowned
             try:
                 self.fd = self.sys.open(name, _FILE_FLAGS, 0o600, dir_fd=self.tmp_fd)
-            except FileExistsError:
-                continue
+            except BaseException as exc:
+                LIVE_TMP.discard(name)
+                if isinstance(exc, FileExistsError):
+                    continue
+                raise
             self.tmp_name = name
             return
         raise FileExistsError(errno.EEXIST, "could not find a free name in tmp/")
@@ -263,22 +273,26 @@ class TmpFile:
         base = self.tmp_name
         assert base is not None
         size = self.size if size_stamp else None
-        for _ in range(_NAME_TRIES):
-            final = published_name(base, size=size, flags=flags)
-            try:
-                self._link(final)
-            except FileExistsError:
-                base = new_name()
-                continue
-            break
-        else:
-            raise FileExistsError(errno.EEXIST, f"could not find a free name in {self.subdir}/")
+        with self.link_guard:
+            for _ in range(_NAME_TRIES):
+                final = published_name(base, size=size, flags=flags)
+                try:
+                    self._link(final)
+                except FileExistsError:
+                    base = new_name()
+                    continue
+                break
+            else:
+                raise FileExistsError(
+                    errno.EEXIST, f"could not find a free name in {self.subdir}/"
+                )
         fd, self.fd = self.fd, -1
         self.sys.close(fd)
         if self.tmp_name is not None:
             # ENOENT: a publish hook renamed it (compat) or it was swept; the link is ours.
             with contextlib.suppress(FileNotFoundError):
                 self.sys.unlink(self.tmp_name, dir_fd=self.tmp_fd)
+            LIVE_TMP.discard(self.tmp_name)
             self.tmp_name = None
         if sync_dir:
             self.sync_dest()
@@ -316,6 +330,7 @@ class TmpFile:
             raise FileExistsError(errno.EEXIST, final)
         assert self.tmp_name is not None
         self.sys.rename(self.tmp_name, final, src_dir_fd=self.tmp_fd, dst_dir_fd=self.dest_fd)
+        LIVE_TMP.discard(self.tmp_name)
         self.tmp_name = None
         self.final_name = final
 
@@ -323,6 +338,11 @@ class TmpFile:
         """Fsync the destination directory, making the published name durable."""
         if self.layout.fsync:
             self.sys.fsync_dir(self.dest_fd)
+            # xfs answers 0 to fsync(dir) once the filesystem was shut down (I/O error,
+            # or a simulated power cut) although the link it had not logged yet is gone;
+            # its getattr fails with EIO from then on, so one fstat tells a real success
+            # from that one (found by tests/crash/test_powerloss.py).
+            self.sys.fstat(self.dest_fd)
 
     # -- cleanup ----------------------------------------------------------------------------
 
@@ -351,6 +371,7 @@ class TmpFile:
             self.final_name = None
         if self.tmp_name is not None:
             self._unlink_quietly(self.tmp_name, self.tmp_fd)
+            LIVE_TMP.discard(self.tmp_name)
             self.tmp_name = None
         self.close_dirs()
         # Last: the event loop polls this flag and may report the delivery gone right after.

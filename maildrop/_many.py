@@ -1,0 +1,283 @@
+"""Write once, deliver to many: :func:`deliver_many`.
+
+The message is streamed once into a staging file in the ``tmp/`` of the first target that
+works, fsynced, and then hard-linked into every target's ``new/`` (or ``cur/``) straight from
+the staging file's descriptor (``linkat`` of ``/proc/self/fd/N``, never by name, never
+clobbering), each destination directory fsynced before its result counts. Where a link is
+impossible (another filesystem, hard-link limit, a filesystem without links, a protected
+link) that target gets a copy through its ordinary delivery path. Each target keeps its own
+rules: ``max_size``, ``size_stamp``, quota, ``fsync``. The staging file is removed at the
+end; the published names are links to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO
+
+import anyio
+
+from ._errors import MessageTooLargeError
+from ._maildir import Maildir
+from ._naming import format_flags, published_name
+from ._pool import run_sync
+from ._quota_io import QuotaGuard
+from ._session import Delivery, DeliverySession
+from ._sources import Source, feed
+from ._transform import make_transform
+from ._writer import Layout, TmpFile, new_name
+
+__all__ = ["deliver_many"]
+
+# link() errnos after which a copy can still work.
+_COPY_ERRNOS = frozenset(
+    {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+)
+_NAME_TRIES = 100
+
+
+class _NeedsCopy(Exception):
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file = file
+
+
+class _Staging(DeliverySession):
+    """A delivery session that stops after the fsync: the file stays in ``tmp/``."""
+
+    async def stage_and_link(
+        self, jobs: list[tuple[int, Maildir]], flags: str | None
+    ) -> list[tuple[int, _Linked | Exception]]:
+        """Finish and fsync the staging file, then link it into every job's maildir."""
+        self._check_open("stage")
+        try:
+            await self._drain()  # a batch may still be in flight (pipelined writes)
+            return await self._hop(self._stage_link_step, self._take(), jobs, flags)
+        except BaseException as exc:
+            await self._fail(exc)
+            raise
+
+    def _stage_link_step(
+        self, chunks: list[bytes | memoryview], jobs: list[tuple[int, Maildir]], flags: str | None
+    ) -> list[tuple[int, _Linked | Exception]]:
+        self._stage_step(chunks)
+        return _link_all(self._tmp, jobs, flags)
+
+    def _stage_step(self, chunks: list[bytes | memoryview]) -> None:
+        self._write_step(chunks)
+        if self._file is not None:
+            self._copy_file(self._file)
+        if self._transform is not None:
+            tail = self._transform.finish()
+            if self._max_size is not None and self._tmp.size + len(tail) > self._max_size:
+                raise MessageTooLargeError(self._max_size)
+            if tail:
+                self._write_step([tail])
+        if self._layout.fsync:
+            self._tmp.sys.fsync(self._tmp.fd)
+
+
+@dataclass(slots=True)
+class _Linked:
+    delivery: Delivery
+    target: TmpFile  # its directory fds stay open until the fsync
+
+
+def _link_one(staged: TmpFile, md: Maildir, flags: str | None) -> _Linked:
+    """Link the staged file into *md* (runs in a worker); the fsync comes later."""
+    size = staged.size
+    if md._max_size is not None and size > md._max_size:
+        raise MessageTooLargeError(md._max_size)
+    layout = md._layout
+    sys = layout.syscalls
+    target = TmpFile(layout, "new" if flags is None else "cur")
+    guard = None if md._quota is None else QuotaGuard(md._quota, layout)
+    linked = False
+    try:
+        target.open_dirs()
+        if guard is not None:
+            guard.check(target.dir_fds[0], size)
+            guard.tmp = target
+            target.size = size
+        name = ""
+        with guard if guard is not None else contextlib.nullcontext():
+            for _ in range(_NAME_TRIES):
+                name = published_name(
+                    new_name(), size=size if md._size_stamp else None, flags=flags
+                )
+                try:
+                    sys.link(
+                        f"/proc/self/fd/{staged.fd}", name, dst_dir_fd=target.dest_fd,
+                        follow_symlinks=True,
+                    )  # fmt: skip
+                except FileExistsError:
+                    continue
+                except OSError as exc:
+                    if exc.errno not in _COPY_ERRNOS:
+                        raise
+                    # Reopen the staged inode for reading (it is write-only) and let the
+                    # event loop deliver a copy through the target's own path.
+                    fd = sys.open(f"/proc/self/fd/{staged.fd}", os.O_RDONLY | os.O_CLOEXEC)
+                    raise _NeedsCopy(os.fdopen(fd, "rb")) from None
+                break
+            else:
+                raise FileExistsError(errno.EEXIST, f"could not find a free name in {md.path}")
+        linked = True
+        path = Path(layout.path, target.subdir, name)
+        return _Linked(Delivery(path=path, name=name, size=size), target)
+    finally:
+        if guard is not None:
+            guard.release()
+        if not linked:
+            target.close_dirs()
+
+
+def _sync_one(linked: _Linked) -> Delivery:
+    """Fsync the target's directory (runs in a worker); unlink again if that fails."""
+    target = linked.target
+    try:
+        target.sync_dest()
+    except OSError:
+        with contextlib.suppress(OSError):
+            target.sys.unlink(linked.delivery.name, dir_fd=target.dest_fd)
+        raise
+    finally:
+        target.close_dirs()
+    return linked.delivery
+
+
+def _link_all(
+    staged: TmpFile, jobs: list[tuple[int, Maildir]], flags: str | None
+) -> list[tuple[int, _Linked | Exception]]:
+    out: list[tuple[int, _Linked | Exception]] = []
+    for i, md in jobs:
+        try:
+            out.append((i, _link_one(staged, md, flags)))
+        except Exception as exc:  # per-target result, never all-or-nothing
+            out.append((i, exc))
+    return out
+
+
+def _probe(layout: Layout) -> None:
+    tmp = TmpFile(layout, "new")
+    try:
+        tmp.open_dirs()
+    finally:
+        tmp.close_dirs()
+
+
+async def deliver_many(
+    source: Source,
+    targets: Sequence[Maildir],
+    *,
+    flags: str | None = None,
+    return_path: str | None = None,
+    crlf_to_lf: bool = False,
+) -> list[Delivery | Exception]:
+    """Deliver one message to several maildirs, writing it once; return per-target results.
+
+    The result list is in target order: a :class:`Delivery` where the message is durable,
+    or the exception that target raised (nothing is all-or-nothing). *source* is read
+    once, into the ``tmp/`` of the first target whose directories open (for a bytes-like
+    source, the first where staging works), then hard-linked into each target and each
+    destination directory fsynced; targets on another filesystem or where links are
+    refused get a copy. *flags*, *return_path* and *crlf_to_lf* are as for
+    :meth:`Maildir.deliver` (there is no per-target ``delivered_to``: the bytes are shared).
+
+    Raises:
+        TypeError: a target is not a :class:`Maildir`, or *source* is not bytes-like.
+        ValueError: a bad flag or header value (before any I/O).
+        Exception: whatever *source* raised, as the same object.
+
+    **Cancellation:** the staging file is removed once any worker call on it finished.
+    Targets already linked keep the message (complete; durable once their directory
+    fsync ran), like a cancelled :meth:`Maildir.deliver` after its link.
+    """
+    mds = list(targets)
+    for md in mds:
+        if not isinstance(md, Maildir):
+            raise TypeError(f"deliver_many() targets must be maildrop.Maildir, not {md!r}")
+    flags = None if flags is None else format_flags(flags)
+    make_transform(return_path=return_path, delivered_to=None, crlf_to_lf=crlf_to_lf)
+    if not mds:
+        return []
+    results: list[Delivery | Exception | None] = [None] * len(mds)
+    limits = [md._max_size for md in mds]
+    max_size = None if None in limits else max((m for m in limits if m is not None), default=0)
+    rewindable = isinstance(source, bytes | bytearray | memoryview)
+    for first, md in enumerate(mds):
+        if not rewindable:
+            try:
+                await run_sync(_probe, md._layout)
+            except OSError as exc:
+                results[first] = exc
+                continue
+        layout = replace(md._layout, fsync=any(m._layout.fsync for m in mds))
+        session = _Staging(
+            layout,
+            max_size=max_size,
+            transform=make_transform(
+                return_path=return_path, delivered_to=None, crlf_to_lf=crlf_to_lf
+            ),
+        )
+        async with session:
+            jobs = [(i, mds[i]) for i in range(first, len(mds))]
+            try:
+                await feed(session, source)
+                done = await session.stage_and_link(jobs, flags)
+            except (OSError, MessageTooLargeError) as exc:
+                if rewindable and not isinstance(exc, MessageTooLargeError):
+                    results[first] = exc
+                    continue
+                return [exc if r is None else r for r in results]
+            # The directory fsyncs run concurrently (they overlap on the device), and so
+            # does the removal of the staging file; the links stay.
+            started: set[int] = set()
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(session.abort)
+                    for i, res in done:
+                        if isinstance(res, _Linked):
+                            tg.start_soon(_sync, res, results, i, started)
+                        elif not isinstance(res, _NeedsCopy):
+                            results[i] = res
+                for i, res in done:
+                    if isinstance(res, _NeedsCopy):
+                        results[i] = await _copy(res.file, mds[i], flags)
+            finally:
+                # Cancelled: close what no task took over (a started fsync closes its own).
+                for i, res in done:
+                    if isinstance(res, _Linked) and i not in started:
+                        res.target.close_dirs()
+                    elif isinstance(res, _NeedsCopy):
+                        res.file.close()
+        break
+    # Every target either failed to stage (its error is recorded) or got a result.
+    return [r for r in results if r is not None]
+
+
+async def _sync(
+    linked: _Linked, results: list[Delivery | Exception | None], i: int, started: set[int]
+) -> None:
+    started.add(i)
+    if not linked.target.layout.fsync:
+        linked.target.close_dirs()  # closing a directory fd never blocks
+        results[i] = linked.delivery
+        return
+    try:
+        results[i] = await run_sync(_sync_one, linked)
+    except OSError as exc:
+        results[i] = exc
+
+
+async def _copy(file: IO[bytes], md: Maildir, flags: str | None) -> Delivery | Exception:
+    try:
+        return await md.deliver(file, flags=flags)
+    except Exception as exc:
+        return exc
+    finally:
+        file.close()

@@ -1,0 +1,346 @@
+"""Maildir++ quota enforcement on disk: read, recalculate and append to ``maildirsize``.
+
+Runs in worker threads only. The rules are Courier's (see ``_quota``); what this adds is an
+in-process ledger per maildir so that concurrent deliveries of this process never pass the
+quota together: each delivery reserves what it has written so far, a check counts the
+usage on disk plus every other delivery's reservation, and the link that publishes a
+message, the line appended for it and every recalculation happen under one lock. So a
+recalculation never sees a message that is linked but not yet appended (which would count
+it twice). Other processes are only as exact as the spec allows (a few messages over).
+
+A failed append after a successful link is ignored: the message is delivered, and the next
+recalculation corrects the totals. A message removed again after its line was appended (a
+close error after the link) stays counted until then; that errs towards refusing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import threading
+import time
+from dataclasses import dataclass
+from types import TracebackType
+
+from ._errors import QuotaExceededError
+from ._quota import (
+    MAX_FILE,
+    RECALC_AGE,
+    Quota,
+    QuotaFile,
+    counts_toward_quota,
+    format_delta,
+    format_maildirsize,
+    over_quota,
+    parse_maildirsize,
+    size_from_name,
+)
+from ._sys import Syscalls
+from ._writer import LIVE_TMP, Layout, TmpFile, new_name
+
+__all__ = ["QuotaGuard", "recalculate"]
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_TRASH = ".Trash"
+_RECALC_TRIES = 3
+NAME = "maildirsize"
+
+
+class _Ledger:
+    def __init__(self) -> None:
+        self.io = threading.Lock()  # maildirsize reads, recalculations, links + appends
+        self.counts = threading.Lock()  # the reservations (never held during I/O)
+        self.pending_bytes = 0
+        self.pending_messages = 0
+
+
+_ledgers: dict[str, _Ledger] = {}
+_ledgers_lock = threading.Lock()
+
+
+def _ledger(root: str) -> _Ledger:
+    with _ledgers_lock:
+        led = _ledgers.get(root)
+        if led is None:
+            led = _ledgers[root] = _Ledger()
+        return led
+
+
+@dataclass(slots=True)
+class _Read:
+    info: QuotaFile
+    size: int
+    mtime: float
+
+
+def _read(sys: Syscalls, root_fd: int) -> _Read | None:
+    try:
+        fd = sys.open(NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
+    except FileNotFoundError:
+        return None
+    try:
+        parts: list[bytes] = []
+        got = 0
+        while got < MAX_FILE:
+            data = sys.read(fd, MAX_FILE - got)
+            if not data:
+                break
+            parts.append(data)
+            got += len(data)
+        st = sys.stat(fd)
+    finally:
+        sys.close(fd)
+    return _Read(parse_maildirsize(b"".join(parts)), got, st.st_mtime)
+
+
+def _open_dir(sys: Syscalls, name: str, dir_fd: int) -> int | None:
+    try:
+        return sys.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return None
+        raise
+
+
+def _folders(sys: Syscalls, root_fd: int) -> list[str]:
+    return sorted(
+        n for n in sys.listdir(root_fd) if n.startswith(".") and n not in (".", "..", _TRASH)
+    )
+
+
+def _scan(sys: Syscalls, root_fd: int, *, count: bool) -> tuple[int, int, int]:
+    """Return (latest mtime of any new/ or cur/, bytes, messages) of the whole maildir++."""
+    latest = total = messages = 0
+    folder_fds: list[int] = []
+    try:
+        for name in _folders(sys, root_fd):
+            fd = _open_dir(sys, name, root_fd)
+            if fd is not None:
+                folder_fds.append(fd)
+        for top in (root_fd, *folder_fds):
+            for sub in ("new", "cur"):
+                fd = _open_dir(sys, sub, top)
+                if fd is None:
+                    continue
+                try:
+                    latest = max(latest, sys.stat(fd).st_mtime_ns)
+                    if not count:
+                        continue
+                    for entry in sys.listdir(fd):
+                        if not counts_toward_quota(entry):
+                            continue
+                        size = size_from_name(entry)
+                        if size is None:
+                            try:
+                                size = sys.stat(entry, dir_fd=fd, follow_symlinks=False).st_size
+                            except FileNotFoundError:
+                                continue  # moved or removed meanwhile
+                        total += size
+                        messages += 1
+                finally:
+                    sys.close_dir(fd)
+    finally:
+        for fd in folder_fds:
+            sys.close_dir(fd)
+    return latest, total, messages
+
+
+def _replace_file(layout: Layout, root_fd: int, content: bytes) -> None:
+    """Write *content* as the new maildirsize: in tmp/, fsynced, renamed, dir fsynced."""
+    sys = layout.syscalls
+    tmp_fd = sys.open("tmp", _DIR_FLAGS, dir_fd=root_fd)
+    name = new_name() + "_maildirsize"
+    LIVE_TMP.add(name)
+    try:
+        fd = sys.open(name, _NEW_FLAGS, 0o600, dir_fd=tmp_fd)
+        try:
+            try:
+                view = memoryview(content)
+                while view:
+                    n = sys.write(fd, view)
+                    if n <= 0:
+                        raise OSError(errno.EIO, "write() wrote nothing to maildirsize")
+                    view = view[n:]
+                if layout.fsync:
+                    sys.fsync(fd)
+            finally:
+                sys.close(fd)
+            sys.rename(name, NAME, src_dir_fd=tmp_fd, dst_dir_fd=root_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                sys.unlink(name, dir_fd=tmp_fd)
+            raise
+        if layout.fsync:
+            sys.fsync_dir(root_fd)
+    finally:
+        LIVE_TMP.discard(name)
+        sys.close_dir(tmp_fd)
+
+
+def recalculate(
+    layout: Layout, root_fd: int, limit_bytes: int | None, limit_messages: int | None
+) -> QuotaFile:
+    """Count the maildir++ and write a fresh ``maildirsize``; return what it says.
+
+    As the spec asks, the new/ and cur/ directories are stat'ed again after the rename; if
+    one changed meanwhile the count is repeated (up to 3 times, then the last count stays:
+    removing the file, the spec's other option, would drop limits that only it records).
+    """
+    sys = layout.syscalls
+    for _ in range(_RECALC_TRIES):
+        latest, total, messages = _scan(sys, root_fd, count=True)
+        content = format_maildirsize(limit_bytes, limit_messages, total, messages)
+        _replace_file(layout, root_fd, content)
+        if _scan(sys, root_fd, count=False)[0] <= latest:
+            break
+    return QuotaFile(limit_bytes, limit_messages, total, messages, 1)
+
+
+class QuotaGuard:
+    """One delivery's quota: its checks while streaming and its line after the link.
+
+    ``check()`` runs in the worker before each batch is written; the guard is also the
+    ``TmpFile.link_guard`` around the link; ``release()`` drops the reservation of a
+    delivery that did not publish (callable from the event loop: no I/O, no long lock).
+    """
+
+    def __init__(self, quota: Quota, layout: Layout) -> None:
+        self.quota = quota
+        self.layout = layout
+        self.ledger = _ledger(layout.root)
+        self.tmp: TmpFile | None = None
+        self.active = True
+        self.reserved_bytes = 0
+        self.reserved_messages = 0
+        self.closed = False
+        self._locked = False
+
+    def check(self, root_fd: int, size: int) -> None:
+        """Raise :class:`QuotaExceededError` if a message of *size* bytes does not fit."""
+        if not self.active:
+            return
+        with self.ledger.io:
+            self._check(root_fd, size)
+
+    def _limits(self, info: QuotaFile | None) -> tuple[int | None, int | None]:
+        if self.quota.from_file:
+            assert info is not None
+            return info.limit_bytes, info.limit_messages
+        return self.quota.bytes, self.quota.messages
+
+    def _check(self, root_fd: int, size: int) -> None:
+        sys = self.layout.syscalls
+        read = _read(sys, root_fd)
+        if read is None and self.quota.from_file:
+            self.active = False  # no maildirsize and no limits in code: no quota
+            return
+        info = None if read is None else read.info
+        limits = self._limits(info)
+        fresh = False
+        if (
+            read is None
+            or info is None
+            or read.size >= MAX_FILE
+            or info.used_bytes < 0
+            or info.used_messages < 0
+            or (info.limit_bytes, info.limit_messages) != limits
+        ):
+            info = recalculate(self.layout, root_fd, *limits)
+            fresh = True
+        if self._over(info, size):
+            if fresh or not (
+                read is not None
+                and (read.info.lines > 1 or time.time() - read.mtime >= RECALC_AGE)
+            ):
+                self._refuse(info, size)
+            info = recalculate(self.layout, root_fd, *limits)
+            if self._over(info, size):
+                self._refuse(info, size)
+        with self.ledger.counts:
+            if self.closed:
+                return  # released meanwhile (a cancelled delivery): reserve nothing
+            led = self.ledger
+            led.pending_bytes += size - self.reserved_bytes
+            led.pending_messages += 1 - self.reserved_messages
+            self.reserved_bytes, self.reserved_messages = size, 1
+
+    def _others(self) -> tuple[int, int]:
+        with self.ledger.counts:
+            led = self.ledger
+            return (
+                led.pending_bytes - self.reserved_bytes,
+                led.pending_messages - self.reserved_messages,
+            )
+
+    def _over(self, info: QuotaFile, size: int) -> bool:
+        other_bytes, other_messages = self._others()
+        return over_quota(
+            info.limit_bytes,
+            info.limit_messages,
+            info.used_bytes + other_bytes + size,
+            info.used_messages + other_messages + 1,
+        )
+
+    def _refuse(self, info: QuotaFile, size: int) -> None:
+        other_bytes, other_messages = self._others()
+        used_b, used_m = info.used_bytes + other_bytes, info.used_messages + other_messages
+        limits = []
+        if info.limit_bytes is not None:
+            limits.append(f"{used_b} of {info.limit_bytes} bytes")
+        if info.limit_messages is not None:
+            limits.append(f"{used_m} of {info.limit_messages} messages")
+        raise QuotaExceededError(
+            f"mailbox {self.layout.root!r} is over quota ({' and '.join(limits)} used; "
+            f"this message is at least {size} bytes): the owner must free space, or raise "
+            "the quota",
+            permanent=self.quota.permanent,
+        )
+
+    def release(self) -> None:
+        """Drop this delivery's reservation for good (it did not publish)."""
+        with self.ledger.counts:
+            self.closed = True
+            self.ledger.pending_bytes -= self.reserved_bytes
+            self.ledger.pending_messages -= self.reserved_messages
+            self.reserved_bytes = self.reserved_messages = 0
+
+    # -- around the link (TmpFile.link_guard) ------------------------------------------------
+
+    def __enter__(self) -> None:
+        if self.active:
+            self.ledger.io.acquire()
+            self._locked = True
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._locked:
+            return
+        try:
+            if exc_type is None and self.tmp is not None:
+                self.append(self.tmp.dir_fds[0], self.tmp.size)
+                self.release()  # the line now counts the message
+        finally:
+            self._locked = False
+            self.ledger.io.release()
+
+    def append(self, root_fd: int, size: int) -> None:
+        """Append the line for one delivered message of *size* bytes (errors ignored)."""
+        sys = self.layout.syscalls
+        try:
+            fd = sys.open(NAME, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          dir_fd=root_fd)  # fmt: skip
+        except OSError:
+            return  # removed by a racing recalculation: it will have counted us
+        try:
+            sys.write(fd, format_delta(size, 1))  # one write: O_APPEND keeps lines whole
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                sys.close(fd)

@@ -1,0 +1,409 @@
+"""deliver_many: write once, hard-link into every maildir, per-target results."""
+
+from __future__ import annotations
+
+import errno
+import json
+import mailbox
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import maildrop
+from maildrop import (
+    DEFAULT_SYSCALLS,
+    Delivery,
+    Maildir,
+    MaildirNotFoundError,
+    MessageTooLargeError,
+    Quota,
+    QuotaExceededError,
+    deliver_many,
+)
+
+from .conftest import Faults, listing
+
+pytestmark = pytest.mark.anyio
+
+MSG = b"Subject: many\r\nTo: list@example.org\r\n\r\nhello all\r\n"
+
+
+def boxes(tmp_path: Path, n: int, **kw: Any) -> list[Maildir]:
+    """Return *n* maildirs under *tmp_path* (not created yet)."""
+    return [Maildir(tmp_path / f"box{i}", **kw) for i in range(n)]
+
+
+def ok(results: list[Delivery | Exception]) -> list[Delivery]:
+    """Return the results, asserting that every one is a Delivery."""
+    assert all(isinstance(r, Delivery) for r in results), results
+    return [r for r in results if isinstance(r, Delivery)]
+
+
+async def test_links_one_inode_into_every_maildir(tmp_path: Path) -> None:
+    """Every target gets a durable link to the same inode; no staging file is left."""
+    mds = boxes(tmp_path, 4)
+    res = ok(await deliver_many(MSG, mds))
+    inodes = {os.stat(d.path).st_ino for d in res}
+    assert len(inodes) == 1
+    assert all(os.stat(d.path).st_nlink == 4 for d in res)
+    for md, d in zip(mds, res, strict=True):
+        assert d.path.parent == md.path / "new"
+        assert d.path.read_bytes() == MSG
+        assert d.size == len(MSG)
+        assert listing(md.path)["tmp"] == []
+    assert len({d.name for d in res}) == 4
+
+
+async def test_options_apply_once_and_per_target(tmp_path: Path) -> None:
+    """Flags, headers and CRLF conversion are applied once; size stamps per target."""
+    mds = [Maildir(tmp_path / "a", size_stamp=True), Maildir(tmp_path / "b")]
+    res = ok(await deliver_many(MSG, mds, flags="SF", return_path="s@x", crlf_to_lf=True))
+    want = b"Return-Path: <s@x>\n" + MSG.replace(b"\r\n", b"\n")
+    assert res[0].name.endswith(f",S={len(want)}:2,FS")
+    assert res[1].name.endswith(":2,FS")
+    assert ",S=" not in res[1].name
+    for d in res:
+        assert d.path.parent.name == "cur"
+        assert d.path.read_bytes() == want
+    box = mailbox.Maildir(tmp_path / "a", create=False)
+    (msg,) = list(box)
+    assert msg.get_flags() == "FS"
+    assert msg["Return-Path"] == "<s@x>"
+
+
+async def test_failing_targets_get_their_exception(tmp_path: Path) -> None:
+    """A failing target (even the first) reports its error; the others are delivered."""
+    missing = Maildir(tmp_path / "no" / "such")
+    mds = [missing, *boxes(tmp_path, 2), Maildir(tmp_path / "gone", create=False)]
+    res = await deliver_many(MSG, mds)
+    assert isinstance(res[0], MaildirNotFoundError)
+    assert isinstance(res[3], MaildirNotFoundError)
+    for d in res[1:3]:
+        assert isinstance(d, Delivery)
+        assert d.path.read_bytes() == MSG
+        assert os.stat(d.path).st_nlink == 2
+
+
+async def test_stream_source_probes_for_a_primary(tmp_path: Path) -> None:
+    """A stream is read once, into the first maildir that opens."""
+    reads = 0
+
+    async def src() -> AsyncIterator[bytes]:
+        nonlocal reads
+        reads += 1
+        yield MSG
+
+    mds = [Maildir(tmp_path / "no" / "such"), *boxes(tmp_path, 2)]
+    res = await deliver_many(src(), mds)
+    assert isinstance(res[0], MaildirNotFoundError)
+    assert [d.path.read_bytes() for d in ok(res[1:])] == [MSG, MSG]
+    assert reads == 1
+
+
+async def test_every_target_failing(tmp_path: Path) -> None:
+    """When no target works, every result is that target's error."""
+    res = await deliver_many(MSG, [Maildir(tmp_path / "x" / "y"), Maildir(tmp_path / "z" / "w")])
+    assert all(isinstance(r, MaildirNotFoundError) for r in res)
+
+    async def src() -> AsyncIterator[bytes]:
+        yield MSG
+
+    res = await deliver_many(src(), [Maildir(tmp_path / "x" / "y")])
+    assert isinstance(res[0], MaildirNotFoundError)
+
+
+async def test_staging_error_on_a_stream_fails_the_rest(tmp_path: Path, faults: Faults) -> None:
+    """A stream cannot be read twice: a staging disk error is every remaining result."""
+
+    async def src() -> AsyncIterator[bytes]:
+        yield MSG
+
+    first = Maildir(tmp_path / "a", syscalls=faults.failing("write", err=errno.ENOSPC))
+    res = await deliver_many(src(), [first, *boxes(tmp_path, 2)])
+    assert all(isinstance(r, OSError) and r.errno == errno.ENOSPC for r in res)
+    assert listing(tmp_path / "a") == {"tmp": [], "new": [], "cur": []}
+
+
+async def test_staging_error_on_bytes_moves_on(tmp_path: Path, faults: Faults) -> None:
+    """Bytes can be staged again: a disk error makes the next target the primary."""
+    first = Maildir(tmp_path / "a", syscalls=faults.failing("write", err=errno.ENOSPC))
+    res = await deliver_many(MSG, [first, *boxes(tmp_path, 2)])
+    assert isinstance(res[0], OSError)
+    assert res[0].errno == errno.ENOSPC
+    assert [d.path.read_bytes() for d in ok(res[1:])] == [MSG, MSG]
+    assert listing(tmp_path / "a") == {"tmp": [], "new": [], "cur": []}
+
+
+async def test_per_target_limits(tmp_path: Path) -> None:
+    """max_size and quota are each target's own."""
+    small = Maildir(tmp_path / "small", max_size=10)
+    full = Maildir(tmp_path / "full", quota=Quota(bytes=10, permanent=True))
+    plain = Maildir(tmp_path / "plain")
+    res = await deliver_many(MSG, [small, full, plain])
+    assert isinstance(res[0], MessageTooLargeError)
+    assert isinstance(res[1], QuotaExceededError)
+    assert res[1].permanent
+    assert isinstance(res[2], Delivery)
+    assert os.stat(res[2].path).st_nlink == 1
+    for name in ("small", "full"):
+        assert listing(tmp_path / name) == {"tmp": [], "new": [], "cur": []}
+    roomy = Maildir(tmp_path / "roomy", quota=Quota(bytes=1000))
+    ok(await deliver_many(MSG, [roomy]))
+    assert (tmp_path / "roomy" / "maildirsize").read_text().endswith(f"{len(MSG)} 1\n")
+
+
+async def test_too_large_for_everyone(tmp_path: Path) -> None:
+    """A message over every target's max_size stops streaming; all results say so."""
+    mds = boxes(tmp_path, 2, max_size=10)
+    res = await deliver_many(MSG, mds)
+    assert all(isinstance(r, MessageTooLargeError) for r in res)
+    for md in mds:
+        assert listing(md.path) == {"tmp": [], "new": [], "cur": []}
+
+
+@pytest.mark.parametrize("err", [errno.EXDEV, errno.EMLINK, errno.EPERM])
+async def test_copies_where_links_fail(tmp_path: Path, faults: Faults, err: int) -> None:
+    """A target refusing the link (other filesystem, link limit) gets a copy."""
+    far = Maildir(tmp_path / "far", size_stamp=True, syscalls=faults.failing("link", err=err))
+    near = Maildir(tmp_path / "near")
+    res = ok(await deliver_many(MSG, [near, far], flags="S"))
+    assert os.stat(res[1].path).st_nlink == 1
+    assert res[1].path.read_bytes() == MSG
+    assert res[1].name.endswith(f",S={len(MSG)}:2,S")
+    assert os.stat(res[0].path).st_nlink == 1
+
+
+async def test_link_errors_are_per_target(tmp_path: Path, faults: Faults) -> None:
+    """Any other link error is that target's result, and leaves nothing there."""
+    bad = Maildir(tmp_path / "bad", syscalls=faults.failing("link", err=errno.EIO))
+    res = await deliver_many(MSG, [*boxes(tmp_path, 1), bad])
+    assert isinstance(res[0], Delivery)
+    assert isinstance(res[1], OSError)
+    assert res[1].errno == errno.EIO
+    assert listing(tmp_path / "bad") == {"tmp": [], "new": [], "cur": []}
+
+
+async def test_dir_fsync_failure_unlinks(tmp_path: Path, faults: Faults) -> None:
+    """A destination directory fsync that fails removes that link and reports it."""
+    bad = Maildir(tmp_path / "bad", syscalls=faults.failing("fsync_dir", when=4))
+    await bad.deliver(b"warm")  # makes the maildir with 3 dir fsyncs
+    res = await deliver_many(MSG, [*boxes(tmp_path, 1), bad])
+    assert isinstance(res[0], Delivery)
+    assert isinstance(res[1], OSError)
+    assert len(listing(tmp_path / "bad")["new"]) == 1  # just the warm-up message
+
+
+async def test_name_collisions_are_retried(tmp_path: Path) -> None:
+    """An existing name in the target is never clobbered."""
+    calls = 0
+
+    def link(src: Any, dst: Any, **kw: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise FileExistsError(errno.EEXIST, "taken")
+        os.link(src, dst, **kw)
+
+    md = Maildir(tmp_path / "a", syscalls=DEFAULT_SYSCALLS.replace(link=link))
+    (d,) = ok(await deliver_many(MSG, [md]))
+    assert calls == 2
+    assert d.path.read_bytes() == MSG
+
+
+async def test_fsync_false_targets(tmp_path: Path) -> None:
+    """Targets with fsync=False skip their directory fsync."""
+    res = ok(await deliver_many(MSG, boxes(tmp_path, 2, fsync=False)))
+    assert [d.path.read_bytes() for d in res] == [MSG, MSG]
+
+
+async def test_arguments(tmp_path: Path) -> None:
+    """No targets gives []; bad targets, flags or headers raise before any I/O."""
+    assert await deliver_many(MSG, []) == []
+    with pytest.raises(TypeError, match=r"maildrop\.Maildir"):
+        await deliver_many(MSG, [str(tmp_path)])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="flag"):
+        await deliver_many(MSG, boxes(tmp_path, 1), flags="X")
+    with pytest.raises(ValueError, match="return_path"):
+        await deliver_many(MSG, boxes(tmp_path, 1), return_path="a\nb")
+    assert list(tmp_path.iterdir()) == []
+    assert "deliver_many" in maildrop.__all__
+
+
+async def test_source_exception_propagates(tmp_path: Path) -> None:
+    """The source's own exception is raised as the same object."""
+    boom = RuntimeError("source broke")
+
+    async def src() -> AsyncIterator[bytes]:
+        yield MSG
+        raise boom
+
+    with pytest.raises(RuntimeError) as info:
+        await deliver_many(src(), boxes(tmp_path, 2))
+    assert info.value is boom
+    assert listing(tmp_path / "box0") == {"tmp": [], "new": [], "cur": []}
+
+
+async def test_cancellation_removes_the_staging_file(tmp_path: Path) -> None:
+    """Cancelled while streaming: nothing is published and the staging file goes."""
+    started = anyio.Event()
+
+    async def src() -> AsyncIterator[bytes]:
+        yield b"a" * (2 * 1024 * 1024)
+        started.set()
+        await anyio.sleep(10)
+        yield b"never"
+
+    mds = boxes(tmp_path, 2)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(deliver_many, src(), mds)
+        await started.wait()
+        await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
+    assert listing(tmp_path / "box0") == {"tmp": [], "new": [], "cur": []}
+
+
+_CHILD = textwrap.dedent(
+    """
+    import json, os, sys, anyio
+    from maildrop import Maildir, deliver_many
+    same, mnt = sys.argv[1], sys.argv[2]
+    assert os.path.ismount(mnt), "tmpfs not mounted: refusing to write"
+    async def main():
+        mds = [Maildir(os.path.join(same, "a")), Maildir(os.path.join(same, "b")),
+               Maildir(os.path.join(mnt, "c"))]
+        res = await deliver_many(sys.stdin.buffer.read(), mds)
+        out = []
+        for r in res:
+            st = os.stat(r.path)
+            out.append({"path": str(r.path), "nlink": st.st_nlink, "dev": st.st_dev,
+                        "data": r.path.read_bytes().decode()})
+        print(json.dumps(out))
+    anyio.run(main)
+    """
+)
+
+
+def test_three_maildirs_across_filesystems(tmp_path: Path) -> None:
+    """Two maildirs on one filesystem share a link; one on a tmpfs gets a copy."""
+    unshare = shutil.which("unshare")
+    if os.geteuid() != 0 or unshare is None:
+        reason = "needs root and unshare(1) to mount a private tmpfs"
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = (
+        'mount -t tmpfs -o size=1m,nr_inodes=64 tmpfs "$2" && '
+        f'exec "{sys.executable}" -c "$3" "$1" "$2"'
+    )
+    proc = subprocess.run(
+        [unshare, "-m", "--propagation", "private", "sh", "-c", script, "sh",
+         str(tmp_path), str(mnt), _CHILD],
+        input=MSG, capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0 and b"mount" in proc.stderr and b"ismount" not in proc.stderr:
+        reason = f"cannot mount a tmpfs here: {proc.stderr.decode(errors='replace')[-200:]}"
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    a, b, c = json.loads(proc.stdout)
+    assert a["nlink"] == b["nlink"] == 2
+    assert a["dev"] == b["dev"] != c["dev"]
+    assert c["nlink"] == 1
+    assert a["data"] == b["data"] == c["data"] == MSG.decode()
+    assert not os.path.ismount(mnt)  # the mount stayed in the child's namespace
+    assert list(mnt.iterdir()) == []
+
+
+async def test_file_source_and_header_tail(tmp_path: Path) -> None:
+    """A synchronous file is staged once; headers added at the end count for max_size."""
+    (tmp_path / "m.eml").write_bytes(MSG)
+    with open(tmp_path / "m.eml", "rb") as f:
+        res = ok(await deliver_many(f, boxes(tmp_path, 2), return_path="s@x"))
+    assert res[0].path.read_bytes() == b"Return-Path: <s@x>\r\n" + MSG
+    (tmp_path / "empty").write_bytes(b"")
+    small = [Maildir(tmp_path / f"s{i}", max_size=5) for i in range(2)]
+    with open(tmp_path / "empty", "rb") as f:
+        res2 = await deliver_many(f, small, return_path="s@x")
+    assert all(isinstance(r, MessageTooLargeError) for r in res2)
+    with open(tmp_path / "empty", "rb") as f:
+        (d,) = ok(await deliver_many(f, [Maildir(tmp_path / "e")], return_path="s@x"))
+    assert d.path.read_bytes() == b"Return-Path: <s@x>\n"
+
+
+async def test_failed_copy_is_that_targets_result(tmp_path: Path) -> None:
+    """When the copy fallback fails too, that target reports the copy's error."""
+
+    def link(*args: Any, **kw: Any) -> None:
+        raise OSError(errno.EXDEV, "other filesystem")
+
+    def cfr(*args: Any) -> int:
+        raise OSError(errno.EIO, "copy broke")
+
+    far = Maildir(
+        tmp_path / "far", syscalls=DEFAULT_SYSCALLS.replace(link=link, copy_file_range=cfr)
+    )
+    res = await deliver_many(MSG, [Maildir(tmp_path / "near"), far])
+    assert isinstance(res[0], Delivery)
+    assert isinstance(res[1], OSError)
+    assert res[1].errno == errno.EIO
+
+
+async def test_no_free_name(tmp_path: Path) -> None:
+    """A target where every name is taken reports FileExistsError."""
+
+    def link(*args: Any, **kw: Any) -> None:
+        raise FileExistsError(errno.EEXIST, "taken")
+
+    full = Maildir(tmp_path / "full", syscalls=DEFAULT_SYSCALLS.replace(link=link))
+    res = await deliver_many(MSG, [Maildir(tmp_path / "ok"), full])
+    assert isinstance(res[1], FileExistsError)
+    assert "free name" in str(res[1])
+
+
+async def test_quota_target_link_failure(tmp_path: Path, faults: Faults) -> None:
+    """A link failing under a quota leaves the quota untouched."""
+    q = Maildir(tmp_path / "q", quota=Quota(bytes=1000), syscalls=faults.failing("link"))
+    res = await deliver_many(MSG, [Maildir(tmp_path / "ok"), q])
+    assert isinstance(res[1], OSError)
+    assert (tmp_path / "q" / "maildirsize").read_text() == "1000S\n0 0\n"
+
+
+async def test_cancelled_during_the_fsyncs(tmp_path: Path, faults: Faults) -> None:
+    """Cancelled while directories are fsynced: links stay, nothing leaks."""
+    import threading
+    import time
+
+    from .conftest import open_fds
+
+    entered = threading.Event()
+
+    def slow_fsync_dir(fd: int) -> None:
+        entered.set()
+        time.sleep(0.2)
+        os.fsync(fd)
+
+    slow = Maildir(tmp_path / "slow", syscalls=DEFAULT_SYSCALLS.replace(fsync_dir=slow_fsync_dir))
+    await deliver_many(b"warm", [Maildir(tmp_path / "near"), slow])  # make the maildirs
+    far = Maildir(tmp_path / "far", syscalls=faults.failing("link", err=errno.EXDEV))
+    await Maildir(tmp_path / "far").deliver(b"warm")
+    entered.clear()
+    before = open_fds()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(deliver_many, MSG, [Maildir(tmp_path / "near"), slow, far])
+        while not entered.is_set():  # noqa: ASYNC110 - a worker thread sets it
+            await anyio.sleep(0.005)
+        tg.cancel_scope.cancel()
+    await anyio.sleep(0.4)  # the abandoned worker finishes its fsync and closes its fds
+    assert open_fds() <= before
+    assert len(listing(tmp_path / "slow")["new"]) == 2  # linked: it stays
+    assert listing(tmp_path / "near")["tmp"] == []
+    assert len(listing(tmp_path / "far")["new"]) == 1  # the copy never started
