@@ -1,3 +1,24 @@
-"""compat: Twisted's maildir append task (IConsumer + Deferred), backed by maildrop."""
+"""compat: Twisted's maildir append task (IConsumer + Deferred), backed by maildrop.
 
-__all__: list[str] = []
+``MaildirMailboxAppendMessageTask`` is a drop-in for
+``twisted.mail.maildir._MaildirMailboxAppendMessageTask`` that delivers durably and never
+blocks the reactor. It runs on asyncio: under Twisted, install
+``twisted.internet.asyncioreactor``; without Twisted, use it from asyncio code, where its
+``defer`` is a :class:`Deferred` of this package. Importing ``compat`` never imports or
+installs a Twisted reactor.
+"""
+
+from ._deferred import AlreadyCalledError, Deferred, Failure
+from ._task import DeliveryAborted, MaildirMailbox, MaildirMailboxAppendMessageTask
+from ._twisted import HAVE_TWISTED, IConsumer
+
+__all__ = [
+    "HAVE_TWISTED",
+    "AlreadyCalledError",
+    "Deferred",
+    "DeliveryAborted",
+    "Failure",
+    "IConsumer",
+    "MaildirMailbox",
+    "MaildirMailboxAppendMessageTask",
+]

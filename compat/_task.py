@@ -1,0 +1,438 @@
+"""Twisted's maildir append task, re-created on the maildrop engine.
+
+``twisted.mail.maildir._MaildirMailboxAppendMessageTask`` is an ``IConsumer`` that writes a
+message into ``tmp/`` on the reactor thread and renames it into ``new/``. This one keeps its
+names and its overridable ``os*`` hooks but hands the bytes to a maildrop
+:class:`~maildrop.DeliverySession`, which writes them in worker threads, fsyncs, publishes
+with ``link()`` (never clobbering), fsyncs ``new/`` and cleans up on every failure.
+
+How it runs: ``createTempFile()`` opens the session and starts one asyncio task (the *pump*)
+on the event loop: Twisted's when ``asyncioreactor`` is installed, else the running asyncio
+loop. ``write()`` only queues bytes and wakes the pump, which feeds the session; producers
+are throttled by :attr:`highWaterMark`/:attr:`lowWaterMark` on the bytes queued.
+``unregisterProducer()`` (end of message) lets the pump ``commit()``. The outcome is decided
+once and ``defer`` fired on the next loop turn, on the loop's (reactor's) thread, outside the
+pump task.
+
+The hooks: an overridden ``osopen``/``oswrite``/``osclose``/``osrename`` is always called,
+with the original positional arguments and full paths, from a maildrop worker thread; hooks
+left at their defaults let the engine do the step its own safer way (relative to directory
+fds; ``link()`` instead of ``rename()``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from maildrop import DEFAULT_SYSCALLS, DeliverySession, Maildir, MaildropError, Syscalls
+
+from . import _twisted
+from ._hooks import PathT, hook_table, join
+
+__all__ = ["DeliveryAborted", "MaildirMailbox", "MaildirMailboxAppendMessageTask"]
+
+
+class DeliveryAborted(MaildropError):
+    """The delivery was stopped (``stopProducing()``, ``fail()``) before it completed."""
+
+
+class MaildirMailboxAppendMessageTask:
+    """A task that adds a message to a maildir mailbox: an ``IConsumer`` fed by a producer.
+
+    Drop-in for ``twisted.mail.maildir._MaildirMailboxAppendMessageTask``. ``defer`` fires
+    with None once the message is durable in ``new/`` (file and directory fsynced), or with
+    a failure carrying the original exception after everything the delivery created was
+    removed. It fires exactly once.
+
+    Args:
+        mbox: the mailbox; its ``path`` (str, bytes or path-like) is the maildir, created on
+            first delivery when missing. On success the message's path (same type) is
+            appended to ``mbox.list`` if the mailbox has one.
+        msg: the message, as bytes or a binary file-like object (read on the loop, in
+            ``FileSender.CHUNK_SIZE`` pieces).
+
+    Attributes ``tmpname`` and ``fh`` are set when the engine creates the tmp file, in its
+    first write batch (at commit for messages under 1 MiB); until then they are None and -1.
+    ``defer`` stays set after it fired (Twisted's task sets it to None).
+
+    Hooks: an overridden ``osopen(path, flags, mode)``, ``oswrite(fd, data)``,
+    ``osclose(fd)`` or ``osrename(src, dst)`` is called with full paths typed like
+    ``mbox.path``, **in a worker thread**: it must not touch the reactor (use
+    ``reactor.callFromThread``). ``oswrite`` may write less than it was given (the rest is
+    written by further calls); returning None means it wrote everything. With ``osrename``
+    overridden the message is published by it (after a check that the name is free) instead
+    of by ``link()``. Other steps (fsyncs, directory opens) go through :attr:`syscalls`.
+
+    Failures: every error (a hook, the disk, the source's ``read``, ``fail()``,
+    ``stopProducing()``, cancelling ``defer``) removes the tmp file and closes the fd, then
+    errbacks ``defer``. A cancelled ``defer`` fails at once with ``CancelledError`` and the
+    cleanup finishes in the background. Like any maildrop delivery, one abandoned after its
+    link into ``new/`` stays there (complete) while the errback reports the abandon.
+    """
+
+    osopen = staticmethod(os.open)
+    oswrite = staticmethod(os.write)
+    osclose = staticmethod(os.close)
+    osrename = staticmethod(os.rename)
+
+    #: A push producer is paused (a pull producer no longer prodded) while more bytes than
+    #: this wait for the engine: about one 1 MiB write batch in flight plus the next one.
+    highWaterMark = 2 << 20
+    #: ...and resumed (prodded again) once no more than this many wait.
+    lowWaterMark = 512 << 10
+    #: The syscall table the hooks are layered on (fault injection for the other steps).
+    syscalls: Syscalls = DEFAULT_SYSCALLS
+
+    def __init__(self, mbox: Any, msg: bytes | Any) -> None:
+        if not hasattr(msg, "read"):
+            if not isinstance(msg, bytes | bytearray | memoryview):
+                raise TypeError(
+                    f"msg must be bytes or a binary file, not {type(msg).__name__}"
+                    + ("; encode it first (e.g. msg.encode())" if isinstance(msg, str) else "")
+                )
+            msg = io.BytesIO(msg)
+        self.mbox = mbox
+        # Any: a twisted.internet.defer.Deferred when Twisted is installed, else compat's.
+        self.defer: Any = _twisted.new_deferred(self._cancel)
+        self.openCall: Any = None
+        self.msg: Any = msg
+        self.tmpname: str | bytes | None = None
+        self.fh = -1
+        self.filesender: Any = None
+        self.myproducer: Any = None
+        self.streaming: bool | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._session: DeliverySession | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._queue: list[bytes] = []
+        self._queued = 0
+        self._inflight = 0
+        self._wake: asyncio.Future[None] | None = None
+        self._eof = False
+        self._paused = False
+        self._prod_waiting = False
+        self._decided = False
+        self._scheduled = False
+        self._error: Any = None
+        self._pending: Callable[[], None] | None = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.mbox.path!r} tmpname={self.tmpname!r}>"
+
+    @property
+    def opencall(self) -> Any:
+        """The scheduled call to :meth:`prodProducer` (Twisted's code names it ``openCall``)."""
+        return self.openCall
+
+    @opencall.setter
+    def opencall(self, value: Any) -> None:
+        self.openCall = value
+
+    # -- Twisted's methods -----------------------------------------------------------------
+
+    def startUp(self) -> None:
+        """Start transferring ``msg`` to the mailbox with a ``FileSender``."""
+        self.createTempFile()
+        if not self._decided:
+            self.filesender = _twisted.file_sender()
+            self.filesender.beginFileTransfer(self.msg, self)
+
+    def createTempFile(self) -> None:
+        """Start the delivery; the engine creates the tmp file with its first write batch.
+
+        Fails ``defer`` at once when there is no asyncio event loop to run on (for instance
+        under a Twisted reactor that is not ``asyncioreactor``).
+        """
+        if self._session is not None or self._decided:
+            return
+        try:
+            loop = self._find_loop()
+            path = self.mbox.path
+            md = Maildir(
+                os.fsdecode(path) if isinstance(path, bytes) else path,
+                syscalls=hook_table(self),
+            )
+        except Exception as exc:
+            self._abandon(exc)
+            return
+        self._loop = loop
+        self._session = md.open_delivery()
+        self._pump = loop.create_task(self._run())
+        self._pump.add_done_callback(self._pump_done)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        """Register *producer*; a pull producer (*streaming* false) is prodded on the loop.
+
+        Raises:
+            RuntimeError: a producer is already registered.
+        """
+        if self.myproducer is not None:
+            raise RuntimeError(
+                f"{self!r} already has a producer ({self.myproducer!r}); "
+                "unregisterProducer() it first"
+            )
+        self.myproducer = producer
+        self.streaming = bool(streaming)
+        self.createTempFile()
+        if not streaming:
+            self.prodProducer()
+
+    def prodProducer(self) -> None:
+        """Ask the pull producer for data, then again on the next loop turn (``openCall``).
+
+        While more than :attr:`highWaterMark` bytes wait for the engine it is not asked;
+        it is prodded again once they drain.
+        """
+        self.openCall = None
+        producer = self.myproducer
+        if producer is None or self._decided or self._loop is None:
+            return
+        if self._backlog() > self.highWaterMark:
+            self._prod_waiting = True
+            return
+        self.openCall = _twisted.call_soon(self._loop, self.prodProducer)
+        try:
+            producer.resumeProducing()
+        except Exception as exc:
+            # Twisted's task never fired its Deferred when the source failed: this one does.
+            self._abandon(exc)
+
+    def unregisterProducer(self) -> None:
+        """End the message: forget the producer and publish (see :meth:`moveFileToNew`)."""
+        self._release_producer()
+        self.moveFileToNew()
+
+    def write(self, data: bytes) -> None:
+        """Queue *data* for the engine; never blocks. Errors go to ``defer``, not the caller."""
+        if self._decided:
+            return
+        if not isinstance(data, bytes):
+            if not isinstance(data, bytearray | memoryview):
+                kind = type(data).__name__
+                hint = "; encode it first or open files in binary mode" if kind == "str" else ""
+                self._abandon(TypeError(f"write() takes bytes, not {kind}{hint}"))
+                return
+            data = bytes(data)  # the caller may reuse its buffer
+        self.createTempFile()
+        if self._decided or not data:
+            return
+        self._queue.append(data)
+        self._queued += len(data)
+        self._wake_pump()
+        if (
+            self.streaming
+            and not self._paused
+            and self._backlog() > self.highWaterMark
+            and self.myproducer is not None
+        ):
+            self._paused = True
+            self.myproducer.pauseProducing()
+
+    def fail(self, err: Any = None) -> None:
+        """Abandon the delivery: remove what it created, then errback ``defer`` with *err*.
+
+        *err* may be a Failure or an exception; by default the exception being handled
+        (or :class:`DeliveryAborted`). Does nothing once the outcome is decided.
+        """
+        if err is None:
+            err = sys.exc_info()[1] or DeliveryAborted(
+                "fail() was called; the message was not delivered"
+            )
+        self._abandon(err)
+
+    def stopProducing(self) -> None:
+        """Abandon the delivery (as ``IProducer.stopProducing``): ``defer`` fails."""
+        self._abandon(DeliveryAborted("stopProducing() was called; the message was not delivered"))
+
+    def moveFileToNew(self) -> None:
+        """Publish the message: fsync, link into ``new/``, fsync ``new/``, then fire ``defer``.
+
+        Asynchronous: it ends the message and the engine commits it off the loop.
+        """
+        if self._decided or self._eof:
+            return
+        self.createTempFile()
+        self._eof = True
+        self._wake_pump()
+
+    # -- the engine side -------------------------------------------------------------------
+
+    def _find_loop(self) -> asyncio.AbstractEventLoop:
+        with contextlib.suppress(RuntimeError):
+            return asyncio.get_running_loop()
+        reactor = _twisted.installed_reactor()
+        loop = getattr(reactor, "_asyncioEventloop", None)
+        if isinstance(loop, asyncio.AbstractEventLoop) and not loop.is_closed():
+            return loop
+        if reactor is not None:
+            raise RuntimeError(
+                f"compat.MaildirMailboxAppendMessageTask runs on asyncio, but the installed "
+                f"Twisted reactor is {type(reactor).__module__}.{type(reactor).__name__}: "
+                "install twisted.internet.asyncioreactor first thing in the program "
+                "(from twisted.internet import asyncioreactor; asyncioreactor.install())"
+            )
+        raise RuntimeError(
+            "compat.MaildirMailboxAppendMessageTask needs a running asyncio event loop: "
+            "start it from asyncio code, or install twisted.internet.asyncioreactor"
+        )
+
+    def _wake_pump(self) -> None:
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    def _take(self) -> bytes:
+        chunks, self._queue, self._queued = self._queue, [], 0
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _backlog(self) -> int:
+        """Bytes queued for the engine: waiting here, or in a write batch not yet done."""
+        return self._queued + self._inflight
+
+    def _drained(self) -> None:
+        if self._backlog() > self.lowWaterMark:
+            return
+        if self._paused:
+            self._paused = False
+            if self.myproducer is not None:
+                self.myproducer.resumeProducing()
+        if self._prod_waiting:
+            self._prod_waiting = False
+            if self.myproducer is not None and self._loop is not None:
+                self.openCall = _twisted.call_soon(self._loop, self.prodProducer)
+
+    async def _run(self) -> None:
+        session = self._session
+        loop = self._loop
+        assert session is not None
+        assert loop is not None
+        try:
+            while True:
+                if self._queue:
+                    data = self._take()
+                    self._inflight = len(data)
+                    await session.write(data)
+                    self._inflight = 0
+                    self._drained()
+                elif self._eof:
+                    break
+                else:
+                    self._wake = loop.create_future()
+                    await self._wake
+                    self._wake = None
+            delivery = await session.commit()
+        except BaseException as exc:  # CancelledError too: _abandon cancels this task
+            await session.abort()  # a no-op when the engine already cleaned up
+            err = self._error if self._decided and self._error is not None else exc
+            self._decide(err)
+            return
+        if self._decided:  # abandoned after the link: the message stays, the errback fires
+            assert self._error is not None
+            self._decide(self._error)
+            return
+        published = join(self.mbox.path, "new", delivery.name)
+        self._decide(None, published)
+
+    def _pump_done(self, pump: asyncio.Task[None]) -> None:
+        # A pump cancelled before its first step never ran its except clause; it had
+        # opened nothing either, so there is nothing to clean up.
+        if not self._scheduled:
+            err = self._error
+            if err is None:
+                err = _twisted.cancelled_error() if pump.cancelled() else pump.exception()
+            self._decide(err)
+
+    def _decide(self, err: Any, published: str | bytes | None = None) -> None:
+        self._decided = self._scheduled = True
+        self._release_producer()
+
+        def fire() -> None:
+            self._pending = None
+            d = self.defer
+            if d.called:  # cancelled meanwhile
+                return
+            if err is not None:
+                d.errback(err)
+                return
+            box_list = getattr(self.mbox, "list", None)
+            if isinstance(box_list, list):
+                box_list.append(published)
+            d.callback(None)
+
+        self._pending = fire
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            fire()
+        else:
+            loop.call_soon(self._fire_pending)
+
+    def _fire_pending(self) -> None:
+        if self._pending is not None:
+            self._pending()
+
+    def _abandon(self, err: Any) -> None:
+        if self._decided:
+            return
+        self._decided = True
+        self._error = err
+        self._release_producer()
+        pump = self._pump
+        if pump is None or pump.done():
+            self._decide(err)  # nothing was started: nothing to clean up
+        else:
+            pump.cancel()  # the pump fires defer once the engine has cleaned up
+
+    def _release_producer(self) -> None:
+        call, self.openCall = self.openCall, None
+        if call is not None and call.active():
+            call.cancel()
+        producer, self.myproducer = self.myproducer, None
+        self.streaming = None
+        self._prod_waiting = False
+        if self._paused:
+            # Only undo what this task did; a stopped consumer does not stop the producer
+            # (Twisted's never did, and e.g. a transport would drop its SMTP client).
+            self._paused = False
+            if producer is not None:
+                producer.resumeProducing()
+
+    def _cancel(self, d: Any) -> None:
+        # Deferred.cancel(): fire a result that is already decided, else abandon; Twisted
+        # then fails d with CancelledError and the cleanup finishes in the background.
+        if self._pending is not None:
+            self._pending()
+            return
+        self._abandon(_twisted.cancelled_error())
+
+
+_twisted.declare_consumer(MaildirMailboxAppendMessageTask)
+
+
+class MaildirMailbox:
+    """A maildir mailbox to append to: the part of Twisted's ``MaildirMailbox`` the task uses.
+
+    Creating one does no I/O; the maildir is created on first delivery. ``list`` holds the
+    paths of the messages appended through this object (Twisted's lists the existing ones).
+    """
+
+    AppendFactory: type[MaildirMailboxAppendMessageTask] = MaildirMailboxAppendMessageTask
+
+    def __init__(self, path: PathT) -> None:
+        self.path = path
+        self.list: list[str | bytes] = []
+
+    def __repr__(self) -> str:
+        return f"compat.MaildirMailbox({self.path!r})"
+
+    def appendMessage(self, msg: bytes | Any) -> Any:
+        """Add *msg* (bytes or a binary file) and return ``defer`` of the task doing it."""
+        task = self.AppendFactory(self, msg)
+        result = task.defer
+        task.startUp()
+        return result

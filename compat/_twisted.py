@@ -1,0 +1,190 @@
+"""Twisted, when it is installed: imported lazily by name, never the reactor.
+
+Nothing here imports ``twisted.internet.reactor``: users install ``asyncioreactor`` after
+their imports, and importing the reactor module installs the default reactor for good. The
+reactor is only ever *looked up* in ``sys.modules``. Modules are loaded with
+``importlib`` so that type checking works the same with and without Twisted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import sys
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+from ._deferred import Deferred as _CompatDeferred
+
+__all__ = [
+    "HAVE_TWISTED",
+    "IConsumer",
+    "asyncio_reactor_for",
+    "call_soon",
+    "cancelled_error",
+    "declare_consumer",
+    "file_sender",
+    "installed_reactor",
+    "new_deferred",
+]
+
+
+def _optional(name: str) -> ModuleType | None:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+_defer = _optional("twisted.internet.defer")
+_interfaces = _optional("twisted.internet.interfaces")
+HAVE_TWISTED = _defer is not None and _interfaces is not None
+
+_zope: Any = importlib.import_module("zope.interface")
+
+
+def _registerProducer(producer: object, streaming: bool) -> None:
+    """Register *producer*; a *streaming* one is an IPushProducer, else IPullProducer."""
+
+
+def _unregisterProducer() -> None:
+    """Stop consuming the registered producer (here: end of the message)."""
+
+
+def _write(data: bytes) -> None:
+    """Consume *data* (bytes)."""
+
+
+if _interfaces is not None:
+    IConsumer: Any = _interfaces.IConsumer
+else:
+    IConsumer = _zope.interface.InterfaceClass(
+        "IConsumer",
+        (_zope.Interface,),
+        {
+            "__doc__": "A consumer consumes data from a producer (Twisted's IConsumer).",
+            "registerProducer": _registerProducer,
+            "unregisterProducer": _unregisterProducer,
+            "write": _write,
+        },
+        __module__="compat",
+    )
+
+
+def declare_consumer(cls: type) -> None:
+    """Declare that instances of *cls* provide :data:`IConsumer`."""
+    _zope.classImplements(cls, IConsumer)
+
+
+def new_deferred(canceller: Callable[[Any], None]) -> Any:
+    """Return a Twisted ``Deferred`` when Twisted is installed, else a ``compat.Deferred``."""
+    if _defer is not None:
+        return _defer.Deferred(canceller)
+    return _CompatDeferred(canceller)
+
+
+def cancelled_error() -> BaseException:
+    """Return the exception a cancelled Deferred of :func:`new_deferred` fails with."""
+    if _defer is not None:
+        err: BaseException = _defer.CancelledError()
+        return err
+    return asyncio.CancelledError()
+
+
+def file_sender() -> Any:
+    """Return a new pull producer that sends a file: Twisted's ``FileSender`` if installed."""
+    basic = _optional("twisted.protocols.basic") if HAVE_TWISTED else None
+    if basic is not None:
+        return basic.FileSender()
+    return _FileSender()
+
+
+class _FileSender:
+    """Twisted's ``basic.FileSender`` (a pull producer reading a file) without Twisted."""
+
+    CHUNK_SIZE = 2**14
+
+    def __init__(self) -> None:
+        self.file: Any = None
+        self.consumer: Any = None
+        self.deferred: _CompatDeferred[bytes] | None = None
+        self.transform: Callable[[bytes], bytes] | None = None
+        self.lastSent = b""
+
+    def beginFileTransfer(
+        self, file: Any, consumer: Any, transform: Callable[[bytes], bytes] | None = None
+    ) -> _CompatDeferred[bytes]:
+        """Send *file* to *consumer*; the Deferred fires with the last byte sent."""
+        self.file = file
+        self.consumer = consumer
+        self.transform = transform
+        self.deferred = d = _CompatDeferred[bytes]()
+        consumer.registerProducer(self, False)
+        return d
+
+    def resumeProducing(self) -> None:
+        """Send the next chunk, or unregister at the end of the file."""
+        chunk = self.file.read(self.CHUNK_SIZE) if self.file else b""
+        if not chunk:
+            self.file = None
+            self.consumer.unregisterProducer()
+            if self.deferred is not None:
+                d, self.deferred = self.deferred, None
+                d.callback(self.lastSent)
+            return
+        if self.transform is not None:
+            chunk = self.transform(chunk)
+        self.consumer.write(chunk)
+        self.lastSent = chunk[-1:]
+
+    def pauseProducing(self) -> None:
+        """Nothing to do: a pull producer only produces when asked."""
+
+    def stopProducing(self) -> None:
+        """Fail the transfer's Deferred."""
+        if self.deferred is not None:
+            d, self.deferred = self.deferred, None
+            d.errback(Exception("Consumer asked us to stop producing"))
+
+
+def installed_reactor() -> Any:
+    """Return the installed Twisted reactor, or None; never installs one."""
+    return sys.modules.get("twisted.internet.reactor")
+
+
+def asyncio_reactor_for(loop: asyncio.AbstractEventLoop) -> Any:
+    """Return the installed asyncio-based reactor running on *loop*, or None."""
+    reactor = installed_reactor()
+    if reactor is not None and getattr(reactor, "_asyncioEventloop", None) is loop:
+        return reactor
+    return None
+
+
+class _LoopCall:
+    """A call scheduled on an asyncio loop, with ``IDelayedCall``'s ``cancel``/``active``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+        self._called = False
+        self._fn = fn
+        self._handle = loop.call_soon(self._run)
+
+    def _run(self) -> None:
+        self._called = True
+        self._fn()
+
+    def active(self) -> bool:
+        """Whether the call is still pending."""
+        return not self._called and not self._handle.cancelled()
+
+    def cancel(self) -> None:
+        """Cancel the pending call."""
+        self._handle.cancel()
+
+
+def call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> Any:
+    """Schedule *fn* on the next loop turn: ``reactor.callLater(0, fn)`` under asyncioreactor."""
+    reactor = asyncio_reactor_for(loop)
+    if reactor is not None:
+        return reactor.callLater(0, fn)
+    return _LoopCall(loop, fn)

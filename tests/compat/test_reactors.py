@@ -1,0 +1,69 @@
+"""compat and Twisted's reactors: never imported by compat, refused unless asyncio-based."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from ._util import finish, needs_twisted, start
+
+IMPORT_ONLY = """
+import json, sys
+import compat
+print(json.dumps({"reactor": "twisted.internet.reactor" in sys.modules,
+                  "mail": any(m.startswith("twisted.mail") for m in sys.modules),
+                  "have_twisted": compat.HAVE_TWISTED}))
+"""
+
+DEFAULT_REACTOR = """
+import json, sys
+from twisted.internet import reactor
+import compat
+
+out = {}
+def go():
+    d = compat.MaildirMailbox(sys.argv[1]).appendMessage(b"x")
+    d.addErrback(lambda f: out.update(error=str(f.value), fired_at_once=True))
+    out.setdefault("fired_at_once", False)
+    reactor.stop()
+reactor.callWhenRunning(go)
+reactor.run()
+out["reactor"] = type(reactor).__name__
+print(json.dumps(out))
+"""
+
+
+def _python(code: str, *args: str, cwd: Path) -> dict[str, object]:
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_importing_compat_installs_no_reactor(tmp_path: Path) -> None:
+    """import compat imports neither twisted.internet.reactor nor twisted.mail."""
+    out = _python(IMPORT_ONLY, cwd=tmp_path)
+    assert out["reactor"] is False
+    assert out["mail"] is False
+
+
+@needs_twisted
+def test_non_asyncio_reactor_fails_at_once(tmp_path: Path) -> None:
+    """Under Twisted's default reactor the Deferred fails at once, naming asyncioreactor."""
+    out = _python(DEFAULT_REACTOR, str(tmp_path / "Maildir"), cwd=tmp_path)
+    assert out["reactor"] != "AsyncioSelectorReactor"
+    assert out["fired_at_once"] is True
+    assert "asyncioreactor" in str(out["error"])
+    assert not (tmp_path / "Maildir").exists()
+
+
+def test_without_twisted_under_plain_asyncio(tmp_path: Path) -> None:
+    """With Twisted unimportable the shim runs on asyncio with compat.Deferred."""
+    result = finish(start("_no_twisted.py", str(tmp_path / "Maildir"), cwd=tmp_path))
+    assert result.pop("ok") is True, result
+    # one, the 3 MiB file, and the message cancelled during its publish (kept: linked)
+    assert result["new"] == 3

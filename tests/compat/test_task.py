@@ -1,0 +1,445 @@
+"""The append task under plain asyncio, in this process (no Twisted reactor is involved).
+
+With Twisted installed ``defer`` is a real Twisted Deferred, which asyncio code awaits
+through ``asFuture(loop)``; without it, a ``compat.Deferred`` (same method).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from zope.interface.verify import verifyObject
+
+import compat
+from maildrop import DEFAULT_SYSCALLS
+
+from ..conftest import listing, open_fds
+
+Task = compat.MaildirMailboxAppendMessageTask
+
+
+async def result(d: Any) -> Any:
+    """Wait for the Deferred *d* from asyncio and return its result (or raise)."""
+    return await d.asFuture(asyncio.get_running_loop())
+
+
+async def until(cond: Callable[[], bool], within: float = 5) -> None:
+    """Poll until *cond()* holds (it watches worker threads and the disk: no event to wait on)."""
+    async with asyncio.timeout(within):
+        while not cond():  # noqa: ASYNC110 - see the docstring
+            await asyncio.sleep(0.002)
+
+
+class Gate:
+    """A write hook that blocks in the worker thread until opened."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.entered = threading.Event()
+
+    def oswrite(self, fd: int, data: bytes) -> int:
+        self.entered.set()
+        assert self.event.wait(10)
+        return os.write(fd, data)
+
+
+def gated(gate: Gate, **attrs: Any) -> type[Task]:
+    """Return a task class whose writes wait for *gate*."""
+    return type("GatedTask", (Task,), {"oswrite": staticmethod(gate.oswrite), **attrs})
+
+
+class PushProducer:
+    """Records what the consumer asks of it."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.events.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.events.append("resume")
+
+    def stopProducing(self) -> None:
+        self.events.append("stop")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["str", "bytes"])
+async def test_append_message_lands_in_new(maildir_path: Path, kind: str) -> None:
+    """appendMessage delivers byte-exact; list gets the path, typed like mbox.path."""
+    path: str | bytes = str(maildir_path) if kind == "str" else os.fsencode(maildir_path)
+    mbox = compat.MaildirMailbox(path)
+    assert await result(mbox.appendMessage(b"Subject: hi\n\nbody\n")) is None
+    [published] = mbox.list
+    assert type(published) is type(path)
+    assert Path(os.fsdecode(published)).read_bytes() == b"Subject: hi\n\nbody\n"
+    assert os.path.dirname(os.fsdecode(published)) == str(maildir_path / "new")
+    assert listing(maildir_path)["tmp"] == []
+
+
+@pytest.mark.asyncio
+async def test_tmpname_and_fh_are_the_real_tmp_file(maildir_path: Path) -> None:
+    """tmpname is the path the message was written under in tmp/; fh its descriptor."""
+    seen: list[Any] = []
+
+    class Spy(Task):
+        def oswrite(self, fd: int, data: bytes) -> int:
+            seen.append((fd, self.fh, self.tmpname, os.path.exists(self.tmpname or "")))
+            return os.write(fd, data)
+
+    mbox = compat.MaildirMailbox(str(maildir_path))
+    task = Spy(mbox, b"x" * 100)
+    assert (task.tmpname, task.fh) == (None, -1)
+    task.startUp()
+    await result(task.defer)
+    [(fd, fh, tmpname, existed)] = seen
+    assert fd == fh
+    assert existed
+    assert os.path.dirname(tmpname) == str(maildir_path / "tmp")
+    assert os.path.basename(tmpname) == os.path.basename(mbox.list[0])
+    assert task.tmpname == tmpname
+
+
+@pytest.mark.asyncio
+async def test_large_file_message(maildir_path: Path, tmp_path: Path) -> None:
+    """A binary file larger than the high-water mark arrives intact."""
+    data = os.urandom(5 << 20)
+    src = tmp_path / "msg"
+    src.write_bytes(data)
+    mbox = compat.MaildirMailbox(str(maildir_path))
+    with open(src, "rb") as f:
+        await result(mbox.appendMessage(f))
+    assert Path(mbox.list[0]).read_bytes() == data
+
+
+def test_str_message_is_refused() -> None:
+    """A str message raises TypeError with a hint, as Twisted's BytesIO(str) would."""
+    with pytest.raises(TypeError, match="encode"):
+        Task(compat.MaildirMailbox("/nonexistent"), "text")  # type: ignore[arg-type]
+
+
+@pytest.mark.asyncio
+async def test_provides_iconsumer_and_all_attributes(maildir_path: Path) -> None:
+    """The task provides IConsumer and has every attribute of Twisted's task."""
+    task = Task(compat.MaildirMailbox(str(maildir_path)), b"")
+    assert verifyObject(compat.IConsumer, task)
+    for name in (
+        "mbox", "defer", "opencall", "msg", "tmpname", "fh", "filesender", "myproducer",
+        "streaming", "startUp", "registerProducer", "prodProducer", "unregisterProducer",
+        "write", "fail", "moveFileToNew", "createTempFile", "osopen", "oswrite", "osclose",
+        "osrename",
+    ):  # fmt: skip
+        assert hasattr(task, name), name
+    task.opencall = "x"
+    assert task.openCall == "x"
+
+
+@pytest.mark.asyncio
+async def test_second_producer_is_refused(maildir_path: Path) -> None:
+    """registerProducer while one is registered raises RuntimeError."""
+    task = Task(compat.MaildirMailbox(str(maildir_path)), b"")
+    task.registerProducer(PushProducer(), True)
+    with pytest.raises(RuntimeError, match="already has a producer"):
+        task.registerProducer(PushProducer(), True)
+    task.write(b"pushed\n")
+    task.unregisterProducer()
+    await result(task.defer)
+    assert Path(task.mbox.list[0]).read_bytes() == b"pushed\n"  # type: ignore[attr-defined]
+
+
+@pytest.mark.asyncio
+async def test_push_producer_paused_above_high_and_resumed_below_low(
+    maildir_path: Path,
+) -> None:
+    """A push producer is paused while a write batch is stuck, resumed once it drains."""
+    gate = Gate()
+    # The backlog counts the 1 MiB batch in the worker plus what waits behind it.
+    cls = gated(gate, highWaterMark=(1 << 20) + 100_000, lowWaterMark=10_000)
+    task = cls(compat.MaildirMailbox(str(maildir_path)), b"")
+    producer = PushProducer()
+    task.registerProducer(producer, True)
+    task.write(b"a" * (1 << 20))  # one engine batch: the pump writes it in a worker
+    await until(gate.entered.is_set)
+    task.write(b"b" * 50_000)
+    assert producer.events == []
+    task.write(b"c" * 60_000)
+    assert producer.events == ["pause"]
+    task.write(b"d")  # paused producers may still write; no second pause
+    assert producer.events == ["pause"]
+    gate.event.set()
+    await until(lambda: producer.events == ["pause", "resume"])
+    task.unregisterProducer()
+    await result(task.defer)
+    body = b"a" * (1 << 20) + b"b" * 50_000 + b"c" * 60_000 + b"d"
+    assert Path(task.mbox.list[0]).read_bytes() == body  # type: ignore[attr-defined]
+
+
+@pytest.mark.asyncio
+async def test_unregister_resumes_a_paused_producer(maildir_path: Path) -> None:
+    """A producer the task paused is resumed when it is unregistered (never left paused)."""
+    gate = Gate()
+    task = gated(gate, highWaterMark=1000)(compat.MaildirMailbox(str(maildir_path)), b"")
+    producer = PushProducer()
+    task.registerProducer(producer, True)
+    task.write(b"a" * (1 << 20))
+    await until(gate.entered.is_set)
+    task.write(b"b" * 2000)
+    task.unregisterProducer()
+    assert producer.events == ["pause", "resume"]
+    gate.event.set()
+    await result(task.defer)
+    assert producer.events == ["pause", "resume"]
+
+
+@pytest.mark.asyncio
+async def test_pull_producer_not_prodded_above_high_water(maildir_path: Path) -> None:
+    """A pull producer is prodded once per loop turn, but not while the backlog is high."""
+    gate = Gate()
+    task = gated(gate)(compat.MaildirMailbox(str(maildir_path)), b"")
+    chunk = b"p" * (256 << 10)
+
+    class Pull:
+        prods = 0
+
+        def resumeProducing(self) -> None:
+            self.prods += 1
+            if self.prods > 40:
+                task.unregisterProducer()
+            else:
+                task.write(chunk)
+
+        def stopProducing(self) -> None:
+            raise AssertionError("never called")
+
+    pull = Pull()
+    task.registerProducer(pull, False)
+    await until(gate.entered.is_set)
+    await asyncio.sleep(0.05)
+    stuck = pull.prods
+    # 1 MiB in the stuck batch plus at most the high-water mark and one chunk queued.
+    assert stuck * len(chunk) <= (1 << 20) + task.highWaterMark + 2 * len(chunk)
+    assert task.opencall is None
+    await asyncio.sleep(0.05)
+    assert pull.prods == stuck
+    gate.event.set()
+    await result(task.defer)
+    assert pull.prods == 41
+    assert Path(task.mbox.list[0]).stat().st_size == 40 * len(chunk)  # type: ignore[attr-defined]
+
+
+@pytest.mark.asyncio
+async def test_fail_cleans_up_then_errbacks_once(maildir_path: Path) -> None:
+    """fail(err) removes the tmp file and fd, then fires the errback with err, once."""
+    gate = Gate()
+    task = gated(gate)(compat.MaildirMailbox(str(maildir_path)), b"")
+    fds = open_fds()
+    task.registerProducer(PushProducer(), True)
+    task.write(b"x" * (1 << 20))
+    await until(gate.entered.is_set)
+    assert len(listing(maildir_path)["tmp"]) == 1
+    err = ValueError("caller gave up")
+    task.fail(err)
+    task.fail(RuntimeError("second"))  # ignored: the outcome is decided
+    task.write(b"more")  # ignored
+    gate.event.set()
+    with pytest.raises(ValueError, match="caller gave up") as info:
+        await result(task.defer)
+    assert info.value is err
+    assert listing(maildir_path) == {"tmp": [], "new": [], "cur": []}
+    await until(lambda: open_fds() <= fds)
+
+
+@pytest.mark.asyncio
+async def test_fail_without_argument_uses_the_current_exception(maildir_path: Path) -> None:
+    """fail() inside an except block reports that exception, like Failure() in Twisted."""
+    task = Task(compat.MaildirMailbox(str(maildir_path)), b"")
+    task.write(b"x")
+    try:
+        raise KeyError("boom")
+    except KeyError:
+        task.fail()
+    with pytest.raises(KeyError):
+        await result(task.defer)
+    task2 = Task(compat.MaildirMailbox(str(maildir_path)), b"")
+    task2.fail()
+    with pytest.raises(compat.DeliveryAborted):
+        await result(task2.defer)
+
+
+@pytest.mark.asyncio
+async def test_stop_producing_aborts(maildir_path: Path) -> None:
+    """stopProducing() abandons the delivery: DeliveryAborted, nothing left."""
+    task = Task(compat.MaildirMailbox(str(maildir_path)), b"")
+    task.write(b"x" * (2 << 20))
+    await asyncio.sleep(0.01)
+    task.stopProducing()
+    with pytest.raises(compat.DeliveryAborted):
+        await result(task.defer)
+    assert listing(maildir_path)["tmp"] == []
+    assert listing(maildir_path)["new"] == []
+
+
+@pytest.mark.asyncio
+async def test_cancelling_the_deferred_aborts(maildir_path: Path) -> None:
+    """Deferred.cancel() fails it at once; the tmp file goes once the worker lets go."""
+    gate = Gate()
+    task = gated(gate)(compat.MaildirMailbox(str(maildir_path)), b"")
+    task.registerProducer(PushProducer(), True)
+    task.write(b"x" * (1 << 20))
+    await until(gate.entered.is_set)
+    errors: list[Any] = []
+    task.defer.addErrback(errors.append)
+    task.defer.cancel()
+    assert len(errors) == 1
+    assert "Cancelled" in type(errors[0].value).__name__
+    gate.event.set()
+    await until(lambda: listing(maildir_path)["tmp"] == [])
+    assert listing(maildir_path)["new"] == []
+
+
+@pytest.mark.asyncio
+async def test_cancel_after_the_outcome_is_decided_reports_it(maildir_path: Path) -> None:
+    """Cancelling between the commit and the firing turn gets the real result."""
+    task = Task(compat.MaildirMailbox(str(maildir_path)), b"done")
+    task._fire_pending = lambda: None  # type: ignore[method-assign] # hold the firing turn
+    task.startUp()
+    await until(lambda: task._pending is not None)
+    task.defer.cancel()
+    assert await result(task.defer) is None
+    assert len(listing(maildir_path)["new"]) == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("step", ["fsync", "fsync_dir", "link", "open"])
+async def test_engine_failures_reach_the_errback(maildir_path: Path, step: str) -> None:
+    """A failing engine step errbacks with the OSError and leaves nothing behind."""
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        if step == "open" and not args[1] & os.O_CREAT:
+            return os.open(*args, **kwargs)
+        raise OSError(errno.EIO, f"injected EIO in {step}")
+
+    mbox = compat.MaildirMailbox(str(maildir_path))
+    mbox.AppendFactory = type(
+        "Broken", (Task,), {"syscalls": DEFAULT_SYSCALLS.replace(**{step: broken})}
+    )
+    fds = open_fds()
+    with pytest.raises(OSError, match=f"in {step}") as info:
+        await result(mbox.appendMessage(b"x" * 1000))
+    assert info.value.errno == errno.EIO
+    assert mbox.list == []
+    if step != "fsync_dir":  # a failed dir fsync cannot unpublish: the link may be durable
+        assert listing(maildir_path)["new"] == []
+    assert listing(maildir_path)["tmp"] == []
+    assert open_fds() <= fds
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("hook", ["osopen", "oswrite", "osrename", "osclose"])
+async def test_overridden_hooks_are_called_and_failures_cleaned(
+    maildir_path: Path, hook: str
+) -> None:
+    """Each overridden hook is called with Twisted's arguments; its error is reported."""
+    calls: list[tuple[Any, ...]] = []
+
+    def failing(*args: Any) -> Any:
+        calls.append(args)
+        if hook == "osclose":
+            os.close(args[0])  # Linux frees the fd even when close() fails
+        raise OSError(errno.EPERM, f"injected in {hook}")
+
+    cls = type("Hooked", (Task,), {hook: staticmethod(failing)})
+    mbox = compat.MaildirMailbox(os.fsencode(maildir_path))
+    mbox.AppendFactory = cls
+    fds = open_fds()
+    with pytest.raises(OSError, match=f"injected in {hook}"):
+        await result(mbox.appendMessage(b"hello"))
+    [args] = calls
+    tmp = os.path.join(os.fsencode(maildir_path), b"tmp")
+    if hook == "osopen":
+        path, flags, mode = args
+        assert os.path.dirname(path) == tmp
+        assert flags & os.O_CREAT
+        assert flags & os.O_EXCL
+        assert mode == 0o600
+    elif hook == "oswrite":
+        assert args[1] == b"hello"
+    elif hook == "osrename":
+        src, dst = args
+        assert os.path.dirname(src) == tmp
+        assert os.path.dirname(dst) == os.path.join(os.fsencode(maildir_path), b"new")
+    assert listing(maildir_path)["tmp"] == []
+    assert listing(maildir_path)["new"] == []
+    assert open_fds() <= fds
+
+
+@pytest.mark.asyncio
+async def test_write_of_str_fails_the_delivery(maildir_path: Path) -> None:
+    """write(str) never raises into the producer; the Deferred fails with a TypeError."""
+    task = Task(compat.MaildirMailbox(str(maildir_path)), b"")
+    task.write("text")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="bytes, not str"):
+        await result(task.defer)
+
+
+@pytest.mark.asyncio
+async def test_source_read_error_is_reported(maildir_path: Path) -> None:
+    """The source's read() exception reaches the errback as the same object."""
+    err = OSError(errno.EIO, "read failed")
+
+    class Src:
+        def read(self, n: int) -> bytes:
+            raise err
+
+    with pytest.raises(OSError) as info:
+        await result(compat.MaildirMailbox(str(maildir_path)).appendMessage(Src()))
+    assert info.value is err
+
+
+@pytest.mark.asyncio
+async def test_mailbox_without_list(maildir_path: Path) -> None:
+    """Any object with a path works as the mailbox; list is optional."""
+
+    class Box:
+        path = str(maildir_path)
+
+    task = Task(Box(), b"x")
+    task.startUp()
+    await result(task.defer)
+    assert len(listing(maildir_path)["new"]) == 1
+
+
+def test_all_is_complete() -> None:
+    """compat.__all__ lists every public name."""
+    public = {n for n in dir(compat) if not n.startswith("_")} - {"annotations"}
+    assert set(compat.__all__) == public
+
+
+def test_no_loop_fails_at_once(maildir_path: Path) -> None:
+    """Outside any event loop (and with no Twisted reactor) the Deferred fails at once."""
+    if "twisted.internet.reactor" in sys.modules:
+        pytest.skip("a Twisted reactor was imported into this process by another test")
+    errors: list[Any] = []
+    d = compat.MaildirMailbox(str(maildir_path)).appendMessage(b"x")
+    d.addErrback(errors.append)
+    assert "asyncio" in str(errors[0].value)
+
+
+@pytest.mark.asyncio
+async def test_concurrent_appends_all_land(maildir_path: Path) -> None:
+    """Fifty tasks at once (sharing new/'s fsync) all fire once, each message intact."""
+    mbox = compat.MaildirMailbox(str(maildir_path))
+    msgs = [f"Subject: {i}\n\n{'x' * i}\n".encode() for i in range(50)]
+    results = await asyncio.gather(*(result(mbox.appendMessage(m)) for m in msgs))
+    assert results == [None] * 50
+    assert sorted(Path(p).read_bytes() for p in mbox.list) == sorted(msgs)
+    assert listing(maildir_path)["tmp"] == []
