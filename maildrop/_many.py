@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
@@ -30,7 +31,7 @@ from ._quota_io import QuotaGuard
 from ._session import Delivery, DeliverySession
 from ._sources import Source, feed
 from ._transform import make_transform
-from ._writer import Layout, TmpFile, new_name
+from ._writer import Aborted, Layout, TmpFile, new_name
 
 __all__ = ["deliver_many"]
 
@@ -54,18 +55,25 @@ class _Staging(DeliverySession):
     ) -> list[tuple[int, _Linked | Exception]]:
         """Finish and fsync the staging file, then link it into every job's maildir."""
         self._check_open("stage")
+        self._links: list[tuple[int, _Linked | Exception]] = []
         try:
             await self._drain()  # a batch may still be in flight (pipelined writes)
             return await self._hop(self._stage_link_step, self._take(), jobs, flags)
         except BaseException as exc:
             await self._fail(exc)
+            # Cancelled after the worker linked: _fail waited for it to finish, so what it
+            # linked is in self._links, and nobody else will close its directory fds.
+            _dispose(self._links)
             raise
 
     def _stage_link_step(
         self, chunks: list[bytes | memoryview], jobs: list[tuple[int, Maildir]], flags: str | None
     ) -> list[tuple[int, _Linked | Exception]]:
         self._stage_step(chunks)
-        return _link_all(self._tmp, jobs, flags)
+        if self._tmp.aborted:
+            raise Aborted  # cancelled while staging: link nothing
+        self._links = _link_all(self._tmp, jobs, flags)
+        return self._links
 
     def _stage_step(self, chunks: list[bytes | memoryview]) -> None:
         self._write_step(chunks)
@@ -85,6 +93,26 @@ class _Staging(DeliverySession):
 class _Linked:
     delivery: Delivery
     target: TmpFile  # its directory fds stay open until the fsync
+    # Who closes the fds: the worker that fsyncs (claim) or the loop that gave up (abandon).
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    owner: str = ""
+
+    def claim(self, who: str) -> bool:
+        """Take the directory fds over for *who*; False if someone else already did."""
+        with self.lock:
+            if self.owner:
+                return False
+            self.owner = who
+            return True
+
+
+def _dispose(links: list[tuple[int, _Linked | Exception]]) -> None:
+    """Close whatever no worker took over (the fds of unclaimed links, copy sources)."""
+    for _, res in links:
+        if isinstance(res, _Linked) and res.claim("loop"):
+            res.target.close_dirs()  # closing a directory fd never blocks
+        elif isinstance(res, _NeedsCopy):
+            res.file.close()
 
 
 def _link_one(staged: TmpFile, md: Maildir, flags: str | None) -> _Linked:
@@ -139,6 +167,8 @@ def _link_one(staged: TmpFile, md: Maildir, flags: str | None) -> _Linked:
 def _sync_one(linked: _Linked) -> Delivery:
     """Fsync the target's directory (runs in a worker); unlink again if that fails."""
     target = linked.target
+    if not linked.claim("worker"):
+        raise Aborted  # the caller gave up and closed the fds
     try:
         target.sync_dest()
     except OSError:
@@ -230,42 +260,37 @@ async def deliver_many(
                 await feed(session, source)
                 done = await session.stage_and_link(jobs, flags)
             except (OSError, MessageTooLargeError) as exc:
+                if exc is not session._error:
+                    raise  # the source's own exception, as the same object
                 if rewindable and not isinstance(exc, MessageTooLargeError):
                     results[first] = exc
                     continue
                 return [exc if r is None else r for r in results]
             # The directory fsyncs run concurrently (they overlap on the device), and so
             # does the removal of the staging file; the links stay.
-            started: set[int] = set()
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(session.abort)
                     for i, res in done:
                         if isinstance(res, _Linked):
-                            tg.start_soon(_sync, res, results, i, started)
+                            tg.start_soon(_sync, res, results, i)
                         elif not isinstance(res, _NeedsCopy):
                             results[i] = res
                 for i, res in done:
                     if isinstance(res, _NeedsCopy):
                         results[i] = await _copy(res.file, mds[i], flags)
             finally:
-                # Cancelled: close what no task took over (a started fsync closes its own).
-                for i, res in done:
-                    if isinstance(res, _Linked) and i not in started:
-                        res.target.close_dirs()
-                    elif isinstance(res, _NeedsCopy):
-                        res.file.close()
+                # Cancelled: close what no worker took over (a claimed fsync closes its own).
+                _dispose(done)
         break
     # Every target either failed to stage (its error is recorded) or got a result.
     return [r for r in results if r is not None]
 
 
-async def _sync(
-    linked: _Linked, results: list[Delivery | Exception | None], i: int, started: set[int]
-) -> None:
-    started.add(i)
+async def _sync(linked: _Linked, results: list[Delivery | Exception | None], i: int) -> None:
     if not linked.target.layout.fsync:
-        linked.target.close_dirs()  # closing a directory fd never blocks
+        if linked.claim("loop"):
+            linked.target.close_dirs()  # closing a directory fd never blocks
         results[i] = linked.delivery
         return
     try:

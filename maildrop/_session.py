@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import io
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,8 +65,10 @@ def as_chunk(data: object) -> bytes | memoryview:
     if isinstance(data, bytearray):
         return bytes(data)  # the caller may reuse its buffer once write() returns
     if isinstance(data, memoryview):
-        if data.readonly and data.c_contiguous and data.ndim == 1 and data.format == "B":
-            return data
+        # Only a view of bytes is immutable; keep a fresh view of it (the caller may
+        # release its own), copy anything else (its buffer may change after write()).
+        if isinstance(data.obj, bytes) and data.c_contiguous and data.format in ("B", "b", "c"):
+            return data.cast("B")[:]
         return data.tobytes()
     if isinstance(data, str):
         raise TypeError(
@@ -169,6 +172,8 @@ class DeliverySession:
         self._started = False
         self._state = "open"  # open -> committed | aborted
         self._result: Delivery | None = None
+        self._committing = False
+        self._error: BaseException | None = None  # set when the engine itself failed
         # The batch a worker is writing while the caller gathers the next (asyncio only).
         # Only pull sources (``_sources.feed``) turn pipelining on: a push caller (compat,
         # servers) keeps "write() returns once its batch is on disk" for its flow control.
@@ -286,9 +291,12 @@ class DeliverySession:
         """Copy the rest of the synchronous file *f* (runs in the worker)."""
         tmp = self._tmp
         limit = self._max_size
+        # Only a plain file object's fd holds what read() returns: gzip, bz2, lzma and
+        # other wrappers expose the fd of the file they decode.
+        raw = f.raw if isinstance(f, io.BufferedReader | io.BufferedRandom) else f
         try:
             src_fd = f.fileno()
-            is_regular = os.path.isfile(f"/proc/self/fd/{src_fd}")
+            is_regular = isinstance(raw, io.FileIO) and os.path.isfile(f"/proc/self/fd/{src_fd}")
         except (AttributeError, OSError, ValueError):
             is_regular = False
         # A transform must see every byte, so it reads; the quota is checked per batch.
@@ -323,6 +331,12 @@ class DeliverySession:
                 if tmp.aborted:
                     raise Aborted
                 data = f.read(self._batch)
+                if data is None:  # a non-blocking file without data now: not the end
+                    raise BlockingIOError(
+                        errno.EAGAIN,
+                        "the source file is non-blocking and had no data; pass a blocking "
+                        "file or an async source",
+                    )
                 if not data:
                     break
                 chunk = as_chunk(data)
@@ -351,6 +365,7 @@ class DeliverySession:
         it twice, which beats losing it).
         """
         self._check_open("commit")
+        self._committing = True
         try:
             await self._drain()
         except BaseException as exc:
@@ -365,11 +380,13 @@ class DeliverySession:
             alone = not fsync or (ds.inflight == 1 and ds.running is None)
             chunks = self._take()
             final = await self._hop(self._finish_step, chunks, alone)
+            self._check_not_aborted()
             if alone:
                 STATS["dir_fsyncs"] += fsync
             else:
                 ds.linked += 1
                 await ds.wait_durable(ds.linked, self)
+                self._check_not_aborted()
                 # No worker uses these fds any more, and closing a directory fd never
                 # blocks, so it is done here rather than with another thread hop.
                 self._tmp.close_dirs()
@@ -390,17 +407,26 @@ class DeliverySession:
     async def abort(self) -> None:
         """Abandon the message and remove everything it created.
 
+        Called while another task is inside :meth:`commit`, it stops the commit (which then
+        raises ``RuntimeError``), but a message already linked into the destination stays:
+        it is complete, and removing it could lose a message someone else acknowledged.
+
         **Cancellation:** cleanup still completes in its worker thread.
         """
         if self._state == "open":
-            await self._abort(keep_published=False)
+            await self._abort(keep_published=self._committing)
 
     async def _fail(self, exc: BaseException) -> None:
+        self._error = exc  # what the engine itself raised (deliver_many tells it apart)
         if self._state != "open":
             return
         # Cancellation after the link keeps the message (it is complete); errors remove it.
         cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
         await self._abort(keep_published=cancelled)
+
+    def _check_not_aborted(self) -> None:
+        if self._state == "aborted":
+            raise RuntimeError("this delivery was aborted (abort() was called during commit())")
 
     async def _abort(self, *, keep_published: bool) -> None:
         self._state = "aborted"
@@ -408,16 +434,22 @@ class DeliverySession:
         if self._quota is not None:
             self._quota.release()
         tmp = self._tmp
-        with tmp.lock:
-            if tmp.cleaned:
-                return
-            tmp.aborted = True
-            tmp.keep_published = keep_published
-            running = tmp.running
-            if not running and not tmp.dir_fds:
-                tmp.cleaned = True  # nothing was ever opened: no I/O needed
-                return
         with anyio.CancelScope(shield=True):
+            # Never wait for the lock on the event loop: a worker holds it while it cleans
+            # up (unlinks, closes), which can take a while.
+            while not tmp.lock.acquire(blocking=False):  # noqa: ASYNC110 - a thread's lock
+                await anyio.sleep(0.001)
+            try:
+                if tmp.cleaned:
+                    return
+                tmp.aborted = True
+                tmp.keep_published = keep_published
+                running = tmp.running
+                if not running and not tmp.dir_fds:
+                    tmp.cleaned = True  # nothing was ever opened: no I/O needed
+                    return
+            finally:
+                tmp.lock.release()
             if running:
                 # The worker sees `aborted` when its call returns and cleans up itself. It
                 # cannot set an anyio.Event (that needs a loop round-trip from the thread,
@@ -436,7 +468,11 @@ class DeliverySession:
         """Run *fn* in a worker thread that owns the tmp file for the call's duration."""
         # A cancelled caller returns at once; the worker finishes its call and, seeing
         # `aborted`, cleans up (see _abort).
-        return await run_sync(self._job(fn, *args))
+        try:
+            return await run_sync(self._job(fn, *args))
+        except Aborted:
+            # Only another task's abort() gets here (a cancelled caller has left already).
+            raise RuntimeError("this delivery was aborted while a worker was writing it") from None
 
     def _job(self, fn: Callable[..., T], *args: Any) -> Callable[[], T]:
         """Wrap *fn* for a worker: refuse an aborted delivery, clean up after a failure."""

@@ -61,8 +61,8 @@ async def feed(session: DeliverySession, source: object) -> None:
     if read is not None and inspect.iscoroutinefunction(read):
         while True:
             chunk = await read(BATCH)
-            if not chunk:
-                return
+            if chunk is not None and not chunk:
+                return  # EOF (None is not EOF: write() refuses it with a TypeError)
             await session.write(chunk)
     if inspect.isasyncgen(source):
         # An async generator handed to us is ours to finish: close it if we stop early
