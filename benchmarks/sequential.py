@@ -3,7 +3,10 @@
 Run: ``python -m benchmarks.sequential [--messages 1000] [--rounds 7]``.
 
 Both contenders deliver the same number of messages into fresh maildirs, interleaved
-(A B A B ...), and the script prints each round and the median time ratio. Nothing is
+(A B A B ...), and the script prints each round and the median time ratio. Each round is cut
+into ``--slices`` slices (default 10): A and B alternate every ``messages / slices``
+deliveries, so both see the same moments of a machine whose speed drifts by 2-5x within
+seconds (a shared VM); a round's time is the sum of its slices. Nothing is
 deleted between timed rounds: on ext4 without a journal a bulk delete makes file creation
 ~30x slower for ~30 s, which would poison the rounds that follow.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import socket
 import statistics
@@ -21,7 +25,10 @@ from pathlib import Path
 
 from maildrop import Maildir
 
+from ._contenders import Handoff, raw_hop_many
+
 MSG = b"Subject: bench\n\n" + b"x" * (2048 - 16)
+_seq = itertools.count()
 
 
 def raw_sync(path: Path, n: int) -> float:
@@ -34,9 +41,9 @@ def raw_sync(path: Path, n: int) -> float:
     t0 = time.perf_counter()
     newfd = os.open(path / "new", os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for i in range(n):
+        for _ in range(n):
             now = time.time_ns() // 1000
-            name = f"{now // 1_000_000}.M{now % 1_000_000}P{pid}Q{i}.{host}"
+            name = f"{now // 1_000_000}.M{now % 1_000_000}P{pid}Q{next(_seq)}.{host}"
             tmp = f"{path}/tmp/{name}"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -70,23 +77,45 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--messages", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--slices", type=int, default=10, help="A/B alternations per round")
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time the raw steps handed to a thread one message at a time (no asyncio):"
+        " the floor for any design that keeps the disk work off the event loop's thread",
+    )
     ap.add_argument("--dir", default=None, help="where to make the maildirs (default: a tmp dir)")
     args = ap.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="maildrop-bench-", dir=args.dir))
     ratios = []
     raw_t: list[float] = []
     md_t: list[float] = []
+    floor_t: list[float] = []
+    handoff = Handoff() if args.floor else None
     with asyncio.Runner() as runner:
         maildrop_seq(runner, base / "warmup", 50)
+        per = max(1, args.messages // max(1, args.slices))
         for r in range(args.rounds):
-            a = raw_sync(base / f"raw{r}", args.messages)
-            b = maildrop_seq(runner, base / f"md{r}", args.messages)
+            a = b = f = 0.0
+            for s in range(args.messages // per):
+                if handoff is not None:
+                    f += raw_hop_many(handoff, base / f"floor{r}", MSG, per)
+                if (r + s) % 2:
+                    b += maildrop_seq(runner, base / f"md{r}", per)
+                    a += raw_sync(base / f"raw{r}", per)
+                else:
+                    a += raw_sync(base / f"raw{r}", per)
+                    b += maildrop_seq(runner, base / f"md{r}", per)
             raw_t.append(a)
             md_t.append(b)
             ratios.append(b / a)
+            extra = ""
+            if handoff is not None:
+                floor_t.append(f)
+                extra = f"   floor {args.messages / f:7.0f} msg/s ({f / a:.3f}x raw time)"
             print(
                 f"round {r}: raw {args.messages / a:7.0f} msg/s   maildrop "
-                f"{args.messages / b:7.0f} msg/s   time ratio {b / a:.3f}"
+                f"{args.messages / b:7.0f} msg/s   time ratio {b / a:.3f}{extra}"
             )
     med = statistics.median(ratios)
     print(
@@ -94,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.messages / statistics.median(md_t):.0f} msg/s; maildrop takes {med:.3f}x "
         "the raw time (target <= 1.25x)"
     )
+    if floor_t:
+        fmed = statistics.median(f / a for f, a in zip(floor_t, raw_t, strict=True))
+        print(
+            f"floor (raw steps, one thread handoff per message, no asyncio): {fmed:.3f}x the "
+            "raw time"
+        )
     print(f"(maildirs left in {base}; not deleted, see the module docstring)")
     return 0
 

@@ -243,8 +243,8 @@ class DeliverySession:
     async def _flush(self) -> None:
         chunks = self._take()
         # Pipelining: a worker writes this batch while the caller produces the next one
-        # (at most one batch in flight, so memory stays at ~2 batches). Where no worker can
-        # start at once (or off asyncio) the batch is written before write() returns.
+        # (at most one batch in flight, so memory stays at ~2 batches). Off asyncio, and
+        # for push callers (see _pipeline), the batch is written before write() returns.
         await self._drain()
         pending = submit(self._job(self._write_step, chunks)) if self._pipeline else None
         if pending is None:

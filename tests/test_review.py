@@ -196,11 +196,6 @@ async def test_deliver_many_cancelled_while_a_dir_fsync_waits_for_a_thread(
     assert open_fds() <= before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_pool: a worker of a closed event loop idles IDLE_SECONDS (10 s) before it "
-    "exits; one asyncio.run() per message piles up one thread per run",
-)
 def test_worker_threads_do_not_outlive_their_event_loop(tmp_path: Path) -> None:
     """Many short asyncio.run() calls do not pile up idle worker threads of closed loops."""
     import asyncio
