@@ -28,7 +28,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio
-import sniffio
 from anyio.lowlevel import RunVar
 
 __all__ = ["THREADS", "run_sync", "submit"]
@@ -71,12 +70,22 @@ def _pool() -> _Pool:
         return pool
 
 
+def _on_asyncio() -> bool:
+    # anyio >= 4.12 no longer depends on sniffio: ask asyncio itself. Under trio there is no
+    # running asyncio loop in this thread.
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 async def run_sync(fn: Callable[..., T], *args: Any) -> T:
     """Run ``fn(*args)`` in a worker thread and return its result.
 
     **Cancellation:** the caller is released at once; *fn* still runs to completion.
     """
-    if sniffio.current_async_library() == "asyncio":
+    if _on_asyncio():
         return await _pool().submit(fn, args)
     return await anyio.to_thread.run_sync(
         fn, *args, abandon_on_cancel=True, limiter=_anyio_limiter()
@@ -89,7 +98,7 @@ def submit(fn: Callable[..., T], *args: Any) -> asyncio.Future[T] | None:
     Returns None (queues nothing) off asyncio; the caller then uses :func:`run_sync`. An
     exception of *fn* that nobody awaits is not reported as "never retrieved".
     """
-    if sniffio.current_async_library() != "asyncio":
+    if not _on_asyncio():
         return None
     fut = _pool().submit(fn, args)
     fut.add_done_callback(_retrieve)
