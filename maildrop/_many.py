@@ -76,15 +76,7 @@ class _Staging(DeliverySession):
         return self._links
 
     def _stage_step(self, chunks: list[bytes | memoryview]) -> None:
-        self._write_step(chunks)
-        if self._file is not None:
-            self._copy_file(self._file)
-        if self._transform is not None:
-            tail = self._transform.finish()
-            if self._max_size is not None and self._tmp.size + len(tail) > self._max_size:
-                raise MessageTooLargeError(self._max_size)
-            if tail:
-                self._write_step([tail])
+        self._write_rest(chunks)
         if self._layout.fsync:
             self._tmp.sys.fsync(self._tmp.fd)
 

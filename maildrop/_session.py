@@ -272,7 +272,8 @@ class DeliverySession:
             self._quota.check(tmp.dir_fds[0], tmp.size + sum(len(c) for c in chunks))
         tmp.write(chunks)
 
-    def _finish_step(self, chunks: list[bytes | memoryview], alone: bool) -> str:
+    def _write_rest(self, chunks: list[bytes | memoryview]) -> None:
+        """Write the last batch, an attached file and the transform's tail (in the worker)."""
         self._write_step(chunks)
         if self._file is not None:
             self._copy_file(self._file)
@@ -282,6 +283,9 @@ class DeliverySession:
                 raise MessageTooLargeError(self._max_size)
             if tail:
                 self._write_step([tail])
+
+    def _finish_step(self, chunks: list[bytes | memoryview], alone: bool) -> str:
+        self._write_rest(chunks)
         final = self._tmp.publish(size_stamp=self._size_stamp, flags=self._flags, sync_dir=alone)
         if alone:
             self._tmp.close_dirs()
