@@ -362,7 +362,12 @@ async def serve(
     stop: asyncio.Event,
     ready: Callable[[list[str]], None] | None = None,
 ) -> int:
-    """Run the ``lmtp``/``smtp`` command described by *args* until *stop* is set."""
+    """Run the ``lmtp``/``smtp`` command described by *args* until *stop* is set.
+
+    **Cancellation:** the server shuts down with no grace period: listeners and
+    connections close, deliveries in flight finish or are cancelled (nothing partial stays
+    in ``new/``).
+    """
     try:
         from .lmtp import MaildirHandler, MaildirServer
     except ImportError as exc:  # pragma: no cover - only without the server extra
@@ -411,7 +416,11 @@ async def _serve(
         log.info("%s listening on %s, delivering into %s", args.command, address, root)
     if ready is not None:
         ready(addresses)
-    await stop.wait()
+    try:
+        await stop.wait()
+    except BaseException:  # cancelled: stop serving without a grace period
+        await server.shutdown(0)
+        raise
     log.info("shutting down: finishing deliveries in flight")
     await server.shutdown(args.shutdown_timeout)
     log.info("stopped")

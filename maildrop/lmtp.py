@@ -144,7 +144,10 @@ class MaildirHandler:
         return self._delivering
 
     async def wait_idle(self) -> None:
-        """Return once no delivery is in flight."""
+        """Return once no delivery is in flight.
+
+        **Cancellation:** only the wait stops; the deliveries go on.
+        """
         while self._delivering:
             await self._idle.wait()
 
@@ -154,6 +157,8 @@ class MaildirHandler:
         The default is ``<root>/<mailbox_name(address)>``, which must be a directory; a
         symlink there is followed once, here. An ``OSError`` raised here (say ``EIO``)
         refuses the recipient temporarily (``451 4.3.0``).
+
+        **Cancellation:** nothing to undo (it only looks at the filesystem).
         """
         name = mailbox_name(address, recipient_delimiter=self.recipient_delimiter)
         if name is None:
@@ -470,6 +475,9 @@ class MaildirServer:
         Raises:
             ValueError: *address* is malformed.
             OSError: the address cannot be bound.
+
+        **Cancellation:** listeners already bound by this call stay open until
+        :meth:`shutdown`.
         """
         if self.hostname is None:
             loop = asyncio.get_running_loop()

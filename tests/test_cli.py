@@ -523,3 +523,25 @@ def test_python_dash_m_entry_point(
         runpy.run_module("maildrop", run_name="__main__")
     assert info.value.code == 0
     assert capsys.readouterr().out.startswith("maildrop ")
+
+
+@pytest.mark.asyncio
+async def test_cancelled_serve_closes_its_listeners(tmp_path: Path) -> None:
+    """Cancelling serve() shuts the server down: its port no longer accepts connections."""
+    (tmp_path / "alice").mkdir()
+    args = cli._build_parser().parse_args(
+        ["lmtp", "--listen", "127.0.0.1:0", "--root", str(tmp_path)]
+    )
+    stop = asyncio.Event()
+    bound: list[str] = []
+    task = asyncio.create_task(cli.serve(args, stop, bound.extend))
+    for _ in range(500):
+        if bound or task.done():
+            break
+        await asyncio.sleep(0.01)
+    port = int(bound[0].rsplit(":", 1)[1])
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
