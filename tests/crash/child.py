@@ -259,6 +259,12 @@ def run(cfg: dict[str, Any]) -> None:
         os.setgroups([])
         os.setgid(cfg["uid"])
         os.setuid(cfg["uid"])
+    if cfg.get("threads") is not None:
+        # strace counts `when=k` per thread: with one worker every call of the delivery
+        # happens in the same thread, so the k-th call is the same in every run.
+        import maildrop._pool
+
+        maildrop._pool.THREADS = cfg["threads"]
     if cfg.get("kill_after") is not None:
         t = threading.Timer(cfg["kill_after"], os.kill, (os.getpid(), signal.SIGKILL))
         t.daemon = True

@@ -204,7 +204,9 @@ def test_strace_sigkill_at_every_call(work: Path) -> None:
     require_strace()
     probe = work / "probe"
     existing_message(probe)
-    base = {"plan": PLAN, "scratch": str(work), "tag": "t"}
+    # One worker thread: strace's when=k counts per thread, and a pool of several picks a
+    # different thread for the same call from run to run.
+    base = {"plan": PLAN, "scratch": str(work), "tag": "t", "threads": 1}
     per_call = strace_counts({**base, "md": str(probe)}, probe, work / "count.log")
     points = [(c, k) for c in STRACE_CALLS for k in range(1, per_call.get(c, 0) + 1)]
     assert len(points) >= 15, per_call
