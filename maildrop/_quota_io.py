@@ -37,12 +37,10 @@ from ._quota import (
     size_from_name,
 )
 from ._sys import Syscalls
-from ._writer import LIVE_TMP, Layout, TmpFile, new_name
+from ._writer import DIR_FLAGS, FILE_FLAGS, LIVE_TMP, Layout, TmpFile, new_name, write_all
 
 __all__ = ["QuotaGuard", "recalculate"]
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _TRASH = ".Trash"
 _RECALC_TRIES = 3
 NAME = "maildirsize"
@@ -97,7 +95,7 @@ def _read(sys: Syscalls, root_fd: int) -> _Read | None:
 
 def _open_dir(sys: Syscalls, name: str, dir_fd: int) -> int | None:
     try:
-        return sys.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+        return sys.open(name, DIR_FLAGS, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
             return None
@@ -150,19 +148,14 @@ def _scan(sys: Syscalls, root_fd: int, *, count: bool) -> tuple[int, int, int]:
 def _replace_file(layout: Layout, root_fd: int, content: bytes) -> None:
     """Write *content* as the new maildirsize: in tmp/, fsynced, renamed, dir fsynced."""
     sys = layout.syscalls
-    tmp_fd = sys.open("tmp", _DIR_FLAGS, dir_fd=root_fd)
+    tmp_fd = sys.open("tmp", DIR_FLAGS, dir_fd=root_fd)
     name = new_name() + "_maildirsize"
     LIVE_TMP.add(name)
     try:
-        fd = sys.open(name, _NEW_FLAGS, 0o600, dir_fd=tmp_fd)
+        fd = sys.open(name, FILE_FLAGS, 0o600, dir_fd=tmp_fd)
         try:
             try:
-                view = memoryview(content)
-                while view:
-                    n = sys.write(fd, view)
-                    if n <= 0:
-                        raise OSError(errno.EIO, "write() wrote nothing to maildirsize")
-                    view = view[n:]
+                write_all(sys, fd, [content])
                 if layout.fsync:
                     sys.fsync(fd)
             finally:

@@ -348,9 +348,7 @@ class DeliverySession:
                     chunk = self._transform.feed(chunk)
                 if limit is not None and tmp.size + len(chunk) > limit:
                     raise MessageTooLargeError(limit)
-                if self._quota is not None:
-                    self._quota.check(tmp.dir_fds[0], tmp.size + len(chunk))
-                tmp.write([chunk])
+                self._write_step([chunk])  # checks the quota too
         self._size = tmp.size
 
     def _attach_file(self, f: IO[bytes]) -> None:

@@ -10,14 +10,11 @@ this process is writing (``_writer.LIVE_TMP``) is never removed, whatever its ti
 from __future__ import annotations
 
 import errno
-import os
 import stat
 
-from ._writer import LIVE_TMP, Layout
+from ._writer import DIR_FLAGS, LIVE_TMP, Layout
 
 __all__ = ["sweep_tmp"]
-
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def sweep_tmp(layout: Layout, cutoff: float) -> list[str]:
@@ -28,12 +25,12 @@ def sweep_tmp(layout: Layout, cutoff: float) -> list[str]:
     """
     sys = layout.syscalls
     try:
-        root = sys.open(layout.path, _DIR_FLAGS)
+        root = sys.open(layout.path, DIR_FLAGS)
     except FileNotFoundError:
         return []
     try:
         try:
-            tmp = sys.open("tmp", _DIR_FLAGS, dir_fd=root)
+            tmp = sys.open("tmp", DIR_FLAGS, dir_fd=root)
         except FileNotFoundError:
             return []
         try:

@@ -39,10 +39,21 @@ from ._errors import MaildirNotFoundError
 from ._naming import published_name, unique_name
 from ._sys import Syscalls
 
-__all__ = ["LIVE_TMP", "Aborted", "Layout", "TmpFile", "new_name"]
+__all__ = [
+    "DIR_FLAGS",
+    "FILE_FLAGS",
+    "LIVE_TMP",
+    "Aborted",
+    "Layout",
+    "TmpFile",
+    "new_name",
+    "write_all",
+]
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+#: How every directory of a maildir is opened (a symlink is refused, not followed).
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: How every file maildrop creates is opened (never an existing file, never via a symlink).
+FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _SUBDIRS = ("tmp", "new", "cur")
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
 _PROC_FD = os.path.isdir("/proc/self/fd")
@@ -92,6 +103,30 @@ def new_name() -> str:
         now // 1_000_000, now % 1_000_000, os.getpid(), n, random.getrandbits(64),
         socket.gethostname(),
     )  # fmt: skip
+
+
+def write_all(sys: Syscalls, fd: int, chunks: Sequence[bytes | memoryview]) -> int:
+    """Write every byte of *chunks* to *fd* (``writev`` for several), looping on short
+    writes; return the bytes written. A write of nothing fails with EIO instead of spinning.
+    """
+    views = [memoryview(c) for c in chunks if len(c)]
+    done = i = 0
+    while i < len(views):
+        if i + 1 == len(views):
+            n = sys.write(fd, views[i])
+        else:
+            n = sys.writev(fd, views[i : i + _IOV_MAX])
+        if n <= 0:
+            raise OSError(errno.EIO, "write() wrote nothing; nothing was delivered")
+        done += n
+        while n:
+            if n >= len(views[i]):
+                n -= len(views[i])
+                i += 1
+            else:
+                views[i] = views[i][n:]
+                n = 0
+    return done
 
 
 class Aborted(Exception):
@@ -166,7 +201,7 @@ class TmpFile:
 
     def _open_dir(self, name: str, dir_fd: int | None) -> int:
         try:
-            fd = self.sys.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+            fd = self.sys.open(name, DIR_FLAGS, dir_fd=dir_fd)
         except (NotADirectoryError, OSError) as exc:
             if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
                 raise
@@ -251,7 +286,7 @@ class TmpFile:
     def _mark_folder(self, folder_fd: int) -> None:
         # Courier and Dovecot mark Maildir++ folders with an empty "maildirfolder" file.
         try:
-            fd = self.sys.open("maildirfolder", _FILE_FLAGS, 0o600, dir_fd=folder_fd)
+            fd = self.sys.open("maildirfolder", FILE_FLAGS, 0o600, dir_fd=folder_fd)
         except FileExistsError:
             return
         self.sys.close(fd)
@@ -264,7 +299,7 @@ class TmpFile:
             name = new_name()
             LIVE_TMP.add(name)  # before the file exists, so a sweep never sees it unowned
             try:
-                self.fd = self.sys.open(name, _FILE_FLAGS, 0o600, dir_fd=self.tmp_fd)
+                self.fd = self.sys.open(name, FILE_FLAGS, 0o600, dir_fd=self.tmp_fd)
             except BaseException as exc:
                 LIVE_TMP.discard(name)
                 if isinstance(exc, FileExistsError):
@@ -276,23 +311,7 @@ class TmpFile:
 
     def write(self, chunks: Sequence[bytes | memoryview]) -> None:
         """Write every byte of *chunks*, looping on short writes."""
-        views = [memoryview(c) for c in chunks if len(c)]
-        i = 0
-        while i < len(views):
-            if i + 1 == len(views):
-                n = self.sys.write(self.fd, views[i])
-            else:
-                n = self.sys.writev(self.fd, views[i : i + _IOV_MAX])
-            if n <= 0:
-                raise OSError(errno.EIO, "write() wrote nothing; the message was not delivered")
-            self.size += n
-            while n:
-                if n >= len(views[i]):
-                    n -= len(views[i])
-                    i += 1
-                else:
-                    views[i] = views[i][n:]
-                    n = 0
+        self.size += write_all(self.sys, self.fd, chunks)
 
     def copy_from(self, src_fd: int, offset: int, count: int) -> int:
         """Copy up to *count* bytes of the regular file *src_fd* from *offset*; return bytes."""

@@ -20,6 +20,7 @@ from typing import IO, TYPE_CHECKING, NoReturn
 
 from . import Maildir, MaildirNotFoundError, __version__, outcome
 from ._errors import EX_USAGE
+from ._maildir import TMP_MAX_AGE
 
 if TYPE_CHECKING:
     from .lmtp import MaildirHandler, MaildirServer
@@ -28,7 +29,6 @@ __all__ = ["main", "parse_duration", "parse_size"]
 
 EX_UNAVAILABLE = 69
 #: The spec's age for leftovers in tmp/ (https://cr.yp.to/proto/maildir.html).
-STALE_TMP = 36 * 3600
 #: The largest message the servers take by default (aiosmtpd holds it in memory).
 SERVER_MAX_SIZE = 32 * 1024 * 1024
 
@@ -190,7 +190,7 @@ def _build_parser() -> _Parser:
         "--older-than",
         metavar="DURATION",
         type=parse_duration,
-        default=float(STALE_TMP),
+        default=float(TMP_MAX_AGE),
         help="age of files to remove: 36h (the default, as the maildir spec says), 90m, 2d",
     )
     return parser
