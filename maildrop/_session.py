@@ -14,6 +14,7 @@ import asyncio
 import errno
 import io
 import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,9 @@ BATCH = 1 << 20
 STATS = {"deliveries": 0, "dir_fsyncs": 0}
 
 _dirsyncs: RunVar[dict[tuple[str, str], _DirSync]] = RunVar("maildrop_dirsyncs")
+_dirsyncs_asyncio: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[str, str], _DirSync]
+] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,12 +118,26 @@ class _DirSync:
                 done.set()
 
 
-def _dirsync(key: tuple[str, str]) -> _DirSync:
+def _dirsync_table() -> dict[tuple[str, str], _DirSync]:
+    # Per event loop: a weak dict on asyncio (a RunVar lookup costs a few µs per delivery),
+    # a RunVar elsewhere (trio).
     try:
-        table = _dirsyncs.get()
-    except LookupError:
-        table = {}
-        _dirsyncs.set(table)
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        try:
+            return _dirsyncs.get()
+        except LookupError:
+            fresh: dict[tuple[str, str], _DirSync] = {}
+            _dirsyncs.set(fresh)
+            return fresh
+    table = _dirsyncs_asyncio.get(loop)
+    if table is None:
+        table = _dirsyncs_asyncio[loop] = {}
+    return table
+
+
+def _dirsync(key: tuple[str, str]) -> _DirSync:
+    table = _dirsync_table()
     ds = table.get(key)
     if ds is None:
         ds = table[key] = _DirSync()
@@ -128,7 +146,7 @@ def _dirsync(key: tuple[str, str]) -> _DirSync:
 
 def _release_dirsync(key: tuple[str, str], ds: _DirSync) -> None:
     if ds.inflight == 0 and ds.running is None:
-        table = _dirsyncs.get()
+        table = _dirsync_table()
         if table.get(key) is ds:
             del table[key]
 

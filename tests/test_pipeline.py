@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gc
+import os
 import threading
 import time
 import weakref
@@ -215,3 +217,38 @@ def test_a_closed_loop_is_not_kept_alive_by_its_pool() -> None:
     del loop
     gc.collect()
     assert ref() is None
+
+
+def _eventfds() -> int:
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            n += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    return n
+
+
+def test_each_loop_s_wakeup_fd_is_closed_with_the_loop() -> None:
+    """A pool's eventfd lives as long as its loop: 20 asyncio.run() leave none behind."""
+    gc.collect()
+    before = _eventfds()
+    for _ in range(20):
+        assert asyncio.run(_pool.run_sync(lambda: 5)) == 5
+    gc.collect()
+    assert _eventfds() == before
+
+
+def test_a_loop_without_add_reader_is_woken_with_call_soon_threadsafe() -> None:
+    """On a loop that cannot watch fds (Windows' proactor) results still arrive."""
+
+    class NoReaderLoop(asyncio.SelectorEventLoop):
+        def add_reader(self, fd: Any, callback: Any, *args: Any) -> None:
+            raise NotImplementedError
+
+    loop = NoReaderLoop()
+    fds = _eventfds()
+    try:
+        assert loop.run_until_complete(_pool.run_sync(lambda: 6)) == 6
+        assert _pool._pool(loop).wakeup.fd == -1
+        assert _eventfds() == fds  # the eventfd it could not use was closed
+    finally:
+        loop.close()

@@ -251,10 +251,16 @@ def run(cfg: dict[str, Any]) -> None:
         socket.sethostname(cfg["hostname"].encode("latin-1"))
     if cfg.get("uid") is not None:
         # The interpreter's files may be unreadable to that uid: import what runs later now.
-        # One throwaway delivery runs every lazy import before the switch, so the trace of
-        # what the uid opens shows the engine's opens only.
+        # Two throwaway concurrent deliveries (the second one waits for a shared directory
+        # fsync) run every lazy import before the switch, so the trace of what the uid
+        # opens shows the engine's opens only.
         warm = os.path.join(cfg["warm"], f"warm-{os.getpid()}")
-        asyncio.run(Maildir(warm, fsync=False).deliver(b"warm-up"))
+
+        async def warm_up() -> None:
+            md = Maildir(warm)
+            await asyncio.gather(md.deliver(b"warm-up"), md.deliver(b"warm-up"))
+
+        asyncio.run(warm_up())
         shutil.rmtree(warm)
         os.setgroups([])
         os.setgid(cfg["uid"])

@@ -22,6 +22,7 @@ import pytest
 
 from maildrop import DEFAULT_SYSCALLS, Delivery, Maildir, Syscalls, outcome
 
+from ..conftest import open_fds as fds
 from ._harness import FIGURES, check_modes
 from ._msg import make, parse, scan
 
@@ -40,11 +41,6 @@ EXPECTED = {
 }
 #: Steps whose failure the engine may absorb: closing a directory fd cannot lose data.
 TOLERATED = {"close_dir"}
-
-
-def fds() -> set[int]:
-    """This process's open file descriptors."""
-    return {int(n) for n in os.listdir("/proc/self/fd")}
 
 
 class Table:
