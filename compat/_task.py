@@ -10,9 +10,12 @@ How it runs: ``createTempFile()`` opens the session and starts one asyncio task 
 on the event loop: Twisted's when ``asyncioreactor`` is installed, else the running asyncio
 loop. ``write()`` only queues bytes and wakes the pump, which feeds the session; producers
 are throttled by :attr:`highWaterMark`/:attr:`lowWaterMark` on the bytes queued.
-``unregisterProducer()`` (end of message) lets the pump ``commit()``. The outcome is decided
-once and ``defer`` fired on the next loop turn, on the loop's (reactor's) thread, outside the
-pump task.
+``unregisterProducer()`` (end of message) lets the pump ``commit()``. A message given as
+bytes skips the ``FileSender`` (``startUp()`` writes it whole and ends it). The outcome is
+decided once, on the loop's (reactor's) thread: the pump fires ``defer`` in its last step
+(as Twisted's task fires it inside ``moveFileToNew()``); a failure decided outside the pump
+(``fail()`` before the pump ran) fires on the next loop turn, never inside the caller's
+call. A small durable append takes four loop turns (maildrop's own ``deliver()``: three).
 
 The hooks: an overridden ``osopen``/``oswrite``/``osclose``/``osrename`` is always called,
 with the original positional arguments and full paths, from a maildrop worker thread; hooks
@@ -97,6 +100,11 @@ class MaildirMailboxAppendMessageTask:
                     + ("; encode it first (e.g. msg.encode())" if isinstance(msg, str) else "")
                 )
             msg = io.BytesIO(msg)
+            # startUp() writes it in one piece: a FileSender would take two loop turns (a
+            # chunk, then the empty read that ends the message) for what is already here.
+            self._data: bytes | None = msg.getvalue()
+        else:
+            self._data = None
         self.mbox = mbox
         # Any: a twisted.internet.defer.Deferred when Twisted is installed, else compat's.
         self.defer: Any = _twisted.new_deferred(self._cancel)
@@ -137,11 +145,22 @@ class MaildirMailboxAppendMessageTask:
     # -- Twisted's methods -----------------------------------------------------------------
 
     def startUp(self) -> None:
-        """Start transferring ``msg`` to the mailbox with a ``FileSender``."""
+        """Start transferring ``msg`` to the mailbox.
+
+        A message given as bytes is handed to the engine whole, at once; a file is read by a
+        ``FileSender`` (a pull producer prodded once per loop turn), as Twisted's task does.
+        """
         self.createTempFile()
-        if not self._decided:
-            self.filesender = _twisted.file_sender()
-            self.filesender.beginFileTransfer(self.msg, self)
+        if self._decided:
+            return
+        if self._data is not None:
+            data, self._data = self._data, None
+            self.msg.seek(0, io.SEEK_END)  # consumed, as a FileSender would leave it
+            self.write(data)
+            self.moveFileToNew()
+            return
+        self.filesender = _twisted.file_sender()
+        self.filesender.beginFileTransfer(self.msg, self)
 
     def createTempFile(self) -> None:
         """Start the delivery; the engine creates the tmp file with its first write batch.
@@ -221,6 +240,10 @@ class MaildirMailboxAppendMessageTask:
             data = bytes(data)  # the caller may reuse its buffer
         self.createTempFile()
         if self._decided or not data:
+            return
+        if self._eof:
+            # The pump may already be committing: these bytes would silently be left out.
+            self._abandon(RuntimeError("write() after the message ended (moveFileToNew)"))
             return
         self._queue.append(data)
         self._queued += len(data)
@@ -330,14 +353,14 @@ class MaildirMailboxAppendMessageTask:
         except BaseException as exc:  # CancelledError too: _abandon cancels this task
             await session.abort()  # a no-op when the engine already cleaned up
             err = self._error if self._decided and self._error is not None else exc
-            self._decide(err)
+            self._decide(err, now=True)
             return
         if self._decided:  # abandoned after the link: the message stays, the errback fires
             assert self._error is not None
-            self._decide(self._error)
+            self._decide(self._error, now=True)
             return
         published = join(self.mbox.path, "new", delivery.name)
-        self._decide(None, published)
+        self._decide(None, published, now=True)
 
     def _pump_done(self, pump: asyncio.Task[None]) -> None:
         # A pump cancelled before its first step never ran its except clause; it had
@@ -348,7 +371,11 @@ class MaildirMailboxAppendMessageTask:
                 err = _twisted.cancelled_error() if pump.cancelled() else pump.exception()
             self._decide(err)
 
-    def _decide(self, err: Any, published: str | bytes | None = None) -> None:
+    def _decide(
+        self, err: Any, published: str | bytes | None = None, *, now: bool = False
+    ) -> None:
+        """Fire ``defer`` with the outcome: at once from the pump's last step (*now*), else on
+        the next loop turn (never inside a caller's ``write()``/``fail()``/... call)."""
         self._decided = self._scheduled = True
         self._release_producer()
 
@@ -367,7 +394,7 @@ class MaildirMailboxAppendMessageTask:
 
         self._pending = fire
         loop = self._loop
-        if loop is None or loop.is_closed():
+        if now or loop is None or loop.is_closed():
             fire()
         else:
             loop.call_soon(self._fire_pending)

@@ -183,8 +183,10 @@ class _LoopCall:
 
 
 def call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> Any:
-    """Schedule *fn* on the next loop turn: ``reactor.callLater(0, fn)`` under asyncioreactor."""
-    reactor = asyncio_reactor_for(loop)
-    if reactor is not None:
-        return reactor.callLater(0, fn)
+    """Schedule *fn* on the next loop turn (what ``reactor.callLater(0, fn)`` does).
+
+    Straight on the asyncio loop, also under asyncioreactor: a ``callLater(0)`` there costs
+    a Twisted ``DelayedCall`` plus a re-armed loop timer, measured as ~10% of a small
+    append's loop time; the returned object has ``IDelayedCall``'s ``active``/``cancel``.
+    """
     return _LoopCall(loop, fn)

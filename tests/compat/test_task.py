@@ -308,13 +308,34 @@ async def test_cancelling_the_deferred_aborts(maildir_path: Path) -> None:
 
 @pytest.mark.asyncio
 async def test_cancel_after_the_outcome_is_decided_reports_it(maildir_path: Path) -> None:
-    """Cancelling between the commit and the firing turn gets the real result."""
-    task = Task(compat.MaildirMailbox(str(maildir_path)), b"done")
+    """Cancelling between a decided failure and the errback's turn gets the real failure.
+
+    (A failure decided outside the pump, here fail() before the pump's first step, is
+    fired on a later loop turn; an outcome of the pump itself fires at once.)
+    """
+    task = Task(compat.MaildirMailbox(str(maildir_path)), b"never")
     task._fire_pending = lambda: None  # type: ignore[method-assign] # hold the firing turn
     task.startUp()
+    task.fail(ValueError("given up"))
     await until(lambda: task._pending is not None)
+    assert not task.defer.called
     task.defer.cancel()
+    with pytest.raises(ValueError, match="given up"):
+        await result(task.defer)
+    assert not maildir_path.exists() or listing(maildir_path)["new"] == []
+
+
+@pytest.mark.asyncio
+async def test_the_outcome_fires_in_the_pump_s_last_step(maildir_path: Path) -> None:
+    """A committed delivery fires ``defer`` before its pump task ends (no extra turn)."""
+    task = Task(compat.MaildirMailbox(str(maildir_path)), b"done")
+    task.startUp()
+    assert task._pump is not None
+    fired_when_done: list[bool] = []
+    task._pump.add_done_callback(lambda _: fired_when_done.append(task.defer.called))
     assert await result(task.defer) is None
+    await until(lambda: bool(fired_when_done))
+    assert fired_when_done == [True]
     assert len(listing(maildir_path)["new"]) == 1
 
 
@@ -443,3 +464,30 @@ async def test_concurrent_appends_all_land(maildir_path: Path) -> None:
     assert results == [None] * 50
     assert sorted(Path(p).read_bytes() for p in mbox.list) == sorted(msgs)
     assert listing(maildir_path)["tmp"] == []
+
+
+@pytest.mark.asyncio
+async def test_write_after_the_message_ended_fails_instead_of_truncating(
+    maildir_path: Path,
+) -> None:
+    """Bytes written after moveFileToNew() fail the delivery: they would be left out."""
+    task = Task(compat.MaildirMailbox(str(maildir_path)), b"")
+    task.createTempFile()
+    task.write(b"Subject: x\n\nbody\n")
+    task.moveFileToNew()
+    task.write(b"more body\n")
+    with pytest.raises(RuntimeError, match="after the message ended"):
+        await result(task.defer)
+    assert listing(maildir_path) == {"tmp": [], "new": [], "cur": []}
+
+
+@pytest.mark.asyncio
+async def test_a_second_start_up_delivers_nothing_more(maildir_path: Path) -> None:
+    """startUp() twice: one message, written once (the bytes were consumed)."""
+    mbox = compat.MaildirMailbox(str(maildir_path))
+    task = Task(mbox, b"once\n")
+    task.startUp()
+    task.startUp()
+    assert await result(task.defer) is None
+    [name] = listing(maildir_path)["new"]
+    assert (maildir_path / "new" / name).read_bytes() == b"once\n"
