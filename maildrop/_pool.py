@@ -39,12 +39,15 @@ __all__ = ["THREADS", "run_sync", "submit"]
 
 T = TypeVar("T")
 
-#: Worker threads per event loop: 8 per CPU, at least 16, at most 64. Enough to keep the
+#: Worker threads per event loop: 4 per CPU, at least 8, at most 64. Enough to keep the
 #: fsyncs of concurrent deliveries in flight (deliveries/s = fsyncs in flight / fsync
-#: latency), and no more: a worker finishing its fsync competes for the GIL with the event
-#: loop's thread. On the 2-vCPU dev VM, 1,000 deliveries at concurrency 64 ran as fast with
-#: 8 or 16 workers as with 64, and the loop's longest stall fell from 55-98 ms to 12-27 ms.
-THREADS = min(64, max(16, 8 * (os.cpu_count() or 1)))
+#: latency), and no more: every worker comes back from each syscall wanting the GIL, and the
+#: event loop's thread queues behind them. On the 2-vCPU dev VM, 64 concurrent durable 2 KiB
+#: deliveries (interleaved runs, after the directory fds were closed in workers): on ext4
+#: without a journal 8 workers gave 1.74x the raw rate with loop stalls <= 2.7 ms, 16 gave
+#: 1.53x and 5-7 ms, 32 gave 1.68x and up to 14 ms; on a journaled ext4 (where fsyncs batch in
+#: the journal) 8 gave 3.06x, 16 3.16x and 32 3.06x, with the same stall ordering.
+THREADS = min(64, max(8, 4 * (os.cpu_count() or 1)))
 #: Seconds a worker waits for work before it exits.
 IDLE_SECONDS = 10.0
 #: How often an idle worker checks whether its event loop was closed (then it exits).

@@ -94,6 +94,9 @@ class _DirSync:
         self.failed = 0  # every link numbered <= this saw a failed fsync
         self.error: OSError | None = None
         self.running: anyio.Event | None = None
+        # Linked deliveries waiting for a directory fsync: the one that covers them closes
+        # their directory fds in its worker (see _sync_and_close).
+        self.waiting: list[TmpFile] = []
 
     async def wait_durable(self, seq: int, session: DeliverySession) -> None:
         while self.synced < seq:
@@ -104,10 +107,11 @@ class _DirSync:
                 await self.running.wait()
                 continue
             target = self.linked
+            covered, self.waiting = self.waiting, []
             done = self.running = anyio.Event()
             try:
                 STATS["dir_fsyncs"] += 1
-                await session._hop(session._tmp.sync_dest)
+                await session._hop(_sync_and_close, session._tmp, covered)
             except OSError as exc:
                 self.failed, self.error = max(self.failed, target), exc
                 raise
@@ -116,6 +120,22 @@ class _DirSync:
             finally:
                 self.running = None
                 done.set()
+
+
+def _sync_and_close(tmp: TmpFile, covered: list[TmpFile]) -> None:
+    """Fsync *tmp*'s destination, then close the directory fds of every delivery it covers
+    (runs in a worker).
+
+    Closing them here, not on the event loop, matters under load: ``os.close`` releases the
+    GIL, and a loop thread that gives the GIL to a busy worker waits to get it back. With
+    the closes on the loop, 64 concurrent deliveries spent ~40% of the loop's time in them
+    (~60 µs per close) and stalled it for 15-25 ms at a time. After a failed fsync nothing
+    is closed: each delivery then removes its own link, which needs its fds.
+    """
+    tmp.sync_dest()
+    for t in covered:
+        with t.lock:  # against a cancelled delivery's own cleanup
+            t.close_dirs()
 
 
 def _dirsync_table() -> dict[tuple[str, str], _DirSync]:
@@ -405,11 +425,10 @@ class DeliverySession:
                 STATS["dir_fsyncs"] += fsync
             else:
                 ds.linked += 1
+                ds.waiting.append(self._tmp)
                 await ds.wait_durable(ds.linked, self)
                 self._check_not_aborted()
-                # No worker uses these fds any more, and closing a directory fd never
-                # blocks, so it is done here rather than with another thread hop.
-                self._tmp.close_dirs()
+                # The fsync that covered this delivery closed its directory fds already.
             STATS["deliveries"] += 1
             self._state = "committed"
             if self._file is not None or self._transform is not None:

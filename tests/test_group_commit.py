@@ -1,0 +1,144 @@
+"""Group commit's directory fds: closed by the worker whose fsync covered them."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from maildrop import DEFAULT_SYSCALLS, Maildir
+
+from .conftest import listing, open_fds
+
+pytestmark = pytest.mark.anyio
+
+
+class GatedDirSync:
+    """A syscall table piece: the first *hold* directory fsyncs wait for ``gate``."""
+
+    def __init__(self, hold: int = 1, fail_call: int | None = None) -> None:
+        self.lock = threading.Lock()
+        self.calls = 0
+        self.hold = hold
+        self.fail_call = fail_call
+        self.gate = threading.Event()
+        self.closers: set[str] = set()
+
+    def fsync_dir(self, fd: int) -> None:
+        with self.lock:
+            self.calls += 1
+            n = self.calls
+        if n <= self.hold:
+            self.gate.wait(5)
+        if n == self.fail_call:
+            raise OSError(errno.EIO, "injected EIO in the shared fsync of new/")
+        os.fsync(fd)
+
+    def close_dir(self, fd: int) -> None:
+        with self.lock:
+            self.closers.add(threading.current_thread().name)
+        os.close(fd)
+
+    async def until_calls(self, n: int) -> None:
+        with anyio.fail_after(5):
+            while True:
+                with self.lock:
+                    if self.calls >= n:
+                        return
+                await anyio.sleep(0.002)
+
+
+async def test_the_event_loop_closes_no_directory_fd(maildir_path: Path) -> None:
+    """64 concurrent deliveries: every directory fd is closed, none by the loop's thread."""
+    await Maildir(maildir_path).deliver(b"warm")
+    probe = GatedDirSync(hold=0)
+    md = Maildir(
+        maildir_path,
+        syscalls=DEFAULT_SYSCALLS.replace(fsync_dir=probe.fsync_dir, close_dir=probe.close_dir),
+    )
+    before = open_fds()
+    async with anyio.create_task_group() as tg:
+        for i in range(64):
+            tg.start_soon(md.deliver, b"message %d\n" % i)
+    assert len(listing(maildir_path)["new"]) == 65
+    assert open_fds() == before
+    assert probe.closers
+    assert threading.current_thread().name not in probe.closers
+
+
+async def test_a_waiter_cancelled_before_the_shared_fsync_leaks_nothing(
+    maildir_path: Path,
+) -> None:
+    """A delivery cancelled while it waits for the shared fsync: its fds closed once, its
+    (complete) message kept, the others durable."""
+    await Maildir(maildir_path).deliver(b"warm")
+    # 1: "first"'s own fsync; 2: the shared one the first waiter starts (both held).
+    probe = GatedDirSync(hold=2)
+    md = Maildir(maildir_path, syscalls=DEFAULT_SYSCALLS.replace(fsync_dir=probe.fsync_dir))
+    before = open_fds()
+    done: list[str] = []
+
+    async def one(body: bytes) -> None:
+        d = await md.deliver(body)
+        done.append(d.name)
+
+    scope = anyio.CancelScope()
+
+    async def waiters() -> None:
+        with scope:
+            async with anyio.create_task_group() as tg:
+                for i in range(3):
+                    tg.start_soon(one, b"waiter %d\n" % i)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one, b"first\n")  # alone: its own fsync of new/ waits for the gate
+        await probe.until_calls(1)
+        tg.start_soon(waiters)
+        await probe.until_calls(2)
+        await anyio.sleep(0.1)  # all three linked, waiting for a shared fsync
+        scope.cancel()
+        tg.start_soon(one, b"last\n")
+        await anyio.sleep(0.05)
+        probe.gate.set()
+    assert len(done) == 2  # "first" and "last"; the waiters were cancelled after linking
+    assert len(listing(maildir_path)["new"]) == 6  # kept: complete, durable with "last"
+    assert listing(maildir_path)["tmp"] == []
+    assert open_fds() == before
+
+
+async def test_a_failed_shared_fsync_unlinks_every_covered_message(maildir_path: Path) -> None:
+    """The shared fsync of new/ fails: every delivery it covered raises EIO and removes its
+    own link (its directory fds were left open for that), and no fd leaks."""
+    await Maildir(maildir_path).deliver(b"warm")
+    # 1: "first"'s own fsync, 2: the shared one covering the first linked waiter (both
+    # held until all are linked), 3: the shared one covering the other two: it fails.
+    probe = GatedDirSync(hold=2, fail_call=3)
+    md = Maildir(maildir_path, syscalls=DEFAULT_SYSCALLS.replace(fsync_dir=probe.fsync_dir))
+    before = open_fds()
+    outcomes: list[Any] = []
+
+    async def one(body: bytes) -> None:
+        try:
+            outcomes.append(await md.deliver(body))
+        except OSError as exc:
+            outcomes.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one, b"first\n")
+        await probe.until_calls(1)
+        for i in range(3):
+            tg.start_soon(one, b"covered %d\n" % i)
+        await probe.until_calls(2)
+        await anyio.sleep(0.1)
+        probe.gate.set()
+    errors = [o for o in outcomes if isinstance(o, OSError)]
+    assert len(errors) == 2
+    assert all(e.errno == errno.EIO for e in errors)
+    assert len(listing(maildir_path)["new"]) == 3  # "warm", "first" and one covered
+    assert listing(maildir_path)["tmp"] == []
+    assert open_fds() == before
