@@ -26,6 +26,7 @@ import aiofiles
 import aiofiles.os
 
 from maildrop import Maildir
+from maildrop._pool import run_sync
 from maildrop._session import STATS
 
 KIB = 1024
@@ -147,6 +148,41 @@ def raw_hop_many(handoff: Handoff, path: Path, msg: bytes, n: int) -> float:
     return time.perf_counter() - t0
 
 
+def _in_threads(n: int, threads: int, job: Callable[[int], object]) -> float:
+    """Run ``job(i)`` for i in range(n) spread over *threads* plain threads; return seconds.
+
+    A failed job stops the run and is raised here: a thread that died early would make the
+    run look fast.
+    """
+    todo = iter(range(n))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        while True:
+            with lock:
+                i = None if errors else next(todo, None)
+            if i is None:
+                return
+            try:
+                job(i)
+            except BaseException as exc:
+                with lock:
+                    errors.append(exc)
+                return
+
+    pool = [threading.Thread(target=work) for _ in range(threads)]
+    t0 = time.perf_counter()
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    seconds = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return seconds
+
+
 def raw_threads_many(path: Path, msg: bytes, n: int, threads: int) -> float:
     """:func:`raw_many` spread over *threads* plain threads (no asyncio, no group commit).
 
@@ -155,22 +191,38 @@ def raw_threads_many(path: Path, msg: bytes, n: int, threads: int) -> float:
     make_dirs(path)
     p = str(path)
     chunks = [msg]
-    todo = iter(range(n))
-    lock = threading.Lock()
+    return _in_threads(n, threads, lambda _: raw_one(p, chunks, True))
 
-    def work() -> None:
-        while True:
-            with lock:
-                if next(todo, None) is None:
-                    return
-            raw_one(p, chunks, True)
 
-    pool = [threading.Thread(target=work) for _ in range(threads)]
+def fsync_only_threads_many(path: Path, msg: bytes, n: int, threads: int) -> float:
+    """Create, write, fsync and close *n* files in *threads* plain threads: no link, no
+    directory fsync. The disk's ceiling for any protocol that fsyncs each message's file."""
+    path.mkdir(parents=True, exist_ok=True)
+    p = str(path)
+
+    def job(_: int) -> None:
+        fd = os.open(f"{p}/{_name()}", _NEW, 0o600)
+        try:
+            os.write(fd, msg)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    return _in_threads(n, threads, job)
+
+
+async def raw_pool_many(path: Path, msg: bytes, n: int) -> float:
+    """:func:`raw_many`, each delivery one hop through maildrop's own asyncio worker pool.
+
+    The floor of a c=1 delivery on asyncio: the raw steps plus the cheapest hop there is,
+    without maildrop's safer steps (directory fds, ``/proc`` link) and session bookkeeping.
+    """
+    make_dirs(path)
+    p = str(path)
+    chunks = [msg]
     t0 = time.perf_counter()
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
+    for _ in range(n):
+        await run_sync(raw_one, p, chunks, True)
     return time.perf_counter() - t0
 
 

@@ -177,6 +177,18 @@ def contenders(runner: asyncio.Runner, tw: TwistedProcess | None) -> list[Conten
             sync(lambda p, w: c.raw_threads_many(p, c.message(w.size), w.count, 64)),
             msgs,
         ),
+        Contender(
+            "fsynconly16",
+            "file create+write+fsync only, 16 plain threads (disk ceiling)",
+            sync(lambda p, w: c.fsync_only_threads_many(p, c.message(w.size), w.count, 16)),
+            msgs,
+        ),
+        Contender(
+            "rawpool",
+            "raw durable, one hop through maildrop's pool (asyncio floor)",
+            monitored(lambda p, w: c.raw_pool_many(p, c.message(w.size), w.count)),
+            msgs,
+        ),
         Contender("nosync", "raw sync os calls, no fsync", raw(False), both),
         Contender(
             "stdlib",
@@ -389,6 +401,27 @@ def targets(all_res: dict[str, dict[str, Result]]) -> list[str]:
     return out
 
 
+def limits(all_res: dict[str, dict[str, Result]]) -> list[str]:
+    """What this machine allows, from the reference rows: the bounds behind the targets."""
+    small = all_res.get("2k", {})
+    rows = [
+        ("raw steps handed to a thread, no asyncio (any off-loop design, c=1)", "rawhop", RAW),
+        ("raw steps through one hop of maildrop's asyncio pool (c=1 on asyncio)", "rawpool",
+         RAW),
+        ("file create+write+fsync only, 16 threads: the ceiling for one fsync per message",
+         "fsynconly16", RAW),
+        ("the same ceiling against stdlib Maildir.add", "fsynconly16", "stdlib"),
+        ("the same ceiling against naive aiofiles c=64", "fsynconly16", "aiofiles64"),
+        ("raw durable in 64 plain threads", "rawthreads64", RAW),
+    ]  # fmt: skip
+    out = []
+    for label, a, b in rows:
+        got = _paired(small, a, b)
+        if got is not None:
+            out.append(f"- {label}: {got:.3f}x (2 KiB, paired per round)")
+    return out
+
+
 def machine() -> list[str]:
     """Describe the machine the run happened on."""
     cpu = platform.processor() or "?"
@@ -463,7 +496,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if tw is not None:
             tw.close()
-    lines += ["### Targets", "", *targets(all_res), "", "### Machine", "", *machine()]
+    lines += ["### Targets", "", *targets(all_res), ""]
+    if bound := limits(all_res):
+        lines += ["### Limits of this machine (reference rows, speed vs the named row)", "",
+                  *bound, ""]  # fmt: skip
+    lines += ["### Machine", "", *machine()]
     lines.append(f"- {args.rounds} interleaved rounds, {time.time() - started:.0f} s in all")
     print("\n".join(lines))
     if args.keep:

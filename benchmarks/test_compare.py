@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from . import compare
+from . import _contenders, compare
 
 
 def test_compare_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -18,7 +18,20 @@ def test_compare_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
         "100 KiB messages",
         "MiB stream",
         "### Targets",
+        "### Limits of this machine",
         "### Machine",
     ):
         assert heading in out
     assert "failed" not in out
+
+
+def test_a_reference_run_whose_job_fails_raises(tmp_path: Path) -> None:
+    """A thread whose job failed would make a run look fast: the failure is raised instead."""
+    _contenders.fsync_only_threads_many(tmp_path / "d", b"x", 40, 4)
+
+    def boom(_: int) -> None:
+        raise FileExistsError("a name was reused")
+
+    with pytest.raises(FileExistsError, match="reused"):
+        _contenders._in_threads(40, 4, boom)
+    assert len(list((tmp_path / "d").iterdir())) == 40
