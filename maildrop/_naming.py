@@ -6,6 +6,8 @@ rules can be tested exhaustively (hypothesis) and reused by every driver.
 
 from __future__ import annotations
 
+import functools
+
 __all__ = [
     "VALID_FLAGS",
     "escape_host",
@@ -18,6 +20,7 @@ __all__ = [
 VALID_FLAGS = "DFPRST"
 
 
+@functools.lru_cache(maxsize=16)  # called per delivery, with the same hostname each time
 def escape_host(host: str) -> str:
     """Return *host* made safe for a maildir name.
 

@@ -222,7 +222,8 @@ class TmpFile:
         except FileNotFoundError:
             self._refuse_missing(self.layout.path)
         else:
-            self._wait_synced(key)
+            if _unsynced:
+                self._wait_synced(key)
             return fd
         with _creating(key):
             try:
@@ -262,14 +263,15 @@ class TmpFile:
             self.sys.close_dir(fd)
 
     def _open_sub(self, root: int, name: str) -> int:
-        key = os.path.join(self.layout.path, name)
         try:
             fd = self._open_dir(name, root)
         except FileNotFoundError:
             self._refuse_missing(self.layout.path)
         else:
-            self._wait_synced(key)
+            if _unsynced:  # (nothing is being created: skip making the key)
+                self._wait_synced(os.path.join(self.layout.path, name))
             return fd
+        key = os.path.join(self.layout.path, name)
         with _creating(*(os.path.join(self.layout.path, sub) for sub in _SUBDIRS)):
             made = False
             for sub in _SUBDIRS:
