@@ -9,8 +9,9 @@ runs every command on that loop (``loop.run_until_complete``), awaiting Deferred
 ``defer`` is a real Deferred fired on this reactor's loop, as in a Twisted application.
 
 Commands: ``{"op": "twisted"|"compat"|"maildrop", "path": str, "size": int, "n": int,
-"concurrency": int, "fsync": bool}`` -> ``{"seconds": float, "stall": float}`` or
-``{"error": str}``; ``{"op": "probe"}`` -> ``{"twisted": bool, "compat": bool}``.
+"concurrency": int, "fsync": bool}`` -> ``{"seconds": float, "stall": float, "stall_no_gc":
+float, "gc_pause": float, "rss_growth": int}`` or ``{"error": str}``; ``{"op": "probe"}``
+-> ``{"twisted": bool, "compat": bool}``.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ async def _run(cmd: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         await concurrently(n, conc, one)
         seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "stall": probe.stall, "rss_growth": probe.rss_growth}
+    return {"seconds": seconds, "stall": probe.stall, "stall_no_gc": probe.stall_no_gc,
+            "gc_pause": probe.gc_pause, "rss_growth": probe.rss_growth}  # fmt: skip
 
 
 def _probe() -> dict[str, Any]:

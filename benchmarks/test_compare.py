@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,3 +39,23 @@ def test_a_reference_run_whose_job_fails_raises(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="reused"):
         _contenders._in_threads(40, 4, boom)
     assert len(list((tmp_path / "d").iterdir())) == 40
+
+
+def test_the_stall_probe_tells_garbage_collection_apart() -> None:
+    """A blocked loop shows in both stall figures; a long collection only in the first."""
+
+    async def blocked(work: Callable[[], object]) -> _contenders.Probe:
+        async with _contenders.monitored() as probe:
+            await asyncio.sleep(0.01)
+            work()
+            await asyncio.sleep(0.01)
+        return probe
+
+    heap = [[i] for i in range(1_000_000)]  # tracked objects: a full collection takes a while
+    collected = asyncio.run(blocked(gc.collect))
+    del heap
+    assert collected.gc_pause > 0.005
+    assert collected.stall >= collected.gc_pause * 0.9
+    assert collected.stall_no_gc < collected.stall - collected.gc_pause * 0.8
+    slept = asyncio.run(blocked(lambda: time.sleep(0.03)))
+    assert slept.stall_no_gc >= 0.029
