@@ -21,13 +21,8 @@ from aiosmtpd.lmtp import LMTP as AioLMTP
 from aiosmtpd.smtp import SMTP as AioSMTP
 
 from maildrop import DEFAULT_SYSCALLS, Maildir, Syscalls
-from maildrop.lmtp import (
-    MaildirHandler,
-    MaildirServer,
-    _smtp_reply,
-    mailbox_name,
-    parse_hostport,
-)
+from maildrop._lmtp_handler import _smtp_reply
+from maildrop.lmtp import MaildirHandler, MaildirServer, mailbox_name, parse_hostport
 
 from .conftest import listing
 from .lmtp_client import Client, wire
