@@ -102,9 +102,9 @@ class MaildirMailboxAppendMessageTask:
             msg = io.BytesIO(msg)
             # startUp() writes it in one piece: a FileSender would take two loop turns (a
             # chunk, then the empty read that ends the message) for what is already here.
-            self._data: bytes | None = msg.getvalue()
+            self._own_msg: io.BytesIO | None = msg
         else:
-            self._data = None
+            self._own_msg = None
         self.mbox = mbox
         # Any: a twisted.internet.defer.Deferred when Twisted is installed, else compat's.
         self.defer: Any = _twisted.new_deferred(self._cancel)
@@ -147,17 +147,23 @@ class MaildirMailboxAppendMessageTask:
     def startUp(self) -> None:
         """Start transferring ``msg`` to the mailbox.
 
-        A message given as bytes is handed to the engine whole, at once; a file is read by a
-        ``FileSender`` (a pull producer prodded once per loop turn), as Twisted's task does.
+        A message given as bytes (and still unread in ``msg``) is handed to the engine whole,
+        at once; a file is read by a ``FileSender`` (a pull producer prodded once per loop
+        turn), as Twisted's task does. An exception of an overridden ``write()`` or
+        ``moveFileToNew()`` fails ``defer``, as it would from the ``FileSender``.
         """
         self.createTempFile()
         if self._decided:
             return
-        if self._data is not None:
-            data, self._data = self._data, None
-            self.msg.seek(0, io.SEEK_END)  # consumed, as a FileSender would leave it
-            self.write(data)
-            self.moveFileToNew()
+        own = self._own_msg
+        if own is not None and self.msg is own and own.tell() == 0:
+            data = own.getvalue()
+            own.seek(0, io.SEEK_END)  # consumed, as a FileSender would leave it
+            try:
+                self.write(data)
+                self.moveFileToNew()
+            except Exception as exc:
+                self._abandon(exc)
             return
         self.filesender = _twisted.file_sender()
         self.filesender.beginFileTransfer(self.msg, self)

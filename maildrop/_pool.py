@@ -203,6 +203,8 @@ class _Pool:
                 loop = self.loop_ref()
                 retire = loop is None or loop.is_closed()
                 del loop
+                if retire:
+                    self._drop_results()
                 retire = retire or time.monotonic() - idle_since >= IDLE_SECONDS
                 with self.lock:
                     self.idle -= 1
@@ -234,11 +236,19 @@ class _Pool:
                         raise RuntimeError("the event loop is gone")
                     self.wakeup.poke(loop)
                 except RuntimeError:  # the loop is closed: nobody is waiting any more
+                    self._drop_results()
                     with self.lock:
                         self.threads -= 1
                     return
                 finally:
                     del loop
+
+    def _drop_results(self) -> None:
+        """Forget results a closed loop will never collect: their futures refer to the loop,
+        and this pool (kept in a dict weakly keyed by that loop) would keep it alive."""
+        with self.lock:
+            self.results.clear()
+            self.collecting = False
 
     def _collect(self) -> None:
         """Hand every finished call's outcome to its future (on the loop)."""

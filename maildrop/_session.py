@@ -85,54 +85,89 @@ def as_chunk(data: object) -> bytes | memoryview:
 
 
 class _DirSync:
-    """Group-commit bookkeeping for one destination directory on one event loop."""
+    """Group-commit bookkeeping for one destination directory on one event loop.
 
-    def __init__(self) -> None:
+    Links are numbered in the order the loop sees them complete; a directory fsync started
+    when ``linked`` was N covers links 1..N. The fsync runs as a job of its own, not as part
+    of the delivery that started it: a delivery cancelled (or aborted) while it waits must
+    not take the fsync that the other deliveries wait for down with it.
+    """
+
+    def __init__(self, key: tuple[str, str]) -> None:
+        self.key = key
         self.inflight = 0  # deliveries between commit() entry and return
         self.linked = 0  # links completed (as seen by the loop)
         self.synced = 0  # every link numbered <= this is durable
         self.failed = 0  # every link numbered <= this saw a failed fsync
         self.error: OSError | None = None
-        self.running: anyio.Event | None = None
+        self.running: anyio.Event | None = None  # set when the fsync in flight ends
         # Linked deliveries waiting for a directory fsync: the one that covers them closes
         # their directory fds in its worker (see _sync_and_close).
         self.waiting: list[TmpFile] = []
 
-    async def wait_durable(self, seq: int, session: DeliverySession) -> None:
+    async def wait_durable(self, seq: int) -> None:
         while self.synced < seq:
             if self.failed >= seq and self.error is not None:
                 err = self.error
                 raise OSError(err.errno, f"fsync of the maildir failed: {err.strerror}")
-            if self.running is not None:
-                await self.running.wait()
-                continue
-            target = self.linked
-            covered, self.waiting = self.waiting, []
-            done = self.running = anyio.Event()
-            try:
-                STATS["dir_fsyncs"] += 1
-                await session._hop(_sync_and_close, session._tmp, covered)
-            except OSError as exc:
-                self.failed, self.error = max(self.failed, target), exc
-                raise
+            if self.running is None:
+                await self._start()
             else:
+                await self.running.wait()
+
+    async def _start(self) -> None:
+        target = self.linked
+        covered, self.waiting = self.waiting, []
+        done = self.running = anyio.Event()
+        STATS["dir_fsyncs"] += 1
+
+        def finish(error: BaseException | None) -> None:
+            if error is None:
                 self.synced = max(self.synced, target)
-            finally:
-                self.running = None
-                done.set()
+            else:
+                if not isinstance(error, OSError):  # pragma: no cover - a bug, not the disk
+                    error = OSError(errno.EIO, f"the directory fsync failed: {error!r}")
+                self.failed, self.error = max(self.failed, target), error
+            self.running = None
+            done.set()
+            _release_dirsync(self.key, self)
+
+        fut = submit(_sync_and_close, covered)
+        if fut is not None:
+            # On asyncio the job lives on its own; its outcome is booked when it ends.
+            fut.add_done_callback(lambda f: finish(None if f.cancelled() else f.exception()))
+            return
+        # Elsewhere (trio) this delivery runs it, shielded: trio honours the shield, so a
+        # cancelled delivery still waits the one fsync out before it leaves.
+        with anyio.CancelScope(shield=True):
+            try:
+                await run_sync(_sync_and_close, covered)
+            except OSError as exc:
+                finish(exc)
+                return
+        finish(None)
 
 
-def _sync_and_close(tmp: TmpFile, covered: list[TmpFile]) -> None:
-    """Fsync *tmp*'s destination, then close the directory fds of every delivery it covers
-    (runs in a worker).
+def _sync_and_close(covered: list[TmpFile]) -> None:
+    """Fsync the destination directory of the deliveries in *covered*, then close their
+    directory fds (runs in a worker).
 
-    Closing them here, not on the event loop, matters under load: ``os.close`` releases the
-    GIL, and a loop thread that gives the GIL to a busy worker waits to get it back. With
-    the closes on the loop, 64 concurrent deliveries spent ~40% of the loop's time in them
-    (~60 µs per close) and stalled it for 15-25 ms at a time. After a failed fsync nothing
-    is closed: each delivery then removes its own link, which needs its fds.
+    The fsync goes through the fd of the first delivery whose fds are still open, with
+    that delivery's lock held, so its own cleanup (a cancelled delivery) cannot close the
+    fd under it; a delivery cleaned up already is skipped. If none is left open, every one
+    of them was either made durable by an earlier fsync or gave up: nothing to do.
+
+    Closing the fds here, not on the event loop, matters under load: ``os.close`` releases
+    the GIL, and a loop thread that gives the GIL to a busy worker waits to get it back.
+    With the closes on the loop, 64 concurrent deliveries spent ~40% of the loop's time in
+    them (~60 µs per close) and stalled it for 15-25 ms at a time. After a failed fsync
+    nothing is closed: each delivery then removes its own link, which needs its fds.
     """
-    tmp.sync_dest()
+    for t in covered:
+        with t.lock:
+            if t.dest_fd >= 0:
+                t.sync_dest()
+                break
     for t in covered:
         with t.lock:  # against a cancelled delivery's own cleanup
             t.close_dirs()
@@ -160,7 +195,7 @@ def _dirsync(key: tuple[str, str]) -> _DirSync:
     table = _dirsync_table()
     ds = table.get(key)
     if ds is None:
-        ds = table[key] = _DirSync()
+        ds = table[key] = _DirSync(key)
     return ds
 
 
@@ -426,7 +461,7 @@ class DeliverySession:
             else:
                 ds.linked += 1
                 ds.waiting.append(self._tmp)
-                await ds.wait_durable(ds.linked, self)
+                await ds.wait_durable(ds.linked)
                 self._check_not_aborted()
                 # The fsync that covered this delivery closed its directory fds already.
             STATS["deliveries"] += 1

@@ -74,18 +74,19 @@ async def test_the_event_loop_closes_no_directory_fd(maildir_path: Path) -> None
 async def test_a_waiter_cancelled_before_the_shared_fsync_leaks_nothing(
     maildir_path: Path,
 ) -> None:
-    """A delivery cancelled while it waits for the shared fsync: its fds closed once, its
-    (complete) message kept, the others durable."""
+    """Deliveries cancelled while they wait for the shared fsync: their fds closed once,
+    their (complete) messages kept, the others durable. (On trio the one running the shared
+    fsync finishes it first, shielded, and may return.)"""
     await Maildir(maildir_path).deliver(b"warm")
     # 1: "first"'s own fsync; 2: the shared one the first waiter starts (both held).
     probe = GatedDirSync(hold=2)
     md = Maildir(maildir_path, syscalls=DEFAULT_SYSCALLS.replace(fsync_dir=probe.fsync_dir))
     before = open_fds()
-    done: list[str] = []
+    done: list[bytes] = []
 
     async def one(body: bytes) -> None:
-        d = await md.deliver(body)
-        done.append(d.name)
+        await md.deliver(body)
+        done.append(body)
 
     scope = anyio.CancelScope()
 
@@ -105,8 +106,49 @@ async def test_a_waiter_cancelled_before_the_shared_fsync_leaks_nothing(
         tg.start_soon(one, b"last\n")
         await anyio.sleep(0.05)
         probe.gate.set()
-    assert len(done) == 2  # "first" and "last"; the waiters were cancelled after linking
+    assert {b"first\n", b"last\n"} <= set(done)
+    assert len(done) <= 3  # at most the waiter that ran the shared fsync (trio) got through
     assert len(listing(maildir_path)["new"]) == 6  # kept: complete, durable with "last"
+    assert listing(maildir_path)["tmp"] == []
+    assert open_fds() == before
+
+
+async def test_a_cancelled_leader_leaves_the_shared_fsync_to_the_others(
+    maildir_path: Path,
+) -> None:
+    """The delivery that started the shared fsync is cancelled: the fsync still runs to its
+    end before another starts (none runs on a closed fd), the others return durable, and
+    every directory fd is closed."""
+    await Maildir(maildir_path).deliver(b"warm")
+    probe = GatedDirSync(hold=2)  # "first"'s own fsync, then the leader's shared one
+    md = Maildir(maildir_path, syscalls=DEFAULT_SYSCALLS.replace(fsync_dir=probe.fsync_dir))
+    before = open_fds()
+    done: list[bytes] = []
+
+    async def one(body: bytes) -> None:
+        await md.deliver(body)
+        done.append(body)
+
+    leader = anyio.CancelScope()
+
+    async def lead() -> None:
+        with leader:
+            await one(b"leader\n")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one, b"first\n")
+        await probe.until_calls(1)
+        tg.start_soon(lead)
+        await probe.until_calls(2)  # the leader linked and started the shared fsync
+        tg.start_soon(one, b"other 1\n")
+        tg.start_soon(one, b"other 2\n")
+        await anyio.sleep(0.1)  # both linked, waiting behind the leader's fsync
+        leader.cancel()
+        await anyio.sleep(0.1)
+        assert probe.calls == 2  # no second shared fsync while the first is in flight
+        probe.gate.set()
+    assert {b"first\n", b"other 1\n", b"other 2\n"} <= set(done)
+    assert len(listing(maildir_path)["new"]) == 5
     assert listing(maildir_path)["tmp"] == []
     assert open_fds() == before
 

@@ -200,12 +200,20 @@ def test_a_worker_outliving_its_loop_exits() -> None:
         return _pool.submit(release.wait), _pool._pool()
 
     _, pool = loop.run_until_complete(start())
+    wakeup = pool.wakeup
+    assert wakeup.fd >= 0
     loop.close()
     release.set()
     deadline = time.monotonic() + 5
     while pool.threads and time.monotonic() < deadline:
         time.sleep(0.01)
     assert pool.threads == 0
+    # The result nobody collected is dropped: it would keep the loop (and its eventfd) alive.
+    ref = weakref.ref(loop)
+    del loop, pool, _
+    gc.collect()
+    assert ref() is None
+    assert wakeup.fd == -1  # closed with the loop
 
 
 def test_a_closed_loop_is_not_kept_alive_by_its_pool() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import io
 import os
 import sys
 import threading
@@ -491,3 +492,30 @@ async def test_a_second_start_up_delivers_nothing_more(maildir_path: Path) -> No
     assert await result(task.defer) is None
     [name] = listing(maildir_path)["new"]
     assert (maildir_path / "new" / name).read_bytes() == b"once\n"
+
+
+@pytest.mark.asyncio
+async def test_a_failing_write_override_fails_defer(maildir_path: Path) -> None:
+    """An overridden write() that raises fails ``defer`` (not the appendMessage caller)."""
+
+    class Broken(Task):
+        def write(self, data: bytes) -> None:
+            raise ValueError("write refused")
+
+    mbox = compat.MaildirMailbox(str(maildir_path))
+    mbox.AppendFactory = Broken
+    d = mbox.appendMessage(b"Subject: x\n\nbody\n")
+    with pytest.raises(ValueError, match="write refused"):
+        await result(d)
+    assert not maildir_path.exists() or listing(maildir_path)["new"] == []
+
+
+@pytest.mark.asyncio
+async def test_a_replaced_msg_is_the_one_delivered(maildir_path: Path) -> None:
+    """``msg`` swapped for another file before startUp(): that file is what gets delivered."""
+    task = Task(compat.MaildirMailbox(str(maildir_path)), b"original\n")
+    task.msg = io.BytesIO(b"replacement\n")
+    task.startUp()
+    assert await result(task.defer) is None
+    [name] = listing(maildir_path)["new"]
+    assert (maildir_path / "new" / name).read_bytes() == b"replacement\n"
