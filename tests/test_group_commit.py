@@ -53,6 +53,28 @@ class GatedDirSync:
                 await anyio.sleep(0.002)
 
 
+class Held:
+    """A maildir holding one message whose first *hold* directory fsyncs wait for a gate,
+    and a record of the bodies delivered into it."""
+
+    def __init__(self, maildir_path: Path, hold: int) -> None:
+        self.path = maildir_path
+        self.probe = GatedDirSync(hold=hold)
+        self.md = Maildir(
+            maildir_path, syscalls=DEFAULT_SYSCALLS.replace(fsync_dir=self.probe.fsync_dir)
+        )
+        self.done: list[bytes] = []
+
+    @classmethod
+    async def make(cls, maildir_path: Path, hold: int) -> Held:
+        await Maildir(maildir_path).deliver(b"warm")  # only publishing fsyncs new/ below
+        return cls(maildir_path, hold)
+
+    async def one(self, body: bytes) -> None:
+        await self.md.deliver(body)
+        self.done.append(body)
+
+
 async def test_the_event_loop_closes_no_directory_fd(maildir_path: Path) -> None:
     """64 concurrent deliveries: every directory fd is closed, none by the loop's thread."""
     await Maildir(maildir_path).deliver(b"warm")
@@ -77,17 +99,10 @@ async def test_a_waiter_cancelled_before_the_shared_fsync_leaks_nothing(
     """Deliveries cancelled while they wait for the shared fsync: their fds closed once,
     their (complete) messages kept, the others durable. (On trio the one running the shared
     fsync finishes it first, shielded, and may return.)"""
-    await Maildir(maildir_path).deliver(b"warm")
     # 1: "first"'s own fsync; 2: the shared one the first waiter starts (both held).
-    probe = GatedDirSync(hold=2)
-    md = Maildir(maildir_path, syscalls=DEFAULT_SYSCALLS.replace(fsync_dir=probe.fsync_dir))
+    box = await Held.make(maildir_path, hold=2)
+    probe, one, done = box.probe, box.one, box.done
     before = open_fds()
-    done: list[bytes] = []
-
-    async def one(body: bytes) -> None:
-        await md.deliver(body)
-        done.append(body)
-
     scope = anyio.CancelScope()
 
     async def waiters() -> None:
@@ -119,16 +134,10 @@ async def test_a_cancelled_leader_leaves_the_shared_fsync_to_the_others(
     """The delivery that started the shared fsync is cancelled: the fsync still runs to its
     end before another starts (none runs on a closed fd), the others return durable, and
     every directory fd is closed."""
-    await Maildir(maildir_path).deliver(b"warm")
-    probe = GatedDirSync(hold=2)  # "first"'s own fsync, then the leader's shared one
-    md = Maildir(maildir_path, syscalls=DEFAULT_SYSCALLS.replace(fsync_dir=probe.fsync_dir))
+    # 1: "first"'s own fsync, then the leader's shared one (both held).
+    box = await Held.make(maildir_path, hold=2)
+    probe, one, done = box.probe, box.one, box.done
     before = open_fds()
-    done: list[bytes] = []
-
-    async def one(body: bytes) -> None:
-        await md.deliver(body)
-        done.append(body)
-
     leader = anyio.CancelScope()
 
     async def lead() -> None:
