@@ -178,8 +178,20 @@ class _LoopCall:
         return not self._called and not self._handle.cancelled()
 
     def cancel(self) -> None:
-        """Cancel the pending call."""
+        """Cancel the pending call; like ``DelayedCall.cancel``, refuse one that already ran
+        (``AlreadyCalled``) or was cancelled (``AlreadyCancelled``)."""
+        if self._called:
+            raise _already("AlreadyCalled", "the call already ran")
+        if self._handle.cancelled():
+            raise _already("AlreadyCancelled", "the call was already cancelled")
         self._handle.cancel()
+
+
+def _already(kind: str, what: str) -> Exception:
+    # Twisted's own exception classes when Twisted is installed, else a RuntimeError.
+    error = _optional("twisted.internet.error") if HAVE_TWISTED else None
+    cls = getattr(error, kind, None)
+    return cls(what) if isinstance(cls, type) else RuntimeError(f"{kind}: {what}")
 
 
 def call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> Any:

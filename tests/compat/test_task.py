@@ -519,3 +519,27 @@ async def test_a_replaced_msg_is_the_one_delivered(maildir_path: Path) -> None:
     assert await result(task.defer) is None
     [name] = listing(maildir_path)["new"]
     assert (maildir_path / "new" / name).read_bytes() == b"replacement\n"
+
+
+@pytest.mark.asyncio
+async def test_open_call_refuses_a_second_cancel_like_a_delayed_call() -> None:
+    """``openCall`` (an asyncio handle here) refuses to cancel what ran or was cancelled."""
+    from compat import _twisted
+
+    loop = asyncio.get_running_loop()
+    ran: list[int] = []
+    call = _twisted.call_soon(loop, lambda: ran.append(1))
+    assert call.active()
+    await asyncio.sleep(0)
+    assert ran == [1]
+    assert not call.active()
+    with pytest.raises(Exception, match="already ran") as info:
+        call.cancel()
+    assert type(info.value).__name__ in ("AlreadyCalled", "RuntimeError")
+    other = _twisted.call_soon(loop, lambda: ran.append(2))
+    other.cancel()
+    assert not other.active()
+    with pytest.raises(Exception, match="already cancelled"):
+        other.cancel()
+    await asyncio.sleep(0)
+    assert ran == [1]
