@@ -53,6 +53,25 @@ def open_fds() -> set[int]:
     return fds
 
 
+class HeldCall:
+    """A syscall-table entry that blocks in its worker thread until ``release`` is set.
+
+    ``entered`` is set as soon as a call gets there; the real *call* runs once released
+    (or after *timeout* seconds, so a failing test cannot hang a worker forever).
+    """
+
+    def __init__(self, call: Callable[..., Any], timeout: float = 10.0) -> None:
+        self.call = call
+        self.timeout = timeout
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.entered.set()
+        self.release.wait(self.timeout)
+        return self.call(*args, **kwargs)
+
+
 class Faults:
     """Build a syscall table whose named step fails on its k-th call (1-based)."""
 

@@ -8,7 +8,6 @@ import errno
 import os
 import smtplib
 import socket
-import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from maildrop import DEFAULT_SYSCALLS, Maildir, Syscalls
 from maildrop._lmtp_handler import _smtp_reply
 from maildrop.lmtp import MaildirHandler, MaildirServer, mailbox_name, parse_hostport
 
-from .conftest import listing
+from .conftest import HeldCall, listing
 from .lmtp_client import Client, wire
 
 pytestmark = pytest.mark.asyncio
@@ -57,6 +56,12 @@ async def serving(handler: Any, *, lmtp: bool = True) -> AsyncIterator[int]:
     finally:
         srv.close()
         await srv.wait_closed()
+
+
+async def listen_local(server: MaildirServer) -> int:
+    """Make *server* listen on a free port of 127.0.0.1 and return the port."""
+    (address,) = await server.listen("127.0.0.1:0")
+    return int(address.rsplit(":", 1)[1])
 
 
 def failing(step_names: tuple[str, ...], err: int) -> Syscalls:
@@ -228,23 +233,17 @@ async def test_symlinked_mailbox_is_followed(tmp_path: Path) -> None:
 async def test_reply_waits_for_the_directory_fsync(tmp_path: Path) -> None:
     """The 250 is sent only after fsync(new/) returned: the delivery is durable first."""
     users(tmp_path, "alice")
-    entered, release = threading.Event(), threading.Event()
-
-    def slow_fsync_dir(fd: int) -> None:
-        entered.set()
-        release.wait(10)
-        os.fsync(fd)
-
+    slow_fsync_dir = HeldCall(os.fsync)
     for sub in ("tmp", "new", "cur"):
         (tmp_path / "alice" / sub).mkdir()
     table = DEFAULT_SYSCALLS.replace(fsync_dir=slow_fsync_dir)
     async with serving(MaildirHandler(tmp_path, syscalls=table)) as port:
         c = await Client.connect(port)
         sending = asyncio.create_task(c.send("s@x", ["alice@x"], MSG))
-        assert await asyncio.to_thread(entered.wait, 10)
+        assert await asyncio.to_thread(slow_fsync_dir.entered.wait, 10)
         await asyncio.sleep(0.1)
         assert not sending.done()
-        release.set()
+        slow_fsync_dir.release.set()
         t = await sending
         await c.quit()
     assert t.data[0].startswith("250")
@@ -409,13 +408,7 @@ async def test_disconnect_while_delivering_leaves_nothing(tmp_path: Path) -> Non
     users(tmp_path, "alice")
     for sub in ("tmp", "new", "cur"):
         (tmp_path / "alice" / sub).mkdir()
-    entered, release = threading.Event(), threading.Event()
-
-    def slow_fsync(fd: int) -> None:
-        entered.set()
-        release.wait(10)
-        os.fsync(fd)
-
+    slow_fsync = HeldCall(os.fsync)
     handler = MaildirHandler(tmp_path, syscalls=DEFAULT_SYSCALLS.replace(fsync=slow_fsync))
     async with serving(handler) as port:
         c = await Client.connect(port)
@@ -424,10 +417,10 @@ async def test_disconnect_while_delivering_leaves_nothing(tmp_path: Path) -> Non
         assert (await c.command("DATA")).startswith("354")
         c.writer.write(wire(MSG))
         await c.writer.drain()
-        assert await asyncio.to_thread(entered.wait, 10)
+        assert await asyncio.to_thread(slow_fsync.entered.wait, 10)
         await c.close()
         await asyncio.sleep(0.1)  # aiosmtpd sees the hang-up and cancels the handler
-        release.set()
+        slow_fsync.release.set()
         await until(lambda: handler.delivering == 0, "the delivery to be cancelled")
         await until(lambda: not os.listdir(tmp_path / "alice" / "tmp"), "tmp/ to be cleaned")
     assert listing(tmp_path / "alice") == {"tmp": [], "new": [], "cur": []}
@@ -472,8 +465,7 @@ async def test_server_lmtp_fans_out_aiosmtpd_data_errors(tmp_path: Path) -> None
     """aiosmtpd's own 'too much data' reply is repeated once per recipient under LMTP."""
     users(tmp_path, "alice", "bob")
     server = MaildirServer(MaildirHandler(tmp_path), hostname="mx.test", data_size_limit=50)
-    (address,) = await server.listen("127.0.0.1:0")
-    port = int(address.rsplit(":", 1)[1])
+    port = await listen_local(server)
     try:
         c = await Client.connect(port)
         t = await c.send("s@x", ["alice@x", "bob@x"], MSG + b"x" * 100 + b"\n")
@@ -529,22 +521,15 @@ async def test_parse_hostport_rejects_bad_addresses(bad: str) -> None:
 async def test_shutdown_finishes_deliveries_in_flight(tmp_path: Path) -> None:
     """shutdown(): stop listening, finish the running delivery (250), 421 to idle clients."""
     users(tmp_path, "alice")
-    entered, release = threading.Event(), threading.Event()
-
-    def slow_fsync(fd: int) -> None:
-        entered.set()
-        release.wait(10)
-        os.fsync(fd)
-
+    slow_fsync = HeldCall(os.fsync)
     handler = MaildirHandler(tmp_path, syscalls=DEFAULT_SYSCALLS.replace(fsync=slow_fsync))
     server = MaildirServer(handler, hostname="mx.test")
-    (address,) = await server.listen("127.0.0.1:0")
-    port = int(address.rsplit(":", 1)[1])
+    port = await listen_local(server)
     busy = await Client.connect(port)
     idle = await Client.connect(port)
     late = await Client.connect(port)
     sending = asyncio.create_task(busy.send("s@x", ["alice@x"], MSG))
-    assert await asyncio.to_thread(entered.wait, 10)
+    assert await asyncio.to_thread(slow_fsync.entered.wait, 10)
     stopping = asyncio.create_task(server.shutdown(grace=5))
     await until(lambda: handler.closing, "shutdown to begin")
     # A new transaction during shutdown is refused with 421.
@@ -552,7 +537,7 @@ async def test_shutdown_finishes_deliveries_in_flight(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         await asyncio.open_connection("127.0.0.1", port)
     assert not stopping.done()
-    release.set()
+    slow_fsync.release.set()
     t = await sending
     await asyncio.wait_for(stopping, 10)
     assert t.data[0].startswith("250")
@@ -567,8 +552,7 @@ async def test_shutdown_grace_expires_for_slow_senders(tmp_path: Path) -> None:
     """A client still sending its message when the grace period ends is disconnected."""
     users(tmp_path, "alice")
     server = MaildirServer(MaildirHandler(tmp_path), hostname="mx.test")
-    (address,) = await server.listen("127.0.0.1:0")
-    c = await Client.connect(int(address.rsplit(":", 1)[1]))
+    c = await Client.connect(await listen_local(server))
     assert (await c.command("MAIL FROM:<s@x>")).startswith("250")
     assert (await c.command("RCPT TO:<alice@x>")).startswith("250")
     assert (await c.command("DATA")).startswith("354")
@@ -584,24 +568,17 @@ async def test_shutdown_grace_expires_for_slow_senders(tmp_path: Path) -> None:
 async def test_shutdown_always_waits_for_running_deliveries(tmp_path: Path) -> None:
     """Even with no grace left, a delivery already running completes and is answered."""
     users(tmp_path, "alice")
-    entered, release = threading.Event(), threading.Event()
-
-    def slow_fsync(fd: int) -> None:
-        entered.set()
-        release.wait(10)
-        os.fsync(fd)
-
+    slow_fsync = HeldCall(os.fsync)
     handler = MaildirHandler(tmp_path, syscalls=DEFAULT_SYSCALLS.replace(fsync=slow_fsync))
     server = MaildirServer(handler, hostname="mx.test")
-    (address,) = await server.listen("127.0.0.1:0")
-    c = await Client.connect(int(address.rsplit(":", 1)[1]))
+    c = await Client.connect(await listen_local(server))
     sending = asyncio.create_task(c.send("s@x", ["alice@x"], MSG))
-    assert await asyncio.to_thread(entered.wait, 10)
+    assert await asyncio.to_thread(slow_fsync.entered.wait, 10)
     stopping = asyncio.create_task(server.shutdown(grace=0))
     await asyncio.sleep(0.1)
     assert not stopping.done()
     assert handler.delivering == 1
-    release.set()
+    slow_fsync.release.set()
     await asyncio.wait_for(stopping, 10)
     assert (await sending).data[0].startswith("250")
     await c.close()
@@ -631,8 +608,7 @@ async def test_server_smtp_too_much_data_has_enhanced_code(tmp_path: Path) -> No
     server = MaildirServer(
         MaildirHandler(tmp_path), lmtp=False, hostname="mx.test", data_size_limit=50
     )
-    (address,) = await server.listen("127.0.0.1:0")
-    port = int(address.rsplit(":", 1)[1])
+    port = await listen_local(server)
     try:
         c = await Client.connect(port, lmtp=False)
         t = await c.send("s@x", ["alice@x"], MSG + b"x" * 100 + b"\n")

@@ -16,7 +16,7 @@ import pytest
 
 from maildrop import DEFAULT_SYSCALLS, Delivery, Maildir, deliver_many
 
-from .conftest import listing, open_fds
+from .conftest import HeldCall, listing, open_fds
 
 pytestmark = pytest.mark.anyio
 
@@ -115,13 +115,7 @@ async def test_group_commit_returns_only_after_a_covering_dir_fsync(
 
 async def test_deliver_many_cancelled_while_staging_leaks_no_fds(tmp_path: Path) -> None:
     """Cancelling deliver_many while its staging file is fsynced leaves no fd open."""
-    entered, gate = threading.Event(), threading.Event()
-
-    def fsync(fd: int) -> None:
-        entered.set()
-        gate.wait(5)
-        os.fsync(fd)
-
+    fsync = HeldCall(os.fsync, timeout=5)
     await Maildir(tmp_path / "a").deliver(b"warm")
     await Maildir(tmp_path / "b").deliver(b"warm")
     first = Maildir(tmp_path / "a", syscalls=DEFAULT_SYSCALLS.replace(fsync=fsync))
@@ -137,12 +131,12 @@ async def test_deliver_many_cancelled_while_staging_leaks_no_fds(tmp_path: Path)
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(run)
-            await wait_for(entered)
+            await wait_for(fsync.entered)
             scopes[0].cancel()
             await anyio.sleep(0.05)
-            gate.set()
+            fsync.release.set()
     finally:
-        gate.set()
+        fsync.release.set()
     await anyio.sleep(0.1)
     assert listing(tmp_path / "a")["tmp"] == []
     assert open_fds() <= before
