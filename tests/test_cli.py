@@ -253,15 +253,10 @@ def test_clean_tmp_of_missing_maildir_is_one_line(
 # -- lmtp / smtp (in process) -------------------------------------------------------------
 
 
-@pytest.mark.asyncio
-async def test_serve_in_process_delivers_and_logs(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """The lmtp command serves until stopped, logging one line per delivery."""
-    (tmp_path / "alice").mkdir()
-    args = cli._build_parser().parse_args(
-        ["lmtp", "--listen", "127.0.0.1:0", "--root", str(tmp_path), "--max-size", "1M"]
-    )
+async def serving_in_process(argv: list[str]) -> tuple[asyncio.Task[int], asyncio.Event, int]:
+    """Start ``cli.serve`` for the command line *argv* in a task; return the task, the event
+    that stops it and the port it bound (waits up to 5 s for the listener)."""
+    args = cli._build_parser().parse_args(argv)
     stop = asyncio.Event()
     bound: list[str] = []
     task = asyncio.create_task(cli.serve(args, stop, bound.extend))
@@ -269,7 +264,18 @@ async def test_serve_in_process_delivers_and_logs(
         if bound or task.done():
             break
         await asyncio.sleep(0.01)
-    port = int(bound[0].rsplit(":", 1)[1])
+    return task, stop, int(bound[0].rsplit(":", 1)[1])
+
+
+@pytest.mark.asyncio
+async def test_serve_in_process_delivers_and_logs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The lmtp command serves until stopped, logging one line per delivery."""
+    (tmp_path / "alice").mkdir()
+    task, stop, port = await serving_in_process(
+        ["lmtp", "--listen", "127.0.0.1:0", "--root", str(tmp_path), "--max-size", "1M"]
+    )
 
     def send() -> dict[str, tuple[int, bytes]]:
         with smtplib.LMTP("127.0.0.1", port, local_hostname="client.test") as s:
@@ -529,17 +535,9 @@ def test_python_dash_m_entry_point(
 async def test_cancelled_serve_closes_its_listeners(tmp_path: Path) -> None:
     """Cancelling serve() shuts the server down: its port no longer accepts connections."""
     (tmp_path / "alice").mkdir()
-    args = cli._build_parser().parse_args(
+    task, _, port = await serving_in_process(
         ["lmtp", "--listen", "127.0.0.1:0", "--root", str(tmp_path)]
     )
-    stop = asyncio.Event()
-    bound: list[str] = []
-    task = asyncio.create_task(cli.serve(args, stop, bound.extend))
-    for _ in range(500):
-        if bound or task.done():
-            break
-        await asyncio.sleep(0.01)
-    port = int(bound[0].rsplit(":", 1)[1])
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
