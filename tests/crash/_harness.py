@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from ._device import wait_released
 from ._msg import parse, scan
 
 HERE = Path(__file__).resolve().parent
@@ -151,18 +152,9 @@ def mount(*args: str) -> None:
 
 
 def remount(dev: str, mnt: Path, fstype: str, opts: str) -> None:
-    """Unmount and mount again: the journal replay after a shutdown (a power cycle).
-
-    A shut-down xfs is released a moment after umount returns; mounting before that would
-    reattach the dead filesystem, so wait until the device can be opened exclusively.
-    """
+    """Unmount and mount again: the journal replay after a shutdown (a power cycle)."""
     umount(mnt)
-    for _ in range(200):
-        try:
-            os.close(os.open(dev, os.O_RDONLY | os.O_EXCL))
-            break
-        except OSError:
-            time.sleep(0.025)
+    wait_released(dev)
     mount("-t", fstype, "-o", opts, dev, str(mnt))
     os.stat(mnt)  # EIO here would mean the old, shut-down filesystem came back
 

@@ -38,12 +38,12 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _device import wait_released
 from _msg import make
 
 from maildrop import DEFAULT_SYSCALLS, Delivery, Maildir, Syscalls, deliver_many
@@ -341,18 +341,6 @@ def fill(cfg: dict[str, Any]) -> None:
     finally:
         subprocess.run(["umount", mnt], check=False)
     print(json.dumps(out))
-
-
-def wait_released(dev: str) -> None:
-    """Wait until nothing holds the block device *dev* (a shut-down xfs is released a
-    moment after umount returns; mounting before that reattaches the dead filesystem)."""
-    for _ in range(200):
-        try:
-            os.close(os.open(dev, os.O_RDONLY | os.O_EXCL))
-            return
-        except OSError:
-            time.sleep(0.025)
-    raise SystemExit(f"{dev} is still busy after its unmount")
 
 
 def remount(dev: str, mnt: str, fstype: str, opts: str) -> None:
