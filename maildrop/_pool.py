@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import anyio
 from anyio.lowlevel import RunVar
 
-__all__ = ["THREADS", "run_sync", "submit"]
+__all__ = ["THREADS", "run_sync", "running_loop", "submit"]
 
 T = TypeVar("T")
 
@@ -70,7 +70,8 @@ def _anyio_limiter() -> anyio.CapacityLimiter:
         return lim
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop of this thread, or None (under trio, or outside a loop)."""
     # anyio >= 4.12 no longer depends on sniffio: ask asyncio itself. Under trio there is no
     # running asyncio loop in this thread.
     try:
@@ -92,7 +93,7 @@ async def run_sync(fn: Callable[..., T], *args: Any) -> T:
 
     **Cancellation:** the caller is released at once; *fn* still runs to completion.
     """
-    loop = _running_loop()
+    loop = running_loop()
     if loop is not None:
         return await _pool(loop).submit(loop, fn, args)
     return await anyio.to_thread.run_sync(
@@ -106,7 +107,7 @@ def submit(fn: Callable[..., T], *args: Any) -> asyncio.Future[T] | None:
     Returns None (queues nothing) off asyncio; the caller then uses :func:`run_sync`. An
     exception of *fn* that nobody awaits is not reported as "never retrieved".
     """
-    loop = _running_loop()
+    loop = running_loop()
     if loop is None:
         return None
     fut = _pool(loop).submit(loop, fn, args)

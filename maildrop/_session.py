@@ -26,7 +26,7 @@ import anyio.lowlevel
 from anyio.lowlevel import RunVar
 
 from ._errors import MessageTooLargeError
-from ._pool import run_sync, submit
+from ._pool import run_sync, running_loop, submit
 from ._quota_io import QuotaGuard
 from ._transform import Transform
 from ._writer import Aborted, Layout, TmpFile
@@ -176,9 +176,8 @@ def _sync_and_close(covered: list[TmpFile]) -> None:
 def _dirsync_table() -> dict[tuple[str, str], _DirSync]:
     # Per event loop: a weak dict on asyncio (a RunVar lookup costs a few µs per delivery),
     # a RunVar elsewhere (trio).
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
+    loop = running_loop()
+    if loop is None:
         try:
             return _dirsyncs.get()
         except LookupError:

@@ -216,16 +216,15 @@ class TmpFile:
         return fd
 
     def _open_root(self, name: str, dir_fd: int | None) -> int:
-        key = self.layout.root if dir_fd is None else os.path.join(self.layout.root, name)
+        where = (self.layout.root,) if dir_fd is None else (self.layout.root, name)
         try:
             fd = self._open_dir(name, dir_fd)
         except FileNotFoundError:
             self._refuse_missing(self.layout.path)
         else:
-            if _unsynced:
-                self._wait_synced(key)
+            self._wait_synced(*where)
             return fd
-        with _creating(key):
+        with _creating(os.path.join(*where)):
             try:
                 self.sys.mkdir(name, 0o700, dir_fd=dir_fd)
             except FileExistsError:
@@ -237,14 +236,16 @@ class TmpFile:
                 ) from None
             else:
                 self._sync_parent(name, dir_fd)
-        self._wait_synced(key)
+        self._wait_synced(*where)
         return self._open_dir(name, dir_fd)
 
-    def _wait_synced(self, key: str) -> None:
+    def _wait_synced(self, *where: str) -> None:
         # Another delivery of this process may have just created this directory and not yet
         # fsynced its parent: a message acknowledged before that fsync could vanish with
         # the directory in a power loss. (Other processes are not covered: see DESIGN.md.)
+        # The path parts are joined only then: the usual case pays for no string.
         if _unsynced and self.layout.fsync:
+            key = os.path.join(*where)
             with _unsynced_cond:
                 while key in _unsynced:
                     _unsynced_cond.wait()
@@ -268,10 +269,8 @@ class TmpFile:
         except FileNotFoundError:
             self._refuse_missing(self.layout.path)
         else:
-            if _unsynced:  # (nothing is being created: skip making the key)
-                self._wait_synced(os.path.join(self.layout.path, name))
+            self._wait_synced(self.layout.path, name)
             return fd
-        key = os.path.join(self.layout.path, name)
         with _creating(*(os.path.join(self.layout.path, sub) for sub in _SUBDIRS)):
             made = False
             for sub in _SUBDIRS:
@@ -282,7 +281,7 @@ class TmpFile:
                     pass
             if made and self.layout.fsync:
                 self.sys.fsync_dir(root)
-        self._wait_synced(key)
+        self._wait_synced(self.layout.path, name)
         return self._open_dir(name, root)
 
     def _mark_folder(self, folder_fd: int) -> None:
