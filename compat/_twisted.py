@@ -20,7 +20,6 @@ from ._deferred import Deferred as _CompatDeferred
 __all__ = [
     "HAVE_TWISTED",
     "IConsumer",
-    "asyncio_reactor_for",
     "call_soon",
     "cancelled_error",
     "declare_consumer",
@@ -151,14 +150,6 @@ class _FileSender:
 def installed_reactor() -> Any:
     """Return the installed Twisted reactor, or None; never installs one."""
     return sys.modules.get("twisted.internet.reactor")
-
-
-def asyncio_reactor_for(loop: asyncio.AbstractEventLoop) -> Any:
-    """Return the installed asyncio-based reactor running on *loop*, or None."""
-    reactor = installed_reactor()
-    if reactor is not None and getattr(reactor, "_asyncioEventloop", None) is loop:
-        return reactor
-    return None
 
 
 class _LoopCall:
