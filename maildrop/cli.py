@@ -10,34 +10,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import re
-import signal
 import sys
-from collections.abc import Callable, Sequence
-from typing import IO, TYPE_CHECKING, NoReturn
+from collections.abc import Sequence
+from typing import IO, NoReturn
 
 from . import Maildir, MaildirNotFoundError, __version__, outcome
 from ._errors import EX_USAGE
 from ._maildir import TMP_MAX_AGE
 
-if TYPE_CHECKING:
-    from .lmtp import MaildirHandler, MaildirServer
-
 __all__ = ["main", "parse_duration", "parse_size"]
 
-EX_UNAVAILABLE = 69
-#: The spec's age for leftovers in tmp/ (https://cr.yp.to/proto/maildir.html).
-#: The largest message the servers take by default (aiosmtpd holds it in memory).
-SERVER_MAX_SIZE = 32 * 1024 * 1024
 
 _SIZE = re.compile(r"(\d+)\s*([kmgt]?)i?b?", re.IGNORECASE)
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", re.IGNORECASE)
 _MULTIPLES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-log = logging.getLogger("maildrop")
 
 
 class UsageError(Exception):
@@ -70,6 +59,8 @@ def parse_duration(text: str) -> float:
 
 
 def _build_parser() -> _Parser:
+    from ._cli_serve import add_server_commands
+
     parser = _Parser(
         prog="maildrop",
         description="Deliver mail into Maildir mailboxes durably: from stdin (an MDA for "
@@ -114,68 +105,7 @@ def _build_parser() -> _Parser:
         "--no-fsync", action="store_true", help="skip fsync (fast, NOT durable: tests only)"
     )
 
-    for name, proto in (("lmtp", "LMTP"), ("smtp", "SMTP")):
-        s = sub.add_parser(
-            name,
-            help=f"serve {proto}, delivering into ROOT/<local-part>/ maildirs",
-            description=f"Serve {proto} until SIGINT or SIGTERM, delivering each message "
-            "into ROOT/<local-part>/ (which must exist; unknown recipients get 550 5.1.1). "
-            "Replies only once a delivery is durable; logs one line per delivery to stderr. "
-            "On SIGINT/SIGTERM it stops listening, finishes deliveries in flight and exits.",
-            epilog=f"Example: maildrop {name} --listen 127.0.0.1:{24 if name == 'lmtp' else 2525}"
-            " --root /srv/mail",
-        )
-        s.add_argument(
-            "--listen",
-            metavar="HOST:PORT",
-            action="append",
-            required=True,
-            help="address to listen on: HOST:PORT, [IPv6]:PORT or unix:/path (repeatable; "
-            "port 0 picks a free port)",
-        )
-        s.add_argument(
-            "--root", metavar="DIR", required=True, help="directory of per-user maildirs"
-        )
-        s.add_argument(
-            "--max-size",
-            metavar="BYTES",
-            type=parse_size,
-            default=SERVER_MAX_SIZE,
-            help="refuse larger messages with 552 5.3.4 (default 32M; messages are held "
-            "in memory while received)",
-        )
-        s.add_argument(
-            "--no-return-path", action="store_true", help="do not add a Return-Path: header"
-        )
-        s.add_argument(
-            "--no-delivered-to", action="store_true", help="do not add a Delivered-To: header"
-        )
-        s.add_argument(
-            "--separate-copies",
-            action="store_true",
-            help="give each recipient its own copy with its own Delivered-To: (default: "
-            "write once, hard-link, and add Delivered-To: only for a single recipient)",
-        )
-        s.add_argument(
-            "--keep-crlf", action="store_true", help="store lines with CRLF as received"
-        )
-        s.add_argument(
-            "--recipient-delimiter",
-            metavar="CHAR",
-            default="+",
-            help="deliver user+tag to user (default '+'; '' turns it off)",
-        )
-        s.add_argument("--hostname", help="name in the greeting (default: this host's FQDN)")
-        s.add_argument(
-            "--shutdown-timeout",
-            metavar="DURATION",
-            type=parse_duration,
-            default=30.0,
-            help="on shutdown, how long a message still being received may take (default 30s)",
-        )
-        s.add_argument(
-            "--no-fsync", action="store_true", help="skip fsync (fast, NOT durable: tests only)"
-        )
+    add_server_commands(sub)
 
     c = sub.add_parser(
         "clean-tmp",
@@ -211,10 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "deliver":
             return asyncio.run(_deliver(_deliver_target(args), args))
         if args.command in ("lmtp", "smtp"):
-            args.root = os.path.realpath(os.path.expanduser(args.root))
-            if not os.path.isdir(args.root):
-                raise UsageError(f"--root {args.root!r} is not a directory")
-            return asyncio.run(_serve_until_signal(args))
+            from ._cli_serve import run_server
+
+            return run_server(args)
         if args.command == "clean-tmp":
             return asyncio.run(_clean_tmp(_tmp_dirs(args.maildir), args.older_than))
         parser.print_usage(sys.stderr)
@@ -304,126 +233,6 @@ async def _deliver(md: Maildir, args: argparse.Namespace) -> int:
         crlf_to_lf=args.crlf_to_lf,
     )
     print(delivery.path, flush=True)
-    return 0
-
-
-# -- lmtp / smtp ----------------------------------------------------------------------------
-
-
-def _setup_logging() -> Callable[[], None]:
-    """Log maildrop's INFO lines (and aiosmtpd's warnings) to stderr; return the undo."""
-    ours, theirs = logging.getLogger("maildrop"), logging.getLogger("mail.log")
-    if ours.handlers:
-        return lambda: None
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
-    saved = [(lg, lg.level, lg.propagate) for lg in (ours, theirs)]
-    for lg, level in ((ours, logging.INFO), (theirs, logging.WARNING)):
-        lg.addHandler(handler)
-        lg.setLevel(level)
-        lg.propagate = False
-
-    def undo() -> None:
-        for lg, level, propagate in saved:
-            lg.removeHandler(handler)
-            lg.setLevel(level)
-            lg.propagate = propagate
-
-    return undo
-
-
-async def _serve_until_signal(
-    args: argparse.Namespace, ready: Callable[[list[str]], None] | None = None
-) -> int:
-    """Serve until SIGINT/SIGTERM; a second signal stops at once (deliveries cancelled)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-
-    def on_signal() -> None:
-        if stop.is_set() and task is not None:
-            log.warning("second signal: stopping now, cancelling deliveries in flight")
-            task.cancel()
-        stop.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
-    try:
-        return await serve(args, stop, ready)
-    except asyncio.CancelledError:
-        return 128 + signal.SIGINT
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-
-
-async def serve(
-    args: argparse.Namespace,
-    stop: asyncio.Event,
-    ready: Callable[[list[str]], None] | None = None,
-) -> int:
-    """Run the ``lmtp``/``smtp`` command described by *args* until *stop* is set.
-
-    **Cancellation:** the server shuts down with no grace period: listeners and
-    connections close, deliveries in flight finish or are cancelled (nothing partial stays
-    in ``new/``).
-    """
-    try:
-        from .lmtp import MaildirHandler, MaildirServer
-    except ImportError as exc:  # pragma: no cover - only without the server extra
-        _say(f"maildrop {args.command}: {exc}")
-        return EX_UNAVAILABLE
-    undo = _setup_logging()
-    try:
-        return await _serve(args, stop, ready, MaildirHandler, MaildirServer)
-    finally:
-        undo()
-
-
-async def _serve(
-    args: argparse.Namespace,
-    stop: asyncio.Event,
-    ready: Callable[[list[str]], None] | None,
-    handler_class: type[MaildirHandler],
-    server_class: type[MaildirServer],
-) -> int:
-    root = args.root
-    handler = handler_class(
-        root,
-        fsync=not args.no_fsync,
-        max_size=args.max_size,
-        return_path=not args.no_return_path,
-        delivered_to=not args.no_delivered_to,
-        single_copy=not args.separate_copies,
-        crlf_to_lf=not args.keep_crlf,
-        recipient_delimiter=args.recipient_delimiter or None,
-    )
-    # A little above max_size, so the handler answers 552 5.3.4 for a message slightly
-    # too large; far beyond it aiosmtpd stops buffering (552 without an enhanced code).
-    limit = args.max_size + args.max_size // 16 + 4096
-    server = server_class(
-        handler, lmtp=args.command == "lmtp", hostname=args.hostname, data_size_limit=limit
-    )
-    try:
-        addresses = [a for spec in args.listen for a in await server.listen(spec)]
-    except ValueError as exc:
-        await server.shutdown(0)
-        raise UsageError(str(exc)) from None
-    except BaseException:
-        await server.shutdown(0)
-        raise
-    for address in addresses:
-        log.info("%s listening on %s, delivering into %s", args.command, address, root)
-    if ready is not None:
-        ready(addresses)
-    try:
-        await stop.wait()
-    except BaseException:  # cancelled: stop serving without a grace period
-        await server.shutdown(0)
-        raise
-    log.info("shutting down: finishing deliveries in flight")
-    await server.shutdown(args.shutdown_timeout)
-    log.info("stopped")
     return 0
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from maildrop import DEFAULT_SYSCALLS, Maildir, cli
+from maildrop import DEFAULT_SYSCALLS, Maildir, _cli_serve, cli
 
 from .conftest import listing
 
@@ -259,7 +259,7 @@ async def serving_in_process(argv: list[str]) -> tuple[asyncio.Task[int], asynci
     args = cli._build_parser().parse_args(argv)
     stop = asyncio.Event()
     bound: list[str] = []
-    task = asyncio.create_task(cli.serve(args, stop, bound.extend))
+    task = asyncio.create_task(_cli_serve.serve(args, stop, bound.extend))
     for _ in range(500):
         if bound or task.done():
             break
@@ -487,7 +487,7 @@ async def test_signals_stop_the_server(tmp_path: Path, capsys: pytest.CaptureFix
     for twice in (False, True):
         bound: list[str] = []
         task = asyncio.create_task(
-            cli._serve_until_signal(cli._build_parser().parse_args(argv), bound.extend)
+            _cli_serve._serve_until_signal(cli._build_parser().parse_args(argv), bound.extend)
         )
         for _ in range(500):
             if bound or task.done():
