@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import anyio
 from anyio.lowlevel import RunVar
 
-__all__ = ["THREADS", "run_sync", "running_loop", "submit"]
+__all__ = ["THREADS", "run_sync", "running_loop", "spawn", "submit"]
 
 T = TypeVar("T")
 
@@ -113,6 +113,48 @@ def submit(fn: Callable[..., T], *args: Any) -> asyncio.Future[T] | None:
     fut = _pool(loop).submit(loop, fn, args)
     fut.add_done_callback(_retrieve)
     return fut
+
+
+def spawn(
+    fn: Callable[..., Any], *args: Any, done: Callable[[BaseException | None], None] | None = None
+) -> None:
+    """Run ``fn(*args)`` in a worker with nobody waiting for it; then ``done(error)`` on the loop.
+
+    The job does not belong to the calling task: cancelling the caller neither waits for it
+    nor stops it, so a caller that hands its files over to a job (cleanup, a shared directory
+    fsync) can leave at once. *done* gets None or the job's exception, on the event loop's
+    thread, unless the loop closed first.
+    """
+    loop = running_loop()
+    if loop is not None:
+        fut = _pool(loop).submit(loop, fn, args)
+        if done is None:
+            fut.add_done_callback(_retrieve)
+        else:
+            fut.add_done_callback(lambda f: done(None if f.cancelled() else f.exception()))
+        return
+    # Off asyncio anyio runs on trio, where a system task is the one kind of task that no
+    # caller's cancel scope reaches.
+    import trio  # noqa: PLC0415 - only ever imported where trio is the running backend
+
+    trio.lowlevel.spawn_system_task(_detached, fn, args, done)
+
+
+async def _detached(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    done: Callable[[BaseException | None], None] | None,
+) -> None:
+    try:
+        await run_sync(fn, *args)
+    except BaseException as exc:  # delivered to *done*, never raised into trio's system nursery
+        if done is not None:
+            done(exc)
+        if not isinstance(exc, Exception):
+            raise  # the run is ending: let trio see its own Cancelled
+        return
+    if done is not None:
+        done(None)
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

@@ -26,7 +26,7 @@ import anyio.lowlevel
 from anyio.lowlevel import RunVar
 
 from ._errors import MessageTooLargeError
-from ._pool import run_sync, running_loop, submit
+from ._pool import run_sync, running_loop, spawn, submit
 from ._quota_io import QuotaGuard
 from ._transform import Transform
 from ._writer import Aborted, Layout, TmpFile
@@ -111,11 +111,11 @@ class _DirSync:
                 err = self.error
                 raise OSError(err.errno, f"fsync of the maildir failed: {err.strerror}")
             if self.running is None:
-                await self._start()
+                self._start()
             else:
                 await self.running.wait()
 
-    async def _start(self) -> None:
+    def _start(self) -> None:
         target = self.linked
         covered, self.waiting = self.waiting, []
         done = self.running = anyio.Event()
@@ -132,45 +132,73 @@ class _DirSync:
             done.set()
             _release_dirsync(self.key, self)
 
-        fut = submit(_sync_and_close, covered)
-        if fut is not None:
-            # On asyncio the job lives on its own; its outcome is booked when it ends.
-            fut.add_done_callback(lambda f: finish(None if f.cancelled() else f.exception()))
-            return
-        # Elsewhere (trio) this delivery runs it, shielded: trio honours the shield, so a
-        # cancelled delivery still waits the one fsync out before it leaves.
-        with anyio.CancelScope(shield=True):
-            try:
-                await run_sync(_sync_and_close, covered)
-            except OSError as exc:
-                finish(exc)
-                return
-        finish(None)
+        # The job belongs to no delivery: a waiter cancelled meanwhile leaves at once, the
+        # others are woken when it ends.
+        spawn(_sync_and_close, covered, done=finish)
 
 
 def _sync_and_close(covered: list[TmpFile]) -> None:
     """Fsync the destination directory of the deliveries in *covered*, then close their
     directory fds (runs in a worker).
 
-    The fsync goes through the fd of the first delivery whose fds are still open, with
-    that delivery's lock held, so its own cleanup (a cancelled delivery) cannot close the
-    fd under it; a delivery cleaned up already is skipped. If none is left open, every one
-    of them was either made durable by an earlier fsync or gave up: nothing to do.
+    The fsync goes through the fd of the first delivery this worker can take over (see
+    :func:`_take_over`), so a cancelled delivery's cleanup cannot close the fd under it; a
+    delivery cleaned up already is skipped. If none is left, every one of them was either
+    made durable by an earlier fsync or gave up: nothing to do.
 
-    Closing the fds here, not on the event loop, matters under load: ``os.close`` releases
-    the GIL, and a loop thread that gives the GIL to a busy worker waits to get it back.
-    With the closes on the loop, 64 concurrent deliveries spent ~40% of the loop's time in
-    them (~60 µs per close) and stalled it for 15-25 ms at a time. After a failed fsync
-    nothing is closed: each delivery then removes its own link, which needs its fds.
+    The fds are closed here, not on the event loop: ``os.close`` releases the GIL, and a
+    loop thread that gives the GIL to a busy worker waits to get it back. After a failed
+    fsync nothing is closed: each delivery then removes its own link, which needs its fds.
     """
     for t in covered:
-        with t.lock:
-            if t.dest_fd >= 0:
+        if _take_over(t):
+            try:
                 t.sync_dest()
-                break
+            finally:
+                _hand_back(t)
+            break
     for t in covered:
-        with t.lock:  # against a cancelled delivery's own cleanup
-            t.close_dirs()
+        if _take_over(t):
+            try:
+                t.close_dirs()
+            finally:
+                _hand_back(t)
+
+
+def _take_over(tmp: TmpFile) -> bool:
+    """Make the calling thread the owner of *tmp*'s files; False if gone or owned already.
+
+    One owner at a time touches a delivery's files: a worker running one of its steps, the
+    group-commit job, or a cleanup job. ``tmp.lock`` only guards these flags and is never
+    held during I/O, so the event loop can always hand an abort over without waiting.
+    """
+    with tmp.lock:
+        if tmp.cleaned or tmp.running:
+            return False
+        tmp.running = True
+        return True
+
+
+def _hand_back(tmp: TmpFile, *, failed: bool = False) -> None:
+    """End this thread's ownership of *tmp*; first clean up if it failed or was aborted."""
+    with tmp.lock:
+        if failed:
+            # What a failed step published is not a delivered message: it goes too.
+            tmp.aborted, tmp.keep_published = True, False
+        if not tmp.aborted:
+            tmp.running = False
+            return
+    try:
+        tmp.cleanup()
+    finally:
+        with tmp.lock:
+            tmp.running = False
+
+
+def _cleanup(tmp: TmpFile) -> None:
+    """Remove an aborted delivery's files unless another owner is still at it (a worker)."""
+    if _take_over(tmp):
+        _hand_back(tmp)
 
 
 def _dirsync_table() -> dict[tuple[str, str], _DirSync]:
@@ -251,6 +279,7 @@ class DeliverySession:
         # servers) keeps "write() returns once its batch is on disk" for its flow control.
         self._pipeline = False
         self._pending: asyncio.Future[None] | None = None
+        self._cleanup_done: anyio.Event | None = None  # set when a spawned cleanup ended
 
     @property
     def size(self) -> int:
@@ -272,7 +301,7 @@ class DeliverySession:
         tb: TracebackType | None,
     ) -> None:
         if self._state == "open":
-            await self._abort(keep_published=False)
+            await self._abort(keep_published=False, wait=not _is_cancel(exc))
 
     def _check_open(self, what: str) -> None:
         if self._state != "open":
@@ -483,59 +512,65 @@ class DeliverySession:
         Called while another task is inside :meth:`commit`, it stops the commit (which then
         raises ``RuntimeError``), but a message already linked into the destination stays:
         it is complete, and removing it could lose a message someone else acknowledged.
+        It returns once the cleanup is done, also when a cancelled ``write()`` or
+        ``commit()`` has handed the cleanup to a worker already.
 
-        **Cancellation:** cleanup still completes in its worker thread.
+        **Cancellation:** the caller is released at once; the cleanup still completes in
+        its worker thread.
         """
         if self._state == "open":
             await self._abort(keep_published=self._committing)
+        elif self._state == "aborted":
+            await self._cleaned()
 
     async def _fail(self, exc: BaseException) -> None:
         self._error = exc  # what the engine itself raised (deliver_many tells it apart)
         if self._state != "open":
             return
         # Cancellation after the link keeps the message (it is complete); errors remove it.
-        cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
-        await self._abort(keep_published=cancelled)
+        # A cancelled caller never waits for the cleanup (see _abort).
+        cancelled = _is_cancel(exc)
+        await self._abort(keep_published=cancelled, wait=not cancelled)
 
     def _check_not_aborted(self) -> None:
         if self._state == "aborted":
             raise RuntimeError("this delivery was aborted (abort() was called during commit())")
 
-    async def _abort(self, *, keep_published: bool) -> None:
+    async def _abort(self, *, keep_published: bool, wait: bool = True) -> None:
+        """Hand the delivery's files to whoever cleans them up; with *wait*, see it done.
+
+        A worker that owns the files (inside a step, or the shared directory fsync) cleans
+        up when its call returns; otherwise a cleanup job is spawned. Neither is waited for
+        by a cancelled caller: a worker blocked in a syscall (a frozen filesystem) must not
+        hold up cancellation, timeouts or shutdown. Waiting is itself cancellable.
+        """
         self._state = "aborted"
         self._buf = []
         if self._quota is not None:
             self._quota.release()
         tmp = self._tmp
-        with anyio.CancelScope(shield=True):
-            # Never wait for the lock on the event loop: a worker holds it while it cleans
-            # up (unlinks, closes), which can take a while.
-            while not tmp.lock.acquire(blocking=False):  # noqa: ASYNC110 - a thread's lock
-                await anyio.sleep(0.001)
-            try:
-                if tmp.cleaned:
-                    return
-                tmp.aborted = True
-                tmp.keep_published = keep_published
-                running = tmp.running
-                if not running and not tmp.dir_fds:
-                    tmp.cleaned = True  # nothing was ever opened: no I/O needed
-                    return
-            finally:
-                tmp.lock.release()
-            if running:
-                # The worker sees `aborted` when its call returns and cleans up itself. It
-                # cannot set an anyio.Event (that needs a loop round-trip from the thread,
-                # which fails once the loop is closing), so poll: this path is rare and a
-                # hop lasts at most one ~1 MiB write or one fsync.
-                while not tmp.cleaned:  # noqa: ASYNC110 - see above
-                    await anyio.sleep(0.001)
-            else:
-                await run_sync(self._cleanup_step)
+        with tmp.lock:
+            if not tmp.aborted:  # the first reason stands (a failed step removes its link)
+                tmp.aborted, tmp.keep_published = True, keep_published
+            idle = not tmp.running and not tmp.cleaned
+            if idle and not tmp.dir_fds:
+                tmp.cleaned = True  # nothing was ever opened: no I/O needed
+                return
+        if idle:
+            ended = self._cleanup_done = anyio.Event()
+            spawn(_cleanup, tmp, done=lambda _: ended.set())
+        if wait:
+            await self._cleaned()
 
-    def _cleanup_step(self) -> None:
-        with self._tmp.lock:
-            self._tmp.cleanup()
+    async def _cleaned(self) -> None:
+        """Wait until the delivery's files are cleaned up (by whichever thread owns them)."""
+        if self._cleanup_done is not None:
+            await self._cleanup_done.wait()
+            return
+        # A worker that owns the files cannot set an anyio.Event from its thread once the
+        # loop is closing, so poll: only an explicit abort() during a worker call gets here.
+        while not self._tmp.cleaned:  # noqa: ASYNC110 - a worker's flag
+            await anyio.sleep(0.001)
 
     async def _hop(self, fn: Callable[..., T], *args: Any) -> T:
         """Run *fn* in a worker thread that owns the tmp file for the call's duration."""
@@ -562,12 +597,10 @@ class DeliverySession:
                 ok = True
                 return result
             finally:
-                with tmp.lock:
-                    tmp.running = False
-                    if not ok:
-                        tmp.keep_published = False
-                        tmp.cleanup()
-                    elif tmp.aborted:
-                        tmp.cleanup()
+                _hand_back(tmp, failed=not ok)
 
         return run
+
+
+def _is_cancel(exc: BaseException | None) -> bool:
+    return isinstance(exc, anyio.get_cancelled_exc_class())

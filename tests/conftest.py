@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from maildrop import DEFAULT_SYSCALLS, Syscalls
@@ -65,11 +66,29 @@ class HeldCall:
         self.timeout = timeout
         self.entered = threading.Event()
         self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.calls = 0  # calls that got here so far
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            self.calls += 1
         self.entered.set()
         self.release.wait(self.timeout)
         return self.call(*args, **kwargs)
+
+
+async def wait_for(ev: threading.Event) -> None:
+    """Poll a threading.Event from the loop (a worker thread sets it), for up to 5 s."""
+    await settle(ev.is_set, "a worker thread's event")
+
+
+async def settle(cond: Callable[[], bool], what: str, seconds: float = 5.0) -> None:
+    """Wait (bounded) until *cond()* holds, e.g. for a worker to finish its cleanup."""
+    with anyio.move_on_after(seconds):
+        while not cond():  # noqa: ASYNC110 - polled state belongs to worker threads
+            await anyio.sleep(0.002)
+        return
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Faults:

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
-from maildrop import DEFAULT_SYSCALLS, Maildir, Syscalls
+from maildrop import DEFAULT_SYSCALLS, Maildir, Syscalls, deliver_many
 
-from .conftest import listing, open_fds
+from .conftest import HeldCall, listing, open_fds, settle, wait_for
 
 EMPTY = {"tmp": [], "new": [], "cur": []}
+MSG = b"Subject: held\n\nbody\n"
+#: How soon a cancelled caller must be back although its worker is stuck (issue 13).
+RELEASED_WITHIN = 0.05
 
 
 def slow(step: str, started: threading.Event, delay: float = 0.3) -> Syscalls:
@@ -32,16 +36,10 @@ def slow(step: str, started: threading.Event, delay: float = 0.3) -> Syscalls:
     return DEFAULT_SYSCALLS.replace(**{step: inner})
 
 
-async def wait_for(ev: threading.Event) -> None:
-    """Poll a threading.Event from the loop."""
-    while not ev.is_set():  # noqa: ASYNC110 - a thread's event, not a loop's
-        await asyncio.sleep(0.001)
-
-
 @pytest.mark.asyncio
 @pytest.mark.parametrize("step", ["write", "fsync", "open"])
 async def test_native_cancel_during_a_worker_call(tmp_path: Path, step: str) -> None:
-    """task.cancel() while the worker is inside a syscall: once the task ends, nothing stays."""
+    """task.cancel() while the worker is inside a syscall: once the worker is done, nothing stays."""
     md = tmp_path / "m"
     await Maildir(md).deliver(b"warm")
     before = listing(md)
@@ -53,8 +51,7 @@ async def test_native_cancel_during_a_worker_call(tmp_path: Path, step: str) -> 
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert listing(md) == before
-    assert open_fds() == fds
+    await settle(lambda: listing(md) == before and open_fds() == fds, "the worker's cleanup")
 
 
 @pytest.mark.asyncio
@@ -75,7 +72,7 @@ async def test_native_cancel_while_reading_the_source(tmp_path: Path) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert listing(md) == EMPTY
+    await settle(lambda: listing(md) == EMPTY, "the cleanup job")
 
 
 @pytest.mark.asyncio
@@ -128,7 +125,8 @@ async def test_cancel_scope_during_worker_call(tmp_path: Path, anyio_backend: st
     table = slow("write", started, delay=0.2)
     with anyio.move_on_after(0.05):
         await Maildir(md, syscalls=table).deliver(b"x" * 4096)
-    assert listing(md) == EMPTY
+    assert started.is_set()
+    await settle(lambda: listing(md) == EMPTY, "the worker's cleanup")
 
 
 @pytest.mark.anyio
@@ -143,7 +141,7 @@ async def test_cancel_scope_while_reading_source(tmp_path: Path, anyio_backend: 
 
     with anyio.move_on_after(0.3):
         await Maildir(md).deliver(src())
-    assert listing(md) == EMPTY
+    await settle(lambda: listing(md) == EMPTY, "the cleanup job")
 
 
 @pytest.mark.anyio
@@ -176,3 +174,107 @@ async def test_session_semantics(tmp_path: Path, anyio_backend: str) -> None:
     await w2.abort()
     with pytest.raises(RuntimeError, match="already aborted"):
         await w2.write(b"y")
+
+
+# -- a worker stuck in a syscall never holds up a cancelled caller ------------------------------
+
+
+async def released_after_cancel(
+    run: Callable[[], Awaitable[object]], ready: Callable[[], bool]
+) -> float:
+    """Start *run*, cancel it once *ready()* holds, and return how long it took to end."""
+    scope = anyio.CancelScope()
+    ended: list[float] = []
+
+    async def call() -> None:
+        with scope:
+            await run()
+        ended.append(time.monotonic())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        await settle(ready, "the held call")
+        cancelled = time.monotonic()
+        scope.cancel()
+    assert scope.cancelled_caught
+    return ended[0] - cancelled
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("step", ["write", "fsync", "link", "fsync_dir"])
+async def test_cancelled_deliver_returns_while_its_worker_is_blocked(
+    tmp_path: Path, anyio_backend: str, step: str
+) -> None:
+    """Cancelled while its worker is stuck in *step*: back within 50 ms, cleaned up once freed."""
+    md = tmp_path / "m"
+    await Maildir(md).deliver(b"warm")
+    before, fds = listing(md), open_fds()
+    held = HeldCall(getattr(DEFAULT_SYSCALLS, step))
+    m = Maildir(md, syscalls=DEFAULT_SYSCALLS.replace(**{step: held}))
+    try:
+        took = await released_after_cancel(lambda: m.deliver(MSG), held.entered.is_set)
+        assert listing(md)["tmp"] != [] or step == "fsync_dir"  # the worker still owns it
+    finally:
+        held.release.set()
+    assert took < RELEASED_WITHIN
+    await settle(lambda: listing(md)["tmp"] == [] and open_fds() == fds, "the worker's cleanup")
+    new = listing(md)["new"]
+    if step in ("write", "fsync"):
+        assert new == before["new"]  # never linked: nothing delivered
+    else:  # linked before the cancel: delivered, as after any cancel past the link
+        assert len(new) == len(before["new"]) + 1
+
+
+@pytest.mark.anyio
+async def test_cancelled_group_commit_waiters_return_while_the_dir_fsync_is_blocked(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    """Deliveries cancelled while the shared fsync of new/ is stuck are back within 50 ms."""
+    md = tmp_path / "m"
+    await Maildir(md).deliver(b"warm")
+    fds = open_fds()
+    held = HeldCall(os.fsync)
+    m = Maildir(md, syscalls=DEFAULT_SYSCALLS.replace(fsync_dir=held))
+
+    async def three() -> None:
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(m.deliver, MSG)
+
+    try:
+        # One delivery fsyncs new/ in its own hop, the shared fsync covers the others.
+        took = await released_after_cancel(three, lambda: held.calls == 2)
+    finally:
+        held.release.set()
+    assert took < RELEASED_WITHIN
+    await settle(lambda: listing(md)["tmp"] == [] and open_fds() == fds, "the jobs' cleanup")
+    assert len(listing(md)["new"]) == 4  # every one was linked: each stays delivered
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("step", ["write", "fsync", "link", "fsync_dir"])
+async def test_cancelled_deliver_many_returns_while_its_worker_is_blocked(
+    tmp_path: Path, anyio_backend: str, step: str
+) -> None:
+    """deliver_many cancelled while a worker is stuck in *step*: back within 50 ms; the staging
+    file is gone and every fd closed once the call is freed."""
+    paths = [tmp_path / n for n in "abc"]
+    for p in paths:
+        await Maildir(p).deliver(b"warm")
+    fds = open_fds()
+    held = HeldCall(getattr(DEFAULT_SYSCALLS, step))
+    mds = [Maildir(p, syscalls=DEFAULT_SYSCALLS.replace(**{step: held})) for p in paths]
+    try:
+        took = await released_after_cancel(
+            lambda: deliver_many(MSG, mds), held.entered.is_set
+        )
+    finally:
+        held.release.set()
+    assert took < RELEASED_WITHIN
+    await settle(
+        lambda: all(listing(p)["tmp"] == [] for p in paths) and open_fds() == fds,
+        "the worker's cleanup",
+    )
+    for p in paths:
+        for name in listing(p)["new"]:
+            assert (p / "new" / name).read_bytes() in (b"warm", MSG)

@@ -29,7 +29,7 @@ from maildrop import (
     deliver_many,
 )
 
-from .conftest import Faults, listing
+from .conftest import Faults, listing, settle
 
 pytestmark = pytest.mark.anyio
 
@@ -267,7 +267,8 @@ async def test_cancellation_removes_the_staging_file(tmp_path: Path) -> None:
         await started.wait()
         await anyio.sleep(0.05)
         tg.cancel_scope.cancel()
-    assert listing(tmp_path / "box0") == {"tmp": [], "new": [], "cur": []}
+    empty = {"tmp": [], "new": [], "cur": []}
+    await settle(lambda: listing(tmp_path / "box0") == empty, "the cleanup job")
 
 
 _CHILD = textwrap.dedent(

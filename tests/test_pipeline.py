@@ -19,7 +19,7 @@ import pytest
 from maildrop import DEFAULT_SYSCALLS, Maildir, _pool
 from maildrop._session import BATCH
 
-from .conftest import Faults, listing, open_fds
+from .conftest import Faults, listing, open_fds, settle
 
 CHUNK = b"z" * (64 * 1024)
 EMPTY = {"tmp": [], "new": [], "cur": []}
@@ -102,8 +102,7 @@ async def test_native_cancel_while_a_batch_is_in_flight(tmp_path: Path) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert listing(md) == before
-    assert open_fds() == fds
+    await settle(lambda: listing(md) == before and open_fds() == fds, "the worker's cleanup")
 
 
 @pytest.mark.asyncio

@@ -16,18 +16,11 @@ import pytest
 
 from maildrop import DEFAULT_SYSCALLS, Delivery, Maildir, deliver_many
 
-from .conftest import HeldCall, listing, open_fds
+from .conftest import HeldCall, listing, open_fds, wait_for
 
 pytestmark = pytest.mark.anyio
 
 MSG = b"From: a@example.org\nTo: b@example.org\nSubject: review\n\nhello\n"
-
-
-async def wait_for(ev: threading.Event) -> None:
-    """Poll a threading.Event from the loop (a worker thread sets it), for up to 5 s."""
-    with anyio.fail_after(5):
-        while not ev.is_set():  # noqa: ASYNC110 - a thread's event, not a loop's
-            await anyio.sleep(0.002)
 
 
 # -- (1) durability --------------------------------------------------------------------------
