@@ -17,7 +17,6 @@ import errno
 import os
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
@@ -25,7 +24,7 @@ from typing import IO
 from ._errors import MessageTooLargeError
 from ._maildir import Maildir
 from ._naming import format_flags, published_name
-from ._pool import run_sync
+from ._pool import run_each, run_sync
 from ._quota_io import QuotaGuard
 from ._session import Delivery, DeliverySession
 from ._sources import Source, feed
@@ -39,46 +38,91 @@ _COPY_ERRNOS = frozenset(
     {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
 )
 _NAME_TRIES = 100
+#: Targets linked per worker call; each holds 3-4 directory fds until its directory fsync.
+_SLICE = 32
 
 
 class _NeedsCopy(Exception):
-    def __init__(self, file: IO[bytes]) -> None:
-        self.file = file
+    """This target cannot get a link to the staged file: it gets a copy instead."""
 
 
 class _Staging(DeliverySession):
     """A delivery session that stops after the fsync: the file stays in ``tmp/``."""
 
-    async def stage_and_link(
-        self, jobs: list[tuple[int, Maildir]], flags: str | None
-    ) -> list[tuple[int, _Linked | Exception]]:
-        """Finish and fsync the staging file, then link it into every job's maildir."""
+    async def stage(self) -> None:
+        """Write the rest of the message and fsync the staging file (in a worker)."""
         self._check_open("stage")
-        self._links: list[tuple[int, _Linked | Exception]] = []
         try:
             await self._drain()  # a batch may still be in flight (pipelined writes)
-            return await self._hop(self._stage_link_step, self._take(), jobs, flags)
+            await self._hop(self._stage_step, self._take())
         except BaseException as exc:
             await self._fail(exc)
-            # Cancelled after the worker linked: _fail waited for it to finish, so what it
-            # linked is in self._links, and nobody else will close its directory fds.
-            _dispose(self._links)
             raise
-
-    def _stage_link_step(
-        self, chunks: list[bytes | memoryview], jobs: list[tuple[int, Maildir]], flags: str | None
-    ) -> list[tuple[int, _Linked | Exception]]:
-        self._stage_step(chunks)
-        if self._tmp.aborted:
-            raise Aborted  # cancelled while staging: link nothing
-        self._links = _link_all(self._tmp, jobs, flags)
-        _sync_all(self._links)
-        return self._links
 
     def _stage_step(self, chunks: list[bytes | memoryview]) -> None:
         self._write_rest(chunks)
         if self._layout.fsync:
             self._tmp.sys.fsync(self._tmp.fd)
+
+    async def link_into(self, jobs: list[tuple[int, Maildir]], flags: str | None) -> _Links:
+        """Link the staged file into every job's maildir in one worker call.
+
+        Each linked target keeps its directory fds open for its directory fsync. If the
+        caller is cancelled meanwhile, whoever ends last of the worker and the caller
+        closes them (see :class:`_Handover`).
+        """
+        handover = _Handover()
+        try:
+            await self._hop(_link_all, self._tmp, jobs, flags, handover)
+        except BaseException as exc:
+            handover.abandon()
+            await self._fail(exc)
+            raise
+        return handover.links
+
+    async def copy_to(self, md: Maildir, flags: str | None) -> Delivery | Exception:
+        """Deliver a copy of the staged file into *md* through its ordinary path."""
+        reader = await self._hop(self._open_reader)
+        if isinstance(reader, OSError):
+            return reader
+        return await _copy(reader, md, flags)
+
+    def _open_reader(self) -> IO[bytes] | OSError:
+        # The staged inode, reopened for reading (the session's fd is write-only); an
+        # error is this target's result, not the end of the staging file.
+        tmp = self._tmp
+        try:
+            fd = tmp.sys.open(f"/proc/self/fd/{tmp.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            return exc
+        return os.fdopen(fd, "rb")
+
+
+_Links = list[tuple[int, "_Linked | Exception"]]
+
+
+class _Handover:
+    """Links made by a worker: handed to the caller, or closed by the worker if it left."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.links: _Links = []
+        self.abandoned = False
+
+    def give(self, links: _Links) -> None:
+        """Hand *links* to the caller (in the worker); close them if it has left."""
+        with self.lock:
+            if not self.abandoned:
+                self.links = links
+                return
+        _dispose(links)
+
+    def abandon(self) -> None:
+        """The caller leaves (on the loop): close whatever the worker handed over."""
+        with self.lock:
+            self.abandoned = True
+            links, self.links = self.links, []
+        _dispose(links)
 
 
 @dataclass(slots=True)
@@ -99,13 +143,11 @@ class _Linked:
             return True
 
 
-def _dispose(links: list[tuple[int, _Linked | Exception]]) -> None:
-    """Close whatever no worker took over (the fds of unclaimed links, copy sources)."""
+def _dispose(links: _Links) -> None:
+    """Close the directory fds of every link that no fsync job took over."""
     for _, res in links:
         if isinstance(res, _Linked) and res.claim("loop"):
             res.target.close_dirs()  # closing a directory fd never blocks
-        elif isinstance(res, _NeedsCopy):
-            res.file.close()
 
 
 def _link_one(staged: TmpFile, md: Maildir, flags: str | None) -> _Linked:
@@ -140,10 +182,7 @@ def _link_one(staged: TmpFile, md: Maildir, flags: str | None) -> _Linked:
                 except OSError as exc:
                     if exc.errno not in _COPY_ERRNOS:
                         raise
-                    # Reopen the staged inode for reading (it is write-only) and let the
-                    # event loop deliver a copy through the target's own path.
-                    fd = sys.open(f"/proc/self/fd/{staged.fd}", os.O_RDONLY | os.O_CLOEXEC)
-                    raise _NeedsCopy(os.fdopen(fd, "rb")) from None
+                    raise _NeedsCopy from None  # delivered as a copy later
                 break
             else:
                 raise FileExistsError(errno.EEXIST, f"could not find a free name in {md.path}")
@@ -173,29 +212,17 @@ def _sync_one(linked: _Linked) -> Delivery:
     return linked.delivery
 
 
-_fsync_pool: ThreadPoolExecutor | None = None
-_fsync_pool_lock = threading.Lock()
+async def _sync_links(links: _Links) -> None:
+    """Fsync every linked target's directory, concurrently, on the engine's workers.
 
-
-def _sync_all(links: list[tuple[int, _Linked | Exception]]) -> None:
-    """Fsync every linked target's directory, in parallel, from inside the worker.
-
-    Parallel fsyncs overlap on the device (10 directories: ~0.6 ms together against ~1 ms
-    one after another on the dev VM), and doing them from this worker rather than with one
-    event-loop hop each saves a loop wake-up per target. Each result is stored on its link.
+    Each result is stored on its link. Parallel fsyncs overlap on the device. Cancelled,
+    the caller closes the fds of the links no job took over and leaves; a job that took
+    one over closes its fds itself.
     """
-    global _fsync_pool
-    todo = [res for _, res in links if isinstance(res, _Linked)]
-    if len(todo) <= 1:
-        for res in todo:
-            _sync_into(res)
-        return
-    with _fsync_pool_lock:
-        if _fsync_pool is None:
-            _fsync_pool = ThreadPoolExecutor(16, thread_name_prefix="maildrop fsync")
-        pool = _fsync_pool
-    for fut in [pool.submit(_sync_into, res) for res in todo]:
-        fut.result()
+    try:
+        await run_each(_sync_into, [res for _, res in links if isinstance(res, _Linked)])
+    finally:
+        _dispose(links)
 
 
 def _sync_into(linked: _Linked) -> None:
@@ -206,15 +233,15 @@ def _sync_into(linked: _Linked) -> None:
 
 
 def _link_all(
-    staged: TmpFile, jobs: list[tuple[int, Maildir]], flags: str | None
-) -> list[tuple[int, _Linked | Exception]]:
-    out: list[tuple[int, _Linked | Exception]] = []
+    staged: TmpFile, jobs: list[tuple[int, Maildir]], flags: str | None, handover: _Handover
+) -> None:
+    out: _Links = []
     for i, md in jobs:
         try:
             out.append((i, _link_one(staged, md, flags)))
         except Exception as exc:  # per-target result, never all-or-nothing
             out.append((i, exc))
-    return out
+    handover.give(out)
 
 
 def _probe(layout: Layout) -> None:
@@ -280,10 +307,9 @@ async def deliver_many(
             ),
         )
         async with session:
-            jobs = [(i, mds[i]) for i in range(first, len(mds))]
             try:
                 await feed(session, source)
-                done = await session.stage_and_link(jobs, flags)
+                await session.stage()
             except (OSError, MessageTooLargeError) as exc:
                 if exc is not session._error:
                     raise  # the source's own exception, as the same object
@@ -291,24 +317,38 @@ async def deliver_many(
                     results[first] = exc
                     continue
                 return [exc if r is None else r for r in results]
-            # The directory fsyncs run concurrently (they overlap on the device), and so
-            # does the removal of the staging file; the links stay.
-            try:
-                for i, res in done:
-                    if isinstance(res, _Linked):
-                        results[i] = res.result
-                    elif not isinstance(res, _NeedsCopy):
-                        results[i] = res
-                await session.abort()  # remove the staging file; the links stay
-                for i, res in done:
-                    if isinstance(res, _NeedsCopy):
-                        results[i] = await _copy(res.file, mds[i], flags)
-            finally:
-                # Cancelled: close what no worker took over (a claimed fsync closes its own).
-                _dispose(done)
+            await _fan_out(session, mds, first, flags, results)
+            await session.abort()  # remove the staging file; the links stay
         break
     # Every target either failed to stage (its error is recorded) or got a result.
     return [r for r in results if r is not None]
+
+
+async def _fan_out(
+    session: _Staging,
+    mds: list[Maildir],
+    first: int,
+    flags: str | None,
+    results: list[Delivery | Exception | None],
+) -> None:
+    """Link the staged file into ``mds[first:]`` and record each target's result.
+
+    Targets go a slice at a time (link, then the slice's directory fsyncs), so the fds
+    held at once stay bounded whatever the number of targets. Targets that need a copy
+    get it at the end, one at a time, while the staging file still exists.
+    """
+    copies: list[int] = []
+    for start in range(first, len(mds), _SLICE):
+        jobs = [(i, mds[i]) for i in range(start, min(start + _SLICE, len(mds)))]
+        links = await session.link_into(jobs, flags)
+        await _sync_links(links)
+        for i, res in links:
+            if isinstance(res, _NeedsCopy):
+                copies.append(i)
+            else:
+                results[i] = res.result if isinstance(res, _Linked) else res
+    for i in copies:
+        results[i] = await session.copy_to(mds[i], flags)
 
 
 async def _copy(file: IO[bytes], md: Maildir, flags: str | None) -> Delivery | Exception:

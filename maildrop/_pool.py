@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import anyio
 from anyio.lowlevel import RunVar
 
-__all__ = ["THREADS", "run_sync", "running_loop", "spawn", "submit"]
+__all__ = ["THREADS", "run_each", "run_sync", "running_loop", "spawn", "submit"]
 
 T = TypeVar("T")
 
@@ -101,6 +101,26 @@ async def run_sync(fn: Callable[..., T], *args: Any) -> T:
     )
 
 
+async def run_each(fn: Callable[[T], object], items: list[T]) -> None:
+    """Run ``fn(item)`` for every item in worker threads, concurrently; wait for all.
+
+    **Cancellation:** the caller is released at once; calls already taken by a worker run
+    to completion (on asyncio queued ones too, on trio they never start).
+    """
+    loop = running_loop()
+    if loop is None:
+        async with anyio.create_task_group() as tg:
+            for item in items:
+                tg.start_soon(run_sync, fn, item)
+        return
+    pool = _pool(loop)
+    futs = [pool.submit(loop, fn, (item,)) for item in items]
+    for fut in futs:
+        fut.add_done_callback(_retrieve)
+    for fut in futs:
+        await fut  # one wake-up collects every result that finished meanwhile
+
+
 def submit(fn: Callable[..., T], *args: Any) -> asyncio.Future[T] | None:
     """Queue ``fn(*args)`` for a worker and return its future, without waiting.
 
@@ -135,7 +155,7 @@ def spawn(
         return
     # Off asyncio anyio runs on trio, where a system task is the one kind of task that no
     # caller's cancel scope reaches.
-    import trio  # noqa: PLC0415 - only ever imported where trio is the running backend
+    import trio
 
     trio.lowlevel.spawn_system_task(_detached, fn, args, done)
 

@@ -39,7 +39,7 @@ def slow(step: str, started: threading.Event, delay: float = 0.3) -> Syscalls:
 @pytest.mark.asyncio
 @pytest.mark.parametrize("step", ["write", "fsync", "open"])
 async def test_native_cancel_during_a_worker_call(tmp_path: Path, step: str) -> None:
-    """task.cancel() while the worker is inside a syscall: once the worker is done, nothing stays."""
+    """task.cancel() while the worker is inside a syscall: after its cleanup nothing stays."""
     md = tmp_path / "m"
     await Maildir(md).deliver(b"warm")
     before = listing(md)
@@ -265,9 +265,7 @@ async def test_cancelled_deliver_many_returns_while_its_worker_is_blocked(
     held = HeldCall(getattr(DEFAULT_SYSCALLS, step))
     mds = [Maildir(p, syscalls=DEFAULT_SYSCALLS.replace(**{step: held})) for p in paths]
     try:
-        took = await released_after_cancel(
-            lambda: deliver_many(MSG, mds), held.entered.is_set
-        )
+        took = await released_after_cancel(lambda: deliver_many(MSG, mds), held.entered.is_set)
     finally:
         held.release.set()
     assert took < RELEASED_WITHIN

@@ -408,3 +408,33 @@ async def test_cancelled_during_the_fsyncs(tmp_path: Path, faults: Faults) -> No
     assert len(listing(tmp_path / "slow")["new"]) == 2  # linked: it stays
     assert listing(tmp_path / "near")["tmp"] == []
     assert len(listing(tmp_path / "far")["new"]) == 1  # the copy never started
+
+
+_FD_CHILD = textwrap.dedent(
+    """
+    import asyncio, os, resource, sys
+    from maildrop import Delivery, Maildir, deliver_many
+    root, n = sys.argv[1], int(sys.argv[2])
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    mds = [Maildir(os.path.join(root, f"m{i}")) for i in range(n)]
+    res = asyncio.run(deliver_many(b"Subject: fan-out\\n\\nhi\\n", mds))
+    bad = [r for r in res if not isinstance(r, Delivery)]
+    assert not bad, bad[:3]
+    assert all(r.path.read_bytes() == b"Subject: fan-out\\n\\nhi\\n" for r in res)
+    print(len(res))
+    """
+)
+
+
+def test_a_thousand_targets_fit_in_256_fds(tmp_path: Path) -> None:
+    """1 000 targets succeed under RLIMIT_NOFILE 256: the fds held at once are bounded."""
+    for i in range(1000):  # made here, so the child only delivers
+        for sub in ("tmp", "new", "cur"):
+            (tmp_path / f"m{i}" / sub).mkdir(parents=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _FD_CHILD, str(tmp_path), "1000"],
+        capture_output=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+    assert proc.stdout.strip() == b"1000"
