@@ -3,10 +3,10 @@
 ``maildirsize`` sits in the top maildir. Its first line holds the limits (``10000000S,1000C``:
 bytes and/or messages); every further line holds two signed integers, a byte delta and a
 message delta, and the usage is their sum. Writers append one line per delivery; the file is
-recalculated from the directories when it is missing, 5120 bytes or longer, adds up to a
-negative usage, or says the maildir is over quota while it has more than one delta line or
-is at least 15 minutes old. This module parses, formats and decides; ``_quota_io`` does
-the I/O.
+recalculated from the directories when it is missing, 5120 bytes or longer, has a delta line
+that does not parse (numbers are at most 18 digits), adds up to a negative usage, or says
+the maildir is over quota while it has more than one delta line or is at least 15 minutes
+old. This module parses, formats and decides; ``_quota_io`` does the I/O.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "MAX_DIGITS",
     "MAX_FILE",
     "RECALC_AGE",
     "Quota",
@@ -31,6 +32,9 @@ __all__ = [
 MAX_FILE = 5120
 #: Seconds after which an over-quota maildirsize is distrusted and recalculated.
 RECALC_AGE = 15 * 60
+#: Longest number read from maildirsize: Courier keeps 64-bit counters, so anything longer
+#: is damage (and Python refuses to convert numbers past 4 300 digits at all).
+MAX_DIGITS = 18
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +82,8 @@ class QuotaFile:
     used_messages: int
     lines: int
     """Delta lines after the limits line."""
+    malformed: bool = False
+    """A delta line did not parse: the file must be recalculated."""
 
 
 def parse_limits(line: str) -> tuple[int | None, int | None]:
@@ -89,9 +95,10 @@ def parse_limits(line: str) -> tuple[int | None, int | None]:
     limit_messages: int | None = None
     for member in line.split(","):
         member = member.strip()
-        if len(member) < 2 or not member[:-1].isdigit() or not member[:-1].isascii():
+        value = _int(member[:-1], signed=False)
+        if value is None:
             continue
-        value = int(member[:-1]) or None
+        value = value or None
         if member[-1] == "S":
             limit_bytes = value
         elif member[-1] == "C":
@@ -99,30 +106,39 @@ def parse_limits(line: str) -> tuple[int | None, int | None]:
     return limit_bytes, limit_messages
 
 
-def _int(text: str) -> int | None:
-    digits = text[1:] if text.startswith("-") else text
-    if not digits or not digits.isascii() or not digits.isdigit():
+def _int(text: str, *, signed: bool = True) -> int | None:
+    """Return the decimal integer *text*, or None if it is not one of at most MAX_DIGITS."""
+    digits = text[1:] if signed and text.startswith("-") else text
+    if not 0 < len(digits) <= MAX_DIGITS or not digits.isascii() or not digits.isdigit():
         return None
     return int(text)
 
 
 def parse_maildirsize(data: bytes) -> QuotaFile:
-    """Parse the contents of a ``maildirsize`` file (malformed delta lines count as lines
-    but add nothing, as in Courier)."""
+    """Parse the contents of a ``maildirsize`` file.
+
+    A delta line that does not parse adds nothing and marks the result ``malformed``: the
+    Maildir++ rules then have the file recalculated rather than trusted.
+    """
     text = data.decode("ascii", "replace")
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     limit_bytes, limit_messages = parse_limits(lines[0]) if lines else (None, None)
     used_bytes = used_messages = 0
+    malformed = False
     for line in lines[1:]:
         fields = line.split()
-        if len(fields) >= 2:
-            b, c = _int(fields[0]), _int(fields[1])
-            if b is not None and c is not None:
-                used_bytes += b
-                used_messages += c
-    return QuotaFile(limit_bytes, limit_messages, used_bytes, used_messages, len(lines[1:]))
+        b = _int(fields[0]) if len(fields) >= 2 else None
+        c = _int(fields[1]) if len(fields) >= 2 else None
+        if b is None or c is None:
+            malformed = True
+            continue
+        used_bytes += b
+        used_messages += c
+    return QuotaFile(
+        limit_bytes, limit_messages, used_bytes, used_messages, len(lines[1:]), malformed
+    )
 
 
 def format_maildirsize(

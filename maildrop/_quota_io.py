@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from ._quota import (
 from ._sys import Syscalls
 from ._writer import DIR_FLAGS, FILE_FLAGS, LIVE_TMP, Layout, TmpFile, new_name, write_all
 
-__all__ = ["QuotaGuard", "recalculate"]
+__all__ = ["QuotaGuard", "UnusableQuotaFile", "recalculate"]
 
 _TRASH = ".Trash"
 _RECALC_TRIES = 3
@@ -73,10 +74,50 @@ class _Read:
     mtime: float
 
 
-def _read(sys: Syscalls, root_fd: int) -> _Read | None:
+# maildirsize is a file of the mailbox owner's, not one maildrop created: never block in
+# open() (a FIFO), never follow a symlink, never write through a hard link to another file.
+_OPEN_FLAGS = os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class UnusableQuotaFile(OSError):
+    """``maildirsize`` exists but is not a regular file with one link; it is never used."""
+
+    def __init__(self, root: str, what: str, err: int = errno.EINVAL) -> None:
+        super().__init__(
+            err,
+            f"{os.path.join(root, NAME)!r} is {what}, not a regular file with one link; "
+            "maildrop neither reads nor writes it: replace it with a regular file (or remove "
+            "it and set the limits again)",
+        )
+
+
+def _open_file(sys: Syscalls, layout: Layout, root_fd: int, flags: int) -> int | None:
+    """Open maildirsize with *flags* if it is a regular file with one link; None if missing."""
     try:
-        fd = sys.open(NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
+        fd = sys.open(NAME, flags | _OPEN_FLAGS, dir_fd=root_fd)
     except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnusableQuotaFile(layout.root, "a symbolic link", errno.ELOOP) from None
+        if exc.errno in (errno.ENXIO, errno.EISDIR):  # a FIFO without reader, a directory
+            raise UnusableQuotaFile(layout.root, "a FIFO or a directory") from None
+        raise
+    try:
+        st = sys.stat(fd)
+    except BaseException:
+        sys.close(fd)
+        raise
+    if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+        return fd
+    sys.close(fd)
+    what = "hard-linked elsewhere" if stat.S_ISREG(st.st_mode) else "a FIFO, device or directory"
+    raise UnusableQuotaFile(layout.root, what)
+
+
+def _read(sys: Syscalls, layout: Layout, root_fd: int) -> _Read | None:
+    fd = _open_file(sys, layout, root_fd, os.O_RDONLY)
+    if fd is None:
         return None
     try:
         parts: list[bytes] = []
@@ -225,28 +266,30 @@ class QuotaGuard:
 
     def _check(self, root_fd: int, size: int) -> None:
         sys = self.layout.syscalls
-        read = _read(sys, root_fd)
+        try:
+            read = _read(sys, self.layout, root_fd)
+        except UnusableQuotaFile:
+            if self.quota.from_file:
+                raise  # its limits are only in that file: a temporary error until fixed
+            read = None  # the limits are in code: a fresh file replaces the bad one
         if read is None and self.quota.from_file:
             self.active = False  # no maildirsize and no limits in code: no quota
             return
         info = None if read is None else read.info
         limits = self._limits(info)
-        fresh = False
         if (
             read is None
             or info is None
             or read.size >= MAX_FILE
+            or info.malformed
             or info.used_bytes < 0
             or info.used_messages < 0
             or (info.limit_bytes, info.limit_messages) != limits
         ):
             info = recalculate(self.layout, root_fd, *limits)
-            fresh = True
+            read = None
         if self._over(info, size):
-            if fresh or not (
-                read is not None
-                and (read.info.lines > 1 or time.time() - read.mtime >= RECALC_AGE)
-            ):
+            if read is None or not (read.info.lines > 1 or time.time() - read.mtime >= RECALC_AGE):
                 self._refuse(info, size)
             info = recalculate(self.layout, root_fd, *limits)
             if self._over(info, size):
@@ -326,9 +369,10 @@ class QuotaGuard:
         """Append the line for one delivered message of *size* bytes (errors ignored)."""
         sys = self.layout.syscalls
         try:
-            fd = sys.open(NAME, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
-                          dir_fd=root_fd)  # fmt: skip
+            fd = _open_file(sys, self.layout, root_fd, os.O_WRONLY | os.O_APPEND)
         except OSError:
+            return  # replaced by something unusable: the next check recalculates
+        if fd is None:
             return  # removed by a racing recalculation: it will have counted us
         try:
             sys.write(fd, format_delta(size, 1))  # one write: O_APPEND keeps lines whole

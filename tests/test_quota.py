@@ -73,7 +73,26 @@ def test_parse_is_lenient_like_courier() -> None:
     assert parse_limits("0S,5C,xyz,7Q, 9S") == (9, 5)
     q = parse_maildirsize(b"1000S\n         12          1\nbogus\n5 x\n-3 -1\n7 1")
     assert (q.used_bytes, q.used_messages, q.lines) == (16, 1, 5)
+    assert q.malformed  # counted without the bad lines, and to be recalculated
+    assert not parse_maildirsize(b"1000S\n12 1\n").malformed
     assert parse_maildirsize(b"").lines == 0
+
+
+@given(st.binary(max_size=300))
+def test_parse_never_raises(data: bytes) -> None:
+    """Any bytes at all parse: what does not parse is ignored and marked."""
+    q = parse_maildirsize(data)
+    assert q.lines >= 0
+
+
+@given(st.integers(19, 5000))
+def test_huge_numbers_are_malformed_not_fatal(digits: int) -> None:
+    """A number longer than 18 digits (Python refuses past 4 300) is a line that does not parse."""
+    huge = "9" * digits
+    q = parse_maildirsize(f"{huge}S,5C\n1 1\n{huge} 1\n".encode())
+    assert (q.limit_bytes, q.limit_messages, q.used_bytes, q.used_messages) == (None, 5, 1, 1)
+    assert q.malformed
+    assert parse_limits(f"{huge}S") == (None, None)
 
 
 def test_name_rules() -> None:
@@ -287,6 +306,86 @@ async def test_symlinked_maildirsize_is_refused(maildir_path: Path, tmp_path: Pa
         await Maildir(maildir_path, quota=Quota()).deliver(MSG)
     assert info.value.errno == errno.ELOOP
     assert listing(maildir_path) == {"tmp": [], "new": [], "cur": []}
+
+
+def plant(kind: str, md: Path, outside: Path) -> None:
+    """Make md's maildirsize a FIFO, a symlink or a hard link to *outside*."""
+    seed(md, b"500S\n0 0\n")
+    (md / "maildirsize").unlink()
+    if kind == "fifo":
+        os.mkfifo(md / "maildirsize")
+    elif kind == "symlink":
+        os.symlink(outside, md / "maildirsize")
+    else:
+        os.link(outside, md / "maildirsize")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "hardlink"])
+async def test_unusable_maildirsize_is_replaced_under_code_limits(
+    maildir_path: Path, tmp_path: Path, kind: str
+) -> None:
+    """With limits in code, a FIFO/symlinked/hard-linked maildirsize is recalculated into a
+    fresh file: nothing blocks, nothing outside the maildir is written."""
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"1000S\n0 0\n")  # the limits match: only its kind is wrong
+    plant(kind, maildir_path, outside)
+    with anyio.fail_after(5):
+        await Maildir(maildir_path, quota=Quota(bytes=1000)).deliver(MSG)
+    assert outside.read_bytes() == b"1000S\n0 0\n"
+    st_ = os.lstat(maildir_path / "maildirsize")
+    assert st_.st_nlink == 1
+    assert usage(maildir_path) == (1000, None, 100, 1)
+    assert len(listing(maildir_path)["new"]) == 1
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "hardlink"])
+async def test_unusable_maildirsize_with_file_limits_is_a_temporary_error(
+    maildir_path: Path, tmp_path: Path, kind: str
+) -> None:
+    """With the limits only in maildirsize, an unusable one fails the delivery temporarily
+    (at once, not blocked in open()) and is left as it is."""
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"500S\n0 0\n")
+    plant(kind, maildir_path, outside)
+    with (
+        anyio.fail_after(5),
+        pytest.raises(OSError, match="not a regular file with one link") as info,
+    ):
+        await Maildir(maildir_path, quota=Quota()).deliver(MSG)
+    assert outcome(info.value).reply == "451 4.3.0 Local error in processing"
+    assert outside.read_bytes() == b"500S\n0 0\n"
+    assert listing(maildir_path) == {"tmp": [], "new": [], "cur": []}
+
+
+@pytest.mark.anyio
+async def test_huge_number_in_maildirsize_is_recalculated(maildir_path: Path) -> None:
+    """A 5 000-digit number is a line that does not parse: the file is recalculated."""
+    seed(maildir_path, b"500S\n0 0\n" + b"9" * 5000 + b" 1\n")
+    await Maildir(maildir_path, quota=Quota()).deliver(MSG)
+    assert (maildir_path / "maildirsize").read_text() == "500S\n0 0\n100 1\n"
+
+
+@pytest.mark.anyio
+async def test_append_skips_a_maildirsize_swapped_for_a_hard_link(
+    maildir_path: Path, tmp_path: Path
+) -> None:
+    """The line after the link is never appended through a hard link to another file."""
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"1000S\n0 0\n")
+    real_link = os.link
+
+    def link(*args: Any, **kwargs: Any) -> None:
+        real_link(*args, **kwargs)  # the message is published; now the file is swapped
+        (maildir_path / "maildirsize").unlink()
+        real_link(outside, maildir_path / "maildirsize")
+
+    seed(maildir_path, b"1000S\n0 0\n")
+    md = Maildir(maildir_path, quota=Quota(), syscalls=DEFAULT_SYSCALLS.replace(link=link))
+    d = await md.deliver(MSG)
+    assert d.path.read_bytes() == MSG
+    assert outside.read_bytes() == b"1000S\n0 0\n"
 
 
 @pytest.mark.anyio
