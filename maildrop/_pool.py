@@ -35,7 +35,16 @@ from typing import Any, TypeVar
 import anyio
 from anyio.lowlevel import RunVar
 
-__all__ = ["THREADS", "run_each", "run_sync", "running_loop", "spawn", "submit"]
+__all__ = [
+    "SOURCE_THREADS",
+    "THREADS",
+    "read_source",
+    "run_each",
+    "run_sync",
+    "running_loop",
+    "spawn",
+    "submit",
+]
 
 T = TypeVar("T")
 
@@ -53,20 +62,26 @@ IDLE_SECONDS = 10.0
 #: How often an idle worker checks whether its event loop was closed (then it exits).
 POLL_SECONDS = 0.5
 
+#: Threads per event loop that may block reading message sources (pipes, sockets,
+#: terminals): a lane of their own, so a source that never sends holds none of the workers
+#: that deliveries need. Past this many, further source reads wait for one another.
+SOURCE_THREADS = 32
+
 _limiter: RunVar[anyio.CapacityLimiter] = RunVar("maildrop_limiter")
+_source_limiter: RunVar[anyio.CapacityLimiter] = RunVar("maildrop_source_limiter")
 # One pool per asyncio loop; weak keys, so a closed loop (and its pool) can be collected.
 _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pool] = weakref.WeakKeyDictionary()
 
 _Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
 
 
-def _anyio_limiter() -> anyio.CapacityLimiter:
+def _anyio_limiter(var: RunVar[anyio.CapacityLimiter] = _limiter) -> anyio.CapacityLimiter:
     # Made lazily: a CapacityLimiter binds to the event loop that first uses it.
     try:
-        return _limiter.get()
+        return var.get()
     except LookupError:
-        lim = anyio.CapacityLimiter(THREADS)
-        _limiter.set(lim)
+        lim = anyio.CapacityLimiter(SOURCE_THREADS if var is _source_limiter else THREADS)
+        var.set(lim)
         return lim
 
 
@@ -98,6 +113,17 @@ async def run_sync(fn: Callable[..., T], *args: Any) -> T:
         return await _pool(loop).submit(loop, fn, args)
     return await anyio.to_thread.run_sync(
         fn, *args, abandon_on_cancel=True, limiter=_anyio_limiter()
+    )
+
+
+async def read_source(read: Callable[[int], T], n: int) -> T:
+    """Call a source's blocking ``read(n)`` in the source lane (see :data:`SOURCE_THREADS`).
+
+    **Cancellation:** the caller is released at once; the read finishes (or blocks) in its
+    thread and its data is dropped.
+    """
+    return await anyio.to_thread.run_sync(
+        read, n, abandon_on_cancel=True, limiter=_anyio_limiter(_source_limiter)
     )
 
 

@@ -38,6 +38,12 @@ T = TypeVar("T")
 # copy_file_range errnos that mean "not between these two files": fall back to read/write.
 _NO_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS})
 
+#: Why a non-blocking source that had no data is refused (it is not the end of the message).
+WOULD_BLOCK = (
+    errno.EAGAIN,
+    "the source file is non-blocking and had no data; pass a blocking file or an async source",
+)
+
 #: Bytes buffered before a hop writes them (large messages are written in batches this big).
 BATCH = 1 << 20
 
@@ -437,11 +443,7 @@ class DeliverySession:
                     raise Aborted
                 data = f.read(self._batch)
                 if data is None:  # a non-blocking file without data now: not the end
-                    raise BlockingIOError(
-                        errno.EAGAIN,
-                        "the source file is non-blocking and had no data; pass a blocking "
-                        "file or an async source",
-                    )
+                    raise BlockingIOError(*WOULD_BLOCK)
                 if not data:
                     break
                 chunk = as_chunk(data)

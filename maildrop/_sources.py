@@ -1,7 +1,9 @@
 """Feed any supported message source into a :class:`DeliverySession`.
 
-Supported: bytes-like objects; synchronous binary files (read in the worker thread, copied
-with ``copy_file_range`` when they are regular files); objects with an async ``read(n)``
+Supported: bytes-like objects; synchronous binary files (regular files are read, or copied
+with ``copy_file_range``, in the worker that writes the message; pipes, sockets and terminals
+are read in the source lane of ``_pool``, so a source that blocks holds no delivery worker);
+objects with an async ``read(n)``
 (aiofiles and anyio files, ``asyncio.StreamReader``); async iterables of bytes-like chunks,
 which includes anyio's ``ByteReceiveStream``.
 """
@@ -10,12 +12,15 @@ from __future__ import annotations
 
 import inspect
 import io
+import os
+import stat
 from collections.abc import AsyncIterable
 from typing import IO, Any, cast
 
 from anyio.abc import ByteReceiveStream
 
-from ._session import BATCH, DeliverySession
+from ._pool import read_source
+from ._session import BATCH, WOULD_BLOCK, DeliverySession
 
 __all__ = ["Source", "feed"]
 
@@ -78,8 +83,26 @@ async def feed(session: DeliverySession, source: object) -> None:
             await session.write(chunk)
         return
     if read is not None and callable(read):
-        # A synchronous file: read (or copy_file_range) it in the worker thread, in the
-        # same hop that publishes the message.
+        if _may_block(source):
+            while True:
+                data = await read_source(read, BATCH)
+                if data is None:  # a non-blocking file without data now: not the end
+                    raise BlockingIOError(*WOULD_BLOCK)
+                if not data:
+                    return
+                await session.write(data)
+        # A regular file or an in-memory one: read (or copy_file_range) it in the worker
+        # thread, in the same hop that publishes the message.
         session._attach_file(cast(IO[bytes], source))
         return
     raise TypeError(f"cannot deliver a {type(source).__name__}; pass {_WHAT}")
+
+
+def _may_block(source: object) -> bool:
+    """Whether a synchronous file's ``read()`` can wait for a writer: a pipe, socket, tty."""
+    try:
+        fd = source.fileno()  # type: ignore[attr-defined]
+        mode = os.fstat(fd).st_mode  # of an open fd: answered from memory, never blocks
+    except (AttributeError, OSError, ValueError):  # no fd (BytesIO), closed, detached
+        return False
+    return not stat.S_ISREG(mode)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import threading
@@ -335,7 +334,7 @@ async def test_nonblocking_file_without_data_is_not_the_end(maildir_path: Path) 
         os.set_blocking(r, False)
         with (
             open(r, "rb", closefd=False) as f,
-            contextlib.suppress(OSError, TypeError, ValueError),
+            pytest.raises(BlockingIOError, match="non-blocking and had no data"),
         ):
             await Maildir(maildir_path).deliver(f)
     finally:

@@ -1,0 +1,49 @@
+"""Message sources: blocking ones are read in their own lane, never on the delivery workers."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from maildrop import Maildir
+
+from .conftest import listing
+
+pytestmark = pytest.mark.anyio
+
+MSG = b"Subject: x\n\nhello\n"  # 20 bytes with the header
+
+
+async def test_blocked_pipe_sources_do_not_delay_another_delivery(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    """8 deliveries reading pipes that send nothing leave a 20-byte delivery elsewhere
+    undelayed (under 100 ms) and still complete once their pipes deliver."""
+    pipes = [os.pipe() for _ in range(8)]
+    readers = [open(r, "rb") for r, _ in pipes]  # noqa: SIM115 - closed below
+    slow, other = Maildir(tmp_path / "slow"), Maildir(tmp_path / "other")
+    await slow.deliver(b"warm")
+    await other.deliver(b"warm")
+    took = float("inf")
+    try:
+        async with anyio.create_task_group() as tg:
+            for f in readers:
+                tg.start_soon(slow.deliver, f)
+            await anyio.sleep(0.2)  # every reader is now blocked in read()
+            with anyio.move_on_after(5):
+                start = time.monotonic()
+                await other.deliver(MSG)
+                took = time.monotonic() - start
+            for _, w in pipes:
+                os.write(w, b"Subject: piped\n\nbody\n")
+                os.close(w)
+    finally:
+        for f in readers:
+            f.close()
+    assert took < 0.1
+    assert len(listing(tmp_path / "slow")["new"]) == 9
+    assert len(listing(tmp_path / "other")["new"]) == 2
