@@ -4,11 +4,12 @@
 ``twisted.mail.maildir._MaildirMailboxAppendMessageTask`` that delivers durably and never
 blocks the reactor. It runs on asyncio: under Twisted, install
 ``twisted.internet.asyncioreactor``; without Twisted, use it from asyncio code, where its
-``defer`` is a :class:`Deferred` of this package. Importing ``compat`` never imports or
+``defer`` is a :class:`Deferred` of this package. Either way asyncio code waits for it with
+``await compat.as_future(d)``. Importing ``compat`` never imports or
 installs a Twisted reactor.
 """
 
-from ._deferred import AlreadyCalledError, Deferred, Failure
+from ._deferred import AlreadyCalledError, Deferred, Failure, as_future
 from ._task import DeliveryAborted, MaildirMailbox, MaildirMailboxAppendMessageTask
 from ._twisted import HAVE_TWISTED, IConsumer
 
@@ -21,4 +22,5 @@ __all__ = [
     "IConsumer",
     "MaildirMailbox",
     "MaildirMailboxAppendMessageTask",
+    "as_future",
 ]

@@ -8,6 +8,8 @@ fires. Errbacks receive a :class:`Failure` whose ``value`` is the original excep
 
 Awaiting goes through an asyncio future: ``await d`` (or ``await d.asFuture(loop)``) gives
 the chain's result or raises its exception, and cancelling the awaiting task cancels ``d``.
+A Twisted ``Deferred`` cannot be awaited in an asyncio task ("Task got bad yield"):
+:func:`as_future` is the one spelling that works for both kinds.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Callable, Generator
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-__all__ = ["AlreadyCalledError", "Deferred", "Failure"]
+__all__ = ["AlreadyCalledError", "Deferred", "Failure", "as_future"]
 
 T = TypeVar("T")
 
@@ -226,3 +228,29 @@ class Deferred(Generic[T]):
         fut = self.asFuture(asyncio.get_running_loop())
         result: T = yield from fut.__await__()
         return result
+
+
+def as_future(d: Any) -> asyncio.Future[Any]:
+    """Return a future of the running asyncio loop that gets the Deferred *d*'s result.
+
+    ``await compat.as_future(mbox.appendMessage(msg))`` works whether *d* is a Twisted
+    ``Deferred`` (Twisted installed) or a :class:`Deferred` of this package (Twisted
+    absent). As with ``asFuture``, *d*'s chain continues with None afterwards.
+
+    Raises:
+        TypeError: *d* is not a Deferred.
+        RuntimeError: no asyncio loop is running in this thread.
+
+    **Cancellation:** cancelling the future (or the task awaiting it) cancels *d*.
+    """
+    convert = getattr(d, "asFuture", None)
+    if not callable(convert):
+        raise TypeError(
+            f"as_future() takes a Deferred (Twisted's or compat's), not {type(d).__name__}"
+        )
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeError("as_future() needs a running asyncio event loop") from None
+    fut: asyncio.Future[Any] = convert(loop)
+    return fut

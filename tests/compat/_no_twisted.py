@@ -62,11 +62,12 @@ async def main() -> None:
     d.addCallback(lambda r: seen.append(("cb", r)) or "chained")
     checks["await_result"] = await d == "chained"
     checks["callback_ran"] = seen == [("cb", None)]
+    checks["as_future"] = await compat.as_future(mbox.appendMessage(b"Subject: f\n\nf\n")) is None
     big = os.urandom(3 << 20)
     await mbox.appendMessage(io.BytesIO(big))
     with open(mbox.list[-1], "rb") as f:
         checks["file_source_exact"] = f.read() == big
-    checks["list"] = len(mbox.list) == 2 and all(isinstance(p, str) for p in mbox.list)
+    checks["list"] = len(mbox.list) == 3 and all(isinstance(p, str) for p in mbox.list)
 
     mbox.AppendFactory = NoSpace
     failures: list[Any] = []

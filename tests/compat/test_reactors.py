@@ -35,6 +35,36 @@ print(json.dumps(out))
 """
 
 
+ASYNCIO_REACTOR = """
+import asyncio, json, sys
+from twisted.internet import asyncioreactor
+asyncioreactor.install()
+from twisted.internet import defer, reactor
+import twisted.mail.maildir as tmaildir
+import compat
+
+out = {}
+async def main():
+    ours = compat.MaildirMailbox(sys.argv[1])
+    out["ours"] = await compat.as_future(ours.appendMessage(b"Subject: 1\\n\\nx\\n"))
+    theirs = tmaildir.MaildirMailbox(sys.argv[1].encode())
+    theirs.AppendFactory = compat.MaildirMailboxAppendMessageTask
+    d = theirs.appendMessage(b"Subject: 2\\n\\ny\\n")
+    out["twisted_deferred"] = isinstance(d, defer.Deferred)
+    out["theirs"] = await compat.as_future(d)
+    try:
+        await ours.appendMessage(b"Subject: 3\\n\\nz\\n")
+    except RuntimeError as exc:  # what the README's old example did
+        out["bare_await"] = str(exc)
+def go():
+    fut = asyncio.ensure_future(main())
+    fut.add_done_callback(lambda f: (out.update(error=repr(f.exception())), reactor.stop()))
+reactor.callWhenRunning(go)
+reactor.run()
+print(json.dumps(out))
+"""
+
+
 def _python(code: str, *args: str, cwd: Path) -> dict[str, object]:
     proc = subprocess.run(
         [sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, timeout=60
@@ -65,5 +95,18 @@ def test_without_twisted_under_plain_asyncio(tmp_path: Path) -> None:
     """With Twisted unimportable the shim runs on asyncio with compat.Deferred."""
     result = finish(start("_no_twisted.py", str(tmp_path / "Maildir"), cwd=tmp_path))
     assert result.pop("ok") is True, result
-    # one, the 3 MiB file, and the message cancelled during its publish (kept: linked)
-    assert result["new"] == 3
+    # one, as_future's, the 3 MiB file, and the one cancelled during its publish (linked)
+    assert result["new"] == 4
+
+
+@needs_twisted
+def test_as_future_awaits_either_deferred_under_asyncioreactor(tmp_path: Path) -> None:
+    """Under asyncioreactor, asyncio code awaits appendMessage through compat.as_future, with
+    compat's mailbox and with Twisted's own (a bare await of a Twisted Deferred fails)."""
+    out = _python(ASYNCIO_REACTOR, str(tmp_path / "Maildir"), cwd=tmp_path)
+    assert out["error"] == "None"
+    assert out["ours"] is None
+    assert out["theirs"] is None
+    assert out["twisted_deferred"] is True
+    assert "bad yield" in str(out["bare_await"])
+    assert len(list((tmp_path / "Maildir" / "new").iterdir())) >= 2

@@ -543,3 +543,32 @@ async def test_open_call_refuses_a_second_cancel_like_a_delayed_call() -> None:
         other.cancel()
     await asyncio.sleep(0)
     assert ran == [1]
+
+
+@pytest.mark.asyncio
+async def test_as_future_is_the_one_await_with_or_without_twisted(maildir_path: Path) -> None:
+    """compat.as_future(d) awaits appendMessage's Deferred whichever kind it is (here a Twisted
+    one when Twisted is installed), with the result or the original error."""
+    mbox = compat.MaildirMailbox(str(maildir_path))
+    d = mbox.appendMessage(b"Subject: as_future\n\nbody\n")
+    kind = "twisted.internet.defer" if compat.HAVE_TWISTED else "compat._deferred"
+    assert type(d).__module__ == kind
+    assert await compat.as_future(d) is None
+    assert len(listing(maildir_path)["new"]) == 1
+
+    class NoSpace(Task):
+        def oswrite(self, fd: int, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "injected ENOSPC")
+
+    mbox.AppendFactory = NoSpace
+    with pytest.raises(OSError, match="injected ENOSPC"):
+        await compat.as_future(mbox.appendMessage(b"x"))
+    with pytest.raises(TypeError, match="takes a Deferred"):
+        compat.as_future(b"not a deferred")
+
+
+def test_as_future_needs_a_running_loop() -> None:
+    """Outside an asyncio loop as_future says so instead of failing later."""
+    d = compat.Deferred[None]()
+    with pytest.raises(RuntimeError, match="running asyncio event loop"):
+        compat.as_future(d)
