@@ -275,21 +275,16 @@ async def deliver_many(
         ValueError: a bad flag or header value (before any I/O).
         Exception: whatever *source* raised, as the same object.
 
-    **Cancellation:** the staging file is removed once any worker call on it finished.
-    Targets already linked keep the message (complete; durable once their directory
-    fsync ran), like a cancelled :meth:`Maildir.deliver` after its link.
+    **Cancellation:** the caller is released at once; the staging file is removed once
+    the worker call on it finished. Targets already linked keep the message (complete;
+    durable once their directory fsync ran), like :meth:`Maildir.deliver` after its link.
     """
-    mds = list(targets)
-    for md in mds:
-        if not isinstance(md, Maildir):
-            raise TypeError(f"deliver_many() targets must be maildrop.Maildir, not {md!r}")
+    mds = _maildirs(targets)
     flags = None if flags is None else format_flags(flags)
     make_transform(return_path=return_path, delivered_to=None, crlf_to_lf=crlf_to_lf)
     if not mds:
         return []
     results: list[Delivery | Exception | None] = [None] * len(mds)
-    limits = [md._max_size for md in mds]
-    max_size = None if None in limits else max((m for m in limits if m is not None), default=0)
     rewindable = isinstance(source, bytes | bytearray | memoryview)
     for first, md in enumerate(mds):
         if not rewindable:
@@ -298,14 +293,7 @@ async def deliver_many(
             except OSError as exc:
                 results[first] = exc
                 continue
-        layout = replace(md._layout, fsync=any(m._layout.fsync for m in mds))
-        session = _Staging(
-            layout,
-            max_size=max_size,
-            transform=make_transform(
-                return_path=return_path, delivered_to=None, crlf_to_lf=crlf_to_lf
-            ),
-        )
+        session = _staging_in(md, mds, return_path, crlf_to_lf)
         async with session:
             try:
                 await feed(session, source)
@@ -322,6 +310,26 @@ async def deliver_many(
         break
     # Every target either failed to stage (its error is recorded) or got a result.
     return [r for r in results if r is not None]
+
+
+def _maildirs(targets: Sequence[Maildir]) -> list[Maildir]:
+    mds = list(targets)
+    for md in mds:
+        if not isinstance(md, Maildir):
+            raise TypeError(f"deliver_many() targets must be maildrop.Maildir, not {md!r}")
+    return mds
+
+
+def _staging_in(
+    md: Maildir, mds: list[Maildir], return_path: str | None, crlf_to_lf: bool
+) -> _Staging:
+    """Return a staging session in *md* that suits every target of *mds*: the largest
+    ``max_size`` (each target checks its own), fsync if any target fsyncs."""
+    limits = [m._max_size for m in mds]
+    max_size = None if None in limits else max((m for m in limits if m is not None), default=0)
+    layout = replace(md._layout, fsync=any(m._layout.fsync for m in mds))
+    transform = make_transform(return_path=return_path, delivered_to=None, crlf_to_lf=crlf_to_lf)
+    return _Staging(layout, max_size=max_size, transform=transform)
 
 
 async def _fan_out(

@@ -16,8 +16,12 @@ wakes the loop when no earlier completion is still waiting to be collected. At 6
 hops go through ``anyio.to_thread.run_sync`` with maildrop's own ``CapacityLimiter``.
 
 Both paths abandon a cancelled caller at once; the worker still runs the call (even one that
-was still queued) to completion (``_session`` makes the worker clean up after a cancelled
-delivery).
+was still queued, on asyncio) to completion (``_session`` makes the worker clean up after a
+cancelled delivery). Jobs that belong to no caller (a cleanup handed over by a cancelled
+delivery, a group-commit fsync that several deliveries wait for) are started with
+:func:`spawn`, which on trio runs them from a system task, out of every caller's cancel
+scope. Reads of sources that may block forever (pipes) never use these workers: they go
+through :func:`read_source`, a bounded lane of their own.
 """
 
 from __future__ import annotations

@@ -276,3 +276,36 @@ async def test_cancelled_deliver_many_returns_while_its_worker_is_blocked(
     for p in paths:
         for name in listing(p)["new"]:
             assert (p / "new" / name).read_bytes() in (b"warm", MSG)
+
+
+@pytest.mark.anyio
+async def test_abort_from_another_task_waits_for_the_workers_cleanup(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    """abort() while commit()'s worker is stuck in fsync: commit raises, abort() returns only
+    once the worker has removed the tmp file, and nothing is published."""
+    md = tmp_path / "m"
+    await Maildir(md).deliver(b"warm")
+    before = listing(md)
+    held = HeldCall(os.fsync)
+    m = Maildir(md, syscalls=DEFAULT_SYSCALLS.replace(fsync=held))
+    errors: list[BaseException] = []
+
+    async def commit(session: Any) -> None:
+        try:
+            await session.commit()
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    try:
+        async with m.open_delivery() as session, anyio.create_task_group() as tg:
+            await session.write(MSG)
+            tg.start_soon(commit, session)
+            await wait_for(held.entered)
+            threading.Timer(0.1, held.release.set).start()
+            await session.abort()
+            assert listing(md) == before  # abort() returned after the worker's cleanup
+    finally:
+        held.release.set()
+    assert len(errors) == 1
+    assert "aborted while a worker was writing it" in str(errors[0])

@@ -26,7 +26,7 @@ from maildrop._quota import (
     size_from_name,
 )
 
-from .conftest import Faults, listing
+from .conftest import Faults, listing, open_fds
 
 MSG = b"Subject: q\n\n" + b"x" * 88  # 100 bytes
 
@@ -368,10 +368,12 @@ async def test_huge_number_in_maildirsize_is_recalculated(maildir_path: Path) ->
 
 
 @pytest.mark.anyio
-async def test_append_skips_a_maildirsize_swapped_for_a_hard_link(
-    maildir_path: Path, tmp_path: Path
+@pytest.mark.parametrize("swap", ["hardlink", "fifo", "removed"])
+async def test_append_skips_a_maildirsize_swapped_after_the_check(
+    maildir_path: Path, tmp_path: Path, swap: str
 ) -> None:
-    """The line after the link is never appended through a hard link to another file."""
+    """The line after the link is never appended through a hard link to another file, never
+    blocks on a FIFO, and is skipped when the file is gone: the message stays delivered."""
     outside = tmp_path / "outside"
     outside.write_bytes(b"1000S\n0 0\n")
     real_link = os.link
@@ -379,13 +381,31 @@ async def test_append_skips_a_maildirsize_swapped_for_a_hard_link(
     def link(*args: Any, **kwargs: Any) -> None:
         real_link(*args, **kwargs)  # the message is published; now the file is swapped
         (maildir_path / "maildirsize").unlink()
-        real_link(outside, maildir_path / "maildirsize")
+        if swap == "hardlink":
+            real_link(outside, maildir_path / "maildirsize")
+        elif swap == "fifo":
+            os.mkfifo(maildir_path / "maildirsize")
 
     seed(maildir_path, b"1000S\n0 0\n")
     md = Maildir(maildir_path, quota=Quota(), syscalls=DEFAULT_SYSCALLS.replace(link=link))
-    d = await md.deliver(MSG)
+    with anyio.fail_after(5):
+        d = await md.deliver(MSG)
     assert d.path.read_bytes() == MSG
     assert outside.read_bytes() == b"1000S\n0 0\n"
+
+
+@pytest.mark.anyio
+async def test_failed_stat_of_maildirsize_fails_cleanly(
+    maildir_path: Path, faults: Faults
+) -> None:
+    """An fstat error right after opening maildirsize fails the delivery; no fd stays open."""
+    seed(maildir_path, b"1000S\n0 0\n")
+    fds = open_fds()
+    md = Maildir(maildir_path, quota=Quota(), syscalls=faults.failing("stat", err=errno.EIO))
+    with pytest.raises(OSError, match="injected EIO in stat"):
+        await md.deliver(MSG)
+    assert listing(maildir_path) == {"tmp": [], "new": [], "cur": []}
+    assert open_fds() == fds
 
 
 @pytest.mark.anyio

@@ -9,7 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from maildrop import Maildir
+from maildrop import Maildir, MessageTooLargeError
 
 from .conftest import listing
 
@@ -47,3 +47,34 @@ async def test_blocked_pipe_sources_do_not_delay_another_delivery(
     assert took < 0.1
     assert len(listing(tmp_path / "slow")["new"]) == 9
     assert len(listing(tmp_path / "other")["new"]) == 2
+
+
+async def test_file_object_without_data_is_refused(tmp_path: Path, anyio_backend: str) -> None:
+    """A file-like object without an fd whose read() says "no data now" (None) is refused,
+    not taken for the end of the message."""
+
+    class Empty:
+        def read(self, n: int) -> bytes | None:
+            return None
+
+    with pytest.raises(BlockingIOError, match="non-blocking and had no data"):
+        await Maildir(tmp_path / "m").deliver(Empty())
+    assert listing(tmp_path / "m") == {"tmp": [], "new": [], "cur": []}
+
+
+async def test_pipe_source_with_a_header_and_a_size_limit(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    """A pipe read in the source lane still gets the header stamps and max_size checks."""
+    r, w = os.pipe()
+    os.write(w, b"Subject: p\n\n" + b"x" * 100)
+    os.close(w)
+    with open(r, "rb") as f:
+        d = await Maildir(tmp_path / "m").deliver(f, return_path="a@example.org")
+    assert d.path.read_bytes().startswith(b"Return-Path: <a@example.org>\n")
+    r, w = os.pipe()
+    os.write(w, b"y" * 200)
+    os.close(w)
+    with open(r, "rb") as f, pytest.raises(MessageTooLargeError):
+        await Maildir(tmp_path / "m", max_size=100).deliver(f)
+    assert len(listing(tmp_path / "m")["new"]) == 1
