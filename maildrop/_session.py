@@ -567,10 +567,10 @@ class DeliverySession:
     async def _cleaned(self) -> None:
         """Wait until the delivery's files are cleaned up (by whichever thread owns them)."""
         if self._cleanup_done is not None:
-            await self._cleanup_done.wait()
-            return
+            await self._cleanup_done.wait()  # usually the job did it; else the owner below
         # A worker that owns the files cannot set an anyio.Event from its thread once the
-        # loop is closing, so poll: only an explicit abort() during a worker call gets here.
+        # loop is closing, so poll: only an explicit abort() during a worker call, or a
+        # group-commit job that took the files over first, gets here.
         while not self._tmp.cleaned:  # noqa: ASYNC110 - a worker's flag
             await anyio.sleep(0.001)
 
