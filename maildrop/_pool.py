@@ -166,22 +166,19 @@ def submit(fn: Callable[..., T], *args: Any) -> asyncio.Future[T] | None:
 
 
 def spawn(
-    fn: Callable[..., Any], *args: Any, done: Callable[[BaseException | None], None] | None = None
+    fn: Callable[..., Any], *args: Any, done: Callable[[BaseException | None], None]
 ) -> None:
     """Run ``fn(*args)`` in a worker with nobody waiting for it; then ``done(error)`` on the loop.
 
     The job does not belong to the calling task: cancelling the caller neither waits for it
     nor stops it, so a caller that hands its files over to a job (cleanup, a shared directory
     fsync) can leave at once. *done* gets None or the job's exception, on the event loop's
-    thread, unless the loop closed first.
+    thread, unless the event loop ended first.
     """
     loop = running_loop()
     if loop is not None:
         fut = _pool(loop).submit(loop, fn, args)
-        if done is None:
-            fut.add_done_callback(_retrieve)
-        else:
-            fut.add_done_callback(lambda f: done(None if f.cancelled() else f.exception()))
+        fut.add_done_callback(lambda f: done(None if f.cancelled() else f.exception()))
         return
     # Off asyncio anyio runs on trio, where a system task is the one kind of task that no
     # caller's cancel scope reaches.
@@ -191,20 +188,14 @@ def spawn(
 
 
 async def _detached(
-    fn: Callable[..., Any],
-    args: tuple[Any, ...],
-    done: Callable[[BaseException | None], None] | None,
+    fn: Callable[..., Any], args: tuple[Any, ...], done: Callable[[BaseException | None], None]
 ) -> None:
     try:
         await run_sync(fn, *args)
-    except BaseException as exc:  # delivered to *done*, never raised into trio's system nursery
-        if done is not None:
-            done(exc)
-        if not isinstance(exc, Exception):
-            raise  # the run is ending: let trio see its own Cancelled
+    except Exception as exc:  # handed to *done*, never raised into trio's system nursery
+        done(exc)
         return
-    if done is not None:
-        done(None)
+    done(None)
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

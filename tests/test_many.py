@@ -358,6 +358,28 @@ async def test_failed_copy_is_that_targets_result(tmp_path: Path) -> None:
     assert res[1].errno == errno.EIO
 
 
+async def test_unreadable_staging_file_fails_only_the_copy_target(tmp_path: Path) -> None:
+    """If the staged file cannot be reopened for a copy, that target reports the error and
+    the others are delivered."""
+
+    def link(*args: Any, **kw: Any) -> None:
+        raise OSError(errno.EXDEV, "other filesystem")
+
+    def open_(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        if str(path).startswith("/proc/self/fd/") and not flags & os.O_WRONLY:
+            raise OSError(errno.EMFILE, "injected EMFILE")
+        return os.open(path, flags, *args, **kw)
+
+    near = Maildir(tmp_path / "near", syscalls=DEFAULT_SYSCALLS.replace(open=open_))
+    far = Maildir(tmp_path / "far", syscalls=DEFAULT_SYSCALLS.replace(link=link))
+    res = await deliver_many(MSG, [near, far, Maildir(tmp_path / "also")])
+    assert isinstance(res[0], Delivery)
+    assert isinstance(res[1], OSError)
+    assert res[1].errno == errno.EMFILE
+    assert isinstance(res[2], Delivery)
+    assert listing(tmp_path / "near")["tmp"] == []
+
+
 async def test_no_free_name(tmp_path: Path) -> None:
     """A target where every name is taken reports FileExistsError."""
 
