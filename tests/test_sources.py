@@ -11,9 +11,21 @@ import pytest
 
 from maildrop import Maildir, MessageTooLargeError
 
-from .conftest import listing
+from .conftest import listing, settle
 
 pytestmark = pytest.mark.anyio
+
+
+def in_pipe_read() -> int:
+    """Count this process's threads asleep in a pipe read (what the kernel's wchan says)."""
+    count = 0
+    for entry in Path("/proc/self/task").iterdir():
+        try:
+            count += "pipe_read" in (entry / "wchan").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+    return count
+
 
 MSG = b"Subject: x\n\nhello\n"  # 20 bytes with the header
 
@@ -33,7 +45,7 @@ async def test_blocked_pipe_sources_do_not_delay_another_delivery(
         async with anyio.create_task_group() as tg:
             for f in readers:
                 tg.start_soon(slow.deliver, f)
-            await anyio.sleep(0.2)  # every reader is now blocked in read()
+            await settle(lambda: in_pipe_read() >= 8, "8 sources blocked in read()")
             with anyio.move_on_after(5):
                 start = time.monotonic()
                 await other.deliver(MSG)
