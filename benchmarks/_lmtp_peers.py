@@ -98,7 +98,7 @@ def dovecot_server(scratch: Path) -> Iterator[Server]:
             ["dovecot", "-F", "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=out, stderr=out
         )
     try:
-        wait_for_greeting(proc, port, f"dovecot (log: {scratch}/dovecot.log)")
+        wait_for_greeting(port, f"dovecot (log: {scratch}/dovecot.log)", proc)
         yield Server("dovecot", proc.pid, port, root, MAIL_UID)
     finally:
         stop(proc)

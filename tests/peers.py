@@ -72,11 +72,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_greeting(proc: subprocess.Popen[bytes], port: int, what: str) -> None:
+def wait_for_greeting(port: int, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
     """Wait until something on *port* greets with 220; fail at once if *proc* exits."""
     deadline = time.monotonic() + START_TIMEOUT
     while True:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{what} exited with status {proc.returncode} before listening")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
@@ -117,7 +117,7 @@ def maildrop_lmtp(
             [*cmd, "--root", str(root), *extra], stdin=subprocess.DEVNULL, stderr=err
         )
     try:
-        wait_for_greeting(proc, port, f"maildrop lmtp (log: {log})")
+        wait_for_greeting(port, f"maildrop lmtp (log: {log})", proc)
         yield proc, port
     finally:
         stop(proc)

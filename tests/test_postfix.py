@@ -1,0 +1,381 @@
+"""Postfix as a real client of ``maildrop lmtp``: its LMTP client delivers what it queued.
+
+A private Postfix (its own ``config_directory`` and queue in a scratch directory, listening on
+127.0.0.1 only, no chroot, logging to its own ``maillog_file``) routes a virtual domain to
+``maildrop lmtp`` over ``lmtp:inet``. Mail goes in through Postfix's smtpd on loopback; the
+per-recipient outcome is read from the maillog (``status=sent|deferred|bounced``) and the
+maildirs are compared with what was sent. Needs root (Postfix's master) and Postfix; skips
+with the reason otherwise (``.ci/run`` installs it).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import random
+import re
+import shutil
+import smtplib
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .peers import free_port, maildrop_lmtp, missing, wait_for_greeting
+
+DOMAIN = "example.test"
+#: Mailboxes under the server's root; "full" has a Maildir++ quota it is already over.
+USERS = ("alice", "bob", "carol", "jösé", "full")
+#: Accepted by Postfix's virtual map but with no maildir: maildrop refuses it (550 5.1.1).
+GHOST = "ghost"
+#: A full quota: 1000 bytes and 5 messages allowed, 4000 bytes in 9 messages used.
+FULL_MAILDIRSIZE = b"1000S,5C\n4000 9\n"
+#: How long Postfix may take to reach a final status for every recipient of every message.
+DELIVERY_TIMEOUT = 300.0
+
+MAIN_CF = """\
+compatibility_level = 3.6
+queue_directory = {d}/queue
+data_directory = {d}/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = mx.maildrop.test
+mydomain = maildrop.test
+mydestination =
+relay_domains =
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtputf8_enable = yes
+maillog_file = {d}/maillog
+maillog_file_prefixes = {d}
+alias_maps =
+alias_database =
+local_recipient_maps =
+biff = no
+recipient_delimiter = +
+virtual_mailbox_domains = {domain}
+virtual_mailbox_maps = inline:{{ {mailboxes} }}
+virtual_transport = lmtp:inet:127.0.0.1:{lmtp_port}
+virtual_mailbox_limit = 0
+mailbox_size_limit = 0
+message_size_limit = 67108864
+# Bounce notices to our senders are thrown away: they are not what is under test.
+transport_maps = inline:{{ outside.test=discard: }}
+delay_warning_time = 0
+"""
+
+MASTER_CF = """\
+127.0.0.1:{smtp_port} inet n - n - - smtpd
+pickup    unix  n - n 60 1 pickup
+cleanup   unix  n - n - 0 cleanup
+qmgr      unix  n - n 300 1 qmgr
+rewrite   unix  - - n - - trivial-rewrite
+bounce    unix  - - n - 0 bounce
+defer     unix  - - n - 0 bounce
+trace     unix  - - n - 0 bounce
+verify    unix  - - n - 1 verify
+flush     unix  n - n 1000? 0 flush
+proxymap  unix  - - n - - proxymap
+smtp      unix  - - n - - smtp
+relay     unix  - - n - - smtp
+showq     unix  n - n - - showq
+error     unix  - - n - - error
+retry     unix  - - n - - error
+discard   unix  - - n - - discard
+lmtp      unix  - - n - - lmtp
+anvil     unix  - - n - 1 anvil
+scache    unix  - - n - 1 scache
+postlog   unix-dgram n - n - 1 postlogd
+"""
+
+
+def skip_reason() -> str | None:
+    """Return why Postfix cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "Postfix's master must start as root"
+    if missing(["postfix"]):
+        return "Postfix is not installed (.ci/run installs it: apt-get install postfix)"
+    return None
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason())),
+]
+
+
+@dataclass
+class Postfix:
+    """A running private Postfix: its config dir, smtpd port and maillog."""
+
+    config: Path
+    smtp_port: int
+    maillog: Path
+
+    def log(self) -> str:
+        """Return the maillog so far ('' before Postfix wrote it)."""
+        return self.maillog.read_text(errors="replace") if self.maillog.exists() else ""
+
+
+def _postfix(config: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        ["postfix", "-c", str(config), *args], capture_output=True, timeout=60, check=False
+    )
+
+
+def _master_pid(d: Path) -> int | None:
+    try:
+        return int((d / "queue" / "pid" / "master.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _stop_postfix(d: Path, config: Path) -> None:
+    """Stop the private Postfix, and kill its master if it has not gone in 30 s."""
+    pid = _master_pid(d)
+    _postfix(config, "stop")
+    deadline = time.monotonic() + 30
+    while pid is not None and time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists():
+            return
+        time.sleep(0.1)
+    if pid is not None and Path(f"/proc/{pid}").exists():
+        os.kill(pid, 9)
+
+
+@contextlib.contextmanager
+def postfix(d: Path, lmtp_port: int) -> Iterator[Postfix]:
+    """Configure and start a Postfix routing *DOMAIN* to 127.0.0.1:*lmtp_port*; stop it after."""
+    config = d / "etc"
+    config.mkdir()
+    smtp_port = free_port()
+    mailboxes = ", ".join(f"{u}@{DOMAIN}=x" for u in (*USERS, GHOST))
+    (config / "main.cf").write_text(
+        MAIN_CF.format(d=d, domain=DOMAIN, mailboxes=mailboxes, lmtp_port=lmtp_port)
+    )
+    (config / "master.cf").write_text(MASTER_CF.format(smtp_port=smtp_port))
+    pf = Postfix(config, smtp_port, d / "maillog")
+    # Postfix creates its queue's subdirectories itself, not the queue and data directories.
+    (d / "queue").mkdir(mode=0o755)
+    (d / "data").mkdir(mode=0o700)
+    shutil.chown(d / "data", "postfix", "postfix")
+    try:
+        started = _postfix(config, "start")
+        if started.returncode != 0:
+            raise RuntimeError(f"postfix start failed: {started.stderr!r}\n{pf.log()[-2000:]}")
+        master = _master_pid(d)
+        assert master is not None, f"no master.pid after postfix start\n{pf.log()[-2000:]}"
+        yield pf
+    finally:
+        _stop_postfix(d, config)
+
+
+@dataclass(frozen=True)
+class Mail:
+    """One message as injected: envelope, a body, and the Message-ID that tracks it."""
+
+    seq: int
+    sender: str
+    rcpts: tuple[str, ...]
+    body: bytes
+
+    @property
+    def message_id(self) -> str:
+        """The Message-ID the maillog names it by."""
+        return f"seq{self.seq}@maildrop.test"
+
+    def wire(self) -> bytes:
+        """Return the message with CRLF line ends, as smtplib's DATA wants it."""
+        head = (
+            f"From: <{self.sender}>\nTo: {', '.join(f'<{r}>' for r in self.rcpts)}\n"
+            f"Subject: postfix test {self.seq}\nMessage-ID: <{self.message_id}>\n"
+            "Date: Mon, 07 Dec 2026 12:00:00 +0000\nMIME-Version: 1.0\n"
+            f"Content-Type: text/plain; charset=utf-8\nX-Seq: {self.seq}\n\n"
+        )
+        return (head.encode() + self.body).replace(b"\n", b"\r\n")
+
+
+def mailbox(rcpt: str) -> str:
+    """Return the maildir a recipient address lands in (no +tag, case-folded)."""
+    return rcpt.split("@")[0].split("+")[0].casefold()
+
+
+def _body(seq: int, rng: random.Random) -> bytes:
+    # Lines of every shape a server must pass through: dots, empty, long (under 998).
+    shapes = [b".", b"..", b".leading dot", b"", b"x" * 997, b"plain line"]
+    lines = [f"message {seq}".encode(), *rng.choices(shapes, k=rng.randint(1, 12))]
+    return b"\n".join(lines) + b"\n"
+
+
+def mails() -> list[Mail]:
+    """Return the 300 mixed messages, then the UTF-8 one and the 20 MiB one."""
+    rng = random.Random(11)
+    out = []
+    for seq in range(300):
+        users = rng.sample(["alice", "bob", "carol"], rng.randint(1, 3))
+        local = [rng.choice([u, f"{u}+tag{seq}", u.capitalize()]) for u in users]
+        local += [GHOST] * (seq % 30 == 7) + ["full"] * (seq % 50 == 3)
+        rcpts = tuple(f"{x}@{DOMAIN}" for x in local)
+        out.append(Mail(seq, f"sender{seq % 7}@outside.test", rcpts, _body(seq, rng)))
+    out.append(Mail(300, "sénder@outside.test", (f"jösé@{DOMAIN}",), "grüße\n".encode()))
+    line = b"0123456789" * 9 + b"abcdefgh\n"
+    out.append(Mail(301, "big@outside.test", (f"carol@{DOMAIN}",), line * (20 * 2**20 // 99 + 1)))
+    return out
+
+
+def expected_status(rcpt: str) -> str:
+    """Return the status Postfix must log for *rcpt*."""
+    return {GHOST: "bounced", "full": "deferred"}.get(mailbox(rcpt), "sent")
+
+
+def inject(pf: Postfix, batch: list[Mail]) -> None:
+    """Send every mail of *batch* to Postfix's smtpd; all must be accepted."""
+    with smtplib.SMTP("127.0.0.1", pf.smtp_port, local_hostname="client.test", timeout=120) as s:
+        for m in batch:
+            utf8 = not (m.sender + "".join(m.rcpts)).isascii()
+            options = ["BODY=8BITMIME", *(["SMTPUTF8"] if utf8 else [])]
+            refused = s.sendmail(m.sender, list(m.rcpts), m.wire(), mail_options=options)
+            assert not refused, (m.seq, refused)
+
+
+MSGID = re.compile(r" ([0-9A-F]+): message-id=<([^>]*)>")
+STATUS = re.compile(r" ([0-9A-F]+): to=<([^>]*)>,.*? status=(\w+) (.*)$")
+
+
+def outcomes(log: str) -> dict[tuple[str, str], tuple[str, str]]:
+    """Return the first (status, reply) per (Message-ID, recipient) the maillog has."""
+    ids: dict[str, str] = {}
+    out: dict[tuple[str, str], tuple[str, str]] = {}
+    for line in log.splitlines():
+        if m := MSGID.search(line):
+            ids[m[1]] = m[2]
+        elif (m := STATUS.search(line)) and m[1] in ids:
+            out.setdefault((ids[m[1]], m[2].casefold()), (m[3], m[4]))
+    return out
+
+
+def wait_for_outcomes(pf: Postfix, batch: list[Mail]) -> dict[tuple[str, str], tuple[str, str]]:
+    """Wait (bounded) until the maillog has a status for every recipient of every mail."""
+    want = {(m.message_id, r.casefold()) for m in batch for r in m.rcpts}
+    deadline = time.monotonic() + DELIVERY_TIMEOUT
+    while True:
+        got = outcomes(pf.log())
+        if want <= got.keys():
+            return got
+        if time.monotonic() > deadline:
+            left = sorted(want - got.keys())
+            raise AssertionError(
+                f"{len(left)} recipients without a status after {DELIVERY_TIMEOUT} s, e.g. "
+                f"{left[:5]}\n{pf.log()[-3000:]}"
+            )
+        time.sleep(0.5)
+
+
+@dataclass
+class Run:
+    """What one Postfix run did: the mails, their logged outcomes, the server's root."""
+
+    mails: list[Mail]
+    outcomes: dict[tuple[str, str], tuple[str, str]]
+    root: Path
+
+
+@pytest.fixture(scope="module")
+def run() -> Iterator[Run]:
+    """Send every mail through Postfix into ``maildrop lmtp``; stop both before the checks."""
+    d = Path(tempfile.mkdtemp(prefix="maildrop-postfix-"))
+    d.chmod(0o755)  # Postfix's daemons drop to the postfix user
+    try:
+        root = d / "root"
+        for u in USERS:
+            (root / u).mkdir(parents=True)
+        (root / "full" / "maildirsize").write_bytes(FULL_MAILDIRSIZE)
+        batch = mails()
+        with (
+            maildrop_lmtp(root, d / "maildrop.log") as (_, lmtp_port),
+            postfix(d, lmtp_port) as pf,
+        ):
+            wait_for_greeting(pf.smtp_port, f"Postfix smtpd (log: {pf.maillog})")
+            inject(pf, batch)
+            got = wait_for_outcomes(pf, batch)
+        yield Run(batch, got, root)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def delivered(md: Path, by_seq: dict[int, Mail]) -> collections.Counter[int]:
+    """Count the messages in *md* by X-Seq, checking each body is exactly the one sent."""
+    assert not (md / "tmp").exists() or not os.listdir(md / "tmp"), f"{md}/tmp is not empty"
+    seqs: collections.Counter[int] = collections.Counter()
+    for sub in ("new", "cur"):
+        for name in os.listdir(md / sub) if (md / sub).is_dir() else []:
+            head, _, body = (md / sub / name).read_bytes().partition(b"\n\n")
+            seq = int(re.search(rb"^X-Seq: (\d+)$", head, re.M)[1])  # type: ignore[index]
+            assert body == by_seq[seq].body, f"{md}/{sub}/{name}: body of {seq} differs"
+            seqs[seq] += 1
+    return seqs
+
+
+def wrong_statuses(run: Run, users: set[str]) -> list[str]:
+    """Return a line per recipient of *users*' mailboxes whose logged status is not right."""
+    out = []
+    for m in run.mails:
+        for r in m.rcpts:
+            status, reply = run.outcomes[m.message_id, r.casefold()]
+            if mailbox(r) in users and status != expected_status(r):
+                out.append(f"{m.seq} <{r}>: {status} {reply} (want {expected_status(r)})")
+    return out
+
+
+def wanted(run: Run, user: str) -> collections.Counter[int]:
+    """Return the X-Seq counts *user*'s maildir must hold: one per recipient sent to."""
+    return collections.Counter(
+        m.seq
+        for m in run.mails
+        for r in m.rcpts
+        if mailbox(r) == user and expected_status(r) == "sent"
+    )
+
+
+def test_mixed_recipients_are_sent_or_bounced_and_land_once(run: Run) -> None:
+    """300 mails to mixed, tagged and capitalised recipients: each lands once per recipient."""
+    assert wrong_statuses(run, {"alice", "bob", "carol", GHOST}) == []
+    by_seq = {m.seq: m for m in run.mails}
+    for user in ("alice", "bob", "carol"):
+        assert delivered(run.root / user, by_seq) == wanted(run, user), user
+    assert not (run.root / GHOST).exists()
+
+
+def test_utf8_sender_and_recipient_are_delivered(run: Run) -> None:
+    """A UTF-8 envelope (SMTPUTF8) is sent, not bounced, and lands in the UTF-8 mailbox."""
+    assert wrong_statuses(run, {"jösé"}) == []
+    by_seq = {m.seq: m for m in run.mails}
+    assert delivered(run.root / "jösé", by_seq) == collections.Counter({300: 1})
+    got = next((run.root / "jösé" / "new").iterdir()).read_bytes()
+    assert got.startswith("Return-Path: <sénder@outside.test>\n".encode())
+
+
+def test_twenty_mib_message_is_delivered_whole(run: Run) -> None:
+    """The 20 MiB message is sent and its maildir copy is byte for byte the one sent."""
+    big = run.mails[301]
+    assert len(big.body) > 20 * 2**20
+    status, reply = run.outcomes[big.message_id, big.rcpts[0].casefold()]
+    assert status == "sent", reply
+    assert delivered(run.root / "carol", {m.seq: m for m in run.mails})[301] == 1
+
+
+def test_over_quota_recipient_is_deferred_and_gets_nothing(run: Run) -> None:
+    """A recipient over its maildirsize quota is deferred (452 4.2.2); its maildir is untouched."""
+    lines = wrong_statuses(run, {"full"})
+    assert lines == []
+    replies = [run.outcomes[m.message_id, r] for m in run.mails for r in m.rcpts if "full@" in r]
+    assert len(replies) == 6
+    assert all("4.2.2" in reply for _, reply in replies), replies
+    assert delivered(run.root / "full", {}) == collections.Counter()
+    assert (run.root / "full" / "maildirsize").read_bytes() == FULL_MAILDIRSIZE
