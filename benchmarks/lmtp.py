@@ -23,7 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,10 +133,19 @@ def measure(res: Results, servers: Sequence[Server], scratch: Path) -> Iterator[
                 )
 
 
-def benchmark(plan: Plan, where: Path, keep: bool = False, echo: bool = True) -> Results:
+def benchmark(
+    plan: Plan,
+    where: Path,
+    *,
+    keep: bool = False,
+    echo: bool = True,
+    report: Callable[[Results], None] | None = None,
+) -> Results:
     """Run *plan* with both servers under a new directory in *where*; return the results.
 
-    The maildirs are deleted at the end (after every timed run) unless *keep*.
+    *report* gets the results once the servers have stopped, before the maildirs are
+    deleted (unless *keep*): a bulk delete slows file creation on ext4 without a journal, so
+    it comes after every timed run. After a failure they are kept for inspection.
     """
     scratch = Path(tempfile.mkdtemp(prefix="maildrop-lmtp-bench-", dir=where))
     os.chmod(scratch, 0o755)  # Dovecot's mail uid must reach its maildirs below
@@ -151,10 +160,14 @@ def benchmark(plan: Plan, where: Path, keep: bool = False, echo: bool = True) ->
             for line in measure(res, servers, scratch):
                 if echo:
                     print(line, file=sys.stderr, flush=True)
-    finally:
-        res.seconds = time.monotonic() - t0
-        if not keep:
-            shutil.rmtree(scratch, ignore_errors=True)
+    except BaseException:
+        print(f"maildirs, messages and logs kept in {scratch}", file=sys.stderr)
+        raise
+    res.seconds = time.monotonic() - t0
+    if report is not None:
+        report(res)
+    if not keep:
+        shutil.rmtree(scratch)
     return res
 
 
@@ -187,7 +200,7 @@ def machine(res: Results, where: Path) -> list[str]:
     return [
         f"- run on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, "
         f"Linux {platform.release()}, Python {platform.python_version()}, {fs} under {where}",
-        f"- {res.plan.rounds} interleaved rounds of {res.plan.count} messages per run, "
+        f"- {res.plan.rounds} interleaved round(s) of {res.plan.count} messages per run, "
         f"{res.seconds:.0f} s in all; extra maildrop flags: {flags}",
         f"- load average at the end: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}",
     ]
@@ -244,12 +257,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if why:
         print(f"skipped: {why}", file=sys.stderr)
         return 0 if args.smoke else 1
-    res = benchmark(plan, args.dir, keep=args.keep)
-    print(f"#### LMTP: `maildrop lmtp` vs Dovecot's LMTP server ({plan.count} messages per run)")
-    print()
-    print("\n".join(table(res)))
-    print()
-    print("\n".join(machine(res, args.dir)))
+
+    def report(res: Results) -> None:
+        title = f"`maildrop lmtp` vs Dovecot's LMTP server ({plan.count} messages per run)"
+        lines = [f"#### LMTP: {title}", "", *table(res), "", *machine(res, args.dir)]
+        print("\n".join(lines), flush=True)
+
+    benchmark(plan, args.dir, keep=args.keep, report=report)
     return 0
 
 
