@@ -33,8 +33,10 @@ DOMAIN = "example.test"
 USERS = ("alice", "bob", "carol", "jösé", "full")
 #: Accepted by Postfix's virtual map but with no maildir: maildrop refuses it (550 5.1.1).
 GHOST = "ghost"
-#: A full quota: 1000 bytes and 5 messages allowed, 4000 bytes in 9 messages used.
-FULL_MAILDIRSIZE = b"1000S,5C\n4000 9\n"
+#: A full quota: 1000 bytes and 5 messages allowed, 4500 bytes in 9 messages used, and
+#: those 9 messages really in cur/, so that a recalculation finds the mailbox as full.
+FULL_MAILDIRSIZE = b"1000S,5C\n4500 9\n"
+FULL_MESSAGES = 9
 #: How long Postfix may take to reach a final status for every recipient of every message.
 DELIVERY_TIMEOUT = 300.0
 
@@ -101,6 +103,9 @@ def skip_reason() -> str | None:
         return "Postfix's master must start as root"
     if missing(["postfix"]):
         return "Postfix is not installed (.ci/run installs it: apt-get install postfix)"
+    version = subprocess.run(["postconf", "-h", "mail_version"], capture_output=True, check=False)
+    if int(version.stdout.split(b".")[0] or 0) < 3:
+        return f"Postfix {version.stdout.decode().strip()} has no SMTPUTF8 (3.0 or later needed)"
     return None
 
 
@@ -277,6 +282,22 @@ def wait_for_outcomes(pf: Postfix, batch: list[Mail]) -> dict[tuple[str, str], t
         time.sleep(0.5)
 
 
+def make_full(md: Path) -> None:
+    """Make *md* a maildir already over its Maildir++ quota (500-byte messages in cur/)."""
+    for sub in ("tmp", "new", "cur"):
+        (md / sub).mkdir(parents=True)
+    for i in range(FULL_MESSAGES):
+        (md / "cur" / f"1796600000.M{i}P1.old,S=500:2,S").write_bytes(b"x" * 499 + b"\n")
+    (md / "maildirsize").write_bytes(FULL_MAILDIRSIZE)
+
+
+def quota_usage(md: Path) -> tuple[bytes, int, int]:
+    """Return the limits line of *md*'s maildirsize and the bytes and messages it counts."""
+    first, *usage = (md / "maildirsize").read_bytes().splitlines()
+    sizes = [tuple(int(x) for x in line.split()) for line in usage]
+    return first, sum(b for b, _ in sizes), sum(c for _, c in sizes)
+
+
 @dataclass
 class Run:
     """What one Postfix run did: the mails, their logged outcomes, the server's root."""
@@ -295,7 +316,7 @@ def run() -> Iterator[Run]:
         root = d / "root"
         for u in USERS:
             (root / u).mkdir(parents=True)
-        (root / "full" / "maildirsize").write_bytes(FULL_MAILDIRSIZE)
+        make_full(root / "full")
         batch = mails()
         with (
             maildrop_lmtp(root, d / "maildrop.log") as (_, lmtp_port),
@@ -377,5 +398,7 @@ def test_over_quota_recipient_is_deferred_and_gets_nothing(run: Run) -> None:
     replies = [run.outcomes[m.message_id, r] for m in run.mails for r in m.rcpts if "full@" in r]
     assert len(replies) == 6
     assert all("4.2.2" in reply for _, reply in replies), replies
-    assert delivered(run.root / "full", {}) == collections.Counter()
-    assert (run.root / "full" / "maildirsize").read_bytes() == FULL_MAILDIRSIZE
+    md = run.root / "full"
+    assert os.listdir(md / "new") == []
+    assert len(os.listdir(md / "cur")) == FULL_MESSAGES
+    assert quota_usage(md) == (b"1000S,5C", 500 * FULL_MESSAGES, FULL_MESSAGES)
