@@ -16,6 +16,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import smtplib
 import subprocess
 import tempfile
@@ -109,10 +110,8 @@ def skip_reason() -> str | None:
     return None
 
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason())),
-]
+_SKIP = skip_reason()
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))]
 
 
 @dataclass
@@ -129,12 +128,14 @@ class Postfix:
 
 
 def _postfix(config: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run the ``postfix`` command on the private instance (bounded)."""
     return subprocess.run(
         ["postfix", "-c", str(config), *args], capture_output=True, timeout=60, check=False
     )
 
 
 def _master_pid(d: Path) -> int | None:
+    """Return the pid of the private Postfix's master, None if it has not written one."""
     try:
         return int((d / "queue" / "pid" / "master.pid").read_text().split()[0])
     except (OSError, ValueError, IndexError):
@@ -151,7 +152,7 @@ def _stop_postfix(d: Path, config: Path) -> None:
             return
         time.sleep(0.1)
     if pid is not None and Path(f"/proc/{pid}").exists():
-        os.kill(pid, 9)
+        os.kill(pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager
