@@ -1,6 +1,6 @@
 """Real processes around ``maildrop lmtp``: the server itself, Debian's mail packages, CPU.
 
-Shared by ``tests/test_postfix.py`` (Postfix as the server's client) and
+Shared by ``tests/test_postfix.py`` (a private Postfix as the server's client) and
 ``benchmarks/lmtp.py`` (Dovecot's LMTP server as the contender). Everything here drives the
 command line only (``maildrop lmtp --listen ... --root ...``), so it runs unchanged whatever
 the server's insides are.
@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 #: Debian packages the peers come from, and a file each one installs.
@@ -152,3 +154,135 @@ def tree_cpu(root: int) -> float:
         total += stats[pid][1] if pid in stats else 0.0
         todo.extend(children.get(pid, ()))
     return total / os.sysconf("SC_CLK_TCK")
+
+
+MAIN_CF = """\
+compatibility_level = 3.6
+queue_directory = {d}/queue
+data_directory = {d}/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = mx.maildrop.test
+mydomain = maildrop.test
+mydestination =
+relay_domains =
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+smtputf8_enable = yes
+maillog_file = {d}/maillog
+maillog_file_prefixes = {d}
+alias_maps =
+alias_database =
+local_recipient_maps =
+biff = no
+recipient_delimiter = +
+virtual_mailbox_domains = {domain}
+virtual_mailbox_maps = inline:{{ {mailboxes} }}
+virtual_transport = lmtp:inet:127.0.0.1:{lmtp_port}
+virtual_mailbox_limit = 0
+mailbox_size_limit = 0
+message_size_limit = 67108864
+# Bounce notices to the senders' domain are thrown away: they are not what is under test.
+transport_maps = inline:{{ {discard}=discard: }}
+delay_warning_time = 0
+"""
+
+MASTER_CF = """\
+127.0.0.1:{smtp_port} inet n - n - - smtpd
+pickup    unix  n - n 60 1 pickup
+cleanup   unix  n - n - 0 cleanup
+qmgr      unix  n - n 300 1 qmgr
+rewrite   unix  - - n - - trivial-rewrite
+bounce    unix  - - n - 0 bounce
+defer     unix  - - n - 0 bounce
+trace     unix  - - n - 0 bounce
+verify    unix  - - n - 1 verify
+flush     unix  n - n 1000? 0 flush
+proxymap  unix  - - n - - proxymap
+smtp      unix  - - n - - smtp
+relay     unix  - - n - - smtp
+showq     unix  n - n - - showq
+error     unix  - - n - - error
+retry     unix  - - n - - error
+discard   unix  - - n - - discard
+lmtp      unix  - - n - - lmtp
+anvil     unix  - - n - 1 anvil
+scache    unix  - - n - 1 scache
+postlog   unix-dgram n - n - 1 postlogd
+"""
+
+
+@dataclass
+class Postfix:
+    """A running private Postfix: its config dir, smtpd port and maillog."""
+
+    config: Path
+    smtp_port: int
+    maillog: Path
+
+    def log(self) -> str:
+        """Return the maillog so far ('' before Postfix wrote it)."""
+        return self.maillog.read_text(errors="replace") if self.maillog.exists() else ""
+
+
+def _postfix(config: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run the ``postfix`` command on the private instance (bounded)."""
+    return subprocess.run(
+        ["postfix", "-c", str(config), *args], capture_output=True, timeout=60, check=False
+    )
+
+
+def _master_pid(d: Path) -> int | None:
+    """Return the pid of the private Postfix's master, None if it has not written one."""
+    try:
+        return int((d / "queue" / "pid" / "master.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _stop_postfix(d: Path, config: Path) -> None:
+    """Stop the private Postfix, and kill its master if it has not gone in 30 s."""
+    pid = _master_pid(d)
+    _postfix(config, "stop")
+    deadline = time.monotonic() + 30
+    while pid is not None and time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists():
+            return
+        time.sleep(0.1)
+    if pid is not None and Path(f"/proc/{pid}").exists():
+        os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def postfix(
+    d: Path, lmtp_port: int, domain: str, mailboxes: Sequence[str], discard: str
+) -> Iterator[Postfix]:
+    """Run a private Postfix under *d*; stop it on exit from the block whatever happened.
+
+    It accepts mail for *mailboxes* (addresses) in the virtual *domain* on its smtpd at
+    127.0.0.1 and hands it to ``lmtp:inet:127.0.0.1:``*lmtp_port*; mail to the domain
+    *discard* (the senders' bounce notices) is discarded.
+    """
+    config = d / "etc"
+    config.mkdir()
+    smtp_port = free_port()
+    table = ", ".join(f"{m}=x" for m in mailboxes)
+    (config / "main.cf").write_text(
+        MAIN_CF.format(d=d, domain=domain, mailboxes=table, lmtp_port=lmtp_port, discard=discard)
+    )
+    (config / "master.cf").write_text(MASTER_CF.format(smtp_port=smtp_port))
+    pf = Postfix(config, smtp_port, d / "maillog")
+    # Postfix creates its queue's subdirectories itself, not the queue and data directories.
+    (d / "queue").mkdir(mode=0o755)
+    (d / "data").mkdir(mode=0o700)
+    shutil.chown(d / "data", "postfix", "postfix")
+    try:
+        started = _postfix(config, "start")
+        if started.returncode != 0:
+            raise RuntimeError(f"postfix start failed: {started.stderr!r}\n{pf.log()[-2000:]}")
+        if _master_pid(d) is None:
+            raise RuntimeError(f"no master.pid after postfix start\n{pf.log()[-2000:]}")
+        yield pf
+    finally:
+        _stop_postfix(d, config)

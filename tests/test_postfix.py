@@ -11,12 +11,10 @@ with the reason otherwise (``.ci/run`` installs it).
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import random
 import re
 import shutil
-import signal
 import smtplib
 import subprocess
 import tempfile
@@ -27,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from .peers import free_port, maildrop_lmtp, missing, wait_for_greeting
+from .peers import Postfix, maildrop_lmtp, missing, postfix, wait_for_greeting
 
 DOMAIN = "example.test"
 #: Mailboxes under the server's root; "full" has a Maildir++ quota it is already over.
@@ -40,62 +38,6 @@ FULL_MAILDIRSIZE = b"1000S,5C\n4500 9\n"
 FULL_MESSAGES = 9
 #: How long Postfix may take to reach a final status for every recipient of every message.
 DELIVERY_TIMEOUT = 300.0
-
-MAIN_CF = """\
-compatibility_level = 3.6
-queue_directory = {d}/queue
-data_directory = {d}/data
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = mx.maildrop.test
-mydomain = maildrop.test
-mydestination =
-relay_domains =
-inet_interfaces = loopback-only
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-smtputf8_enable = yes
-maillog_file = {d}/maillog
-maillog_file_prefixes = {d}
-alias_maps =
-alias_database =
-local_recipient_maps =
-biff = no
-recipient_delimiter = +
-virtual_mailbox_domains = {domain}
-virtual_mailbox_maps = inline:{{ {mailboxes} }}
-virtual_transport = lmtp:inet:127.0.0.1:{lmtp_port}
-virtual_mailbox_limit = 0
-mailbox_size_limit = 0
-message_size_limit = 67108864
-# Bounce notices to our senders are thrown away: they are not what is under test.
-transport_maps = inline:{{ outside.test=discard: }}
-delay_warning_time = 0
-"""
-
-MASTER_CF = """\
-127.0.0.1:{smtp_port} inet n - n - - smtpd
-pickup    unix  n - n 60 1 pickup
-cleanup   unix  n - n - 0 cleanup
-qmgr      unix  n - n 300 1 qmgr
-rewrite   unix  - - n - - trivial-rewrite
-bounce    unix  - - n - 0 bounce
-defer     unix  - - n - 0 bounce
-trace     unix  - - n - 0 bounce
-verify    unix  - - n - 1 verify
-flush     unix  n - n 1000? 0 flush
-proxymap  unix  - - n - - proxymap
-smtp      unix  - - n - - smtp
-relay     unix  - - n - - smtp
-showq     unix  n - n - - showq
-error     unix  - - n - - error
-retry     unix  - - n - - error
-discard   unix  - - n - - discard
-lmtp      unix  - - n - - lmtp
-anvil     unix  - - n - 1 anvil
-scache    unix  - - n - 1 scache
-postlog   unix-dgram n - n - 1 postlogd
-"""
 
 
 def skip_reason() -> str | None:
@@ -112,74 +54,6 @@ def skip_reason() -> str | None:
 
 _SKIP = skip_reason()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_SKIP is not None, reason=str(_SKIP))]
-
-
-@dataclass
-class Postfix:
-    """A running private Postfix: its config dir, smtpd port and maillog."""
-
-    config: Path
-    smtp_port: int
-    maillog: Path
-
-    def log(self) -> str:
-        """Return the maillog so far ('' before Postfix wrote it)."""
-        return self.maillog.read_text(errors="replace") if self.maillog.exists() else ""
-
-
-def _postfix(config: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
-    """Run the ``postfix`` command on the private instance (bounded)."""
-    return subprocess.run(
-        ["postfix", "-c", str(config), *args], capture_output=True, timeout=60, check=False
-    )
-
-
-def _master_pid(d: Path) -> int | None:
-    """Return the pid of the private Postfix's master, None if it has not written one."""
-    try:
-        return int((d / "queue" / "pid" / "master.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _stop_postfix(d: Path, config: Path) -> None:
-    """Stop the private Postfix, and kill its master if it has not gone in 30 s."""
-    pid = _master_pid(d)
-    _postfix(config, "stop")
-    deadline = time.monotonic() + 30
-    while pid is not None and time.monotonic() < deadline:
-        if not Path(f"/proc/{pid}").exists():
-            return
-        time.sleep(0.1)
-    if pid is not None and Path(f"/proc/{pid}").exists():
-        os.kill(pid, signal.SIGKILL)
-
-
-@contextlib.contextmanager
-def postfix(d: Path, lmtp_port: int) -> Iterator[Postfix]:
-    """Configure and start a Postfix routing *DOMAIN* to 127.0.0.1:*lmtp_port*; stop it after."""
-    config = d / "etc"
-    config.mkdir()
-    smtp_port = free_port()
-    mailboxes = ", ".join(f"{u}@{DOMAIN}=x" for u in (*USERS, GHOST))
-    (config / "main.cf").write_text(
-        MAIN_CF.format(d=d, domain=DOMAIN, mailboxes=mailboxes, lmtp_port=lmtp_port)
-    )
-    (config / "master.cf").write_text(MASTER_CF.format(smtp_port=smtp_port))
-    pf = Postfix(config, smtp_port, d / "maillog")
-    # Postfix creates its queue's subdirectories itself, not the queue and data directories.
-    (d / "queue").mkdir(mode=0o755)
-    (d / "data").mkdir(mode=0o700)
-    shutil.chown(d / "data", "postfix", "postfix")
-    try:
-        started = _postfix(config, "start")
-        if started.returncode != 0:
-            raise RuntimeError(f"postfix start failed: {started.stderr!r}\n{pf.log()[-2000:]}")
-        master = _master_pid(d)
-        assert master is not None, f"no master.pid after postfix start\n{pf.log()[-2000:]}"
-        yield pf
-    finally:
-        _stop_postfix(d, config)
 
 
 @dataclass(frozen=True)
@@ -319,9 +193,10 @@ def run() -> Iterator[Run]:
             (root / u).mkdir(parents=True)
         make_full(root / "full")
         batch = mails()
+        mailboxes = [f"{u}@{DOMAIN}" for u in (*USERS, GHOST)]
         with (
             maildrop_lmtp(root, d / "maildrop.log") as (_, lmtp_port),
-            postfix(d, lmtp_port) as pf,
+            postfix(d, lmtp_port, DOMAIN, mailboxes, "outside.test") as pf,
         ):
             wait_for_greeting(pf.smtp_port, f"Postfix smtpd (log: {pf.maillog})")
             inject(pf, batch)
