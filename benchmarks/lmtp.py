@@ -219,14 +219,22 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Plan]:
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.lmtp", description=__doc__.split("\n\n")[0]
+        prog="python -m benchmarks.lmtp",
+        description="maildrop lmtp against Dovecot's LMTP server, driven by smtp-source -L.",
+        epilog="Flags after -- go to maildrop lmtp, e.g. -- --workers 2. Needs root.",
     )
-    p.add_argument("--rounds", type=int, default=Plan.rounds)
+    p.add_argument("--rounds", type=int, default=Plan.rounds, help="interleaved rounds")
     p.add_argument("--messages", type=int, default=Plan.count, help="messages per run")
     p.add_argument("--sessions", default="1,8,32", help="comma-separated session counts")
     p.add_argument("--sizes", default="2,100", help="comma-separated sizes in KiB")
-    p.add_argument("--smoke", action="store_true", help="one round of 20 messages (~10 s)")
-    p.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="one round of 20 messages at 1 and 8 sessions (other plan flags ignored)",
+    )
+    p.add_argument(
+        "--dir", type=Path, default=Path(tempfile.gettempdir()), help="where the maildirs go"
+    )
     p.add_argument("--keep", action="store_true", help="keep the maildirs")
     p.add_argument("--no-install", action="store_true", help="never apt-get missing peers")
     a = p.parse_args(argv)
