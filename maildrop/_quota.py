@@ -11,7 +11,7 @@ the I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from ._record import record
 
 __all__ = [
     "MAX_FILE",
@@ -33,7 +33,7 @@ MAX_FILE = 5120
 RECALC_AGE = 15 * 60
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Quota:
     """A Maildir++ quota for :class:`~maildrop.Maildir` (``Maildir(path, quota=Quota(...))``).
 
@@ -68,7 +68,7 @@ class Quota:
         return self.bytes is None and self.messages is None
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class QuotaFile:
     """What a ``maildirsize`` says."""
 

@@ -18,10 +18,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import threading
+import _thread
 import time
-from dataclasses import dataclass
-from types import TracebackType
 
 from ._errors import QuotaExceededError
 from ._quota import (
@@ -36,8 +34,13 @@ from ._quota import (
     parse_maildirsize,
     size_from_name,
 )
+from ._record import record
 from ._sys import Syscalls
 from ._writer import DIR_FLAGS, FILE_FLAGS, LIVE_TMP, Layout, TmpFile, new_name, write_all
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import TracebackType
 
 __all__ = ["QuotaGuard", "recalculate"]
 
@@ -48,14 +51,14 @@ NAME = "maildirsize"
 
 class _Ledger:
     def __init__(self) -> None:
-        self.io = threading.Lock()  # maildirsize reads, recalculations, links + appends
-        self.counts = threading.Lock()  # the reservations (never held during I/O)
+        self.io = _thread.allocate_lock()  # maildirsize reads, recalculations, links + appends
+        self.counts = _thread.allocate_lock()  # the reservations (never held during I/O)
         self.pending_bytes = 0
         self.pending_messages = 0
 
 
 _ledgers: dict[str, _Ledger] = {}
-_ledgers_lock = threading.Lock()
+_ledgers_lock = _thread.allocate_lock()
 
 
 def _ledger(root: str) -> _Ledger:
@@ -66,7 +69,7 @@ def _ledger(root: str) -> _Ledger:
         return led
 
 
-@dataclass(slots=True)
+@record(frozen=True, slots=True)
 class _Read:
     info: QuotaFile
     size: int
@@ -191,6 +194,11 @@ def recalculate(
     return QuotaFile(limit_bytes, limit_messages, total, messages, 1)
 
 
+def _fill(used: int, limit: int, unit: str) -> str:
+    """Return how full one limit is, e.g. ``18000 of 20000 bytes (90%)``."""
+    return f"{used} of {limit} {unit} ({used * 100 // limit}%)"
+
+
 class QuotaGuard:
     """One delivery's quota: its checks while streaming and its line after the link.
 
@@ -281,13 +289,13 @@ class QuotaGuard:
         used_b, used_m = info.used_bytes + other_bytes, info.used_messages + other_messages
         limits = []
         if info.limit_bytes is not None:
-            limits.append(f"{used_b} of {info.limit_bytes} bytes")
+            limits.append(_fill(used_b, info.limit_bytes, "bytes"))
         if info.limit_messages is not None:
-            limits.append(f"{used_m} of {info.limit_messages} messages")
+            limits.append(_fill(used_m, info.limit_messages, "messages"))
         raise QuotaExceededError(
-            f"mailbox {self.layout.root!r} is over quota ({' and '.join(limits)} used; "
-            f"this message is at least {size} bytes): the owner must free space, or raise "
-            "the quota",
+            f"mailbox {self.layout.root!r} is over quota: {' and '.join(limits)} used; this "
+            f"message needs at least {size} bytes more (the owner must free space, or the "
+            "quota be raised)",
             permanent=self.quota.permanent,
         )
 

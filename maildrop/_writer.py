@@ -25,19 +25,22 @@ Why the steps are ordered the way they are (the one long explanation of the engi
 
 from __future__ import annotations
 
+import _socket
+import _thread
 import contextlib
 import errno
 import os
-import random
-import socket
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
-from ._errors import MaildirNotFoundError
+from ._errors import MaildirNotFoundError, NotAMaildirError
 from ._naming import published_name, unique_name
+from ._record import record
 from ._sys import Syscalls
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import threading
+    from collections.abc import Iterator, Sequence
 
 __all__ = [
     "DIR_FLAGS",
@@ -63,28 +66,41 @@ _NAME_TRIES = 100
 
 # Directories this process is creating, until their parent is fsynced (path -> creators).
 _unsynced: dict[str, int] = {}
-_unsynced_cond = threading.Condition()
+# Made on first use: importing threading would cost every `maildrop deliver` run.
+_unsynced_cond: threading.Condition | None = None
+_cond_lock = _thread.allocate_lock()
+
+
+def _cond() -> threading.Condition:
+    global _unsynced_cond
+    with _cond_lock:
+        if _unsynced_cond is None:
+            import threading
+
+            _unsynced_cond = threading.Condition()
+        return _unsynced_cond
 
 
 @contextlib.contextmanager
 def _creating(*keys: str) -> Iterator[None]:
     """Mark *keys* as created-but-not-durable while the body makes them durable."""
-    with _unsynced_cond:
+    cond = _cond()
+    with cond:
         for key in keys:
             _unsynced[key] = _unsynced.get(key, 0) + 1
     try:
         yield
     finally:
-        with _unsynced_cond:
+        with cond:
             for key in keys:
                 if _unsynced[key] == 1:
                     del _unsynced[key]
                 else:
                     _unsynced[key] -= 1
-            _unsynced_cond.notify_all()
+            cond.notify_all()
 
 
-_counter_lock = threading.Lock()
+_counter_lock = _thread.allocate_lock()
 _counter = 0
 
 #: Names of the tmp files that deliveries of this process are writing right now; the tmp
@@ -100,8 +116,8 @@ def new_name() -> str:
         n = _counter
     now = time.time_ns() // 1000
     return unique_name(
-        now // 1_000_000, now % 1_000_000, os.getpid(), n, random.getrandbits(64),
-        socket.gethostname(),
+        now // 1_000_000, now % 1_000_000, os.getpid(), n,
+        int.from_bytes(os.urandom(8), "little"), _socket.gethostname(),
     )  # fmt: skip
 
 
@@ -133,7 +149,7 @@ class Aborted(Exception):
     """The delivery was abandoned (cancelled) while a worker call was running."""
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Layout:
     """Where a maildir is: its root path and, for a Maildir++ folder, the folder's dirname."""
 
@@ -149,6 +165,17 @@ class Layout:
         return self.root if self.folder is None else os.path.join(self.root, self.folder)
 
 
+def _parent_of(lay: Layout, name: str) -> str:
+    """Return the directory that the relative *name* of a failed call lives in."""
+    if name in (lay.folder, "maildirsize"):
+        return lay.root
+    if name.endswith("_maildirsize"):
+        return os.path.join(lay.root, "tmp")
+    if name in ("tmp", "new", "cur", "maildirfolder"):
+        return lay.path
+    return os.path.join(lay.path, "tmp")
+
+
 class TmpFile:
     """One message being written: its directory fds, tmp file and published name.
 
@@ -160,7 +187,7 @@ class TmpFile:
         self.layout = layout
         self.sys = layout.syscalls
         self.subdir = subdir  # "new" or "cur"
-        self.lock = threading.Lock()
+        self.lock = _thread.allocate_lock()
         self.running = False
         self.aborted = False
         self.keep_published = False
@@ -172,6 +199,9 @@ class TmpFile:
         self.tmp_name: str | None = None
         self.final_name: str | None = None
         self.size = 0
+        # (uid, gid) that files and directories maildrop creates are given: set when this
+        # process runs as root and the maildir belongs to another user (see _adopt_owner).
+        self.owner: tuple[int, int] | None = None
         # Held around the link into the destination (quota bookkeeping, see _quota_io).
         self.link_guard: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
 
@@ -181,6 +211,8 @@ class TmpFile:
         """Open (creating if allowed) the maildir's ``tmp/`` and destination directories."""
         lay = self.layout
         root = self._open_root(lay.root, None)
+        if self.owner is None and os.geteuid() == 0:
+            self._adopt_owner(self.sys.fstat(root))
         if lay.folder is not None:
             try:
                 root = self._open_dir(lay.folder, root)
@@ -192,6 +224,17 @@ class TmpFile:
                 self._mark_folder(root)
         self.tmp_fd = self._open_sub(root, "tmp")
         self.dest_fd = self._open_sub(root, self.subdir)
+
+    def _adopt_owner(self, st: os.stat_result) -> None:
+        # Root delivering into a user's maildir (Postfix's mailbox_command for root, an
+        # admin's test): what it creates must be the user's, or their IMAP server cannot
+        # read it. Ownership is given before a file or directory is published.
+        if st.st_uid != os.geteuid():
+            self.owner = (st.st_uid, st.st_gid)
+
+    def _give_dir(self, name: str, dir_fd: int | None) -> None:
+        if self.owner is not None:
+            self.sys.chown(name, *self.owner, dir_fd=dir_fd, follow_symlinks=False)
 
     def _refuse_missing(self, path: str) -> None:
         if not self.layout.create:
@@ -207,13 +250,16 @@ class TmpFile:
                 raise
             parent = self.layout.root if name == self.layout.folder else self.layout.path
             shown = name if dir_fd is None else os.path.join(parent, name)
-            raise OSError(
-                exc.errno,
-                f"{shown!r} is a symbolic link or not a directory; maildrop does not follow "
-                "symlinks in a maildir (pass the real path)",
-            ) from None
+            raise NotAMaildirError(exc.errno, shown, self._is_link(name, dir_fd)) from None
         self.dir_fds.append(fd)
         return fd
+
+    def _is_link(self, name: str, dir_fd: int | None) -> bool:
+        try:
+            st = self.sys.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return (st.st_mode & 0o170000) == 0o120000  # S_ISLNK without importing stat
 
     def _open_root(self, name: str, dir_fd: int | None) -> int:
         where = (self.layout.root,) if dir_fd is None else (self.layout.root, name)
@@ -235,6 +281,11 @@ class TmpFile:
                     f"cannot create maildir {self.layout.path!r}: its parent directory is missing",
                 ) from None
             else:
+                if dir_fd is None and os.geteuid() == 0:
+                    # A maildir root maildrop makes (e.g. ~user/Maildir) is its parent's
+                    # owner's, like everything in it.
+                    self._adopt_owner(self.sys.stat(os.path.dirname(name)))
+                self._give_dir(name, dir_fd)
                 self._sync_parent(name, dir_fd)
         self._wait_synced(*where)
         return self._open_dir(name, dir_fd)
@@ -246,9 +297,10 @@ class TmpFile:
         # The path parts are joined only then: the usual case pays for no string.
         if _unsynced and self.layout.fsync:
             key = os.path.join(*where)
-            with _unsynced_cond:
+            cond = _cond()
+            with cond:
                 while key in _unsynced:
-                    _unsynced_cond.wait()
+                    cond.wait()
 
     def _sync_parent(self, name: str, dir_fd: int | None) -> None:
         if not self.layout.fsync:
@@ -278,7 +330,8 @@ class TmpFile:
                     self.sys.mkdir(sub, 0o700, dir_fd=root)
                     made = True
                 except FileExistsError:
-                    pass
+                    continue
+                self._give_dir(sub, root)
             if made and self.layout.fsync:
                 self.sys.fsync_dir(root)
         self._wait_synced(self.layout.path, name)
@@ -290,7 +343,11 @@ class TmpFile:
             fd = self.sys.open("maildirfolder", FILE_FLAGS, 0o600, dir_fd=folder_fd)
         except FileExistsError:
             return
-        self.sys.close(fd)
+        try:
+            if self.owner is not None:
+                self.sys.fchown(fd, *self.owner)
+        finally:
+            self.sys.close(fd)
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -307,6 +364,8 @@ class TmpFile:
                     continue
                 raise
             self.tmp_name = name
+            if self.owner is not None:
+                self.sys.fchown(self.fd, *self.owner)
             return
         raise FileExistsError(errno.EEXIST, "could not find a free name in tmp/")
 
@@ -418,6 +477,26 @@ class TmpFile:
             with contextlib.suppress(OSError):
                 self.sys.close_dir(fd)
         self.tmp_fd = self.dest_fd = -1
+
+    def locate(self, exc: OSError) -> None:
+        """Make *exc* name the absolute path it concerns (same object, same errno).
+
+        The steps work relative to directory fds, so the kernel's error names only a
+        basename (or nothing, for a write or fsync); an operator needs the directory.
+        """
+        lay = self.layout
+        name, other = exc.filename, exc.filename2
+        if isinstance(name, str) and name.startswith("/proc/self/fd/") and isinstance(other, str):
+            exc.filename, exc.filename2 = os.path.join(lay.path, self.subdir, other), None
+        elif name is None:
+            if self.tmp_name is not None:
+                exc.filename = os.path.join(lay.path, "tmp", self.tmp_name)
+            elif self.final_name is not None:
+                exc.filename = os.path.join(lay.path, self.subdir, self.final_name)
+            else:
+                exc.filename = lay.path
+        elif isinstance(name, str) and not os.path.isabs(name):
+            exc.filename = os.path.join(_parent_of(lay, name), name)
 
     def cleanup(self) -> None:
         """Remove everything this delivery created (but a kept publish) and close all fds.
