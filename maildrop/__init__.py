@@ -53,7 +53,26 @@ _WHERE = {
     "outcome": "_errors",
 }
 
-__all__ = sorted(_WHERE)
+__all__ = [
+    "DEFAULT_SYSCALLS",
+    "Delivery",
+    "DeliverySession",
+    "EmptyMessageError",
+    "InvalidFolderNameError",
+    "Maildir",
+    "MaildirNotFoundError",
+    "MaildropError",
+    "MessageTooLargeError",
+    "NotAMaildirError",
+    "Outcome",
+    "Quota",
+    "QuotaExceededError",
+    "Source",
+    "Syscalls",
+    "deliver",
+    "deliver_many",
+    "outcome",
+]
 
 
 def __getattr__(name: str) -> object:

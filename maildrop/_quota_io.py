@@ -15,10 +15,10 @@ close error after the link) stays counted until then; that errs towards refusing
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import errno
 import os
-import _thread
 import time
 
 from ._errors import QuotaExceededError

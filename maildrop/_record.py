@@ -49,7 +49,7 @@ class _LazyFields:
                 for name, default in zip(_names(owner), owner.__dict__["_defaults"], strict=True)
             ]
             twin = dataclasses.make_dataclass(owner.__name__, spec, frozen=True)
-            cached = dict(twin.__dataclass_fields__)
+            cached = {f.name: f for f in dataclasses.fields(twin)}
             type.__setattr__(owner, "_dataclass_fields", cached)
         return cached
 
@@ -57,7 +57,8 @@ class _LazyFields:
 def _build(cls: type) -> type:
     names = tuple(
         name
-        for name, kind in cls.__dict__.get("__annotations__", {}).items()
+        # The class's own annotations only (inspect.get_annotations would import inspect).
+        for name, kind in cls.__dict__.get("__annotations__", {}).items()  # noqa: RUF063
         if not str(kind).startswith(("ClassVar", "typing.ClassVar"))
     )
     ns = {k: v for k, v in cls.__dict__.items() if k not in names and k != "__dict__"}
@@ -108,8 +109,7 @@ def _values(self: object) -> tuple[object, ...]:
 
 def _repr(self: object) -> str:
     fields = ", ".join(
-        f"{name}={value!r}"
-        for name, value in zip(_names(type(self)), _values(self), strict=True)
+        f"{name}={value!r}" for name, value in zip(_names(type(self)), _values(self), strict=True)
     )
     return f"{type(self).__qualname__}({fields})"
 

@@ -212,7 +212,7 @@ class TmpFile:
         lay = self.layout
         root = self._open_root(lay.root, None)
         if self.owner is None and os.geteuid() == 0:
-            self._adopt_owner(self.sys.fstat(root))
+            self._adopt_owner(self.sys.stat(root))
         if lay.folder is not None:
             try:
                 root = self._open_dir(lay.folder, root)
