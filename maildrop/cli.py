@@ -275,12 +275,11 @@ def _say(text: str) -> None:
 
 def describe(exc: BaseException) -> str:
     """Return *exc* as one line; a disk error says what failed and on which path."""
-    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
-        from ._errors import MaildropError
-
-        if not isinstance(exc, MaildropError):
-            return " ".join(f"{exc.strerror}: {os.fsdecode(exc.filename)!r}".split())
     text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror  # without the "[Errno N]" prefix
+        if exc.filename is not None:
+            text = f"{text}: {os.fsdecode(exc.filename)!r}"
     return " ".join(text.split())
 
 
