@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import io
 import os
 import queue
 import runpy
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from maildrop import DEFAULT_SYSCALLS, Maildir, _cli_serve, cli
+from maildrop import DEFAULT_SYSCALLS, _cli_serve, cli
 
 from .conftest import listing
 
@@ -38,11 +37,10 @@ def run_main(
 ) -> int:
     """Run cli.main(argv) with *stdin* as the message, from a pipe or a regular *file*."""
     if file:
-        f = tempfile.TemporaryFile()
-        f.write(stdin)
-        f.seek(0)
-        fd = os.dup(f.fileno())
-        f.close()
+        with tempfile.TemporaryFile() as f:
+            f.write(stdin)
+            f.seek(0)
+            fd = os.dup(f.fileno())
     else:
         fd, w = os.pipe()
         os.write(w, stdin)

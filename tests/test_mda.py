@@ -28,10 +28,10 @@ PY = [sys.executable, "-m", "maildrop"]
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE")}
 
 
-def deliver(argv: list[str], stdin: bytes = MSG, **kw: object) -> subprocess.CompletedProcess[bytes]:
+def deliver(argv: list[str], stdin: bytes = MSG) -> subprocess.CompletedProcess[bytes]:
     """Run ``python -m maildrop deliver ARGV`` with *stdin* (bounded)."""
-    return subprocess.run(  # type: ignore[call-overload, no-any-return]
-        [*PY, "deliver", *argv], input=stdin, capture_output=True, timeout=60, check=False, **kw
+    return subprocess.run(
+        [*PY, "deliver", *argv], input=stdin, capture_output=True, timeout=60, check=False
     )
 
 
