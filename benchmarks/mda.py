@@ -26,6 +26,7 @@ round) and the messages per second of the whole batch (median over rounds).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
@@ -161,15 +162,15 @@ def _one(argv: list[str], msg: bytes, uid: int | None, env: dict[str, str]) -> f
     extra = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
     p = subprocess.Popen(
         argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        env=env, cwd="/", **extra,  # type: ignore[arg-type]
+        bufsize=0, env=env, cwd="/", **extra,  # type: ignore[arg-type]
     )  # fmt: skip
     assert p.stdin is not None
     assert p.stderr is not None
-    try:
+    # Unbuffered (bufsize=0): one blocking write, nothing left to flush at close. The
+    # floors exit without reading, which breaks the pipe.
+    with contextlib.suppress(BrokenPipeError):
         p.stdin.write(msg)
-        p.stdin.close()
-    except BrokenPipeError:
-        pass  # the floors exit without reading
+    p.stdin.close()
     err = p.stderr.read()
     p.stderr.close()
     _, status, usage = os.wait4(p.pid, 0)
