@@ -1,11 +1,7 @@
 """The ``maildrop`` command: deliver from stdin, serve LMTP/SMTP, sweep stale tmp files.
 
-Exit statuses follow sysexits.h through :func:`maildrop.outcome`, the same mapping the
-servers use (the table is in ``_errors`` and README): 0 delivered; 75 temporary failure,
-retry later (disk full, I/O error, permission problem, quota, interrupted); 65 message too
-large or empty; 67 no such maildir or folder; 73 the maildir is a file or a symlink, or a
-permanent quota; 66 no standard input; 64 bad usage. Errors are one line on stderr, never
-a traceback.
+Exit statuses follow sysexits.h through :func:`maildrop.outcome`, the mapping the servers use
+(the table is in ``_errors`` and README); errors are one line on stderr, never a traceback.
 
 An MTA starts ``maildrop deliver`` once per message, so this module imports almost nothing:
 plain ``deliver`` options are read by :func:`_quick_deliver_args` from the same option table
