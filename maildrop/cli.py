@@ -37,8 +37,6 @@ _SIZE = re.compile(r"(\d+)\s*([kmgt]?)i?b?", re.IGNORECASE)
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", re.IGNORECASE)
 _MULTIPLES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-#: The spec's age for stale tmp/ files (``_maildir.TMP_MAX_AGE``, which imports the engine).
-_TMP_MAX_AGE = 36 * 3600
 
 
 class UsageError(Exception):
@@ -160,6 +158,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     from . import __version__
     from ._cli_serve import add_server_commands
+    from ._sweep import TMP_MAX_AGE
 
     class Parser(argparse.ArgumentParser):
         def error(self, message: str) -> NoReturn:
@@ -209,7 +208,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--older-than",
         metavar="DURATION",
         type=parse_duration,
-        default=float(_TMP_MAX_AGE),
+        default=float(TMP_MAX_AGE),
         help="age of files to remove: 36h (the default, as the maildir spec says), 90m, 2d",
     )
     return parser
