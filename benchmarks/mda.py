@@ -34,10 +34,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ._contenders import _in_threads
 
 #: Debian packages of the peers, by the binary they provide.
 PEERS = {
@@ -193,31 +193,9 @@ def batch(
     env = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE")}
     if c.uid is not None:
         env.update(HOME=str(md), USER="nobody")
-    cpu: list[float] = []
-    left = iter(range(count))
-    lock = threading.Lock()
-    errors: list[BaseException] = []
-
-    def worker() -> None:
-        while True:
-            with lock:
-                if errors or next(left, None) is None:
-                    return
-            try:
-                cpu.append(_one(argv, msg, c.uid, env))
-            except BaseException as exc:  # raised by batch() once the workers stop
-                errors.append(exc)
-
-    threads = [threading.Thread(target=worker) for _ in range(parallel)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
-    if errors:
-        raise errors[0]
-    return cpu, count / elapsed
+    cpu: list[float] = []  # list.append is atomic: the threads share it
+    seconds = _in_threads(count, parallel, lambda _: cpu.append(_one(argv, msg, c.uid, env)))
+    return cpu, count / seconds
 
 
 def run(work: Path, count: int, rounds: int, parallels: list[int], install: bool) -> str:
