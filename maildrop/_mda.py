@@ -130,7 +130,10 @@ def deliver_fd(
         tmp.link_guard = quota
     regular = (os.fstat(fd).st_mode & 0o170000) == 0o100000  # S_ISREG
     reader = _Reader(fd)
-    old = [(signum, _signal.signal(signum, reader.on_signal)) for signum in _SIGNALS]
+    try:
+        old = [(signum, _signal.signal(signum, reader.on_signal)) for signum in _SIGNALS]
+    except ValueError:  # not the main thread (an embedding program): signals stay as they are
+        old = []
     try:
         final = _from_file(steps, fd) if regular else _from_pipe(steps, reader)
     except BaseException as exc:
@@ -142,7 +145,8 @@ def deliver_fd(
         raise
     finally:
         for signum, handler in old:
-            _signal.signal(signum, handler)
+            if handler is not None:  # None: a handler not set from Python, left alone
+                _signal.signal(signum, handler)
     return os.path.join(layout.path, tmp.subdir, final)
 
 

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -124,6 +125,22 @@ def test_deliver_fd_refuses_an_empty_file(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert not (tmp_path / "md").exists()
+
+
+def test_deliver_fd_outside_the_main_thread(tmp_path: Path) -> None:
+    """From another thread (no signal handlers there) it still delivers."""
+    md = tmp_path / "md"
+    r, w = os.pipe()
+    os.write(w, MSG)
+    os.close(w)
+    result: list[str] = []
+    layout = Layout(str(md), None, True, True, DEFAULT_SYSCALLS)
+    t = threading.Thread(target=lambda: result.append(deliver_fd(layout, r)))
+    t.start()
+    t.join(30)
+    os.close(r)
+    assert Path(result[0]).read_bytes() == MSG
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 def test_interrupted_names_the_signal() -> None:
