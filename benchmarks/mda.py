@@ -190,7 +190,13 @@ def batch(
         for path in (md, md / "tmp", md / "new", md / "cur"):
             os.chown(path, c.uid, c.uid)
     argv = c.command(md)  # type: ignore[operator]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE")}
+    # Byte-compiled like a pip install (which compiles at install time), kept so if a source
+    # changes during the run; no coverage in the children.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("COVERAGE") and k != "PYTHONDONTWRITEBYTECODE"
+    }
     if c.uid is not None:
         env.update(HOME=str(md), USER="nobody")
     cpu: list[float] = []  # list.append is atomic: the threads share it

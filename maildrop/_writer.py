@@ -25,7 +25,6 @@ Why the steps are ordered the way they are (the one long explanation of the engi
 
 from __future__ import annotations
 
-import _socket
 import _thread
 import contextlib
 import errno
@@ -66,6 +65,12 @@ _counter = 0
 LIVE_TMP: set[str] = set()
 
 
+def hostname() -> str:
+    """Return this host's name: what ``socket.gethostname()`` returns on Linux (both read
+    uname), without loading the socket extension module at start-up."""
+    return os.uname().nodename
+
+
 def new_name() -> str:
     """Return a fresh unique base name (clock, pid and host read now: fork-safe)."""
     global _counter
@@ -75,7 +80,7 @@ def new_name() -> str:
     now = time.time_ns() // 1000
     return unique_name(
         now // 1_000_000, now % 1_000_000, os.getpid(), n,
-        int.from_bytes(os.urandom(8), "little"), _socket.gethostname(),
+        int.from_bytes(os.urandom(8), "little"), hostname(),
     )  # fmt: skip
 
 

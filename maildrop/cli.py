@@ -33,8 +33,9 @@ __all__ = ["main", "parse_duration", "parse_quota", "parse_size"]
 EX_USAGE = 64
 EX_NOINPUT = 66
 
-_SIZE = re.compile(r"(\d+)\s*([kmgt]?)i?b?", re.IGNORECASE)
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", re.IGNORECASE)
+# Patterns, compiled (and cached by re) on first use: most runs parse no size at all.
+_SIZE = r"(\d+)\s*([kmgt]?)i?b?"
+_DURATION = r"(\d+(?:\.\d+)?)\s*([smhdw]?)"
 _MULTIPLES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -55,7 +56,7 @@ def _bad_value(message: str) -> Exception:
 
 def parse_size(text: str) -> int:
     """Parse a byte count: ``1048576``, ``512K``, ``10M``, ``1G`` (binary multiples)."""
-    m = _SIZE.fullmatch(text.strip())
+    m = re.fullmatch(_SIZE, text.strip(), re.IGNORECASE)
     if m is None:
         raise _bad_value(
             f"invalid size {text!r}: use bytes, or a number with K, M or G (e.g. 10M)"
@@ -65,7 +66,7 @@ def parse_size(text: str) -> int:
 
 def parse_duration(text: str) -> float:
     """Parse a duration: ``36h``, ``90m``, ``2d``, ``1w``; a bare number is seconds."""
-    m = _DURATION.fullmatch(text.strip())
+    m = re.fullmatch(_DURATION, text.strip(), re.IGNORECASE)
     if m is None:
         raise _bad_value(
             f"invalid duration {text!r}: use a number with s, m, h, d or w (e.g. 36h)"
