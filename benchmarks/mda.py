@@ -107,6 +107,13 @@ def contenders(work: Path, install: bool) -> tuple[list[Contender], list[str]]:
     bare, noop = floors(work)
     out = [
         Contender("python -c pass", "nothing (floor)", lambda md: bare),
+        # The interpreter alone, without the venv's site (its editable-install .pth imports
+        # pathlib, re and urllib into every Python start, the floors above included).
+        Contender(
+            "python -I -S -c pass",
+            "nothing (floor)",
+            lambda md: [*bare[:1], "-I", "-S", "-c", "pass"],
+        ),
         Contender("do-nothing console script", "nothing (floor)", lambda md: noop),
         Contender("maildrop deliver", "file, new/", lambda md: [str(ours), "deliver", str(md)]),
         Contender(

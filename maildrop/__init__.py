@@ -6,8 +6,6 @@ worker-side modules load without asyncio, anyio or the worker pool.
 
 from __future__ import annotations
 
-import importlib
-
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from ._errors import (
@@ -79,6 +77,8 @@ def __getattr__(name: str) -> object:
     where = _WHERE.get(name)
     if where is None:
         raise AttributeError(f"module 'maildrop' has no attribute {name!r}")
+    import importlib  # here: importlib loads warnings, which `maildrop deliver` never needs
+
     value = getattr(importlib.import_module(f".{where}", __name__), name)
     globals()[name] = value  # later lookups skip this function
     return value

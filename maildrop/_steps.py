@@ -94,6 +94,8 @@ class Steps:
         return chunk
 
     def write(self, chunks: list[bytes | memoryview]) -> None:
+        """Write one batch (the first opens the directories and creates the tmp file),
+        checking the quota first."""
         tmp = self.tmp
         if not self.started:
             tmp.open_dirs()
@@ -118,6 +120,8 @@ class Steps:
                 self.write([tail])
 
     def finish(self, chunks: list[bytes | memoryview], alone: bool) -> str:
+        """Write the rest and publish; *alone*: fsync the destination and close the
+        directories here (no group commit shares that fsync). Return the published name."""
         self.write_rest(chunks)
         final = self.tmp.publish(size_stamp=self._size_stamp, flags=self._flags, sync_dir=alone)
         if alone:

@@ -237,7 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return _run(f"maildrop {parsed.command}", run_server, parsed)
     if parsed.command == "clean-tmp":
-        return _run("maildrop clean-tmp", _clean_tmp, parsed)
+        from ._cli_clean import clean_tmp
+
+        return _run("maildrop clean-tmp", clean_tmp, parsed)
     parser.print_usage(sys.stderr)
     _say("maildrop: a COMMAND is needed (see 'maildrop --help')")
     return EX_USAGE
@@ -305,13 +307,24 @@ def inbox_folder(name: str | None) -> str | None:
     return name
 
 
-def _quota(args: _Args) -> Quota | None:
-    from ._quota import Quota
-
+def _quota(args: _Args, root: str) -> Quota | None:
+    """Return the quota to enforce: --quota's, else maildirsize's if there is one, or None."""
     if args.quota is not None and args.no_quota:
         raise UsageError("--quota and --no-quota contradict each other; pass one")
     if args.no_quota:
         return None
+    if args.quota is None:
+        # Without a maildirsize there is nothing to enforce: skip loading the quota code
+        # (start-up time). One created meanwhile counts from the next delivery on, which
+        # is as exact as Maildir++ is between processes anyway.
+        try:
+            os.lstat(os.path.join(root, "maildirsize"))
+        except FileNotFoundError:
+            return None
+        except OSError:
+            pass  # not a directory, not searchable...: the delivery reports it properly
+    from ._quota import Quota
+
     limit_bytes, limit_messages = args.quota or (None, None)
     return Quota(limit_bytes, limit_messages, permanent=bool(args.quota_permanent))
 
@@ -319,8 +332,6 @@ def _quota(args: _Args) -> Quota | None:
 def _deliver(args: _Args) -> int:
     from ._errors import MaildirNotFoundError
     from ._mda import deliver_fd
-    from ._quota_io import QuotaGuard
-    from ._transform import make_transform
     from ._writer import Layout
 
     fd = _stdin_fd()
@@ -342,60 +353,21 @@ def _deliver(args: _Args) -> int:
                 f"no folder {folder!r} in {root} (create it first, or pass --create-folder)"
             )
     layout = Layout(root, dirname, True, not args.no_fsync, _syscalls())
-    quota = _quota(args)
-    transform = make_transform(
-        return_path=args.return_path,
-        delivered_to=args.delivered_to,
-        crlf_to_lf=bool(args.crlf_to_lf),
-    )
-    guard = None if quota is None else QuotaGuard(quota, layout)
+    quota = _quota(args, root)
+    transform = None
+    if args.return_path is not None or args.delivered_to is not None or args.crlf_to_lf:
+        from ._transform import make_transform
+
+        transform = make_transform(
+            return_path=args.return_path,
+            delivered_to=args.delivered_to,
+            crlf_to_lf=bool(args.crlf_to_lf),
+        )
+    guard = None
+    if quota is not None:
+        from ._quota_io import QuotaGuard
+
+        guard = QuotaGuard(quota, layout)
     path = deliver_fd(layout, fd, max_size=args.max_size, transform=transform, quota=guard)
     print(path, flush=True)
-    return 0
-
-
-# -- clean-tmp ------------------------------------------------------------------------------
-
-
-def _tmp_dirs(path: str) -> list[str]:
-    """Return *path* and each of its Maildir++ folders that has a ``tmp/``."""
-    from ._errors import MaildirNotFoundError
-
-    if not os.path.isdir(os.path.join(path, "tmp")):
-        raise MaildirNotFoundError(f"no maildir at {path} (it has no tmp/ directory)")
-    return [path] + [
-        os.path.join(path, entry)
-        for entry in sorted(os.listdir(path))
-        if entry.startswith(".") and entry not in (".", "..")
-        and os.path.isdir(os.path.join(path, entry, "tmp"))
-    ]  # fmt: skip
-
-
-def _clean_tmp(args: _Args) -> int:
-    import time
-
-    from ._errors import EX_TEMPFAIL
-    from ._sweep import sweep_tmp
-    from ._writer import Layout
-
-    path = os.path.realpath(os.path.expanduser(str(args.maildir)))
-    cutoff = time.time() - args.older_than
-    total = failed = 0
-    for d in _tmp_dirs(path):
-        try:
-            removed = sweep_tmp(Layout(d, None, False, True, _syscalls()), cutoff)
-        except OSError as exc:
-            failed += 1
-            _say(f"maildrop clean-tmp: skipped {d}: {describe(exc)}")
-            continue
-        for name in removed:
-            print(f"removed {os.path.join(d, 'tmp', name)}")
-        total += len(removed)
-    print(f"removed {total} stale file{'' if total == 1 else 's'} from {path}", flush=True)
-    if failed:
-        _say(
-            f"maildrop clean-tmp: {failed} folder{'' if failed == 1 else 's'} could not be "
-            f"cleaned (exit status {EX_TEMPFAIL})"
-        )
-        return EX_TEMPFAIL
     return 0
