@@ -9,7 +9,6 @@ the maildir belongs to another user, what it creates is given to that user befor
 from __future__ import annotations
 
 import _thread
-import contextlib
 import errno
 import os
 
@@ -20,7 +19,6 @@ from ._sys import Syscalls
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import threading
-    from collections.abc import Iterator
 
 __all__ = ["DIR_FLAGS", "FILE_FLAGS", "Dirs", "Layout", "parent_of"]
 
@@ -46,23 +44,26 @@ def _cond() -> threading.Condition:
         return _unsynced_cond
 
 
-@contextlib.contextmanager
-def _creating(*keys: str) -> Iterator[None]:
+class _Creating:  # a plain class, not @contextmanager: contextlib costs start-up time
     """Mark *keys* as created-but-not-durable while the body makes them durable."""
-    cond = _cond()
-    with cond:
-        for key in keys:
-            _unsynced[key] = _unsynced.get(key, 0) + 1
-    try:
-        yield
-    finally:
-        with cond:
-            for key in keys:
+
+    def __init__(self, *keys: str) -> None:
+        self.keys = keys
+        self.cond = _cond()
+
+    def __enter__(self) -> None:
+        with self.cond:
+            for key in self.keys:
+                _unsynced[key] = _unsynced.get(key, 0) + 1
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self.cond:
+            for key in self.keys:
                 if _unsynced[key] == 1:
                     del _unsynced[key]
                 else:
                     _unsynced[key] -= 1
-            cond.notify_all()
+            self.cond.notify_all()
 
 
 @record(frozen=True, slots=True)
@@ -171,7 +172,7 @@ class Dirs:
         else:
             self._wait_synced(*where)
             return fd
-        with _creating(os.path.join(*where)):
+        with _Creating(os.path.join(*where)):
             try:
                 self.sys.mkdir(name, 0o700, dir_fd=dir_fd)
             except FileExistsError:
@@ -224,7 +225,7 @@ class Dirs:
         else:
             self._wait_synced(self.layout.path, name)
             return fd
-        with _creating(*(os.path.join(self.layout.path, sub) for sub in _SUBDIRS)):
+        with _Creating(*(os.path.join(self.layout.path, sub) for sub in _SUBDIRS)):
             made = False
             for sub in _SUBDIRS:
                 try:
@@ -255,6 +256,8 @@ class Dirs:
         fds, self.dir_fds = self.dir_fds, []
         for fd in reversed(fds):
             # A directory fd holds no data: its close cannot lose anything.
-            with contextlib.suppress(OSError):
+            try:  # noqa: SIM105 - contextlib costs `maildrop deliver` start-up time
                 self.sys.close_dir(fd)
+            except OSError:
+                pass
         self.tmp_fd = self.dest_fd = -1

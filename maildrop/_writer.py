@@ -26,7 +26,6 @@ Why the steps are ordered the way they are (the one long explanation of the engi
 from __future__ import annotations
 
 import _thread
-import contextlib
 import errno
 import os
 import time
@@ -37,6 +36,7 @@ from ._naming import published_name, unique_name
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from contextlib import AbstractContextManager
 
     from ._sys import Syscalls
 
@@ -108,6 +108,19 @@ def write_all(sys: Syscalls, fd: int, chunks: Sequence[bytes | memoryview]) -> i
     return done
 
 
+class _NoGuard:
+    """No link guard (``contextlib.nullcontext`` without importing contextlib)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+_NO_GUARD = _NoGuard()
+
+
 class Aborted(Exception):
     """The delivery was abandoned (cancelled) while a worker call was running."""
 
@@ -131,7 +144,7 @@ class TmpFile(Dirs):
         self.final_name: str | None = None
         self.size = 0
         # Held around the link into the destination (quota bookkeeping, see _quota_io).
-        self.link_guard: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+        self.link_guard: AbstractContextManager[object] = _NO_GUARD
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -197,8 +210,10 @@ class TmpFile(Dirs):
         self.sys.close(fd)
         if self.tmp_name is not None:
             # ENOENT: a publish hook renamed it (compat) or it was swept; the link is ours.
-            with contextlib.suppress(FileNotFoundError):
+            try:  # noqa: SIM105 - contextlib costs `maildrop deliver` start-up time
                 self.sys.unlink(self.tmp_name, dir_fd=self.tmp_fd)
+            except FileNotFoundError:
+                pass
             LIVE_TMP.discard(self.tmp_name)
             self.tmp_name = None
         if sync_dir:
@@ -282,8 +297,10 @@ class TmpFile(Dirs):
             return
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
-            with contextlib.suppress(OSError):
+            try:  # noqa: SIM105 - contextlib costs `maildrop deliver` start-up time
                 self.sys.close(fd)
+            except OSError:
+                pass
         if self.final_name is not None and not self.keep_published:
             self._unlink_quietly(self.final_name, self.dest_fd)
             self.final_name = None
