@@ -333,17 +333,48 @@ def test_signal_while_reading_cleans_up_and_is_75(tmp_path: Path, signum: int) -
 
 # -- start-up cost ------------------------------------------------------------------------
 
+# What the console script runs (pip's wrapper imports re and sys), then the modules that the
+# delivery loaded on top of what the interpreter had already.
 GUARD = """
-import sys
+import re, sys
+before = set(sys.modules)
 from maildrop.cli import main
-rc = main(["deliver", sys.argv[1]])
-print(rc, file=sys.stderr)
+rc = main(sys.argv[1:])
+loaded = sorted(set(sys.modules) - before)
 import json
-print(json.dumps(sorted(sys.modules)))
+print(json.dumps([rc, loaded]))
 """
 
-# What must never load on the deliver path: the engine's event-loop half, the servers, and
-# stdlib modules that cost milliseconds of start-up each.
+# The whole import graph of a plain delivery: nothing else may load (the floor is a
+# do-nothing console script; every module costs start-up CPU on every message).
+PLAIN = {
+    "maildrop",
+    "maildrop.cli",
+    "maildrop._errors",
+    "maildrop._record",
+    "maildrop._mda",
+    "maildrop._steps",
+    "maildrop._writer",
+    "maildrop._dirs",
+    "maildrop._sys",
+    "maildrop._naming",
+    "__future__",
+    "errno",
+}
+# What the options add: the quota (a maildirsize), header stamps, a folder name's encoding.
+OPTIONS = {
+    "maildrop._quota",
+    "maildrop._quota_io",
+    "maildrop._transform",
+    "maildrop._folders",
+    "contextlib",
+    "base64",
+    "binascii",
+    "struct",
+    "_struct",
+}
+# Never, with any option: the event-loop half of the engine, the servers, and stdlib modules
+# that cost milliseconds each.
 FORBIDDEN = {
     "asyncio",
     "anyio",
@@ -357,6 +388,7 @@ FORBIDDEN = {
     "typing",
     "threading",
     "socket",
+    "_socket",
     "random",
     "signal",
     "maildrop._pool",
@@ -369,20 +401,35 @@ FORBIDDEN = {
 }
 
 
-def test_deliver_imports_no_event_loop(tmp_path: Path) -> None:
-    """The deliver path loads neither asyncio, anyio, argparse, nor the pool or servers."""
-    maildir(tmp_path / "md")  # (creating one also loads threading, for its directory lock)
+def loaded_by(argv: list[str]) -> set[str]:
+    """Run GUARD with *argv* on MSG; return the modules the delivery loaded."""
     p = subprocess.run(
-        [sys.executable, "-c", GUARD, str(tmp_path / "md")],
-        input=MSG,
-        capture_output=True,
-        timeout=60,
-        check=False,
-        env=ENV,
-    )
+        [sys.executable, "-c", GUARD, *argv],
+        input=MSG, capture_output=True, timeout=60, check=False, env=ENV,
+    )  # fmt: skip
     assert p.returncode == 0, p.stderr
-    assert p.stderr.decode().strip().endswith("0"), p.stderr
-    loaded = set(json.loads(p.stdout.decode().strip().splitlines()[-1]))
-    assert loaded & FORBIDDEN == set()
+    rc, loaded = json.loads(p.stdout.decode().strip().splitlines()[-1])
+    assert rc == 0, p.stderr
+    return set(loaded)
+
+
+def test_deliver_imports_only_its_own_path(tmp_path: Path) -> None:
+    """A plain delivery loads exactly its small path: no asyncio, anyio, argparse, pool."""
+    md = maildir(tmp_path / "md")  # (creating one also loads threading, for its lock)
+    loaded = loaded_by(["deliver", str(md)])
+    assert loaded & FORBIDDEN == set(), loaded
+    assert loaded - PLAIN == set()
     assert "maildrop._mda" in loaded  # the guard did run the delivery
-    assert messages(tmp_path / "md") == [MSG]
+    assert messages(md) == [MSG]
+
+
+def test_deliver_with_every_option_stays_off_the_event_loop(tmp_path: Path) -> None:
+    """Quota, headers and a folder add only their own modules."""
+    md = quota_maildir(tmp_path / "md", b"100000S\n0 0\n")
+    maildir(md / ".Lists")  # (creating one would load threading, for its directory lock)
+    argv = ["deliver", "--return-path", "s@x", "--crlf-to-lf", "--folder", "INBOX.Lists"]
+    loaded = loaded_by([*argv, "--max-size", "1M", str(md)])
+    assert loaded & FORBIDDEN == set()
+    assert loaded - PLAIN - OPTIONS == set()
+    assert {"maildrop._quota_io", "maildrop._transform"} <= loaded
+    assert messages(md / ".Lists") == [b"Return-Path: <s@x>\n" + MSG]
