@@ -276,6 +276,45 @@ def test_clean_tmp_skips_a_bad_folder_and_goes_on(
     assert os.listdir(md / "elsewhere") == ["keep"]
 
 
+def test_deliver_quota_in_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """maildirsize enforced (75) and updated; --quota with --no-quota is 64; bad quotas 64."""
+    md = tmp_path / "md"
+    for d in ("tmp", "new", "cur"):
+        (md / d).mkdir(parents=True)
+    (md / "maildirsize").write_bytes(b"100S\n90 1\n")
+    assert run_main(monkeypatch, ["deliver", str(md)], MSG) == 75
+    assert "90 of 100 bytes (90%)" in one_line_error(capsys.readouterr().err)
+    assert run_main(monkeypatch, ["deliver", "--quota", "1M", str(md)], MSG) == 0
+    assert (md / "maildirsize").read_bytes().startswith(b"1048576S\n")
+    capsys.readouterr()
+    for argv in (["--quota", "1M", "--no-quota"], ["--quota", "1M,x"], ["--quota", "0"]):
+        assert run_main(monkeypatch, ["deliver", *argv, str(md)], MSG) == 64
+        one_line_error(capsys.readouterr().err)
+
+
+def test_deliver_abbreviated_options_go_through_argparse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An abbreviation argparse accepts (--max for --max-size) still delivers."""
+    md = tmp_path / "md"
+    assert run_main(monkeypatch, ["deliver", "--max", "1M", str(md)], MSG) == 0
+    assert Path(capsys.readouterr().out.strip()).read_bytes() == MSG
+
+
+def test_deliver_closed_stdin_in_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A closed standard input: 66 and a clear line."""
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    monkeypatch.setattr(cli, "_stdin_fd", lambda: r)
+    assert cli.main(["deliver", str(tmp_path / "md")]) == 66
+    assert "standard input is closed" in one_line_error(capsys.readouterr().err)
+
+
 # -- the quick deliver options ------------------------------------------------------------
 
 

@@ -143,6 +143,31 @@ def test_deliver_fd_outside_the_main_thread(tmp_path: Path) -> None:
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
+def test_sigterm_while_reading_in_process(tmp_path: Path) -> None:
+    """SIGTERM during a read raises Interrupted, removes the tmp file, restores handlers."""
+    md = maildir(tmp_path / "md")
+    r, w = os.pipe()
+
+    def writer() -> None:
+        os.write(w, b"From x\n" + b"x" * (2 << 20))
+        deadline = time.monotonic() + 30
+        while not os.listdir(md / "tmp") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        with pytest.raises(Interrupted, match="SIGTERM while reading"):
+            deliver_fd(Layout(str(md), None, True, True, DEFAULT_SYSCALLS), r)
+    finally:
+        t.join(30)
+        os.close(r)
+        os.close(w)
+    assert listing(md) == {"tmp": [], "new": [], "cur": []}
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def test_interrupted_names_the_signal() -> None:
     """The message says which signal stopped the delivery."""
     assert "SIGTERM" in str(Interrupted(signal.SIGTERM))
