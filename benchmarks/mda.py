@@ -117,7 +117,7 @@ def contenders(work: Path, install: bool) -> tuple[list[Contender], list[str]]:
         Contender("do-nothing console script", "nothing (floor)", lambda md: noop),
         Contender("maildrop deliver", "file, new/", lambda md: [str(ours), "deliver", str(md)]),
         Contender(
-            "stdlib mailbox.Maildir.add", "nothing", lambda md: [sys.executable, "-c", STDLIB, md]
+            "stdlib mailbox.Maildir.add", "file", lambda md: [sys.executable, "-c", STDLIB, md]
         ),
     ]
     notes = ensure_peers(install)
