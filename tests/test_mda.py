@@ -155,17 +155,22 @@ def test_sigterm_while_reading_in_process(tmp_path: Path) -> None:
             time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGTERM)
 
+    def ignore(signum: int, frame: object) -> None:
+        """Stand in for SIGTERM's default (which would end pytest if the signal came late)."""
+
+    previous = signal.signal(signal.SIGTERM, ignore)
     t = threading.Thread(target=writer)
     t.start()
     try:
         with pytest.raises(Interrupted, match="SIGTERM while reading"):
             deliver_fd(Layout(str(md), None, True, True, DEFAULT_SYSCALLS), r)
+        assert signal.getsignal(signal.SIGTERM) is ignore  # deliver_fd put it back
     finally:
         t.join(30)
         os.close(r)
         os.close(w)
+        signal.signal(signal.SIGTERM, previous)
     assert listing(md) == {"tmp": [], "new": [], "cur": []}
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 def test_interrupted_names_the_signal() -> None:
