@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from maildrop import DEFAULT_SYSCALLS
 from maildrop._errors import EmptyMessageError, MessageTooLargeError
-from maildrop._mda import Interrupted, deliver_fd, from_line_length
+from maildrop._mda import Interrupted, _Reader, deliver_fd, from_line_length
 from maildrop._writer import Layout
 
 from .conftest import listing
@@ -68,6 +68,49 @@ def test_from_line_is_dropped_only_when_complete(line: bytes, rest: bytes) -> No
     assert from_line_length(b"From " + line) == 0
     assert from_line_length(b"Subject: " + line + b"\n") == 0
     assert from_line_length(b"From " + b"x" * 4096 + b"\n") == 0
+
+
+def pipe_with(*parts: bytes) -> int:
+    """Return the read end of a closed pipe holding *parts*."""
+    r, w = os.pipe()
+    for part in parts:
+        os.write(w, part)
+    os.close(w)
+    return r
+
+
+@pytest.mark.parametrize(
+    ("data", "head"),
+    [
+        (b"", b""),
+        (b"From x\n", b""),
+        (b"no newline", b"no newline"),
+        (b"From x\nSubject: y\n", b"Subject: y\n"),
+        (b"Subject: y\n\nbody", b"Subject: y\n\nbody"),
+    ],
+)
+def test_reader_head_skips_the_from_line(data: bytes, head: bytes) -> None:
+    """The first bytes of the message, after a From line, up to EOF if need be."""
+    r = pipe_with(data)
+    try:
+        assert _Reader(r).head() == head
+    finally:
+        os.close(r)
+
+
+def test_a_signal_between_reads_stops_the_next_read() -> None:
+    """A signal while not reading (a batch being written) is acted on at the next read."""
+    r = pipe_with(b"data")
+    try:
+        reader = _Reader(r)
+        reader.on_signal(signal.SIGINT, None)
+        with pytest.raises(Interrupted, match="SIGINT"):
+            reader.read(10)
+        reader.reading = True
+        with pytest.raises(Interrupted, match="SIGTERM"):
+            reader.on_signal(signal.SIGTERM, None)
+    finally:
+        os.close(r)
 
 
 # -- deliver_fd in process -----------------------------------------------------------------
