@@ -248,7 +248,7 @@ class QuotaGuard:
             or info.used_messages < 0
             or (info.limit_bytes, info.limit_messages) != limits
         ):
-            info = recalculate(self.layout, root_fd, *limits)
+            info = self._recalculate(root_fd, limits)
             fresh = True
         if self._over(info, size):
             if fresh or not (
@@ -256,7 +256,7 @@ class QuotaGuard:
                 and (read.info.lines > 1 or time.time() - read.mtime >= RECALC_AGE)
             ):
                 self._refuse(info, size)
-            info = recalculate(self.layout, root_fd, *limits)
+            info = self._recalculate(root_fd, limits)
             if self._over(info, size):
                 self._refuse(info, size)
         with self.ledger.counts:
@@ -266,6 +266,15 @@ class QuotaGuard:
             led.pending_bytes += size - self.reserved_bytes
             led.pending_messages += 1 - self.reserved_messages
             self.reserved_bytes, self.reserved_messages = size, 1
+
+    def _recalculate(self, root_fd: int, limits: tuple[int | None, int | None]) -> QuotaFile:
+        info = recalculate(self.layout, root_fd, *limits)
+        owner = None if self.tmp is None else self.tmp.owner
+        if owner is not None:
+            # Written by root into a user's maildir: give the file to the user, whose IMAP
+            # server (Dovecot's quota) reads and rewrites it.
+            self.layout.syscalls.chown(NAME, *owner, dir_fd=root_fd, follow_symlinks=False)
+        return info
 
     def _others(self) -> tuple[int, int]:
         with self.ledger.counts:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from maildrop import DEFAULT_SYSCALLS, Maildir
+from maildrop import DEFAULT_SYSCALLS, Maildir, Quota
 from maildrop._writer import Layout, TmpFile
 
 from .conftest import listing
@@ -88,6 +88,16 @@ async def test_failed_fchown_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(PermissionError, match="not permitted"):
         await Maildir(md, syscalls=DEFAULT_SYSCALLS.replace(fchown=fchown)).deliver(MSG)
     assert listing(md) == {"tmp": [], "new": [], "cur": []}
+
+
+@needs_root
+@pytest.mark.anyio
+async def test_root_gives_a_recalculated_maildirsize_to_the_owner(tmp_path: Path) -> None:
+    """A maildirsize root writes into nobody's maildir (a recalculation) is nobody's."""
+    md = owned_by_nobody(tmp_path / "md")
+    d = await Maildir(md, quota=Quota(bytes=10_000)).deliver(MSG)
+    assert owners(md / "maildirsize", d.path) == {(NOBODY, NOBODY)}
+    assert (md / "maildirsize").read_bytes().startswith(b"10000S\n")
 
 
 @needs_root
