@@ -28,7 +28,7 @@ else:
     # Parsed options as attributes, like argparse's Namespace (which the other commands get).
     from types import SimpleNamespace as _Args
 
-__all__ = ["main", "parse_duration", "parse_quota", "parse_size"]
+__all__ = ["describe", "inbox_folder", "main", "parse_duration", "parse_quota", "parse_size"]
 
 EX_USAGE = 64
 EX_NOINPUT = 66
