@@ -1,32 +1,67 @@
-"""maildrop: durable, streaming Maildir delivery for asyncio (and trio), via anyio."""
+"""maildrop: durable, streaming Maildir delivery for asyncio (and trio), via anyio.
 
-from ._errors import (
-    InvalidFolderNameError,
-    MaildirNotFoundError,
-    MaildropError,
-    MessageTooLargeError,
-    Outcome,
-    QuotaExceededError,
-    outcome,
-)
-from ._maildir import Maildir, deliver
-from ._many import deliver_many
-from ._quota import Quota
-from ._session import Delivery, DeliverySession
-from ._sources import Source
-from ._sys import DEFAULT_SYSCALLS, Syscalls
+The public names are imported on first use (PEP 562), so that ``maildrop deliver`` and the
+worker-side modules load without asyncio, anyio or the worker pool.
+"""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ._errors import (
+        EmptyMessageError,
+        InvalidFolderNameError,
+        MaildirNotFoundError,
+        MaildropError,
+        MessageTooLargeError,
+        NotAMaildirError,
+        Outcome,
+        QuotaExceededError,
+        outcome,
+    )
+    from ._maildir import Maildir, deliver
+    from ._many import deliver_many
+    from ._quota import Quota
+    from ._session import Delivery, DeliverySession
+    from ._sources import Source
+    from ._sys import DEFAULT_SYSCALLS, Syscalls
+del TYPE_CHECKING  # not a public name
 
 __version__ = "0.1.0"
+
+# Public name -> the private module that defines it.
+_WHERE = {
+    "DEFAULT_SYSCALLS": "_sys",
+    "Delivery": "_session",
+    "DeliverySession": "_session",
+    "EmptyMessageError": "_errors",
+    "InvalidFolderNameError": "_errors",
+    "Maildir": "_maildir",
+    "MaildirNotFoundError": "_errors",
+    "MaildropError": "_errors",
+    "MessageTooLargeError": "_errors",
+    "NotAMaildirError": "_errors",
+    "Outcome": "_errors",
+    "Quota": "_quota",
+    "QuotaExceededError": "_errors",
+    "Source": "_sources",
+    "Syscalls": "_sys",
+    "deliver": "_maildir",
+    "deliver_many": "_many",
+    "outcome": "_errors",
+}
 
 __all__ = [
     "DEFAULT_SYSCALLS",
     "Delivery",
     "DeliverySession",
+    "EmptyMessageError",
     "InvalidFolderNameError",
     "Maildir",
     "MaildirNotFoundError",
     "MaildropError",
     "MessageTooLargeError",
+    "NotAMaildirError",
     "Outcome",
     "Quota",
     "QuotaExceededError",
@@ -36,3 +71,18 @@ __all__ = [
     "deliver_many",
     "outcome",
 ]
+
+
+def __getattr__(name: str) -> object:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'maildrop' has no attribute {name!r}")
+    import importlib  # here: importlib loads warnings, which `maildrop deliver` never needs
+
+    value = getattr(importlib.import_module(f".{where}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -13,13 +13,10 @@ from ._quota import Quota
 from ._quota_io import QuotaGuard
 from ._session import Delivery, DeliverySession
 from ._sources import Source, feed
-from ._sweep import sweep_tmp
+from ._sweep import TMP_MAX_AGE, sweep_tmp
 from ._sys import DEFAULT_SYSCALLS, Syscalls
 from ._transform import make_transform
 from ._writer import Layout
-
-#: The maildir spec's age for stale files in tmp/: 36 hours.
-TMP_MAX_AGE = 36 * 3600
 
 __all__ = ["Maildir", "deliver"]
 

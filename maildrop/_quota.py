@@ -11,7 +11,7 @@ old. This module parses, formats and decides; ``_quota_io`` does the I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from ._record import record
 
 __all__ = [
     "MAX_DIGITS",
@@ -37,7 +37,7 @@ RECALC_AGE = 15 * 60
 MAX_DIGITS = 18
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Quota:
     """A Maildir++ quota for :class:`~maildrop.Maildir` (``Maildir(path, quota=Quota(...))``).
 
@@ -72,7 +72,7 @@ class Quota:
         return self.bytes is None and self.messages is None
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class QuotaFile:
     """What a ``maildirsize`` says."""
 

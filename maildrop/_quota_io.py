@@ -15,14 +15,12 @@ close error after the link) stays counted until then; that errs towards refusing
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import errno
 import os
 import stat
-import threading
 import time
-from dataclasses import dataclass
-from types import TracebackType
 
 from ._errors import QuotaExceededError
 from ._quota import (
@@ -37,8 +35,13 @@ from ._quota import (
     parse_maildirsize,
     size_from_name,
 )
+from ._record import record
 from ._sys import Syscalls
 from ._writer import DIR_FLAGS, FILE_FLAGS, LIVE_TMP, Layout, TmpFile, new_name, write_all
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from types import TracebackType
 
 __all__ = ["QuotaGuard", "UnusableQuotaFile", "recalculate"]
 
@@ -49,14 +52,14 @@ NAME = "maildirsize"
 
 class _Ledger:
     def __init__(self) -> None:
-        self.io = threading.Lock()  # maildirsize reads, recalculations, links + appends
-        self.counts = threading.Lock()  # the reservations (never held during I/O)
+        self.io = _thread.allocate_lock()  # maildirsize reads, recalculations, links + appends
+        self.counts = _thread.allocate_lock()  # the reservations (never held during I/O)
         self.pending_bytes = 0
         self.pending_messages = 0
 
 
 _ledgers: dict[str, _Ledger] = {}
-_ledgers_lock = threading.Lock()
+_ledgers_lock = _thread.allocate_lock()
 
 
 def _ledger(root: str) -> _Ledger:
@@ -67,7 +70,7 @@ def _ledger(root: str) -> _Ledger:
         return led
 
 
-@dataclass(slots=True)
+@record(frozen=True, slots=True)
 class _Read:
     info: QuotaFile
     size: int
@@ -232,6 +235,11 @@ def recalculate(
     return QuotaFile(limit_bytes, limit_messages, total, messages, 1)
 
 
+def _fill(used: int, limit: int, unit: str) -> str:
+    """Return how full one limit is, e.g. ``18000 of 20000 bytes (90%)``."""
+    return f"{used} of {limit} {unit} ({used * 100 // limit}%)"
+
+
 class QuotaGuard:
     """One delivery's quota: its checks while streaming and its line after the link.
 
@@ -286,12 +294,12 @@ class QuotaGuard:
             or info.used_messages < 0
             or (info.limit_bytes, info.limit_messages) != limits
         ):
-            info = recalculate(self.layout, root_fd, *limits)
+            info = self._recalculate(root_fd, limits)
             read = None
         if self._over(info, size):
             if read is None or not (read.info.lines > 1 or time.time() - read.mtime >= RECALC_AGE):
                 self._refuse(info, size)
-            info = recalculate(self.layout, root_fd, *limits)
+            info = self._recalculate(root_fd, limits)
             if self._over(info, size):
                 self._refuse(info, size)
         with self.ledger.counts:
@@ -301,6 +309,15 @@ class QuotaGuard:
             led.pending_bytes += size - self.reserved_bytes
             led.pending_messages += 1 - self.reserved_messages
             self.reserved_bytes, self.reserved_messages = size, 1
+
+    def _recalculate(self, root_fd: int, limits: tuple[int | None, int | None]) -> QuotaFile:
+        info = recalculate(self.layout, root_fd, *limits)
+        owner = None if self.tmp is None else self.tmp.owner
+        if owner is not None:
+            # Written by root into a user's maildir: give the file to the user, whose IMAP
+            # server (Dovecot's quota) reads and rewrites it.
+            self.layout.syscalls.chown(NAME, *owner, dir_fd=root_fd, follow_symlinks=False)
+        return info
 
     def _others(self) -> tuple[int, int]:
         with self.ledger.counts:
@@ -324,13 +341,13 @@ class QuotaGuard:
         used_b, used_m = info.used_bytes + other_bytes, info.used_messages + other_messages
         limits = []
         if info.limit_bytes is not None:
-            limits.append(f"{used_b} of {info.limit_bytes} bytes")
+            limits.append(_fill(used_b, info.limit_bytes, "bytes"))
         if info.limit_messages is not None:
-            limits.append(f"{used_m} of {info.limit_messages} messages")
+            limits.append(_fill(used_m, info.limit_messages, "messages"))
         raise QuotaExceededError(
-            f"mailbox {self.layout.root!r} is over quota ({' and '.join(limits)} used; "
-            f"this message is at least {size} bytes): the owner must free space, or raise "
-            "the quota",
+            f"mailbox {self.layout.root!r} is over quota: {' and '.join(limits)} used; this "
+            f"message needs at least {size} bytes more (the owner must free space, or the "
+            "quota be raised)",
             permanent=self.quota.permanent,
         )
 

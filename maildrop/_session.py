@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import io
-import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,27 +23,15 @@ import anyio
 import anyio.lowlevel
 from anyio.lowlevel import RunVar
 
-from ._errors import MessageTooLargeError
 from ._pool import run_sync, running_loop, spawn, submit
 from ._quota_io import QuotaGuard
+from ._steps import BATCH, Steps, as_chunk
 from ._transform import Transform
 from ._writer import Aborted, Layout, TmpFile
 
 __all__ = ["BATCH", "STATS", "Delivery", "DeliverySession", "as_chunk"]
 
 T = TypeVar("T")
-
-# copy_file_range errnos that mean "not between these two files": fall back to read/write.
-_NO_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS})
-
-#: Why a non-blocking source that had no data is refused (it is not the end of the message).
-WOULD_BLOCK = (
-    errno.EAGAIN,
-    "the source file is non-blocking and had no data; pass a blocking file or an async source",
-)
-
-#: Bytes buffered before a hop writes them (large messages are written in batches this big).
-BATCH = 1 << 20
 
 #: Process-wide counters (read by the benchmarks): deliveries committed, directory fsyncs.
 STATS = {"deliveries": 0, "dir_fsyncs": 0}
@@ -66,28 +52,6 @@ class Delivery:
     """The file's basename."""
     size: int
     """Bytes written."""
-
-
-def as_chunk(data: object) -> bytes | memoryview:
-    """Return *data* as an immutable bytes-like chunk, or raise a helpful ``TypeError``."""
-    if isinstance(data, bytes):
-        return data
-    if isinstance(data, bytearray):
-        return bytes(data)  # the caller may reuse its buffer once write() returns
-    if isinstance(data, memoryview):
-        # Only a view of bytes is immutable; keep a fresh view of it (the caller may
-        # release its own), copy anything else (its buffer may change after write()).
-        if isinstance(data.obj, bytes) and data.c_contiguous and data.format in ("B", "b", "c"):
-            return data.cast("B")[:]
-        return data.tobytes()
-    if isinstance(data, str):
-        raise TypeError(
-            "maildrop takes bytes, not str; encode the message first (e.g. msg.encode()) "
-            "or open files in binary mode ('rb')"
-        )
-    raise TypeError(
-        f"message data must be bytes, bytearray or memoryview, not {type(data).__name__}"
-    )
 
 
 class _DirSync:
@@ -267,15 +231,16 @@ class DeliverySession:
         if quota is not None:
             quota.tmp = self._tmp
             self._tmp.link_guard = quota
-        self._flags = flags
-        self._size_stamp = size_stamp
-        self._max_size = max_size
+        # The worker-side half: writing, copying, publishing (shared with the MDA path).
+        self._steps = Steps(
+            self._tmp, flags=flags, size_stamp=size_stamp, max_size=max_size,
+            batch=batch_size, transform=transform, quota=quota,
+        )  # fmt: skip
         self._batch = batch_size
         self._buf: list[bytes | memoryview] = []
         self._buffered = 0
         self._size = 0
         self._file: IO[bytes] | None = None
-        self._started = False
         self._state = "open"  # open -> committed | aborted
         self._result: Delivery | None = None
         self._committing = False
@@ -326,12 +291,8 @@ class DeliverySession:
         """
         self._check_open("write")
         try:
-            chunk = as_chunk(data)
-            if self._transform is not None:
-                chunk = self._transform.feed(chunk)
+            chunk = self._steps.accept(data, self._size)
             n = len(chunk)
-            if self._max_size is not None and self._size + n > self._max_size:
-                raise MessageTooLargeError(self._max_size)
             if not n:
                 return
             self._size += n
@@ -368,94 +329,16 @@ class DeliverySession:
             await pending
 
     def _write_step(self, chunks: list[bytes | memoryview]) -> None:
-        tmp = self._tmp
-        if not self._started:
-            tmp.open_dirs()
-            if self._quota is not None:
-                self._quota.check(tmp.dir_fds[0], sum(len(c) for c in chunks))
-            tmp.create()
-            self._started = True
-        elif self._quota is not None and chunks:
-            self._quota.check(tmp.dir_fds[0], tmp.size + sum(len(c) for c in chunks))
-        tmp.write(chunks)
+        self._steps.write(chunks)
 
     def _write_rest(self, chunks: list[bytes | memoryview]) -> None:
-        """Write the last batch, an attached file and the transform's tail (in the worker)."""
-        self._write_step(chunks)
-        if self._file is not None:
-            self._copy_file(self._file)
-        if self._transform is not None:
-            tail = self._transform.finish()
-            if self._max_size is not None and self._tmp.size + len(tail) > self._max_size:
-                raise MessageTooLargeError(self._max_size)
-            if tail:
-                self._write_step([tail])
+        self._steps.write_rest(chunks)
 
     def _finish_step(self, chunks: list[bytes | memoryview], alone: bool) -> str:
-        self._write_rest(chunks)
-        final = self._tmp.publish(size_stamp=self._size_stamp, flags=self._flags, sync_dir=alone)
-        if alone:
-            self._tmp.close_dirs()
-        return final
-
-    def _copy_file(self, f: IO[bytes]) -> None:
-        """Copy the rest of the synchronous file *f* (runs in the worker)."""
-        tmp = self._tmp
-        limit = self._max_size
-        # Only a plain file object's fd holds what read() returns: gzip, bz2, lzma and
-        # other wrappers expose the fd of the file they decode.
-        raw = f.raw if isinstance(f, io.BufferedReader | io.BufferedRandom) else f
-        try:
-            src_fd = f.fileno()
-            is_regular = isinstance(raw, io.FileIO) and os.path.isfile(f"/proc/self/fd/{src_fd}")
-        except (AttributeError, OSError, ValueError):
-            is_regular = False
-        # A transform must see every byte, so it reads; the quota is checked per batch.
-        is_regular = is_regular and self._transform is None
-        if is_regular:
-            offset = f.tell()
-            while True:
-                if tmp.aborted:
-                    raise Aborted
-                budget = self._batch if limit is None else min(self._batch, limit + 1 - tmp.size)
-                before = tmp.size
-                try:
-                    n = tmp.copy_from(src_fd, offset, budget)
-                except OSError as exc:
-                    # copy_file_range refuses some pairs (EXDEV: a file on another kind
-                    # of filesystem, e.g. tmpfs to ext4); read the rest instead.
-                    if exc.errno not in _NO_COPY:
-                        raise
-                    offset += tmp.size - before
-                    is_regular = False
-                    break
-                offset += n
-                if limit is not None and tmp.size > limit:
-                    raise MessageTooLargeError(limit)
-                if self._quota is not None:
-                    self._quota.check(tmp.dir_fds[0], tmp.size)
-                if n < budget:
-                    break
-            f.seek(offset)
-        if not is_regular:
-            while True:
-                if tmp.aborted:
-                    raise Aborted
-                data = f.read(self._batch)
-                if data is None:  # a non-blocking file without data now: not the end
-                    raise BlockingIOError(*WOULD_BLOCK)
-                if not data:
-                    break
-                chunk = as_chunk(data)
-                if self._transform is not None:
-                    chunk = self._transform.feed(chunk)
-                if limit is not None and tmp.size + len(chunk) > limit:
-                    raise MessageTooLargeError(limit)
-                self._write_step([chunk])  # checks the quota too
-        self._size = tmp.size
+        return self._steps.finish(chunks, alone)
 
     def _attach_file(self, f: IO[bytes]) -> None:
-        self._file = f
+        self._file = self._steps.file = f
 
     async def commit(self) -> Delivery:
         """Publish the message and return once it is durable.

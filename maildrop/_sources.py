@@ -20,7 +20,8 @@ from typing import IO, Any, cast
 from anyio.abc import ByteReceiveStream
 
 from ._pool import read_source
-from ._session import BATCH, WOULD_BLOCK, DeliverySession
+from ._session import DeliverySession
+from ._steps import BATCH, WOULD_BLOCK
 
 __all__ = ["Source", "feed"]
 

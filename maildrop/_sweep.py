@@ -14,7 +14,10 @@ import stat
 
 from ._writer import DIR_FLAGS, LIVE_TMP, Layout
 
-__all__ = ["sweep_tmp"]
+__all__ = ["TMP_MAX_AGE", "sweep_tmp"]
+
+#: The maildir spec's age for stale files in tmp/: 36 hours.
+TMP_MAX_AGE = 36 * 3600
 
 
 def sweep_tmp(layout: Layout, cutoff: float) -> list[str]:

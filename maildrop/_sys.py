@@ -9,9 +9,13 @@ Each entry has the signature of the ``os`` function it replaces.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+
+from ._record import record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any
 
 __all__ = ["DEFAULT_SYSCALLS", "Syscalls"]
 
@@ -22,7 +26,7 @@ def _copy_file_range(src: int, dst: int, count: int, offset_src: int | None) -> 
     return os.copy_file_range(src, dst, count, offset_src)
 
 
-@dataclass(frozen=True, slots=True)
+@record(frozen=True, slots=True)
 class Syscalls:
     """A table of the blocking calls the engine makes, one field per step.
 
@@ -50,10 +54,17 @@ class Syscalls:
     fstat: Callable[[int], os.stat_result] = os.fstat
     read: Callable[[int, int], bytes] = os.read
     listdir: Callable[[int], list[str]] = os.listdir
+    #: Give a file maildrop created to the maildir's owner (only when running as root).
+    fchown: Callable[[int, int, int], None] = os.fchown
+    #: Give a directory maildrop created to the maildir's owner (only when running as root).
+    chown: Callable[..., None] = os.chown
 
     def replace(self, **changes: Any) -> Syscalls:
         """Return a copy of this table with the named entries replaced."""
-        return replace(self, **changes)
+        unknown = set(changes).difference(self.__match_args__)
+        if unknown:
+            raise TypeError(f"Syscalls has no entry {min(unknown)!r}")
+        return Syscalls(**{n: changes.get(n, getattr(self, n)) for n in self.__match_args__})
 
 
 #: The table every :class:`~maildrop.Maildir` uses unless given another.

@@ -25,19 +25,20 @@ Why the steps are ordered the way they are (the one long explanation of the engi
 
 from __future__ import annotations
 
-import contextlib
+import _thread
 import errno
 import os
-import random
-import socket
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
-from ._errors import MaildirNotFoundError
+from ._dirs import DIR_FLAGS, FILE_FLAGS, Dirs, Layout, parent_of
 from ._naming import published_name, unique_name
-from ._sys import Syscalls
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from contextlib import AbstractContextManager
+
+    from ._sys import Syscalls
 
 __all__ = [
     "DIR_FLAGS",
@@ -50,46 +51,24 @@ __all__ = [
     "write_all",
 ]
 
-#: How every directory of a maildir is opened (a symlink is refused, not followed).
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-#: How every file maildrop creates is opened (never an existing file, never via a symlink).
-FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_SUBDIRS = ("tmp", "new", "cur")
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
 _PROC_FD = os.path.isdir("/proc/self/fd")
 # link() errnos that mean "this filesystem has no hard links", not "this link failed".
 _NO_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
 _NAME_TRIES = 100
 
-# Directories this process is creating, until their parent is fsynced (path -> creators).
-_unsynced: dict[str, int] = {}
-_unsynced_cond = threading.Condition()
-
-
-@contextlib.contextmanager
-def _creating(*keys: str) -> Iterator[None]:
-    """Mark *keys* as created-but-not-durable while the body makes them durable."""
-    with _unsynced_cond:
-        for key in keys:
-            _unsynced[key] = _unsynced.get(key, 0) + 1
-    try:
-        yield
-    finally:
-        with _unsynced_cond:
-            for key in keys:
-                if _unsynced[key] == 1:
-                    del _unsynced[key]
-                else:
-                    _unsynced[key] -= 1
-            _unsynced_cond.notify_all()
-
-
-_counter_lock = threading.Lock()
+_counter_lock = _thread.allocate_lock()
 _counter = 0
 
 #: Names of the tmp files that deliveries of this process are writing right now; the tmp
 #: sweeper (``Maildir.clean_tmp``) never removes them. Names are unique per process.
 LIVE_TMP: set[str] = set()
+
+
+def hostname() -> str:
+    """Return this host's name: what ``socket.gethostname()`` returns on Linux (both read
+    uname), without loading the socket extension module at start-up."""
+    return os.uname().nodename
 
 
 def new_name() -> str:
@@ -100,8 +79,8 @@ def new_name() -> str:
         n = _counter
     now = time.time_ns() // 1000
     return unique_name(
-        now // 1_000_000, now % 1_000_000, os.getpid(), n, random.getrandbits(64),
-        socket.gethostname(),
+        now // 1_000_000, now % 1_000_000, os.getpid(), n,
+        int.from_bytes(os.urandom(8), "little"), hostname(),
     )  # fmt: skip
 
 
@@ -129,27 +108,24 @@ def write_all(sys: Syscalls, fd: int, chunks: Sequence[bytes | memoryview]) -> i
     return done
 
 
+class _NoGuard:
+    """No link guard (``contextlib.nullcontext`` without importing contextlib)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+_NO_GUARD = _NoGuard()
+
+
 class Aborted(Exception):
     """The delivery was abandoned (cancelled) while a worker call was running."""
 
 
-@dataclass(frozen=True, slots=True)
-class Layout:
-    """Where a maildir is: its root path and, for a Maildir++ folder, the folder's dirname."""
-
-    root: str
-    folder: str | None
-    create: bool
-    fsync: bool
-    syscalls: Syscalls
-
-    @property
-    def path(self) -> str:
-        """The maildir's own directory."""
-        return self.root if self.folder is None else os.path.join(self.root, self.folder)
-
-
-class TmpFile:
+class TmpFile(Dirs):
     """One message being written: its directory fds, tmp file and published name.
 
     Only worker threads call its methods, one at a time (``_session`` guarantees it); the
@@ -157,140 +133,18 @@ class TmpFile:
     """
 
     def __init__(self, layout: Layout, subdir: str) -> None:
-        self.layout = layout
-        self.sys = layout.syscalls
-        self.subdir = subdir  # "new" or "cur"
-        self.lock = threading.Lock()
+        super().__init__(layout, subdir)
+        self.lock = _thread.allocate_lock()
         self.running = False
         self.aborted = False
         self.keep_published = False
         self.cleaned = False
-        self.dir_fds: list[int] = []
-        self.tmp_fd = -1
-        self.dest_fd = -1
         self.fd = -1
         self.tmp_name: str | None = None
         self.final_name: str | None = None
         self.size = 0
         # Held around the link into the destination (quota bookkeeping, see _quota_io).
-        self.link_guard: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
-
-    # -- opening ----------------------------------------------------------------------------
-
-    def open_dirs(self) -> None:
-        """Open (creating if allowed) the maildir's ``tmp/`` and destination directories."""
-        lay = self.layout
-        root = self._open_root(lay.root, None)
-        if lay.folder is not None:
-            try:
-                root = self._open_dir(lay.folder, root)
-            except FileNotFoundError:
-                self._refuse_missing(lay.path)
-                # A folder's parent must be a whole maildir, or Maildir++ readers skip it.
-                self._open_sub(root, "tmp")
-                root = self._open_root(lay.folder, root)
-                self._mark_folder(root)
-        self.tmp_fd = self._open_sub(root, "tmp")
-        self.dest_fd = self._open_sub(root, self.subdir)
-
-    def _refuse_missing(self, path: str) -> None:
-        if not self.layout.create:
-            raise MaildirNotFoundError(
-                errno.ENOENT, f"no maildir at {path!r}; create it or pass create=True"
-            )
-
-    def _open_dir(self, name: str, dir_fd: int | None) -> int:
-        try:
-            fd = self.sys.open(name, DIR_FLAGS, dir_fd=dir_fd)
-        except (NotADirectoryError, OSError) as exc:
-            if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
-                raise
-            parent = self.layout.root if name == self.layout.folder else self.layout.path
-            shown = name if dir_fd is None else os.path.join(parent, name)
-            raise OSError(
-                exc.errno,
-                f"{shown!r} is a symbolic link or not a directory; maildrop does not follow "
-                "symlinks in a maildir (pass the real path)",
-            ) from None
-        self.dir_fds.append(fd)
-        return fd
-
-    def _open_root(self, name: str, dir_fd: int | None) -> int:
-        where = (self.layout.root,) if dir_fd is None else (self.layout.root, name)
-        try:
-            fd = self._open_dir(name, dir_fd)
-        except FileNotFoundError:
-            self._refuse_missing(self.layout.path)
-        else:
-            self._wait_synced(*where)
-            return fd
-        with _creating(os.path.join(*where)):
-            try:
-                self.sys.mkdir(name, 0o700, dir_fd=dir_fd)
-            except FileExistsError:
-                pass  # another delivery made it first (waited for below)
-            except FileNotFoundError:
-                raise MaildirNotFoundError(
-                    errno.ENOENT,
-                    f"cannot create maildir {self.layout.path!r}: its parent directory is missing",
-                ) from None
-            else:
-                self._sync_parent(name, dir_fd)
-        self._wait_synced(*where)
-        return self._open_dir(name, dir_fd)
-
-    def _wait_synced(self, *where: str) -> None:
-        # Another delivery of this process may have just created this directory and not yet
-        # fsynced its parent: a message acknowledged before that fsync could vanish with
-        # the directory in a power loss. (Other processes are not covered: see DESIGN.md.)
-        # The path parts are joined only then: the usual case pays for no string.
-        if _unsynced and self.layout.fsync:
-            key = os.path.join(*where)
-            with _unsynced_cond:
-                while key in _unsynced:
-                    _unsynced_cond.wait()
-
-    def _sync_parent(self, name: str, dir_fd: int | None) -> None:
-        if not self.layout.fsync:
-            return
-        if dir_fd is not None:
-            self.sys.fsync_dir(dir_fd)
-            return
-        parent = os.path.dirname(os.path.abspath(name))
-        fd = self.sys.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            self.sys.fsync_dir(fd)
-        finally:
-            self.sys.close_dir(fd)
-
-    def _open_sub(self, root: int, name: str) -> int:
-        try:
-            fd = self._open_dir(name, root)
-        except FileNotFoundError:
-            self._refuse_missing(self.layout.path)
-        else:
-            self._wait_synced(self.layout.path, name)
-            return fd
-        with _creating(*(os.path.join(self.layout.path, sub) for sub in _SUBDIRS)):
-            made = False
-            for sub in _SUBDIRS:
-                try:
-                    self.sys.mkdir(sub, 0o700, dir_fd=root)
-                    made = True
-                except FileExistsError:
-                    pass
-            if made and self.layout.fsync:
-                self.sys.fsync_dir(root)
-        self._wait_synced(self.layout.path, name)
-        return self._open_dir(name, root)
-
-    def _mark_folder(self, folder_fd: int) -> None:
-        # Courier and Dovecot mark Maildir++ folders with an empty "maildirfolder" file.
-        try:
-            fd = self.sys.open("maildirfolder", FILE_FLAGS, 0o600, dir_fd=folder_fd)
-        except FileExistsError:
-            return
-        self.sys.close(fd)
+        self.link_guard: AbstractContextManager[object] = _NO_GUARD
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -307,6 +161,8 @@ class TmpFile:
                     continue
                 raise
             self.tmp_name = name
+            if self.owner is not None:
+                self.sys.fchown(self.fd, *self.owner)
             return
         raise FileExistsError(errno.EEXIST, "could not find a free name in tmp/")
 
@@ -354,8 +210,10 @@ class TmpFile:
         self.sys.close(fd)
         if self.tmp_name is not None:
             # ENOENT: a publish hook renamed it (compat) or it was swept; the link is ours.
-            with contextlib.suppress(FileNotFoundError):
+            try:  # noqa: SIM105 - contextlib costs `maildrop deliver` start-up time
                 self.sys.unlink(self.tmp_name, dir_fd=self.tmp_fd)
+            except FileNotFoundError:
+                pass
             LIVE_TMP.discard(self.tmp_name)
             self.tmp_name = None
         if sync_dir:
@@ -410,14 +268,25 @@ class TmpFile:
 
     # -- cleanup ----------------------------------------------------------------------------
 
-    def close_dirs(self) -> None:
-        """Close the directory fds (the delivery is over)."""
-        fds, self.dir_fds = self.dir_fds, []
-        for fd in reversed(fds):
-            # A directory fd holds no data: its close cannot lose anything.
-            with contextlib.suppress(OSError):
-                self.sys.close_dir(fd)
-        self.tmp_fd = self.dest_fd = -1
+    def locate(self, exc: OSError) -> None:
+        """Make *exc* name the absolute path it concerns (same object, same errno).
+
+        The steps work relative to directory fds, so the kernel's error names only a
+        basename (or nothing, for a write or fsync); an operator needs the directory.
+        """
+        lay = self.layout
+        name, other = exc.filename, exc.filename2
+        if isinstance(name, str) and name.startswith("/proc/self/fd/") and isinstance(other, str):
+            exc.filename, exc.filename2 = os.path.join(lay.path, self.subdir, other), None
+        elif name is None:
+            if self.tmp_name is not None:
+                exc.filename = os.path.join(lay.path, "tmp", self.tmp_name)
+            elif self.final_name is not None:
+                exc.filename = os.path.join(lay.path, self.subdir, self.final_name)
+            else:
+                exc.filename = lay.path
+        elif isinstance(name, str) and not os.path.isabs(name):
+            exc.filename = os.path.join(parent_of(lay, name), name)
 
     def cleanup(self) -> None:
         """Remove everything this delivery created (but a kept publish) and close all fds.
@@ -428,8 +297,10 @@ class TmpFile:
             return
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
-            with contextlib.suppress(OSError):
+            try:  # noqa: SIM105 - contextlib costs `maildrop deliver` start-up time
                 self.sys.close(fd)
+            except OSError:
+                pass
         if self.final_name is not None and not self.keep_published:
             self._unlink_quietly(self.final_name, self.dest_fd)
             self.final_name = None

@@ -1,30 +1,41 @@
 """The ``maildrop`` command: deliver from stdin, serve LMTP/SMTP, sweep stale tmp files.
 
-Exit statuses follow sysexits.h through :func:`maildrop.outcome`, the same mapping the
-servers use: 0 delivered, 75 temporary failure (disk full, I/O error), 77 permission
-problem, 65 message too large, 67 no such maildir or folder, 64 bad usage. Errors are one
-line on stderr, never a traceback.
+Exit statuses follow sysexits.h through :func:`maildrop.outcome`, the mapping the servers use
+(the table is in ``_errors`` and README); errors are one line on stderr, never a traceback.
+
+An MTA starts ``maildrop deliver`` once per message, so this module imports almost nothing:
+plain ``deliver`` options are read by :func:`_quick_deliver_args` from the same option table
+argparse is built from, and argparse (with the server modules) is only imported for
+``--help``, a usage error, abbreviations and the other commands.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import os
 import re
 import sys
-from collections.abc import Sequence
-from typing import IO, NoReturn
 
-from . import Maildir, MaildirNotFoundError, __version__, outcome
-from ._errors import EX_USAGE
-from ._maildir import TMP_MAX_AGE
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from argparse import Namespace as _Args
+    from collections.abc import Callable, Sequence
+    from typing import NoReturn
 
-__all__ = ["main", "parse_duration", "parse_size"]
+    from ._quota import Quota
+    from ._sys import Syscalls
+else:
+    # Parsed options as attributes, like argparse's Namespace (which the other commands get).
+    from types import SimpleNamespace as _Args
 
+__all__ = ["describe", "inbox_folder", "main", "parse_duration", "parse_quota", "parse_size"]
 
-_SIZE = re.compile(r"(\d+)\s*([kmgt]?)i?b?", re.IGNORECASE)
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", re.IGNORECASE)
+EX_USAGE = 64
+EX_NOINPUT = 66
+
+# Patterns, compiled (and cached by re) on first use: most runs parse no size at all.
+_SIZE = r"(\d+)\s*([kmgt]?)i?b?"
+_DURATION = r"(\d+(?:\.\d+)?)\s*([smhdw]?)"
 _MULTIPLES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -33,16 +44,21 @@ class UsageError(Exception):
     """Bad command-line usage: reported on one line, exit status 64."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+class NoInputError(Exception):
+    """There is no standard input to read the message from: exit status 66."""
+
+
+def _bad_value(message: str) -> Exception:
+    import argparse
+
+    return argparse.ArgumentTypeError(message)
 
 
 def parse_size(text: str) -> int:
     """Parse a byte count: ``1048576``, ``512K``, ``10M``, ``1G`` (binary multiples)."""
-    m = _SIZE.fullmatch(text.strip())
+    m = re.fullmatch(_SIZE, text.strip(), re.IGNORECASE)
     if m is None:
-        raise argparse.ArgumentTypeError(
+        raise _bad_value(
             f"invalid size {text!r}: use bytes, or a number with K, M or G (e.g. 10M)"
         )
     return int(m[1]) * _MULTIPLES[m[2].lower()]
@@ -50,69 +66,142 @@ def parse_size(text: str) -> int:
 
 def parse_duration(text: str) -> float:
     """Parse a duration: ``36h``, ``90m``, ``2d``, ``1w``; a bare number is seconds."""
-    m = _DURATION.fullmatch(text.strip())
+    m = re.fullmatch(_DURATION, text.strip(), re.IGNORECASE)
     if m is None:
-        raise argparse.ArgumentTypeError(
+        raise _bad_value(
             f"invalid duration {text!r}: use a number with s, m, h, d or w (e.g. 36h)"
         )
     return float(m[1]) * _UNITS[m[2].lower()]
 
 
-def _build_parser() -> _Parser:
-    from ._cli_serve import add_server_commands
+def parse_quota(text: str) -> tuple[int | None, int | None]:
+    """Parse ``SIZE[,COUNT]`` (``100M``, ``100M,5000``, ``0,5000``); 0 means no limit."""
+    size, _, count = text.partition(",")
+    limit_bytes = parse_size(size) if size.strip() else 0
+    if count.strip() and not count.strip().isdigit():
+        raise _bad_value(f"invalid quota {text!r}: COUNT must be a number of messages")
+    limit_messages = int(count) if count.strip() else 0
+    if not (limit_bytes or limit_messages):
+        raise _bad_value(f"invalid quota {text!r}: give a size, a count or both (e.g. 1G,10000)")
+    return limit_bytes or None, limit_messages or None
 
-    parser = _Parser(
+
+# -- the deliver options: one table for argparse and for the quick reader ---------------------
+
+# (flag, metavar or None for a switch, converter, help)
+_DELIVER_OPTIONS: tuple[tuple[str, str | None, Callable[[str], object] | None, str], ...] = (
+    ("--folder", "NAME", None, "deliver into this existing Maildir++ folder (e.g. "
+     "Lists.python); INBOX (any case) is the maildir itself and INBOX.Lists.python is "
+     "Lists.python, as IMAP servers and Sieve name them"),
+    ("--create-folder", None, None, "create the --folder if it is missing"),
+    ("--max-size", "BYTES", parse_size,
+     "refuse larger messages with exit status 65 (accepts K, M, G suffixes)"),
+    ("--quota", "SIZE[,COUNT]", parse_quota, "enforce this Maildir++ quota (e.g. 1G,10000) "
+     "and record it in maildirsize; by default the limits an existing maildirsize declares "
+     "are enforced and updated"),
+    ("--no-quota", None, None, "neither enforce nor update maildirsize"),
+    ("--quota-permanent", None, None, "over quota, exit 73 (the MTA bounces) instead of 75 "
+     "(the MTA retries)"),
+    ("--crlf-to-lf", None, None, "store CRLF line endings as LF (maildir style)"),
+    ("--return-path", "ADDRESS", None, "prepend 'Return-Path: <ADDRESS>' ('' for <>)"),
+    ("--delivered-to", "ADDRESS", None, "prepend 'Delivered-To: ADDRESS'"),
+    ("--no-fsync", None, None, "skip fsync (fast, NOT durable: tests only)"),
+)  # fmt: skip
+_DELIVER_BY_FLAG = {opt[0]: opt for opt in _DELIVER_OPTIONS}
+
+
+def _quick_deliver_args(argv: Sequence[str]) -> _Args | None:
+    """Read plain ``deliver`` options without argparse; None means "ask argparse".
+
+    Only exact option names in ``--opt VALUE`` or ``--opt=VALUE`` form are taken; anything
+    else (``--help``, an abbreviation, a bad value, a missing or extra MAILDIR) goes to
+    argparse, which gives the help or the usage error.
+    """
+    values: dict[str, object] = {opt[0][2:].replace("-", "_"): None for opt in _DELIVER_OPTIONS}
+    for flag, metavar, _, _ in _DELIVER_OPTIONS:
+        if metavar is None:
+            values[flag[2:].replace("-", "_")] = False
+    positional: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if not arg.startswith("-") or arg == "-":
+            positional.append(arg)
+            continue
+        if arg == "--":
+            positional.extend(args)
+            break
+        flag, eq, value = arg.partition("=")
+        opt = _DELIVER_BY_FLAG.get(flag)
+        if opt is None:
+            return None
+        _, metavar, convert, _ = opt
+        if metavar is None:
+            if eq:
+                return None
+            values[flag[2:].replace("-", "_")] = True
+            continue
+        if not eq:
+            following = next(args, None)
+            if following is None or following.startswith("-"):
+                return None
+            value = following
+        try:
+            values[flag[2:].replace("-", "_")] = value if convert is None else convert(value)
+        except Exception:
+            return None
+    if len(positional) != 1:
+        return None
+    return _Args(command="deliver", maildir=positional[0], **values)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    import argparse
+
+    from . import __version__
+    from ._cli_serve import add_server_commands
+    from ._sweep import TMP_MAX_AGE
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+    parser = Parser(
         prog="maildrop",
         description="Deliver mail into Maildir mailboxes durably: from stdin (an MDA for "
         "Postfix, fetchmail, procmail), as an LMTP or SMTP server, and sweep stale tmp/ files.",
-        epilog="Exit status (sysexits.h): 0 delivered, 75 temporary failure (retry later), "
-        "77 permission problem, 65 message too large, 67 no such maildir or folder, 64 usage.",
+        epilog="Exit status (sysexits.h): 0 delivered; 75 temporary failure, the MTA retries "
+        "(disk full, I/O error, permission problem, over quota, interrupted); 65 message too "
+        "large or empty; 67 no such maildir or folder; 73 the maildir is a file or a symlink, "
+        "or over a --quota-permanent quota; 66 no standard input; 64 usage.",
     )
     parser.add_argument("--version", action="version", version=f"maildrop {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
     d = sub.add_parser(
         "deliver",
         help="deliver one message from stdin into a maildir",
         description="Read one message from stdin and deliver it into MAILDIR (created if "
         "missing). Prints the delivered file's path once it is durable. A leading mbox "
-        "'From ' line (as Postfix's mailbox_command sends) is dropped.",
+        "'From ' line (as Postfix's mailbox_command sends) is dropped. An existing "
+        "maildirsize (Maildir++ quota) is enforced and updated. SIGINT or SIGTERM while the "
+        "message is read stops the delivery (exit 75, nothing left behind).",
         epilog="Example: maildrop deliver --folder Lists.python ~/Maildir < message.eml",
     )
     d.add_argument("maildir", metavar="MAILDIR", help="the maildir (e.g. ~/Maildir)")
-    d.add_argument(
-        "--folder",
-        metavar="NAME",
-        help="deliver into this existing Maildir++ folder (e.g. Lists.python) instead of INBOX",
-    )
-    d.add_argument(
-        "--create-folder", action="store_true", help="create the --folder if it is missing"
-    )
-    d.add_argument(
-        "--max-size",
-        metavar="BYTES",
-        type=parse_size,
-        help="refuse larger messages with exit status 65 (accepts K, M, G suffixes)",
-    )
-    d.add_argument(
-        "--crlf-to-lf", action="store_true", help="store CRLF line endings as LF (maildir style)"
-    )
-    d.add_argument(
-        "--return-path", metavar="ADDRESS", help="prepend 'Return-Path: <ADDRESS>' ('' for <>)"
-    )
-    d.add_argument("--delivered-to", metavar="ADDRESS", help="prepend 'Delivered-To: ADDRESS'")
-    d.add_argument(
-        "--no-fsync", action="store_true", help="skip fsync (fast, NOT durable: tests only)"
-    )
-
+    for flag, metavar, convert, text in _DELIVER_OPTIONS:
+        if metavar is None:
+            d.add_argument(flag, action="store_true", help=text)
+        elif convert is None:
+            d.add_argument(flag, metavar=metavar, help=text)
+        else:
+            d.add_argument(flag, metavar=metavar, type=convert, help=text)
     add_server_commands(sub)
-
     c = sub.add_parser(
         "clean-tmp",
         help="remove stale files from a maildir's tmp/ directories",
         description="Remove files older than --older-than (by access, change and "
         "modification time) from MAILDIR/tmp/ and from the tmp/ of each of its Maildir++ "
-        "folders: leftovers of crashed deliveries. Prints each removed path.",
+        "folders: leftovers of crashed deliveries. Prints each removed path. A folder that "
+        "cannot be cleaned is reported and skipped (exit 75 at the end).",
         epilog="Example: maildrop clean-tmp --older-than 36h ~/Maildir",
     )
     c.add_argument("maildir", metavar="MAILDIR", help="the maildir")
@@ -128,37 +217,53 @@ def _build_parser() -> _Parser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``maildrop`` command with *argv* (default ``sys.argv[1:]``); return its status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["deliver"]:
+        quick = _quick_deliver_args(args[1:])
+        if quick is not None:
+            return _run("maildrop deliver", _deliver, quick)
     parser = _build_parser()
     try:
-        args = parser.parse_args(argv)
+        parsed = parser.parse_args(args)
     except UsageError as exc:
         _say(str(exc))
         return EX_USAGE
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else 0
-    prog = f"maildrop {args.command}" if args.command else "maildrop"
-    try:
-        if args.command == "deliver":
-            return asyncio.run(_deliver(_deliver_target(args), args))
-        if args.command in ("lmtp", "smtp"):
-            from ._cli_serve import run_server
+    if parsed.command == "deliver":
+        return _run("maildrop deliver", _deliver, parsed)
+    if parsed.command in ("lmtp", "smtp"):
+        from ._cli_serve import run_server
 
-            return run_server(args)
-        if args.command == "clean-tmp":
-            return asyncio.run(_clean_tmp(_tmp_dirs(args.maildir), args.older_than))
-        parser.print_usage(sys.stderr)
-        _say("maildrop: a COMMAND is needed (see 'maildrop --help')")
-        return EX_USAGE
+        return _run(f"maildrop {parsed.command}", run_server, parsed)
+    if parsed.command == "clean-tmp":
+        from ._cli_clean import clean_tmp
+
+        return _run("maildrop clean-tmp", clean_tmp, parsed)
+    parser.print_usage(sys.stderr)
+    _say("maildrop: a COMMAND is needed (see 'maildrop --help')")
+    return EX_USAGE
+
+
+def _run(prog: str, command: Callable[[_Args], int], args: _Args) -> int:
+    """Run *command*; turn any failure into one line on stderr and its exit status."""
+    try:
+        return command(args)
     except UsageError as exc:
         _say(f"{prog}: {exc}")
         return EX_USAGE
+    except NoInputError as exc:
+        _say(f"{prog}: {exc} (exit status {EX_NOINPUT})")
+        return EX_NOINPUT
     except KeyboardInterrupt:
         _say(f"{prog}: interrupted")
         return 130
     except Exception as exc:
+        from ._errors import outcome
+
         out = outcome(exc)
         kind = "temporary failure" if out.temporary else "permanent failure"
-        _say(f"{prog}: {_one_line(exc)} ({out.text}; {kind}, exit status {out.exit_code})")
+        _say(f"{prog}: {describe(exc)} ({out.text}; {kind}, exit status {out.exit_code})")
         return out.exit_code
 
 
@@ -166,97 +271,103 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _one_line(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
+    """Return *exc* as one line; a disk error says what failed and on which path."""
     text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror  # without the "[Errno N]" prefix
+        if exc.filename is not None:
+            text = f"{text}: {os.fsdecode(exc.filename)!r}"
     return " ".join(text.split())
 
 
 # -- deliver --------------------------------------------------------------------------------
 
 
-class _Prefixed:
-    """A binary file that first returns *prefix*: a peeked line put back on a pipe."""
-
-    def __init__(self, prefix: bytes, f: IO[bytes]) -> None:
-        self._prefix = prefix
-        self._f = f
-
-    def read(self, n: int = -1) -> bytes:
-        if self._prefix:
-            data, self._prefix = self._prefix, b""
-            return data
-        return self._f.read(n)
-
-
-def _is_from_line(line: bytes) -> bool:
-    return line.startswith(b"From ") and line.endswith(b"\n")
-
-
-def message_source(f: IO[bytes]) -> IO[bytes] | _Prefixed:
-    """Return *f* positioned after a leading mbox ``From `` line, if there is one."""
-    seekable = False
-    try:
-        seekable = f.seekable()
-        start = f.tell() if seekable else 0
-    except OSError:
-        seekable = False
-    line = f.readline(4096)
-    if _is_from_line(line):
-        return f
-    if seekable:
-        f.seek(start)
-        return f
-    return _Prefixed(line, f)
-
-
-def _stdin() -> IO[bytes]:
-    return sys.stdin.buffer
-
-
-def _deliver_target(args: argparse.Namespace) -> Maildir:
-    path = os.path.realpath(os.path.expanduser(args.maildir))
-    md = Maildir(path, fsync=not args.no_fsync, max_size=args.max_size)
-    if args.folder is not None:
-        md = md.folder(args.folder)
-        if not args.create_folder and not os.path.isdir(md.path):
-            raise MaildirNotFoundError(
-                f"no folder {args.folder!r} in {path} (create it first, or pass --create-folder)"
-            )
-    return md
-
-
-async def _deliver(md: Maildir, args: argparse.Namespace) -> int:
-    delivery = await md.deliver(
-        message_source(_stdin()),
-        return_path=args.return_path,
-        delivered_to=args.delivered_to,
-        crlf_to_lf=args.crlf_to_lf,
-    )
-    print(delivery.path, flush=True)
+def _stdin_fd() -> int:
     return 0
 
 
-# -- clean-tmp ------------------------------------------------------------------------------
+def _syscalls() -> Syscalls:
+    from ._sys import DEFAULT_SYSCALLS
+
+    return DEFAULT_SYSCALLS
 
 
-def _tmp_dirs(maildir: str) -> list[str]:
-    """Return *maildir* and each of its Maildir++ folders that has a ``tmp/``."""
-    path = os.path.realpath(os.path.expanduser(maildir))
-    if not os.path.isdir(os.path.join(path, "tmp")):
-        raise MaildirNotFoundError(f"no maildir at {path} (it has no tmp/ directory)")
-    return [path] + [
-        os.path.join(path, entry)
-        for entry in sorted(os.listdir(path))
-        if entry.startswith(".") and entry not in (".", "..")
-        and os.path.isdir(os.path.join(path, entry, "tmp"))
-    ]  # fmt: skip
+def inbox_folder(name: str | None) -> str | None:
+    """Return the Maildir++ folder that *name* means; None for the maildir itself.
+
+    ``INBOX`` (any case) is the top maildir, as IMAP servers, Sieve and mail clients call
+    it, and ``INBOX.Lists.python`` is ``Lists.python``.
+    """
+    if name is None or name.upper() == "INBOX":
+        return None
+    if name[:6].upper() == "INBOX.":
+        return name[6:]
+    return name
 
 
-async def _clean_tmp(dirs: list[str], older_than: float) -> int:
-    total = 0
-    for d in dirs:
-        for name in await Maildir(d, create=False).clean_tmp(older_than):
-            print(f"removed {os.path.join(d, 'tmp', name)}")
-            total += 1
-    print(f"removed {total} stale file{'' if total == 1 else 's'} from {dirs[0]}", flush=True)
+def _quota(args: _Args, root: str) -> Quota | None:
+    """Return the quota to enforce: --quota's, else maildirsize's if there is one, or None."""
+    if args.quota is not None and args.no_quota:
+        raise UsageError("--quota and --no-quota contradict each other; pass one")
+    if args.no_quota:
+        return None
+    if args.quota is None:
+        # Without a maildirsize there is nothing to enforce: skip loading the quota code
+        # (start-up time). One created meanwhile counts from the next delivery on, which
+        # is as exact as Maildir++ is between processes anyway.
+        try:
+            os.lstat(os.path.join(root, "maildirsize"))
+        except FileNotFoundError:
+            return None
+        except OSError:
+            pass  # not a directory, not searchable...: the delivery reports it properly
+    from ._quota import Quota
+
+    limit_bytes, limit_messages = args.quota or (None, None)
+    return Quota(limit_bytes, limit_messages, permanent=bool(args.quota_permanent))
+
+
+def _deliver(args: _Args) -> int:
+    from ._errors import MaildirNotFoundError
+    from ._mda import deliver_fd
+    from ._writer import Layout
+
+    fd = _stdin_fd()
+    try:
+        os.fstat(fd)
+    except OSError:
+        raise NoInputError(
+            "standard input is closed: there is no message to deliver (pipe one in)"
+        ) from None
+    root = os.path.realpath(os.path.expanduser(str(args.maildir)))
+    folder = inbox_folder(args.folder)
+    dirname = None
+    if folder is not None:
+        from ._folders import folder_dirname
+
+        dirname = folder_dirname(folder)
+        if not args.create_folder and not os.path.isdir(os.path.join(root, dirname)):
+            raise MaildirNotFoundError(
+                f"no folder {folder!r} in {root} (create it first, or pass --create-folder)"
+            )
+    layout = Layout(root, dirname, True, not args.no_fsync, _syscalls())
+    quota = _quota(args, root)
+    transform = None
+    if args.return_path is not None or args.delivered_to is not None or args.crlf_to_lf:
+        from ._transform import make_transform
+
+        transform = make_transform(
+            return_path=args.return_path,
+            delivered_to=args.delivered_to,
+            crlf_to_lf=bool(args.crlf_to_lf),
+        )
+    guard = None
+    if quota is not None:
+        from ._quota_io import QuotaGuard
+
+        guard = QuotaGuard(quota, layout)
+    path = deliver_fd(layout, fd, max_size=args.max_size, transform=transform, quota=guard)
+    print(path, flush=True)
     return 0

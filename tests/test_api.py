@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import pytest
+
 import maildrop
 
 
@@ -22,3 +28,28 @@ def test_default_syscalls_is_a_table() -> None:
     assert isinstance(t, maildrop.Syscalls)
     assert t.write is maildrop.DEFAULT_SYSCALLS.write
     assert t.fsync is not maildrop.DEFAULT_SYSCALLS.fsync
+
+
+def test_import_is_lazy() -> None:
+    """``import maildrop`` loads no engine; the first use of a name loads its module."""
+    code = (
+        "import sys, maildrop; a = {m for m in ('anyio', 'asyncio') if m in sys.modules}; "
+        "maildrop.Maildir; print(sorted(a), 'anyio' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE")}
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env=env,
+    )
+    assert p.stdout.split() == ["[]", "True"]
+
+
+def test_unknown_attribute_is_an_attribute_error() -> None:
+    """A name maildrop does not have raises AttributeError, as for any module."""
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        maildrop.nope  # noqa: B018 - the access is the test
+    assert "Maildir" in dir(maildrop)

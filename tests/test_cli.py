@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import io
 import os
 import queue
 import runpy
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from maildrop import DEFAULT_SYSCALLS, Maildir, _cli_serve, cli
+from maildrop import DEFAULT_SYSCALLS, _cli_serve, cli
 
 from .conftest import listing
 
@@ -34,12 +33,23 @@ PY = [sys.executable, "-m", "maildrop"]
 
 
 def run_main(
-    monkeypatch: pytest.MonkeyPatch, argv: list[str], stdin: bytes | io.BytesIO = b""
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], stdin: bytes = b"", *, file: bool = False
 ) -> int:
-    """Run cli.main(argv) with *stdin* as the message."""
-    source = stdin if isinstance(stdin, io.BytesIO) else io.BytesIO(stdin)
-    monkeypatch.setattr(cli, "_stdin", lambda: source)
-    return cli.main(argv)
+    """Run cli.main(argv) with *stdin* as the message, from a pipe or a regular *file*."""
+    if file:
+        with tempfile.TemporaryFile() as f:
+            f.write(stdin)
+            f.seek(0)
+            fd = os.dup(f.fileno())
+    else:
+        fd, w = os.pipe()
+        os.write(w, stdin)
+        os.close(w)
+    monkeypatch.setattr(cli, "_stdin_fd", lambda: fd)
+    try:
+        return cli.main(argv)
+    finally:
+        os.close(fd)
 
 
 def one_line_error(err: str) -> str:
@@ -133,20 +143,15 @@ def test_deliver_prints_the_path(
 def test_deliver_drops_a_leading_from_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Postfix's mbox 'From ' line is dropped, from a seekable file and from a pipe."""
-
-    class Pipe(io.BytesIO):
-        def seekable(self) -> bool:
-            return False
-
+    """Postfix's mbox 'From ' line is dropped, from a regular file and from a pipe."""
     md = tmp_path / "md"
     from_line = b"From s@example.org  Wed Nov 25 23:00:00 2026\n"
+    assert run_main(monkeypatch, ["deliver", str(md)], from_line + MSG, file=True) == 0
     assert run_main(monkeypatch, ["deliver", str(md)], from_line + MSG) == 0
-    assert run_main(monkeypatch, ["deliver", str(md)], Pipe(from_line + MSG)) == 0
-    assert run_main(monkeypatch, ["deliver", str(md)], Pipe(MSG)) == 0
-    assert run_main(monkeypatch, ["deliver", str(md)], Pipe(b"")) == 0
+    assert run_main(monkeypatch, ["deliver", str(md)], MSG) == 0
+    assert run_main(monkeypatch, ["deliver", str(md)], MSG, file=True) == 0
     capsys.readouterr()
-    assert sorted(new_files(md)) == sorted([MSG, MSG, MSG, b""])
+    assert new_files(md) == [MSG] * 4
 
 
 def test_deliver_headers_and_crlf(
@@ -198,13 +203,14 @@ def test_deliver_disk_full_is_75(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     table = DEFAULT_SYSCALLS.replace(fsync=enospc)
-    monkeypatch.setattr(cli, "Maildir", lambda *a, **k: Maildir(*a, syscalls=table, **k))
+    monkeypatch.setattr(cli, "_syscalls", lambda: table)
     md = tmp_path / "md"
     for d in ("tmp", "new", "cur"):
         (md / d).mkdir(parents=True)
     assert run_main(monkeypatch, ["deliver", str(md)], MSG) == 75
     line = one_line_error(capsys.readouterr().err)
     assert "No space left" in line
+    assert f"{md / 'tmp'}/" in line  # the directory, not only the file's name
     assert "temporary" in line
     assert listing(md) == {"tmp": [], "new": [], "cur": []}
 
@@ -248,6 +254,130 @@ def test_clean_tmp_of_missing_maildir_is_one_line(
     """No maildir there: a one-line error, not a traceback."""
     assert run_main(monkeypatch, ["clean-tmp", str(tmp_path / "nothing")]) == 67
     assert "no maildir" in one_line_error(capsys.readouterr().err)
+
+
+def test_clean_tmp_skips_a_bad_folder_and_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder whose tmp/ is a symlink is reported; the others are cleaned; exit 75."""
+    md = tmp_path / "md"
+    for d in ("tmp", "new", "cur", ".A/new", ".B/tmp", ".B/new", "elsewhere"):
+        (md / d).mkdir(parents=True)
+    (md / ".A" / "tmp").symlink_to(md / "elsewhere")
+    (md / "elsewhere" / "keep").write_bytes(b"x")
+    (md / ".B" / "tmp" / "stale").write_bytes(b"x")
+    later = time.time() + 3600
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert run_main(monkeypatch, ["clean-tmp", "--older-than", "30m", str(md)]) == 75
+    captured = capsys.readouterr()
+    assert f"removed {md / '.B' / 'tmp' / 'stale'}" in captured.out
+    assert f"skipped {md / '.A'}:" in captured.err
+    assert "1 folder could not be cleaned (exit status 75)" in captured.err
+    assert os.listdir(md / "elsewhere") == ["keep"]
+
+
+def test_deliver_quota_in_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """maildirsize enforced (75) and updated; --quota with --no-quota is 64; bad quotas 64."""
+    md = tmp_path / "md"
+    for d in ("tmp", "new", "cur"):
+        (md / d).mkdir(parents=True)
+    (md / "maildirsize").write_bytes(b"100S\n90 1\n")
+    assert run_main(monkeypatch, ["deliver", str(md)], MSG) == 75
+    assert "90 of 100 bytes (90%)" in one_line_error(capsys.readouterr().err)
+    assert run_main(monkeypatch, ["deliver", "--quota", "1M", str(md)], MSG) == 0
+    assert (md / "maildirsize").read_bytes().startswith(b"1048576S\n")
+    capsys.readouterr()
+    for argv in (["--quota", "1M", "--no-quota"], ["--quota", "1M,x"], ["--quota", "0"]):
+        assert run_main(monkeypatch, ["deliver", *argv, str(md)], MSG) == 64
+        one_line_error(capsys.readouterr().err)
+
+
+def test_deliver_abbreviated_options_go_through_argparse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An abbreviation argparse accepts (--max for --max-size) still delivers."""
+    md = tmp_path / "md"
+    assert run_main(monkeypatch, ["deliver", "--max", "1M", str(md)], MSG) == 0
+    assert Path(capsys.readouterr().out.strip()).read_bytes() == MSG
+
+
+def test_deliver_closed_stdin_in_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A closed standard input: 66 and a clear line."""
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    monkeypatch.setattr(cli, "_stdin_fd", lambda: r)
+    assert cli.main(["deliver", str(tmp_path / "md")]) == 66
+    assert "standard input is closed" in one_line_error(capsys.readouterr().err)
+
+
+# -- the quick deliver options ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["md"],
+        ["--folder", "Lists", "--create-folder", "md"],
+        ["--max-size=10M", "--quota", "1G,100", "--quota-permanent", "md"],
+        ["--return-path", "", "--delivered-to=a@x", "--crlf-to-lf", "--no-fsync", "md"],
+        ["--no-quota", "--", "-odd-name"],
+    ],
+)
+def test_quick_options_match_argparse(argv: list[str]) -> None:
+    """The argparse-free reader gives exactly what argparse gives."""
+    quick = cli._quick_deliver_args(argv)
+    assert quick is not None
+    assert vars(quick) == vars(cli._build_parser().parse_args(["deliver", *argv]))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["a", "b"],
+        ["--help"],
+        ["--fold", "X", "md"],
+        ["--max-size", "huge", "md"],
+        ["--folder", "md"],
+        ["--folder", "--no-quota", "md"],
+        ["--no-fsync=yes", "md"],
+    ],
+)
+def test_quick_options_leave_the_rest_to_argparse(argv: list[str]) -> None:
+    """Help, abbreviations, bad values and missing arguments go to argparse."""
+    assert cli._quick_deliver_args(argv) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "folder"),
+    [
+        (None, None),
+        ("INBOX", None),
+        ("inbox", None),
+        ("INBOX.Lists.python", "Lists.python"),
+        ("Inbox.x", "x"),
+        ("Lists", "Lists"),
+        ("INBOXES", "INBOXES"),
+    ],
+)
+def test_inbox_folder(name: str | None, folder: str | None) -> None:
+    """INBOX is the maildir itself; INBOX.X is the folder X."""
+    assert cli.inbox_folder(name) == folder
+
+
+def test_deliver_help_lists_the_quota_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    """--help documents the quota options and the exit statuses."""
+    assert cli.main(["deliver", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--quota SIZE[,COUNT]", "--no-quota", "--quota-permanent", "INBOX"):
+        assert flag in out
+    assert cli.main(["--help"]) == 0
+    assert "77" not in capsys.readouterr().out
 
 
 # -- lmtp / smtp (in process) -------------------------------------------------------------
@@ -392,8 +522,9 @@ def shared_dir() -> Iterator[Path]:
         shutil.rmtree(d)
 
 
-def test_process_permission_denied_is_77(shared_dir: Path) -> None:
-    """An unprivileged user delivering into root's 0700 maildir: 77, one line."""
+def test_process_permission_denied_is_75(shared_dir: Path) -> None:
+    """An unprivileged user delivering into root's 0700 maildir: 75 (the MTA retries; 77
+    would bounce), one line naming the directory."""
     if os.geteuid() != 0:
         pytest.skip("needs root to run the command as an unprivileged user (uid 65534)")
     setpriv = shutil.which("setpriv")
@@ -415,8 +546,11 @@ def test_process_permission_denied_is_77(shared_dir: Path) -> None:
     p = subprocess.run(
         cmd, input=MSG, capture_output=True, timeout=60, check=False, cwd="/", env=env
     )
-    assert p.returncode == 77, p.stderr
-    assert "ermission" in one_line_error(p.stderr.decode())
+    assert p.returncode == 75, p.stderr
+    line = one_line_error(p.stderr.decode())
+    assert "Permission denied" in line
+    assert str(md) in line
+    assert "temporary failure" in line
     assert listing(md) == {"tmp": [], "new": [], "cur": []}
 
 

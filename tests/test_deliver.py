@@ -449,9 +449,9 @@ async def test_hostile_hostname_is_escaped(
     maildir_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A hostname with '/', ':' and NUL still gives one safe name inside new/."""
-    import socket
+    from maildrop import _writer
 
-    monkeypatch.setattr(socket, "gethostname", lambda: "evil/../host:25\0x")
+    monkeypatch.setattr(_writer, "hostname", lambda: "evil/../host:25\0x")
     d = await deliver(maildir_path, MSG)
     assert d.path.parent == maildir_path / "new"
     assert "/" not in d.name

@@ -7,10 +7,12 @@ import errno
 import pytest
 
 from maildrop import (
+    EmptyMessageError,
     InvalidFolderNameError,
     MaildirNotFoundError,
     MaildropError,
     MessageTooLargeError,
+    NotAMaildirError,
     QuotaExceededError,
     outcome,
 )
@@ -37,8 +39,10 @@ def test_leaves_subclass_the_builtins_callers_catch() -> None:
         (OSError(errno.EIO, "io"), True, "451 4.3.0", 75),
         (OSError(errno.EROFS, "ro"), True, "451 4.3.0", 75),
         (OSError(errno.ENAMETOOLONG, "long"), True, "451 4.3.0", 75),
-        (PermissionError(errno.EACCES, "denied"), True, "451 4.3.0", 77),
-        (OSError(errno.EPERM, "denied"), True, "451 4.3.0", 77),
+        (PermissionError(errno.EACCES, "denied"), True, "451 4.3.0", 75),
+        (OSError(errno.EPERM, "denied"), True, "451 4.3.0", 75),
+        (EmptyMessageError("empty"), False, "554 5.6.0", 65),
+        (NotAMaildirError(errno.ENOTDIR, "/m"), False, "550 5.2.0", 73),
         (MessageTooLargeError(10), False, "552 5.3.4", 65),
         (QuotaExceededError("q"), True, "452 4.2.2", 75),
         (QuotaExceededError("q", permanent=True), False, "552 5.2.2", 73),
@@ -48,12 +52,23 @@ def test_leaves_subclass_the_builtins_callers_catch() -> None:
     ],
 )
 def test_outcome_mapping(exc: BaseException, temporary: bool, reply: str, exit_code: int) -> None:
-    """Local problems are temporary; only the message, a hard quota or no mailbox are not."""
+    """Local problems (permissions too) are temporary; only what retrying cannot fix is not."""
     o = outcome(exc)
     assert o.temporary is temporary
     assert o.reply.startswith(reply)
     assert o.exit_code == exit_code
     assert (o.smtp_code < 500) is temporary
+    assert o.exit_code != 77  # EX_NOPERM: Postfix bounces on it
+
+
+def test_not_a_maildir_says_which() -> None:
+    """A file and a symlink get different messages; both are NotADirectoryError."""
+    assert issubclass(NotAMaildirError, NotADirectoryError)
+    assert issubclass(EmptyMessageError, ValueError)
+    assert "is not a directory" in str(NotAMaildirError(errno.ENOTDIR, "/m"))
+    link = NotAMaildirError(errno.ELOOP, "/m/tmp", True)
+    assert "symbolic link" in str(link)
+    assert link.errno == errno.ELOOP
 
 
 def test_message_too_large_says_what_to_do() -> None:

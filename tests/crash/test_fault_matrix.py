@@ -37,7 +37,7 @@ EXPECTED = {
     errno.EIO: (True, "451 4.3.0", 75),
     errno.EROFS: (True, "451 4.3.0", 75),
     errno.ENAMETOOLONG: (True, "451 4.3.0", 75),
-    errno.EACCES: (True, "451 4.3.0", 77),
+    errno.EACCES: (True, "451 4.3.0", 75),
 }
 #: Steps whose failure the engine may absorb: closing a directory fd cannot lose data.
 TOLERATED = {"close_dir"}
