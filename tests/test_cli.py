@@ -6,8 +6,8 @@ import asyncio
 import errno
 import io
 import os
-import re
 import queue
+import re
 import runpy
 import shutil
 import signal
