@@ -343,7 +343,10 @@ class Conversation:
 
     def _data_event(self) -> Event | _NeedData:
         buf = self._buf
-        end = buf.find(_END)
+        # One scan finds the first line that starts with a dot; most buffers have none, and
+        # then neither the end of the data nor a stuffed dot is in them.
+        dot = buf.find(b"\r\n.")
+        end = -1 if dot < 0 else buf.find(_END, dot)
         if end >= 0:
             cut = end + 2
         else:
@@ -351,17 +354,18 @@ class Conversation:
             if cut <= self._skip:
                 return NEED_DATA
         self._measure(cut)
-        region = bytes(buf[:cut])
-        skip = self._skip
-        self._skip = 0
+        with memoryview(buf) as view, view[:cut] as part:
+            body = bytes(part)
         if end >= 0:
             del buf[: end + 5]
             self._mode = "command"
         else:
             del buf[:cut]
-        body = region.replace(b"\r\n.", b"\r\n")
-        if skip:
-            body = body[skip:]
+        if 0 <= dot < cut:
+            body = body.replace(b"\r\n.", b"\r\n")
+        if self._skip:
+            body = body[self._skip :]
+            self._skip = 0
         self._size += len(body)
         if end < 0:
             return Body(body)
