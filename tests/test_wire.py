@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -50,7 +51,7 @@ def run(conv: Conversation, data: bytes, chunks: list[int] | None = None) -> tup
 
 def _split(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:], strict=False)] or [b""]
+    return [data[a:b] for a, b in itertools.pairwise(points)] or [b""]
 
 
 def stuffed(message: bytes) -> bytes:
@@ -178,15 +179,15 @@ def test_pipelined_transaction_is_answered_in_order() -> None:
         (
             b"LHLO c\r\nMAIL FROM:<s@x> BODY=BINARYMIME\r\nRCPT TO:<a@x>\r\nDATA\r\n",
             b"503 5.5.1 BODY=BINARYMIME needs BDAT",
-        ),  # fmt: skip
+        ),
         (
             b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<a@x>\r\nBDAT 1\r\nxDATA\r\n",
             b"503 5.5.1 DATA after BDAT",
-        ),  # fmt: skip
+        ),
         (
             b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<a@x>\r\nBDAT 1\r\nxRCPT TO:<b@x>\r\n",
             b"503 5.5.1 RCPT after BDAT",
-        ),  # fmt: skip
+        ),
         (b"FOO\r\n", b"500 5.5.1 Command unrecognized"),
         (b"NOOP \xff\r\n", b"500 5.5.2 Command is not valid UTF-8"),
         (b"VRFY a\r\n", b"252 2.5.0"),
@@ -237,7 +238,7 @@ def test_utf8_envelope_and_source_route() -> None:
 def test_refused_mail_and_rcpt_do_not_advance() -> None:
     """A non-2xx answer to MAIL or RCPT leaves the state as it was."""
     c = Conversation("mx.test")
-    replies, _ = run(c, b"LHLO c\r\n")
+    _replies, _ = run(c, b"LHLO c\r\n")
     c.receive(b"MAIL FROM:<s@x>\r\n")
     assert isinstance(c.next_event(), Mail)
     assert c.answer("421 4.3.2 Service shutting down") == b"421 4.3.2 Service shutting down\r\n"
