@@ -1,0 +1,370 @@
+"""maildrop's own LMTP/SMTP connection over real sockets: streaming, limits, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from maildrop import Quota
+from maildrop._wire import MAX_LINE
+from maildrop.lmtp import MaildirHandler, MaildirServer
+
+from .conftest import listing
+from .lmtp_client import Client, wire
+from .test_lmtp import messages, serving, until, users
+
+pytestmark = pytest.mark.asyncio
+
+MSG = b"Subject: hi\r\n\r\nbody\r\n"
+
+
+async def raw(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect without saying anything; the greeting is read already."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    greeting = await asyncio.wait_for(reader.readline(), 10)
+    assert greeting.startswith(b"220 ")
+    return reader, writer
+
+
+async def replies(reader: asyncio.StreamReader, n: int) -> list[str]:
+    """Read *n* reply lines (single-line replies only)."""
+    return [(await asyncio.wait_for(reader.readline(), 20)).decode().rstrip() for _ in range(n)]
+
+
+def empty(md: Path) -> bool:
+    """Whether the maildir holds nothing at all in tmp/ and new/."""
+    got = listing(md)
+    return not got.get("tmp") and not got.get("new")
+
+
+async def test_greeting_and_hello_name_maildrop_and_the_exact_size(tmp_path: Path) -> None:
+    """220 names the host and maildrop; LHLO advertises every extension and SIZE max_size."""
+    async with serving(MaildirHandler(tmp_path, max_size=12345)) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        greeting = await reader.readline()
+        writer.write(b"LHLO c\r\n")
+        lines = await replies(reader, 8)
+        writer.close()
+    assert greeting == b"220 mx.test maildrop LMTP ready\r\n"
+    assert lines == [
+        "250-mx.test", "250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-8BITMIME",
+        "250-SMTPUTF8", "250-BINARYMIME", "250-CHUNKING", "250 SIZE 12345",
+    ]  # fmt: skip
+
+
+async def test_size_at_the_limit_passes_above_is_552(tmp_path: Path) -> None:
+    """MAIL SIZE=max is accepted, SIZE=max+1 gets 552 5.3.4 with its enhanced code."""
+    async with serving(MaildirHandler(tmp_path, max_size=1000)) as port:
+        c = await Client.connect(port)
+        assert await c.command("MAIL FROM:<s@x> SIZE=1000") == "250 2.1.0 OK"
+        assert (await c.command("RSET")).startswith("250 2.0.0")
+        assert (await c.command("MAIL FROM:<s@x> SIZE=1001")).startswith("552 5.3.4")
+        await c.quit()
+
+
+async def test_utf8_envelope_is_delivered_to_the_folded_mailbox(tmp_path: Path) -> None:
+    """SMTPUTF8: ÉLODIE@ lands in élodie/; the Kelvin sign never reaches kelvin/."""
+    users(tmp_path, "élodie", "kelvin")
+    async with serving(MaildirHandler(tmp_path)) as port:
+        c = await Client.connect(port)
+        assert (await c.command("MAIL FROM:<jörg@exämple.org> SMTPUTF8")).startswith("250")
+        assert (await c.command("RCPT TO:<ÉLODIE@x>")).startswith("250 2.1.5")
+        assert (await c.command("RCPT TO:<\u212aelvin@x>")).startswith("550 5.1.1")
+        assert (await c.command("DATA")).startswith("354")
+        c.writer.write(wire(b"Subject: caf\xc3\xa9\n\nbody\n"))
+        assert (await c.reply()).startswith("250 2.0.0")
+        await c.quit()
+    (got,) = messages(tmp_path / "élodie")
+    assert got.startswith("Return-Path: <jörg@exämple.org>\nDelivered-To: ÉLODIE@x\n".encode())
+    assert messages(tmp_path / "kelvin") == []
+
+
+async def test_nul_and_controls_in_addresses_are_refused_at_once(tmp_path: Path) -> None:
+    """NUL/CR in MAIL or RCPT is 501/553 5.1.3 then and there, not a 451 at DATA."""
+    users(tmp_path, "alice")
+    async with serving(MaildirHandler(tmp_path)) as port:
+        reader, writer = await raw(port)
+        writer.write(b"LHLO c\r\nMAIL FROM:<s\x00@x>\r\nMAIL FROM:<s@x>\r\n"
+                     b"RCPT TO:<alice@x\x00y>\r\nRCPT TO:<alice\x7f@x>\r\nQUIT\r\n")  # fmt: skip
+        got = (await asyncio.wait_for(reader.read(), 10)).decode().split("\r\n")
+        writer.close()
+    assert [r[:9] for r in got[8:13]] == ["501 5.1.3", "250 2.1.0", "553 5.1.3", "553 5.1.3",
+                                          "221 2.0.0"]  # fmt: skip
+
+
+LINES = [b"", b"1", b"x" * 998, b"y" * 999, b"z" * 1000, b"w" * MAX_LINE, b".", b"..",
+         b".x", b"a\rb", b"a\nb", b"\r", b"\n.\n", b"end"]  # fmt: skip
+
+
+@pytest.mark.parametrize("segment", [1, 7, 4096, 1 << 20])
+async def test_lines_of_every_shape_arrive_byte_exact(tmp_path: Path, segment: int) -> None:
+    """Empty, short, 1000-byte and 64 KiB lines, dots, bare CR/LF survive any TCP split."""
+    users(tmp_path, "alice")
+    message = b"".join(line + b"\r\n" for line in LINES)
+    data = (b"\r\n" + message).replace(b"\r\n.", b"\r\n..")[2:] + b".\r\n"
+    handler = MaildirHandler(tmp_path, return_path=False, delivered_to=False, crlf_to_lf=False)
+    async with serving(handler) as port:
+        c = await Client.connect(port)
+        c.writer.write(b"MAIL FROM:<s@x>\r\nRCPT TO:<alice@x>\r\nDATA\r\n")
+        assert [await c.reply() for _ in range(3)][2].startswith("354")
+        for i in range(0, len(data), segment):
+            c.writer.write(data[i : i + segment])
+            await c.writer.drain()
+        assert (await c.reply()).startswith("250 2.0.0")
+        await c.quit()
+    assert messages(tmp_path / "alice") == [message]
+
+
+async def test_line_over_64k_is_a_temporary_error_per_recipient(tmp_path: Path) -> None:
+    """A line over 64 KiB: 451 4.6.0 for each recipient at the end, nothing stored."""
+    users(tmp_path, "alice", "bob")
+    async with serving(MaildirHandler(tmp_path)) as port:
+        c = await Client.connect(port)
+        t = await c.send("s@x", ["alice@x", "bob@x"], b"a\r\n" + b"x" * (MAX_LINE + 1) + b"\r\n")
+        t2 = await c.send("s@x", ["alice@x"], MSG)
+        await c.quit()
+    assert [r[:9] for r in t.data] == ["451 4.6.0", "451 4.6.0"]
+    assert t2.data[0].startswith("250")
+    assert len(messages(tmp_path / "alice")) == 1
+    assert listing(tmp_path / "bob")["tmp"] == []
+
+
+async def test_bdat_chunks_are_delivered(tmp_path: Path) -> None:
+    """BDAT (CHUNKING, BINARYMIME): raw bytes, one 250 per chunk, per-recipient at LAST."""
+    users(tmp_path, "alice", "bob")
+    handler = MaildirHandler(tmp_path, return_path=False, crlf_to_lf=False)
+    async with serving(handler) as port:
+        reader, writer = await raw(port)
+        writer.write(b"LHLO c\r\nMAIL FROM:<s@x> BODY=BINARYMIME\r\nRCPT TO:<alice@x>\r\n"
+                     b"RCPT TO:<bob@x>\r\nBDAT 5\r\n.\r\n\x00\xffBDAT 4 LAST\r\n\r\n.\r")  # fmt: skip
+        got = await replies(reader, 14)
+        writer.close()
+    assert [r[:3] for r in got[8:]] == ["250"] * 6
+    assert messages(tmp_path / "alice") == messages(tmp_path / "bob") == [b".\r\n\x00\xff\r\n.\r"]
+
+
+async def test_pipelined_transactions_in_one_segment(tmp_path: Path) -> None:
+    """Three transactions and QUIT sent at once are answered in order."""
+    users(tmp_path, "alice")
+    async with serving(MaildirHandler(tmp_path)) as port:
+        reader, writer = await raw(port)
+        one = b"MAIL FROM:<s@x>\r\nRCPT TO:<alice@x>\r\nRCPT TO:<no@x>\r\nDATA\r\nx\r\n.\r\n"
+        writer.write(b"LHLO c\r\n" + one * 3 + b"QUIT\r\n")
+        got = (await asyncio.wait_for(reader.read(), 10)).decode().split("\r\n")[8:-1]
+        writer.close()
+    assert [r[:3] for r in got] == ["250", "250", "550", "354", "250"] * 3 + ["221"]
+    assert len(messages(tmp_path / "alice")) == 3
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"",
+        b"LHLO c\r\n",
+        b"LHLO c\r\nMAIL FROM:<s@x>\r\n",
+        b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<alice@x>\r\n",
+        b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<alice@x>\r\nDATA\r\n",
+        b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<alice@x>\r\nDATA\r\nSubject: x\r\n\r\nbo",
+        b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<alice@x>\r\nDATA\r\nx\r\n.",
+        b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<alice@x>\r\nDATA\r\n" + b"x" * (3 << 20),
+        b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<alice@x>\r\nBDAT 10\r\nabc",
+        b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<alice@x>\r\nBDAT 3\r\nabcBDAT 9 LAST\r\nab",
+    ],
+)
+async def test_disconnect_in_every_state_leaves_nothing(tmp_path: Path, sent: bytes) -> None:
+    """A client that hangs up anywhere leaves nothing in tmp/ or new/, and no connection."""
+    users(tmp_path, "alice")
+    server = MaildirServer(MaildirHandler(tmp_path), hostname="mx.test")
+    (address,) = await server.listen("127.0.0.1:0")
+    try:
+        _, writer = await raw(int(address.rsplit(":", 1)[1]))
+        writer.write(sent)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()
+        await until(lambda: server.connections == 0, "the connection to end")
+        await until(lambda: server.handler.delivering == 0, "no delivery")
+    finally:
+        await server.shutdown(1)
+    assert empty(tmp_path / "alice")
+
+
+async def test_command_timeout_closes_with_421(tmp_path: Path) -> None:
+    """A client silent for longer than the timeout gets 421 4.4.2 and is disconnected."""
+    async with serving(MaildirHandler(tmp_path), timeout=0.2) as port:
+        reader, writer = await raw(port)
+        writer.write(b"LHLO c\r\n")
+        await replies(reader, 8)
+        rest = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    assert rest.startswith(b"421 4.4.2 mx.test Timeout")
+
+
+async def test_slow_live_data_is_not_cut_but_a_stalled_one_is(tmp_path: Path) -> None:
+    """The data timeout counts from the last byte: a trickle lives, a stall is dropped."""
+    users(tmp_path, "alice")
+    async with serving(MaildirHandler(tmp_path), timeout=0.3, data_timeout=0.3) as port:
+        c = await Client.connect(port)
+        c.writer.write(b"MAIL FROM:<s@x>\r\nRCPT TO:<alice@x>\r\nDATA\r\n")
+        assert [await c.reply() for _ in range(3)][2].startswith("354")
+        for _ in range(8):  # 0.8 s in all, well past both timeouts
+            c.writer.write(b"line\r\n")
+            await asyncio.sleep(0.1)
+        c.writer.write(b".\r\n")
+        assert (await c.reply()).startswith("250 2.0.0")
+        c.writer.write(b"MAIL FROM:<s@x>\r\nRCPT TO:<alice@x>\r\nDATA\r\nstall")
+        assert [await c.reply() for _ in range(3)][2].startswith("354")
+        assert (await c.reply()).startswith("421 4.4.2")
+        await c.close()
+    assert len(messages(tmp_path / "alice")) == 1
+    assert listing(tmp_path / "alice")["tmp"] == []
+
+
+async def test_max_connections_refuses_with_421_then_serves_again(tmp_path: Path) -> None:
+    """Beyond max_connections a client gets 421 4.3.2; once a slot frees, it is served."""
+    async with serving(MaildirHandler(tmp_path), max_connections=2) as port:
+        first = await raw(port)
+        second = await raw(port)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert (
+            await asyncio.wait_for(reader.read(), 5)
+            == b"421 4.3.2 Too many connections, try again later\r\n"
+        )
+        writer.close()
+        first[1].close()
+        await asyncio.sleep(0.1)
+        third = await raw(port)
+        for _, w in (second, third):
+            w.close()
+
+
+async def test_max_recipients_gets_452(tmp_path: Path) -> None:
+    """RCPT beyond max_recipients is 452 4.5.3 and the message goes to the others."""
+    users(tmp_path, "a", "b", "c")
+    async with serving(MaildirHandler(tmp_path), max_recipients=2) as port:
+        c = await Client.connect(port)
+        t = await c.send("s@x", ["a@x", "b@x", "c@x"], MSG)
+        await c.quit()
+    assert [r[:9] for r in t.rcpt] == ["250 2.1.5", "250 2.1.5", "452 4.5.3"]
+    assert messages(tmp_path / "c") == []
+
+
+def quota(md: Path, text: str) -> None:
+    """Give the maildir *md* a maildirsize with *text*."""
+    for sub in ("tmp", "new", "cur"):
+        (md / sub).mkdir(parents=True, exist_ok=True)
+    (md / "maildirsize").write_text(text)
+
+
+@pytest.mark.parametrize(("permanent", "code"), [(False, "452 4.2.2"), (True, "552 5.2.2")])
+async def test_full_mailbox_is_refused_at_rcpt(tmp_path: Path, permanent: bool, code: str) -> None:
+    """A maildirsize already at its limit refuses the recipient at RCPT."""
+    users(tmp_path, "alice", "bob")
+    quota(tmp_path / "alice", "1000S,2C\n500 2\n")
+    handler = MaildirHandler(tmp_path, quota=Quota(permanent=permanent))
+    async with serving(handler) as port:
+        c = await Client.connect(port)
+        t = await c.send("s@x", ["alice@x", "bob@x"], MSG)
+        await c.quit()
+    assert t.rcpt[0].startswith(code)
+    assert t.data[0].startswith("250")
+    assert empty(tmp_path / "alice")
+
+
+async def test_quota_is_checked_at_end_of_data_and_maildirsize_updated(tmp_path: Path) -> None:
+    """Room at RCPT but not for the message: 452 4.2.2 at the end; a fit updates the file."""
+    users(tmp_path, "alice")
+    quota(tmp_path / "alice", "100S,5C\n0 0\n")
+    async with serving(MaildirHandler(tmp_path)) as port:
+        c = await Client.connect(port)
+        big = await c.send("s@x", ["alice@x"], b"x" * 200 + b"\r\n")
+        small = await c.send("s@x", ["alice@x"], b"hi\r\n")
+        await c.quit()
+    assert big.data[0].startswith("452 4.2.2")
+    assert small.data[0].startswith("250")
+    (got,) = messages(tmp_path / "alice")
+    lines = (tmp_path / "alice" / "maildirsize").read_text().splitlines()
+    assert lines[0] == "100S,5C"
+    assert sum(int(line.split()[0]) for line in lines[1:]) == len(got)
+    assert listing(tmp_path / "alice")["tmp"] == []
+
+
+async def test_no_quota_ignores_maildirsize(tmp_path: Path) -> None:
+    """quota=None delivers into a mailbox whose maildirsize says it is full."""
+    users(tmp_path, "alice")
+    quota(tmp_path / "alice", "10S\n500 2\n")
+    async with serving(MaildirHandler(tmp_path, quota=None)) as port:
+        c = await Client.connect(port)
+        t = await c.send("s@x", ["alice@x"], MSG)
+        await c.quit()
+    assert t.rcpt[0].startswith("250")
+    assert t.data[0].startswith("250")
+    assert (tmp_path / "alice" / "maildirsize").read_text() == "10S\n500 2\n"
+
+
+async def test_smtp_retry_after_partial_failure_reaches_only_the_failed(tmp_path: Path) -> None:
+    """SMTP: alice got it, bob failed (451); the retry delivers to bob only."""
+    users(tmp_path, "alice", "bob")
+    (tmp_path / "bob" / "new").write_text("not a directory")
+    async with serving(MaildirHandler(tmp_path), lmtp=False) as port:
+        c = await Client.connect(port, lmtp=False)
+        first = await c.send("s@x", ["alice@x", "bob@x"], MSG)
+        (tmp_path / "bob" / "new").unlink()
+        retry = await c.send("s@x", ["alice@x", "bob@x"], MSG)
+        again = await c.send("s@x", ["alice@x", "bob@x"], MSG)
+        await c.quit()
+    assert first.data[0].startswith("451 4.3.0")
+    assert retry.data == ["250 2.0.0 OK"]
+    assert again.data == ["250 2.0.0 OK"]
+    assert len(messages(tmp_path / "alice")) == 2  # the first and the new message
+    assert len(messages(tmp_path / "bob")) == 2
+    assert listing(tmp_path / "alice")["tmp"] == []
+
+
+async def test_client_not_reading_replies_pauses_the_server(tmp_path: Path) -> None:
+    """A client that pipelines NOOPs and never reads does not grow the server's memory."""
+    async with serving(MaildirHandler(tmp_path)) as port:
+        reader, writer = await raw(port)
+        writer.write(b"LHLO c\r\n" + b"RSET\r\n" * 99 + b"NOOP " + b"x" * 4000 + b"\r\n")
+        await writer.drain()
+        got = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    assert got.endswith(b"421 4.7.0 Too many commands without mail\r\n")
+
+
+async def test_shutdown_refuses_new_mail_with_421(tmp_path: Path) -> None:
+    """While shutting down, MAIL gets 421 4.3.2."""
+    handler = MaildirHandler(tmp_path)
+    handler.closing = True
+    async with serving(handler) as port:
+        c = await Client.connect(port)
+        assert (await c.command("MAIL FROM:<s@x>")).startswith("421 4.3.2")
+        await c.close()
+
+
+async def test_custom_resolve_error_is_451_at_rcpt(tmp_path: Path) -> None:
+    """An OSError from an overridden resolve() refuses the recipient temporarily."""
+
+    class Broken(MaildirHandler):
+        async def resolve(self, address: str) -> Any:
+            raise OSError(5, "injected EIO")
+
+    async with serving(Broken(tmp_path)) as port:
+        c = await Client.connect(port)
+        await c.command("MAIL FROM:<s@x>")
+        assert (await c.command("RCPT TO:<a@x>")).startswith("451 4.3.0")
+        await c.quit()
+
+
+async def test_lookup_refuses_files_and_dangling_links(tmp_path: Path) -> None:
+    """A file or a dangling symlink where a mailbox should be is not a mailbox."""
+    (tmp_path / "file").write_text("x")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    handler = MaildirHandler(tmp_path)
+    assert handler.lookup("file@x") is None
+    assert handler.lookup("dangling@x") is None
+    assert handler.lookup("a/b@x") is None
