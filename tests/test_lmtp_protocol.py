@@ -139,8 +139,10 @@ async def test_bdat_chunks_are_delivered(tmp_path: Path) -> None:
     handler = MaildirHandler(tmp_path, return_path=False, crlf_to_lf=False)
     async with serving(handler) as port:
         reader, writer = await raw(port)
-        writer.write(b"LHLO c\r\nMAIL FROM:<s@x> BODY=BINARYMIME\r\nRCPT TO:<alice@x>\r\n"
-                     b"RCPT TO:<bob@x>\r\nBDAT 5\r\n.\r\n\x00\xffBDAT 4 LAST\r\n\r\n.\r")  # fmt: skip
+        writer.write(
+            b"LHLO c\r\nMAIL FROM:<s@x> BODY=BINARYMIME\r\nRCPT TO:<alice@x>\r\n"
+            b"RCPT TO:<bob@x>\r\nBDAT 5\r\n.\r\n\x00\xffBDAT 4 LAST\r\n\r\n.\r"
+        )
         got = await replies(reader, 14)
         writer.close()
     assert [r[:3] for r in got[8:]] == ["250"] * 6
