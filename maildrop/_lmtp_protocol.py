@@ -25,12 +25,55 @@ if TYPE_CHECKING:
 
     from ._lmtp_server import MaildirServer
 
-__all__ = ["HIGH_WATER", "Connection"]
+__all__ = ["HIGH_WATER", "Connection", "TurnBudget"]
 
 log = logging.getLogger("maildrop.lmtp")
 
 #: Received bytes waiting in the core beyond which reading pauses.
-HIGH_WATER = 256 * 1024
+HIGH_WATER = 128 * 1024
+#: Message bytes all connections together may process in one turn of the event loop.
+TURN_BUDGET = 256 * 1024
+
+
+class TurnBudget:
+    """Spread message processing over event-loop turns, so no turn runs long.
+
+    asyncio runs every callback that is ready in one turn: 50 busy connections each
+    scanning a buffer would hold the loop for all 50. A connection takes from this budget
+    before it processes message bytes and waits for the next turn when it is spent.
+    """
+
+    def __init__(self, per_turn: int = TURN_BUDGET) -> None:
+        self.per_turn = per_turn
+        self.left = per_turn
+        self._reset_soon = False
+        self._waiters: list[asyncio.Future[None]] = []
+
+    async def take(self, n: int) -> None:
+        """Wait until this turn has budget left, then spend *n* bytes of it."""
+        loop = asyncio.get_running_loop()
+        while self.left <= 0:
+            fut = loop.create_future()
+            self._waiters.append(fut)
+            self._schedule(loop)
+            await fut
+        self.left -= n
+        self._schedule(loop)
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        if not self._reset_soon:
+            self._reset_soon = True
+            loop.call_soon(self._reset)
+
+    def _reset(self) -> None:
+        self._reset_soon = False
+        self.left = self.per_turn
+        waiters, self._waiters = self._waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+
 TOO_MANY = b"421 4.3.2 Too many connections, try again later\r\n"
 LINE_TOO_LONG = f"451 4.6.0 Line longer than {MAX_LINE} bytes; message not delivered"
 
@@ -167,6 +210,8 @@ class Connection(asyncio.Protocol):
     async def _next(self) -> object:
         """Return the next event; wait for the client's bytes (and reading room) as needed."""
         while True:
+            if self.conv.in_data and self.conv.buffered:
+                await self.server.budget.take(self.conv.buffered)
             ev = self.conv.next_event()
             if ev is not NEED_DATA or self._eof:
                 return ev

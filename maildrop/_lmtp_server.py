@@ -10,8 +10,10 @@ import os
 import socket
 import stat
 
+import anyio
+
 from ._lmtp_handler import MaildirHandler
-from ._lmtp_protocol import Connection
+from ._lmtp_protocol import Connection, TurnBudget
 from ._lmtp_retry import RetryMemory
 
 __all__ = ["MaildirServer", "parse_hostport"]
@@ -62,6 +64,7 @@ class MaildirServer:
         self._unix_paths: list[str] = []
         self._changes = asyncio.Event()
         self._refused = 0
+        self.budget = TurnBudget()
 
     def _admit(self, conn: Connection) -> bool:
         if len(self._conns) >= self.max_connections:
@@ -78,6 +81,9 @@ class MaildirServer:
         if self.hostname is None:
             loop = asyncio.get_running_loop()
             self.hostname = await loop.run_in_executor(None, socket.getfqdn)
+        # The first aborted delivery would import anyio's backend (tens of ms) on the loop.
+        with anyio.CancelScope():
+            pass
 
     async def listen(self, address: str) -> list[str]:
         """Listen on ``HOST:PORT`` (``[::1]:24``; port 0 picks one) or ``unix:/path``.
