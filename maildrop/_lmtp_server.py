@@ -82,8 +82,7 @@ class MaildirServer:
             loop = asyncio.get_running_loop()
             self.hostname = await loop.run_in_executor(None, socket.getfqdn)
         # The first aborted delivery would import anyio's backend (tens of ms) on the loop.
-        with anyio.CancelScope():
-            pass
+        anyio.get_cancelled_exc_class()
 
     async def listen(self, address: str) -> list[str]:
         """Listen on ``HOST:PORT`` (``[::1]:24``; port 0 picks one) or ``unix:/path``.

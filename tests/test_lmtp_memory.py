@@ -79,7 +79,8 @@ def server_child(root: Path, max_size: int) -> Iterator[tuple[int, Callable[[], 
         stdout=subprocess.PIPE,
         text=True,
     ) as proc:
-        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.stdin is not None
+        assert proc.stdout is not None
         yield from _measured(proc, proc.stdin, proc.stdout)
 
 
