@@ -230,10 +230,38 @@ async def serve(
     from .lmtp import MaildirHandler, MaildirServer
 
     undo = _setup_logging()
+    loop = asyncio.get_running_loop()
+    saved = loop.get_exception_handler()
+    loop.set_exception_handler(_AcceptErrors())
     try:
         return await _serve(args, stop, ready, MaildirHandler, MaildirServer)
     finally:
+        loop.set_exception_handler(saved)
         undo()
+
+
+class _AcceptErrors:
+    """Log asyncio's accept errors (EMFILE...) as one line, at most once a second.
+
+    asyncio retries a listener after such an error a second later; everything else goes
+    to the default handler.
+    """
+
+    def __init__(self) -> None:
+        self.last = -1.0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if not isinstance(exc, OSError) or "accept" not in str(context.get("message")):
+            loop.default_exception_handler(context)
+            return
+        now = loop.time()
+        if now - self.last >= 1.0:
+            self.last = now
+            log.warning(
+                "cannot accept connections: %s (retrying); raise the file descriptor limit "
+                "(ulimit -n) or lower --max-connections", exc,
+            )  # fmt: skip
 
 
 def _quota(args: argparse.Namespace) -> Quota | None:
