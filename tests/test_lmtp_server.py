@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import resource
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -35,9 +34,9 @@ async def server_process(root: Path, *args: str) -> AsyncIterator[tuple[int, Pat
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, FLOOD + 200), hard))
     log = root.parent / "server.log"
     with log.open("w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "maildrop", "lmtp", "--listen", "127.0.0.1:0",
-             "--root", str(root), *args],
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "maildrop", "lmtp", "--listen", "127.0.0.1:0",
+            "--root", str(root), *args,
             stderr=err,
             preexec_fn=_limit_fds,
         )  # fmt: skip
@@ -51,7 +50,7 @@ async def server_process(root: Path, *args: str) -> AsyncIterator[tuple[int, Pat
         yield port, log
     finally:
         proc.terminate()
-        assert proc.wait(30) == 0
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
@@ -71,7 +70,7 @@ async def first_line(reader: asyncio.StreamReader) -> bytes:
 async def test_idle_flood_beyond_max_connections_gets_421(tmp_path: Path) -> None:
     """512 idle clients hold every slot; the rest get 421 4.3.2; freed slots serve again."""
     (tmp_path / "root" / "alice").mkdir(parents=True)
-    async with server_process(tmp_path / "root") as (port, log):
+    async with server_process(tmp_path / "root") as (port, _):
         conns = await flood(port)
         firsts = await asyncio.gather(*(first_line(r) for r, _ in conns))
         greeted = sum(f.startswith(b"220 ") for f in firsts)
