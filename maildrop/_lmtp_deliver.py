@@ -47,10 +47,10 @@ def mailbox_name(address: str, *, recipient_delimiter: str | None = "+") -> str 
         local = local.split(recipient_delimiter, 1)[0]
     if local.isascii():
         folded = local.lower()
+    elif any(_to_ascii(ch) for ch in local):
+        return None
     else:
         folded = unicodedata.normalize("NFC", unicodedata.normalize("NFC", local).casefold())
-        if sum(ch.isascii() for ch in folded) != sum(ch.isascii() for ch in local):
-            return None
     if not folded or folded.startswith(".") or ".." in folded or "/" in folded:
         return None
     if any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 for ch in folded):
@@ -58,6 +58,13 @@ def mailbox_name(address: str, *, recipient_delimiter: str | None = "+") -> str 
     if len(folded.encode("utf-8", "surrogateescape")) > _NAME_MAX:
         return None
     return folded
+
+
+def _to_ascii(ch: str) -> bool:
+    """Whether folding the non-ASCII *ch* yields ASCII (a look-alike of another name)."""
+    if ch.isascii():
+        return False
+    return any(c.isascii() for c in unicodedata.normalize("NFC", ch).casefold())
 
 
 def _ascii(text: str) -> str:

@@ -109,10 +109,20 @@ async def until(cond: Callable[[], bool], what: str, seconds: float = 10.0) -> N
         ("a\x7fb@example.org", None),
         ("@example.org", None),
         ("x" * 256 + "@example.org", None),
+        ("ÉLODIE@example.org", "élodie"),
+        ("e\u0301lodie@example.org", "élodie"),
+        ("\u212aelvin@example.org", None),
+        ("STRASSE@example.org", "strasse"),
+        ("straße@example.org", None),
+        ("\u017fam@example.org", None),
+        ("ﬀ@example.org", None),
+        ("ΣΊΣΥΦΟΣ@example.org", "σίσυφοσ"),
+        ("a\u0085b@example.org", None),
     ],
 )
 async def test_mailbox_name_validates_the_local_part(address: str, name: str | None) -> None:
-    """Local parts map to one safe directory name, lowercased, without the +extension."""
+    """Local parts map to one safe directory name (NFC, casefolded, without the +extension);
+    folding that turns a non-ASCII letter into ASCII is refused, never another mailbox."""
     assert mailbox_name(address) == name
 
 
