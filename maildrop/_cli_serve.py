@@ -56,71 +56,7 @@ def add_server_commands(sub: Any) -> None:
             help="advertise SIZE and refuse larger messages with 552 5.3.4 (default 32M; "
             "messages stream to disk, memory does not grow with them)",
         )
-        s.add_argument(
-            "--quota",
-            metavar="SIZE[,COUNT]",
-            type=parse_quota,
-            help="Maildir++ quota of every mailbox, e.g. 1G or 1G,10000 (kept in its "
-            "maildirsize); default: honour the limits of an existing maildirsize",
-        )
-        s.add_argument(
-            "--quota-permanent",
-            action="store_true",
-            help="over quota is 552 5.2.2 (bounce) instead of 452 4.2.2 (retry later)",
-        )
-        s.add_argument(
-            "--no-quota", action="store_true", help="ignore maildirsize files: no quota at all"
-        )
-        s.add_argument(
-            "--max-connections",
-            metavar="N",
-            type=_positive,
-            default=512,
-            help="clients beyond N get 421 4.3.2 and are closed (default 512)",
-        )
-        s.add_argument(
-            "--max-recipients",
-            metavar="N",
-            type=_positive,
-            default=1000,
-            help="RCPT beyond N in one transaction get 452 4.5.3 (default 1000)",
-        )
-        s.add_argument(
-            "--timeout",
-            metavar="DURATION",
-            type=parse_duration,
-            default=300.0,
-            help="close a connection after this long without a command (default 300s; "
-            "more than 100 commands without a message also end it)",
-        )
-        s.add_argument(
-            "--data-timeout",
-            metavar="DURATION",
-            type=parse_duration,
-            default=300.0,
-            help="drop a message when no byte of it arrived for this long (default 300s)",
-        )
-        s.add_argument(
-            "--no-return-path", action="store_true", help="do not add a Return-Path: header"
-        )
-        s.add_argument(
-            "--no-delivered-to", action="store_true", help="do not add a Delivered-To: header"
-        )
-        s.add_argument(
-            "--separate-copies",
-            action="store_true",
-            help="give each recipient its own copy with its own Delivered-To: (default: "
-            "write once, hard-link, and add Delivered-To: only for a single recipient)",
-        )
-        s.add_argument(
-            "--keep-crlf", action="store_true", help="store lines with CRLF as received"
-        )
-        s.add_argument(
-            "--recipient-delimiter",
-            metavar="CHAR",
-            default="+",
-            help="deliver user+tag to user (default '+'; '' turns it off)",
-        )
+        _add_delivery_options(s)
         s.add_argument("--hostname", help="name in the greeting (default: this host's FQDN)")
         s.add_argument(
             "--shutdown-timeout",
@@ -132,14 +68,87 @@ def add_server_commands(sub: Any) -> None:
         s.add_argument(
             "--no-fsync", action="store_true", help="skip fsync (fast, NOT durable: tests only)"
         )
-    sub.choices["smtp"].add_argument(
-        "--retry-memory",
+        _add_limits(s, smtp=name == "smtp")
+
+
+def _add_delivery_options(s: argparse.ArgumentParser) -> None:
+    """Add the options that shape what is stored to a server command's parser *s*."""
+    s.add_argument(
+        "--no-return-path", action="store_true", help="do not add a Return-Path: header"
+    )
+    s.add_argument(
+        "--no-delivered-to", action="store_true", help="do not add a Delivered-To: header"
+    )
+    s.add_argument(
+        "--separate-copies",
+        action="store_true",
+        help="give each recipient its own copy with its own Delivered-To: (default: "
+        "write once, hard-link, and add Delivered-To: only for a single recipient)",
+    )
+    s.add_argument("--keep-crlf", action="store_true", help="store lines with CRLF as received")
+    s.add_argument(
+        "--recipient-delimiter",
+        metavar="CHAR",
+        default="+",
+        help="deliver user+tag to user (default '+'; '' turns it off)",
+    )
+
+
+def _add_limits(s: argparse.ArgumentParser, *, smtp: bool) -> None:
+    """Add the quota, connection and timeout options to a server command's parser *s*."""
+    s.add_argument(
+        "--quota",
+        metavar="SIZE[,COUNT]",
+        type=parse_quota,
+        help="Maildir++ quota of every mailbox, e.g. 1G or 1G,10000 (kept in its "
+        "maildirsize); default: honour the limits of an existing maildirsize",
+    )
+    s.add_argument(
+        "--quota-permanent",
+        action="store_true",
+        help="over quota is 552 5.2.2 (bounce) instead of 452 4.2.2 (retry later)",
+    )
+    s.add_argument(
+        "--no-quota", action="store_true", help="ignore maildirsize files: no quota at all"
+    )
+    s.add_argument(
+        "--max-connections",
+        metavar="N",
+        type=_positive,
+        default=512,
+        help="clients beyond N get 421 4.3.2 and are closed (default 512)",
+    )
+    s.add_argument(
+        "--max-recipients",
+        metavar="N",
+        type=_positive,
+        default=1000,
+        help="RCPT beyond N in one transaction get 452 4.5.3 (default 1000)",
+    )
+    s.add_argument(
+        "--timeout",
         metavar="DURATION",
         type=parse_duration,
-        default=24 * 3600.0,
-        help="remember this long which recipients got a partly failed message (answered "
-        "451), so the client's retry reaches only the others (default 24h; 0: off)",
+        default=300.0,
+        help="close a connection after this long without a command (default 300s; "
+        "more than 100 commands without a message also end it)",
     )
+    s.add_argument(
+        "--data-timeout",
+        metavar="DURATION",
+        type=parse_duration,
+        default=300.0,
+        help="drop a message when no byte of it arrived for this long (default 300s)",
+    )
+    if smtp:
+        s.add_argument(
+            "--retry-memory",
+            metavar="DURATION",
+            type=parse_duration,
+            default=24 * 3600.0,
+            help="remember this long which recipients got a partly failed message (answered "
+            "451), so the client's retry reaches only the others (default 24h; 0: off)",
+        )
 
 
 def _positive(text: str) -> int:

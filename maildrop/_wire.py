@@ -8,18 +8,15 @@ other reply is the core's own (:class:`Reply`). Events come out in command order
 pipelined commands are answered in order.
 
 The message body comes out as :class:`Body` chunks of whole received buffers, never line by
-line: the end of ``DATA`` is found with ``bytes.find(b"\\r\\n.\\r\\n")`` and the dot-stuffing is
-undone with one ``replace(b"\\r\\n.", b"\\r\\n")`` per buffer. Only CRLF ends a line (a bare CR
-or LF is data, so ``\\n.\\n`` cannot end a message: no SMTP smuggling). A tail that may be the
-start of ``\\r\\n.\\r\\n`` (at most four bytes) is held back until the next bytes arrive. Memory
-is bounded by what the driver lets in before it reads the events (it pauses reading): lines
-are measured, never collected.
+line (``_wire_data``). Memory is bounded by what the driver lets in before it reads the
+events (it pauses reading).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ._wire_data import MAX_LINE, DotReader
 from ._wire_parse import (
     MAX_COMMAND,
     CommandError,
@@ -27,6 +24,7 @@ from ._wire_parse import (
     parse_mail_params,
     parse_path,
     parse_rcpt_params,
+    split_keyword,
 )
 
 __all__ = [
@@ -40,12 +38,8 @@ __all__ = [
     "Reply",
 ]
 
-#: The longest DATA line (on the wire, without its CRLF) that a message may have.
-MAX_LINE = 65536
 #: Commands (NOOP, RSET, VRFY, HELO...) allowed without a transaction between them.
 MAX_IDLE_COMMANDS = 100
-_END = b"\r\n.\r\n"
-_TAILS = (b"\r\n.\r", b"\r\n.", b"\r\n", b"\r")
 
 
 class _NeedData:
@@ -129,6 +123,7 @@ class Conversation:
     ) -> None:
         self.hostname = hostname
         self.lmtp = lmtp
+        self.proto = "LMTP" if lmtp else "SMTP"
         self.max_size = max_size
         self.max_recipients = max_recipients
         self._buf = bytearray()
@@ -140,20 +135,13 @@ class Conversation:
         self._chunked = False  # this transaction's body came with BDAT
         self._waiting: Event | None = None
         self._pending_end = False  # the end of DATA came with the last Body
-        self._skip = 0  # bytes at the buffer's start that are context, not message (DATA)
-        self._line_len = 0
-        self._too_long = False
-        self._size = 0
+        self._dots = DotReader()
+        self._size = 0  # BDAT
         self._bdat_left = 0
         self._bdat_last = False
         self._bdat_refused: bytes | None = None  # the reply for a chunk being discarded
         self._idle_commands = 0
         self.closed = False
-
-    @property
-    def proto(self) -> str:
-        """``LMTP`` or ``SMTP``."""
-        return "LMTP" if self.lmtp else "SMTP"
 
     @property
     def buffered(self) -> int:
@@ -168,7 +156,7 @@ class Conversation:
     @property
     def line_too_long(self) -> bool:
         """Whether the message being received has a line over :data:`MAX_LINE` bytes."""
-        return self._too_long
+        return self._dots.too_long
 
     @property
     def in_transaction(self) -> bool:
@@ -279,7 +267,7 @@ class Conversation:
         if verb == "MAIL":
             if self._mail is not None:
                 raise CommandError("503 5.5.1 Nested MAIL command")
-            rest = _split_keyword(arg, "FROM:")
+            rest = split_keyword(arg, "FROM:")
             sender, params = parse_path(rest, allow_empty=True)
             check_address(sender, "501")
             size, body, utf8 = parse_mail_params(params)
@@ -292,7 +280,7 @@ class Conversation:
         if verb == "RCPT":
             if self._chunked:
                 raise CommandError("503 5.5.1 RCPT after BDAT")
-            rest = _split_keyword(arg, "TO:")
+            rest = split_keyword(arg, "TO:")
             address, params = parse_path(rest, allow_empty=False)
             check_address(address, "553")
             parse_rcpt_params(params)
@@ -315,10 +303,7 @@ class Conversation:
         if self._mail.body == "BINARYMIME":
             raise CommandError("503 5.5.1 BODY=BINARYMIME needs BDAT")
         self._mode = "data"
-        self._buf[0:0] = b"\r\n"  # the DATA line's own CRLF: the first line starts a line
-        self._skip = 2
-        self._line_len = self._size = 0
-        self._too_long = False
+        self._dots.start(self._buf)
         return self._reply("354 Start mail input; end with <CRLF>.<CRLF>")
 
     def _bdat_command(self, arg: str) -> Event | _NeedData:
@@ -342,54 +327,13 @@ class Conversation:
         return self._bdat_event()
 
     def _data_event(self) -> Event | _NeedData:
-        buf = self._buf
-        # One scan finds the first line that starts with a dot; most buffers have none, and
-        # then neither the end of the data nor a stuffed dot is in them.
-        dot = buf.find(b"\r\n.")
-        end = -1 if dot < 0 else buf.find(_END, dot)
-        if end >= 0:
-            cut = end + 2
-        else:
-            cut = len(buf) - next((len(t) for t in _TAILS if buf.endswith(t)), 0)
-            if cut <= self._skip:
-                return NEED_DATA
-        self._measure(cut)
-        with memoryview(buf) as view, view[:cut] as part:
-            body = bytes(part)
-        if end >= 0:
-            del buf[: end + 5]
+        body, ended = self._dots.read(self._buf)
+        if ended:
             self._mode = "command"
-        else:
-            del buf[:cut]
-        if 0 <= dot < cut:
-            body = body.replace(b"\r\n.", b"\r\n")
-        if self._skip:
-            body = body[self._skip :]
-            self._skip = 0
-        self._size += len(body)
-        if end < 0:
-            return Body(body)
-        if body:
+            if not body:
+                return self._end(last=True)
             self._pending_end = True
-            return Body(body)
-        return self._end(last=True)
-
-    def _measure(self, cut: int) -> None:
-        """Count the lengths of the lines in ``buf[:cut]``; note one over :data:`MAX_LINE`."""
-        buf = self._buf
-        last = buf.rfind(b"\r\n", 0, cut)
-        if last < 0:
-            self._line_len += cut
-            self._too_long |= self._line_len > MAX_LINE
-            return
-        first = buf.find(b"\r\n", 0, cut)
-        self._too_long |= self._line_len + first > MAX_LINE
-        pos = first + 2
-        while last - pos > MAX_LINE and not self._too_long:
-            k = buf.rfind(b"\r\n", pos, pos + MAX_LINE + 2)
-            self._too_long = k < 0
-            pos = k + 2
-        self._line_len = cut - last - 2
+        return NEED_DATA if body is None else Body(body)
 
     def _bdat_event(self) -> Event | _NeedData:
         if self._bdat_left:
@@ -410,7 +354,10 @@ class Conversation:
         return self._end(last=self._bdat_last)
 
     def _end(self, *, last: bool) -> DataEnd:
-        self._waiting = DataEnd(last, self._too_long, self._size)
+        if self._chunked:
+            self._waiting = DataEnd(last, False, self._size)
+        else:
+            self._waiting = DataEnd(last, self._dots.too_long, self._dots.size)
         return self._waiting
 
     # -- answers --------------------------------------------------------------------------
@@ -448,11 +395,3 @@ class Conversation:
         self._mail = None
         self.recipients = 0
         self._chunked = False
-
-
-def _split_keyword(arg: str, keyword: str) -> str:
-    """Return what follows ``FROM:``/``TO:`` (case-insensitive, spaces tolerated)."""
-    if arg[: len(keyword)].upper() != keyword:
-        verb = "MAIL FROM" if keyword == "FROM:" else "RCPT TO"
-        raise CommandError(f"501 5.5.4 Syntax: {verb}:<address>")
-    return arg[len(keyword) :].lstrip(" ")

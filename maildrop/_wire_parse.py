@@ -9,6 +9,7 @@ __all__ = [
     "parse_mail_params",
     "parse_path",
     "parse_rcpt_params",
+    "split_keyword",
 ]
 
 #: The longest command line accepted (RFC 5321's 512 plus room for extension parameters
@@ -83,3 +84,11 @@ def parse_rcpt_params(params: list[str]) -> None:
 
 def _ascii(text: str) -> str:
     return text[:40] if text.isascii() and text.isprintable() else "(non-ASCII)"
+
+
+def split_keyword(arg: str, keyword: str) -> str:
+    """Return what follows ``FROM:``/``TO:`` (case-insensitive, spaces tolerated)."""
+    if arg[: len(keyword)].upper() != keyword:
+        verb = "MAIL FROM" if keyword == "FROM:" else "RCPT TO"
+        raise CommandError(f"501 5.5.4 Syntax: {verb}:<address>")
+    return arg[len(keyword) :].lstrip(" ")
