@@ -38,7 +38,7 @@ __all__ = [
     "Reply",
 ]
 
-#: Commands (NOOP, RSET, VRFY, HELO...) allowed without a transaction between them.
+#: Commands (NOOP, RSET, VRFY, HELO..., refused MAIL/RCPT) allowed between two messages.
 MAX_IDLE_COMMANDS = 100
 
 
@@ -210,6 +210,7 @@ class Conversation:
         try:
             return self._command(raw)
         except CommandError as exc:
+            self._idle_commands += 1
             return self._reply(str(exc))
 
     def _reply(self, text: str, *, close: bool = False) -> Reply:
@@ -224,12 +225,12 @@ class Conversation:
             raise CommandError("500 5.5.2 Command is not valid UTF-8") from None
         verb, _, arg = line.partition(" ")
         verb = verb.upper()
+        if verb != "QUIT" and self._idle_commands >= MAX_IDLE_COMMANDS:
+            return self._reply("421 4.7.0 Too many commands without mail", close=True)
         if verb in ("MAIL", "RCPT", "DATA", "BDAT"):
             return self._transaction_command(verb, arg)
         if verb != "QUIT":
             self._idle_commands += 1
-            if self._idle_commands > MAX_IDLE_COMMANDS:
-                return self._reply("421 4.7.0 Too many commands without mail", close=True)
         if verb in ("LHLO", "EHLO", "HELO"):
             return self._hello_command(verb, arg.strip())
         if verb == "NOOP":
@@ -382,6 +383,8 @@ class Conversation:
             raise RuntimeError(f"{ev!r} takes {want} replies, not {len(replies)}")
         self._waiting = None
         ok = replies[0].startswith("2")
+        if not ok and isinstance(ev, Mail | Rcpt):
+            self._idle_commands += 1  # a flood of refused recipients is no message either
         if isinstance(ev, Mail) and ok:
             self._mail = ev
         elif isinstance(ev, Rcpt) and ok:

@@ -302,9 +302,28 @@ def test_answer_misuse_raises() -> None:
 def test_idle_command_flood_is_capped() -> None:
     """More than 100 commands without a message close the session with 421."""
     c = Conversation("mx.test")
-    replies, _ = run(c, b"NOOP\r\n" * 101 + b"NOOP\r\n")
+    replies, _ = run(c, b"NOOP\r\n" * 100 + b"NOOP\r\n")
     assert replies.endswith(b"250 2.0.0 OK\r\n421 4.7.0 Too many commands without mail\r\n")
     assert c.closed
+
+
+def test_refused_recipient_flood_is_capped() -> None:
+    """Refused RCPTs count as commands without a message; a delivered message resets."""
+    c = conv()
+    c.receive(b"DATA\r\n.\r\nMAIL FROM:<s@x>\r\n" + b"RCPT TO:<x@x>\r\n" * 101)
+    out = bytearray()
+    while (ev := c.next_event()) is not NEED_DATA:
+        if isinstance(ev, Reply):
+            out += ev.data
+        elif isinstance(ev, DataEnd):
+            out += c.answer([OK])
+        else:
+            out += c.answer(OK if isinstance(ev, Mail) else "550 5.1.1 Mailbox unavailable")
+    assert out.count(b"550 5.1.1") == 100
+    assert out.endswith(b"421 4.7.0 Too many commands without mail\r\n")
+    replies, _ = run(Conversation("mx.test"), b"LHLO c\r\n" + b"RCPT TO:<x@x>\r\n" * 100)
+    assert replies.endswith(b"503 5.5.1 Need MAIL before RCPT\r\n421 4.7.0 Too many commands "
+                            b"without mail\r\n")  # fmt: skip
 
 
 @settings(max_examples=200, deadline=None)
