@@ -228,15 +228,15 @@ class Connection(asyncio.Protocol):
 
     async def _converse(self) -> None:
         while not self._lost:
+            ev = await self._next()
+            if ev is NEED_DATA:
+                return  # the client hung up
             if self._drained is not None:  # the client does not read its replies
                 self._waiting_client = True
                 try:
                     await self._drained
                 finally:
                     self._waiting_client = False
-            ev = await self._next()
-            if ev is NEED_DATA:
-                return  # the client hung up
             if isinstance(ev, Body):
                 await self._body(ev.data)
                 continue

@@ -8,6 +8,7 @@ import errno
 import os
 import smtplib
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -631,3 +632,28 @@ async def test_server_smtp_too_much_data_has_enhanced_code(tmp_path: Path) -> No
         t = await c.send("s@x", ["alice@x"], MSG + b"x" * 100 + b"\n")
         await c.quit()
     assert t.data == ["552 5.3.4 Message too big for system"]
+
+
+async def test_aiosmtpd_smtp_folds_replies_and_refuses_mail_when_closing(tmp_path: Path) -> None:
+    """Under aiosmtpd's SMTP the handler answers once; closing refuses MAIL with 421."""
+    users(tmp_path, "alice", "bob")
+    handler = MaildirHandler(tmp_path)
+    async with aio_serving(handler, lmtp=False) as port:
+        c = await Client.connect(port, lmtp=False)
+        t = await c.send("s@x", ["alice@x", "bob@x"], MSG)
+        handler.closing = True
+        refused = await c.command("MAIL FROM:<s@x>")
+        await c.quit()
+    assert t.data == ["250 2.0.0 OK"]
+    assert refused.startswith("421 4.3.2")
+    assert len(messages(tmp_path / "bob")) == 1
+
+
+async def test_server_and_cli_do_not_import_aiosmtpd() -> None:
+    """maildrop.lmtp and the server commands work without aiosmtpd."""
+    code = (
+        "import sys, maildrop.lmtp, maildrop._cli_serve, maildrop.cli; "
+        "sys.exit('aiosmtpd' in sys.modules)"
+    )
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code)
+    assert await proc.wait() == 0

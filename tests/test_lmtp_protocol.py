@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from maildrop import Quota
+from maildrop import Maildir, Quota
+from maildrop._lmtp_deliver import Transaction
+from maildrop._lmtp_handler import _quota_refusal
+from maildrop._lmtp_protocol import TurnBudget
 from maildrop._wire import MAX_LINE
 from maildrop.lmtp import MaildirHandler, MaildirServer
 
@@ -370,3 +374,132 @@ async def test_lookup_refuses_files_and_dangling_links(tmp_path: Path) -> None:
     assert handler.lookup("file@x") is None
     assert handler.lookup("dangling@x") is None
     assert handler.lookup("a/b@x") is None
+
+
+async def test_turn_budget_defers_work_to_the_next_turn() -> None:
+    """Once a turn's budget is spent, the next taker waits for the following turn."""
+    budget = TurnBudget(per_turn=10)
+    order: list[str] = []
+
+    async def take(name: str) -> None:
+        await budget.take(10)
+        order.append(name)
+
+    async def other() -> None:
+        order.append("other")
+
+    await asyncio.gather(take("a"), take("b"), other())
+    assert order == ["a", "other", "b"]
+
+
+async def test_large_message_to_several_recipients_streams_once(tmp_path: Path) -> None:
+    """A 5 MiB message for two maildirs streams through deliver_many, byte-exact."""
+    users(tmp_path, "alice", "bob")
+    body = b"".join(b"line %07d\r\n" % i for i in range(400_000))
+    handler = MaildirHandler(tmp_path, return_path=False, crlf_to_lf=False)
+    async with serving(handler) as port:
+        c = await Client.connect(port)
+        t = await c.send("s@x", ["alice@x", "bob@x"], body)
+        await c.quit()
+    assert [r[:3] for r in t.data] == ["250", "250"]
+    assert messages(tmp_path / "alice") == messages(tmp_path / "bob") == [body]
+
+
+async def test_replies_wait_while_the_client_does_not_read(tmp_path: Path) -> None:
+    """While the transport's write buffer is full, commands are not processed."""
+    server = MaildirServer(MaildirHandler(tmp_path), hostname="mx.test")
+    (address,) = await server.listen("127.0.0.1:0")
+    try:
+        reader, writer = await raw(int(address.rsplit(":", 1)[1]))
+        (conn,) = server._conns
+        conn.pause_writing()
+        writer.write(b"NOOP\r\n")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(reader.readline(), 0.2)
+        conn.resume_writing()
+        assert await replies(reader, 1) == ["250 2.0.0 OK"]
+        conn.pause_writing()
+        writer.close()
+        await until(lambda: server.connections == 0, "the connection to end")
+    finally:
+        await server.shutdown(1)
+
+
+async def test_a_bug_in_the_conversation_hangs_up_and_logs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unexpected exception ends the connection (logged), never a wrong reply."""
+
+    class Buggy(MaildirHandler):
+        async def rcpt_reply(self, address: str) -> Any:
+            raise RuntimeError("bug")
+
+    async with serving(Buggy(tmp_path)) as port:
+        reader, writer = await raw(port)
+        writer.write(b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<a@x>\r\n")
+        got = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+    assert got.endswith(b"250 2.1.0 OK\r\n")
+    assert "connection failed: RuntimeError('bug')" in caplog.text
+
+
+async def test_failing_commit_is_451_for_each_recipient(tmp_path: Path) -> None:
+    """An unexpected error while finishing the delivery is 451 4.3.0 per recipient."""
+
+    class Broken(Transaction):
+        async def finish(self, skip: frozenset[str] = frozenset()) -> Any:
+            raise RuntimeError("bug")
+
+    class Handler(MaildirHandler):
+        def transaction(self, sender: Any, rcpts: Any, targets: Any, **kw: Any) -> Any:
+            return Broken(rcpts, targets, return_path=None, delivered_to=False,
+                          crlf_to_lf=False, separate=True)  # fmt: skip
+
+    users(tmp_path, "alice", "bob")
+    async with serving(Handler(tmp_path)) as port:
+        c = await Client.connect(port)
+        t = await c.send("s@x", ["alice@x", "bob@x"], MSG)
+        await c.quit()
+    assert [r[:9] for r in t.data] == ["451 4.3.0", "451 4.3.0"]
+
+
+async def test_unreadable_mailbox_is_451_at_rcpt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error looking the mailbox up refuses the recipient temporarily."""
+
+    def eio(path: Any) -> Any:
+        raise OSError(5, "injected EIO")
+
+    async with serving(MaildirHandler(tmp_path)) as port:
+        c = await Client.connect(port)
+        await c.command("MAIL FROM:<s@x>")
+        monkeypatch.setattr(os, "lstat", eio)
+        reply = await c.command("RCPT TO:<a@x>")
+        monkeypatch.undo()
+        await c.quit()
+    assert reply.startswith("451 4.3.0")
+
+
+async def test_quota_refusal_leaves_other_problems_to_the_delivery(tmp_path: Path) -> None:
+    """The RCPT quota check says nothing about a missing maildir or a missing tmp/."""
+    assert _quota_refusal(Maildir(tmp_path / "missing"), Quota(100)) is None
+    (tmp_path / "bare").mkdir()
+    assert _quota_refusal(Maildir(tmp_path / "bare"), Quota(100)) is None
+    assert not (tmp_path / "bare" / "maildirsize").exists()
+
+
+async def test_stale_unix_socket_is_replaced_and_bind_errors_raise(tmp_path: Path) -> None:
+    """A socket file left by a dead server is replaced; an unbindable path raises."""
+    path = tmp_path / "lmtp.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()
+    server = MaildirServer(MaildirHandler(tmp_path), hostname="mx.test")
+    try:
+        assert await server.listen(f"unix:{path}") == [f"unix:{path}"]
+        with pytest.raises(FileNotFoundError):
+            await server.listen(f"unix:{tmp_path}/no/such/dir/sock")
+    finally:
+        await server.shutdown(0)
+    assert not path.exists()
