@@ -19,7 +19,15 @@ from ._maildir import Maildir
 from ._many import deliver_many
 from ._session import Delivery, DeliverySession
 
-__all__ = ["SHUTTING_DOWN", "Failed", "Transaction", "mailbox_name", "reply_for", "smtp_reply"]
+__all__ = [
+    "SHUTTING_DOWN",
+    "Failed",
+    "Transaction",
+    "mailbox_name",
+    "reply_for",
+    "smtp_reply",
+    "where",
+]
 
 log = logging.getLogger("maildrop.lmtp")
 
@@ -65,6 +73,11 @@ def _to_ascii(ch: str) -> bool:
     if ch.isascii():
         return False
     return any(c.isascii() for c in unicodedata.normalize("NFC", ch).casefold())
+
+
+def where(md: Maildir) -> str:
+    """Return the directory of *md* as a string (``str(md.path)`` without a ``Path``)."""
+    return md._layout.path
 
 
 def _ascii(text: str) -> str:
@@ -148,7 +161,7 @@ class Transaction:
         unique: dict[str, tuple[Maildir, str]] = {}
         for address, md in zip(self.rcpts, self.targets, strict=True):
             if md is not None:
-                unique.setdefault(str(md.path), (md, address))
+                unique.setdefault(where(md), (md, address))
         self._keys = list(unique)
         groups = list(unique.values())
         self._results: dict[str, Delivery | Exception] = {}
@@ -229,7 +242,7 @@ class Transaction:
         return [
             MaildirNotFoundError(address)
             if md is None
-            else self._results.get(str(md.path), _Skipped())
+            else self._results.get(where(md), _Skipped())
             for address, md in zip(self.rcpts, self.targets, strict=True)
         ]
 

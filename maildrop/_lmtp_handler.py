@@ -15,7 +15,14 @@ import weakref
 from typing import Any
 
 from ._errors import MaildirNotFoundError, QuotaExceededError, outcome
-from ._lmtp_deliver import SHUTTING_DOWN, Transaction, mailbox_name, reply_for, smtp_reply
+from ._lmtp_deliver import (
+    SHUTTING_DOWN,
+    Transaction,
+    mailbox_name,
+    reply_for,
+    smtp_reply,
+    where,
+)
 from ._maildir import Maildir
 from ._pool import run_sync
 from ._quota import Quota
@@ -165,7 +172,7 @@ class MaildirHandler:
         if quota is None:
             return
         # One stat on the loop (as in lookup) spares a thread hop when there is no quota.
-        if quota.from_file and not _exists(os.path.join(md.path, "maildirsize")):
+        if quota.from_file and not _exists(os.path.join(where(md), "maildirsize")):
             return
         error = await run_sync(_quota_refusal, md, quota)
         if error is not None:

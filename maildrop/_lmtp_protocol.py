@@ -14,7 +14,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from ._lmtp_deliver import SHUTTING_DOWN, Failed, Transaction, reply_for, smtp_reply
+from ._lmtp_deliver import SHUTTING_DOWN, Failed, Transaction, reply_for, smtp_reply, where
 from ._lmtp_retry import digest
 from ._maildir import Maildir
 from ._session import Delivery
@@ -245,6 +245,8 @@ class Connection(asyncio.Protocol):
                 self._send(ev.data)
                 if ev.close:
                     return
+                if self._txn is not None and not self.conv.in_transaction:
+                    await self._abort()  # RSET or a hello after a BDAT chunk
             elif isinstance(ev, Mail):
                 self._send(self.conv.answer(self._mail(ev)))
             elif isinstance(ev, Rcpt):
@@ -319,7 +321,7 @@ class Connection(asyncio.Protocol):
         if self.conv.lmtp and ev.last:
             return replies
         if retry is not None and self._hash is not None:
-            served = skip | {str(md.path) for md, r in zip(self._targets, results, strict=True)
+            served = skip | {where(md) for md, r in zip(self._targets, results, strict=True)
                              if md is not None and isinstance(r, Delivery)}  # fmt: skip
             failed = any(not r.startswith("2") for r in replies)
             retry.remember(key, self._sender or "", served if failed else frozenset(),

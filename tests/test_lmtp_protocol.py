@@ -503,3 +503,22 @@ async def test_stale_unix_socket_is_replaced_and_bind_errors_raise(tmp_path: Pat
     finally:
         await server.shutdown(0)
     assert not path.exists()
+
+
+@pytest.mark.parametrize("command", [b"RSET", b"LHLO again"])
+async def test_reset_after_a_bdat_chunk_drops_the_message(tmp_path: Path, command: bytes) -> None:
+    """RSET (or a new LHLO) after a non-last BDAT chunk removes what was received."""
+    users(tmp_path, "alice")
+    chunk = b"x" * (3 << 20)  # past the session's batch: a file exists in tmp/
+    async with serving(MaildirHandler(tmp_path)) as port:
+        reader, writer = await raw(port)
+        writer.write(b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<alice@x>\r\n")
+        writer.write(b"BDAT %d\r\n%s" % (len(chunk), chunk))
+        got = await replies(reader, 11)
+        assert os.listdir(tmp_path / "alice" / "tmp")
+        writer.write(command + b"\r\n")
+        assert (await replies(reader, 1))[0].startswith("250")
+        await until(lambda: not os.listdir(tmp_path / "alice" / "tmp"), "tmp/ to be empty")
+        writer.close()
+    assert got[10] == f"250 2.0.0 {len(chunk)} octets received"
+    assert empty(tmp_path / "alice")
