@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -184,7 +185,11 @@ def _setup_logging() -> Callable[[], None]:
     if ours.handlers:
         return lambda: None
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s[%(process)d]: %(message)s"))
+    # syslog's shape: time, host, program[pid].
+    host = socket.gethostname().replace("%", "%%")
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s {host} %(name)s[%(process)d]: %(message)s")
+    )
     saved = [(lg, lg.level, lg.propagate) for lg in (ours, theirs)]
     for lg, level in ((ours, logging.INFO), (theirs, logging.WARNING)):
         lg.addHandler(handler)

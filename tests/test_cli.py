@@ -307,6 +307,7 @@ async def test_serve_in_process_delivers_and_logs(
     assert new_files(tmp_path / "alice") == [b"Return-Path: <s@x>\nDelivered-To: alice@x\n" + MSG]
     err = capsys.readouterr().err
     assert re.search(rf"maildrop lmtp on \S+ listening on 127\.0\.0\.1:{port},", err), err
+    assert f" {socket.gethostname()} maildrop[" in err
     delivered = [line for line in err.splitlines() if " delivered to=<alice@x> " in line]
     assert len(delivered) == 1
     assert "path=" in delivered[0]
