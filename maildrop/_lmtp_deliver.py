@@ -18,6 +18,7 @@ from ._errors import MaildirNotFoundError, outcome
 from ._maildir import Maildir
 from ._many import deliver_many
 from ._session import Delivery, DeliverySession
+from ._wire_parse import CONTROL
 
 __all__ = [
     "SHUTTING_DOWN",
@@ -61,7 +62,7 @@ def mailbox_name(address: str, *, recipient_delimiter: str | None = "+") -> str 
         folded = unicodedata.normalize("NFC", unicodedata.normalize("NFC", local).casefold())
     if not folded or folded.startswith(".") or ".." in folded or "/" in folded:
         return None
-    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 for ch in folded):
+    if CONTROL.search(folded):
         return None
     if len(folded.encode("utf-8", "surrogateescape")) > _NAME_MAX:
         return None

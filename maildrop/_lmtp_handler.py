@@ -202,19 +202,42 @@ class MaildirHandler:
             self._idle.set()
 
     async def rcpt_reply(self, address: str) -> tuple[str, Maildir | None]:
-        """Resolve *address* and check its quota; return the reply and the maildir."""
+        """Resolve *address* and check its quota; return the reply and the maildir.
+
+        **Cancellation:** nothing to undo.
+        """
+        now = self.rcpt_reply_now(address)
+        if now is not None:
+            return now
         try:
             md = await self.resolve(address)
             if md is not None:
                 await self.check_quota(md)
         except Exception as exc:
-            reply = outcome(exc).reply
-            log.warning("refused to=<%s> reply=%r error=%r", address, reply, exc)
-            return reply, None
+            return _refused(address, exc), None
         if md is None:
-            reply = outcome(MaildirNotFoundError(address)).reply
-            log.info("refused to=<%s> reply=%r", address, reply)
-            return reply, None
+            return _refused(address, None), None
+        return "250 2.1.5 OK", md
+
+    def rcpt_reply_now(self, address: str) -> tuple[str, Maildir | None] | None:
+        """Return :meth:`rcpt_reply`'s answer when it needs no waiting, else ``None``.
+
+        It does not wait with the default :meth:`resolve` when the mailbox has no
+        ``maildirsize`` to check (or quotas are off).
+        """
+        if type(self).resolve is not MaildirHandler.resolve:
+            return None
+        try:
+            md = self.lookup(address)
+        except OSError as exc:
+            return _refused(address, exc), None
+        if md is None:
+            return _refused(address, None), None
+        quota = self.quota
+        if quota is not None and (
+            not quota.from_file or _exists(os.path.join(where(md), "maildirsize"))
+        ):
+            return None
         return "250 2.1.5 OK", md
 
     # -- aiosmtpd hooks ------------------------------------------------------------------
@@ -277,6 +300,17 @@ class MaildirHandler:
         await txn.write(envelope.original_content or b"")
         results = await txn.finish()
         return [reply_for(a, r, txn.elapsed) for a, r in zip(rcpts, results, strict=True)]
+
+
+def _refused(address: str, exc: Exception | None) -> str:
+    """Log a refused recipient; return its reply (``550 5.1.1`` when *exc* is None)."""
+    if exc is None:
+        reply = outcome(MaildirNotFoundError(address)).reply
+        log.info("refused to=<%s> reply=%r", address, reply)
+    else:
+        reply = outcome(exc).reply
+        log.warning("refused to=<%s> reply=%r error=%r", address, reply, exc)
+    return reply
 
 
 def _exists(path: str) -> bool:

@@ -97,6 +97,7 @@ class Connection(asyncio.Protocol):
         self._eof = False
         self._lost = False
         self._waiting_client = False
+        self._stash: object = NEED_DATA  # an event taken by data_received for the task
         self._last_command = self._last_byte = self._loop.time()
         self._timer: asyncio.TimerHandle | None = None
         self._sender: str | None = None
@@ -127,7 +128,7 @@ class Connection(asyncio.Protocol):
         self._timer = self._loop.call_later(self.server.timeout, self._tick)
 
     def data_received(self, data: bytes) -> None:
-        if self._lost:
+        if self._lost or self.transport is None:
             return
         self._last_byte = self._loop.time()
         self.conv.receive(data)
@@ -135,7 +136,46 @@ class Connection(asyncio.Protocol):
             assert self.transport is not None
             self.transport.pause_reading()
             self._reading_paused = True
+        if self._asleep() and not self.conv.in_data:
+            try:
+                self._stash = self._answer_now()
+            except Exception as exc:  # a bug of ours: as in _serve
+                log.error("connection failed: %r", exc, exc_info=exc)
+                self.transport.close()
+                return
+            if self._stash is NEED_DATA and not (self.conv.in_data and self.conv.buffered):
+                return  # all answered here: the task sleeps on
         self._wake()
+
+    def _asleep(self) -> bool:
+        """Whether the task waits for the client with nothing left to do."""
+        wakeup = self._wakeup
+        return (
+            self._waiting_client
+            and wakeup is not None
+            and not wakeup.done()
+            and self._stash is NEED_DATA
+            and self._drained is None
+        )
+
+    def _answer_now(self) -> object:
+        """Answer the commands that need no waiting right here, without waking the task
+        (most of a transaction); return the first event that needs the task."""
+        conv = self.conv
+        while not conv.in_data:
+            ev = conv.next_event()
+            if isinstance(ev, Reply) and not ev.close and self._txn is None:
+                self._last_command = self._loop.time()
+                self._send(ev.data)
+            elif isinstance(ev, Mail):
+                self._last_command = self._loop.time()
+                self._send(conv.answer(self._mail(ev)))
+            elif isinstance(ev, Rcpt) and (now := self.handler.rcpt_reply_now(ev.address)):
+                self._last_command = self._loop.time()
+                self._send(conv.answer(self._accept(ev.address, *now)))
+            else:
+                return ev
+        return NEED_DATA
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -210,6 +250,9 @@ class Connection(asyncio.Protocol):
     async def _next(self) -> object:
         """Return the next event; wait for the client's bytes (and reading room) as needed."""
         while True:
+            if self._stash is not NEED_DATA:
+                ev, self._stash = self._stash, NEED_DATA
+                return ev
             if self.conv.in_data and self.conv.buffered:
                 await self.server.budget.take(self.conv.buffered)
             ev = self.conv.next_event()
@@ -262,7 +305,9 @@ class Connection(asyncio.Protocol):
         return "250 2.1.0 OK"
 
     async def _rcpt(self, address: str) -> str:
-        reply, md = await self.handler.rcpt_reply(address)
+        return self._accept(address, *await self.handler.rcpt_reply(address))
+
+    def _accept(self, address: str, reply: str, md: Maildir | None) -> str:
         if md is not None:
             self._rcpts.append(address)
             self._targets.append(md)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
+    "CONTROL",
     "MAX_COMMAND",
     "CommandError",
     "check_address",
@@ -15,6 +18,8 @@ __all__ = [
 #: The longest command line accepted (RFC 5321's 512 plus room for extension parameters
 #: and UTF-8 addresses).
 MAX_COMMAND = 4096
+#: NUL, CR, LF and every other C0 or C1 control character (and DEL).
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _BODIES = frozenset({"7BIT", "8BITMIME", "BINARYMIME"})
 
 
@@ -50,7 +55,7 @@ def parse_path(text: str, *, allow_empty: bool) -> tuple[str, list[str]]:
 
 def check_address(address: str, code: str) -> None:
     """Refuse an address with NUL, CR, LF or another control character (*code* 5.1.3)."""
-    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 for ch in address):
+    if CONTROL.search(address):
         raise CommandError(f"{code} 5.1.3 Control characters are not allowed in an address")
 
 

@@ -425,21 +425,30 @@ async def test_replies_wait_while_the_client_does_not_read(tmp_path: Path) -> No
         await server.shutdown(1)
 
 
+@pytest.mark.parametrize("where", ["rcpt_reply_now", "rcpt_reply"])
 async def test_a_bug_in_the_conversation_hangs_up_and_logs(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, where: str
 ) -> None:
     """An unexpected exception ends the connection (logged), never a wrong reply."""
 
     class Buggy(MaildirHandler):
+        def rcpt_reply_now(self, address: str) -> Any:
+            if where == "rcpt_reply_now":
+                raise RuntimeError("bug")
+            return None
+
         async def rcpt_reply(self, address: str) -> Any:
             raise RuntimeError("bug")
 
     async with serving(Buggy(tmp_path)) as port:
         reader, writer = await raw(port)
-        writer.write(b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<a@x>\r\n")
+        writer.write(b"LHLO c\r\n")
+        await replies(reader, 8)
+        await asyncio.sleep(0.05)  # the connection's task waits for the client again
+        writer.write(b"MAIL FROM:<s@x>\r\nRCPT TO:<a@x>\r\n")
         got = await asyncio.wait_for(reader.read(), 10)
         writer.close()
-    assert got.endswith(b"250 2.1.0 OK\r\n")
+    assert got == b"250 2.1.0 OK\r\n"
     assert "connection failed: RuntimeError('bug')" in caplog.text
 
 
