@@ -35,8 +35,9 @@ class MaildirServer:
         data_timeout: seconds without a byte of the message before it is dropped.
         max_connections: further clients get ``421 4.3.2`` and are closed.
         max_recipients: further ``RCPT`` in a transaction get ``452 4.5.3``.
-        retry: SMTP only: remember which recipients got a partly failed message, so the
-            client's retry reaches only the others (``None``: don't).
+        retry: SMTP only: remember there which recipients got a partly failed message, so
+            the client's retry reaches only the others (``maildrop smtp`` passes a
+            ``RetryMemory()``; ``None``: don't remember).
     """
 
     def __init__(
@@ -58,7 +59,7 @@ class MaildirServer:
         self.data_timeout = data_timeout
         self.max_connections = max_connections
         self.max_recipients = max_recipients
-        self.retry = retry if retry is not None or lmtp else RetryMemory()
+        self.retry = None if lmtp else retry
         self._servers: list[asyncio.AbstractServer] = []
         self._conns: set[Connection] = set()
         self._unix_paths: list[str] = []

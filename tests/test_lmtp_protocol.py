@@ -15,7 +15,7 @@ from maildrop._lmtp_deliver import Transaction
 from maildrop._lmtp_handler import _quota_refusal
 from maildrop._lmtp_protocol import TurnBudget
 from maildrop._wire import MAX_LINE
-from maildrop.lmtp import MaildirHandler, MaildirServer
+from maildrop.lmtp import MaildirHandler, MaildirServer, RetryMemory
 
 from .conftest import listing
 from .lmtp_client import Client, wire
@@ -316,7 +316,7 @@ async def test_smtp_retry_after_partial_failure_reaches_only_the_failed(tmp_path
     """SMTP: alice got it, bob failed (451); the retry delivers to bob only."""
     users(tmp_path, "alice", "bob")
     (tmp_path / "bob" / "new").write_text("not a directory")
-    async with serving(MaildirHandler(tmp_path), lmtp=False) as port:
+    async with serving(MaildirHandler(tmp_path), lmtp=False, retry=RetryMemory()) as port:
         c = await Client.connect(port, lmtp=False)
         first = await c.send("s@x", ["alice@x", "bob@x"], MSG)
         (tmp_path / "bob" / "new").unlink()
@@ -531,3 +531,18 @@ async def test_reset_after_a_bdat_chunk_drops_the_message(tmp_path: Path, comman
         writer.close()
     assert got[10] == f"250 2.0.0 {len(chunk)} octets received"
     assert empty(tmp_path / "alice")
+
+
+async def test_without_retry_memory_an_smtp_retry_reaches_everyone(tmp_path: Path) -> None:
+    """SMTP without a RetryMemory (the library's default): the retry goes to all."""
+    users(tmp_path, "alice", "bob")
+    (tmp_path / "bob" / "new").write_text("not a directory")
+    async with serving(MaildirHandler(tmp_path), lmtp=False) as port:
+        c = await Client.connect(port, lmtp=False)
+        first = await c.send("s@x", ["alice@x", "bob@x"], MSG)
+        (tmp_path / "bob" / "new").unlink()
+        retry = await c.send("s@x", ["alice@x", "bob@x"], MSG)
+        await c.quit()
+    assert first.data[0].startswith("451")
+    assert retry.data == ["250 2.0.0 OK"]
+    assert len(messages(tmp_path / "alice")) == 2
