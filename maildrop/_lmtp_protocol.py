@@ -33,6 +33,8 @@ log = logging.getLogger("maildrop.lmtp")
 HIGH_WATER = 128 * 1024
 #: Message bytes all connections together may process in one turn of the event loop.
 TURN_BUDGET = 256 * 1024
+#: Fewer buffered message bytes than this are processed without asking the budget.
+SMALL = 16 * 1024
 
 
 class TurnBudget:
@@ -164,9 +166,13 @@ class Connection(asyncio.Protocol):
         conv = self.conv
         while not conv.in_data:
             ev = conv.next_event()
-            if isinstance(ev, Reply) and not ev.close and self._txn is None:
+            if isinstance(ev, Reply) and self._txn is None:
                 self._last_command = self._loop.time()
                 self._send(ev.data)
+                if ev.close:  # QUIT: the task ends when the connection is lost
+                    assert self.transport is not None
+                    self.transport.close()
+                    return NEED_DATA
             elif isinstance(ev, Mail):
                 self._last_command = self._loop.time()
                 self._send(conv.answer(self._mail(ev)))
@@ -253,7 +259,7 @@ class Connection(asyncio.Protocol):
             if self._stash is not NEED_DATA:
                 ev, self._stash = self._stash, NEED_DATA
                 return ev
-            if self.conv.in_data and self.conv.buffered:
+            if self.conv.in_data and self.conv.buffered >= SMALL:
                 await self.server.budget.take(self.conv.buffered)
             ev = self.conv.next_event()
             if ev is not NEED_DATA or self._eof:
