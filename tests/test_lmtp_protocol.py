@@ -10,9 +10,7 @@ from typing import Any
 
 import pytest
 
-from maildrop import Maildir, Quota
 from maildrop._lmtp_deliver import Transaction
-from maildrop._lmtp_handler import _quota_refusal
 from maildrop._lmtp_protocol import TurnBudget
 from maildrop._wire import MAX_LINE
 from maildrop.lmtp import MaildirHandler, MaildirServer, RetryMemory
@@ -259,59 +257,6 @@ async def test_max_recipients_gets_452(tmp_path: Path) -> None:
     assert messages(tmp_path / "c") == []
 
 
-def quota(md: Path, text: str) -> None:
-    """Give the maildir *md* a maildirsize with *text*."""
-    for sub in ("tmp", "new", "cur"):
-        (md / sub).mkdir(parents=True, exist_ok=True)
-    (md / "maildirsize").write_text(text)
-
-
-@pytest.mark.parametrize(("permanent", "code"), [(False, "452 4.2.2"), (True, "552 5.2.2")])
-async def test_full_mailbox_is_refused_at_rcpt(tmp_path: Path, permanent: bool, code: str) -> None:
-    """A maildirsize already at its limit refuses the recipient at RCPT."""
-    users(tmp_path, "alice", "bob")
-    quota(tmp_path / "alice", "1000S,2C\n500 2\n")
-    handler = MaildirHandler(tmp_path, quota=Quota(permanent=permanent))
-    async with serving(handler) as port:
-        c = await Client.connect(port)
-        t = await c.send("s@x", ["alice@x", "bob@x"], MSG)
-        await c.quit()
-    assert t.rcpt[0].startswith(code)
-    assert t.data[0].startswith("250")
-    assert empty(tmp_path / "alice")
-
-
-async def test_quota_is_checked_at_end_of_data_and_maildirsize_updated(tmp_path: Path) -> None:
-    """Room at RCPT but not for the message: 452 4.2.2 at the end; a fit updates the file."""
-    users(tmp_path, "alice")
-    quota(tmp_path / "alice", "100S,5C\n0 0\n")
-    async with serving(MaildirHandler(tmp_path)) as port:
-        c = await Client.connect(port)
-        big = await c.send("s@x", ["alice@x"], b"x" * 200 + b"\r\n")
-        small = await c.send("s@x", ["alice@x"], b"hi\r\n")
-        await c.quit()
-    assert big.data[0].startswith("452 4.2.2")
-    assert small.data[0].startswith("250")
-    (got,) = messages(tmp_path / "alice")
-    lines = (tmp_path / "alice" / "maildirsize").read_text().splitlines()
-    assert lines[0] == "100S,5C"
-    assert sum(int(line.split()[0]) for line in lines[1:]) == len(got)
-    assert listing(tmp_path / "alice")["tmp"] == []
-
-
-async def test_no_quota_ignores_maildirsize(tmp_path: Path) -> None:
-    """quota=None delivers into a mailbox whose maildirsize says it is full."""
-    users(tmp_path, "alice")
-    quota(tmp_path / "alice", "10S\n500 2\n")
-    async with serving(MaildirHandler(tmp_path, quota=None)) as port:
-        c = await Client.connect(port)
-        t = await c.send("s@x", ["alice@x"], MSG)
-        await c.quit()
-    assert t.rcpt[0].startswith("250")
-    assert t.data[0].startswith("250")
-    assert (tmp_path / "alice" / "maildirsize").read_text() == "10S\n500 2\n"
-
-
 async def test_smtp_retry_after_partial_failure_reaches_only_the_failed(tmp_path: Path) -> None:
     """SMTP: alice got it, bob failed (451); the retry delivers to bob only."""
     users(tmp_path, "alice", "bob")
@@ -350,30 +295,6 @@ async def test_shutdown_refuses_new_mail_with_421(tmp_path: Path) -> None:
         c = await Client.connect(port)
         assert (await c.command("MAIL FROM:<s@x>")).startswith("421 4.3.2")
         await c.close()
-
-
-async def test_custom_resolve_error_is_451_at_rcpt(tmp_path: Path) -> None:
-    """An OSError from an overridden resolve() refuses the recipient temporarily."""
-
-    class Broken(MaildirHandler):
-        async def resolve(self, address: str) -> Any:
-            raise OSError(5, "injected EIO")
-
-    async with serving(Broken(tmp_path)) as port:
-        c = await Client.connect(port)
-        await c.command("MAIL FROM:<s@x>")
-        assert (await c.command("RCPT TO:<a@x>")).startswith("451 4.3.0")
-        await c.quit()
-
-
-async def test_lookup_refuses_files_and_dangling_links(tmp_path: Path) -> None:
-    """A file or a dangling symlink where a mailbox should be is not a mailbox."""
-    (tmp_path / "file").write_text("x")
-    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
-    handler = MaildirHandler(tmp_path)
-    assert handler.lookup("file@x") is None
-    assert handler.lookup("dangling@x") is None
-    assert handler.lookup("a/b@x") is None
 
 
 async def test_turn_budget_defers_work_to_the_next_turn() -> None:
@@ -470,32 +391,6 @@ async def test_failing_commit_is_451_for_each_recipient(tmp_path: Path) -> None:
         t = await c.send("s@x", ["alice@x", "bob@x"], MSG)
         await c.quit()
     assert [r[:9] for r in t.data] == ["451 4.3.0", "451 4.3.0"]
-
-
-async def test_unreadable_mailbox_is_451_at_rcpt(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An I/O error looking the mailbox up refuses the recipient temporarily."""
-
-    def eio(path: Any) -> Any:
-        raise OSError(5, "injected EIO")
-
-    async with serving(MaildirHandler(tmp_path)) as port:
-        c = await Client.connect(port)
-        await c.command("MAIL FROM:<s@x>")
-        monkeypatch.setattr(os, "lstat", eio)
-        reply = await c.command("RCPT TO:<a@x>")
-        monkeypatch.undo()
-        await c.quit()
-    assert reply.startswith("451 4.3.0")
-
-
-async def test_quota_refusal_leaves_other_problems_to_the_delivery(tmp_path: Path) -> None:
-    """The RCPT quota check says nothing about a missing maildir or a missing tmp/."""
-    assert _quota_refusal(Maildir(tmp_path / "missing"), Quota(100)) is None
-    (tmp_path / "bare").mkdir()
-    assert _quota_refusal(Maildir(tmp_path / "bare"), Quota(100)) is None
-    assert not (tmp_path / "bare" / "maildirsize").exists()
 
 
 async def test_stale_unix_socket_is_replaced_and_bind_errors_raise(tmp_path: Path) -> None:
