@@ -8,6 +8,7 @@ import re
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from maildrop._wire import (
     MAX_LINE,
@@ -26,8 +27,11 @@ OK = "250 2.0.0 OK"
 ENHANCED = re.compile(rb"^[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3} ")
 
 
-def run(conv: Conversation, data: bytes, chunks: list[int] | None = None) -> tuple[bytes, bytes]:
-    """Feed *data* (split at *chunks*), accept every MAIL/RCPT/end; return (replies, body)."""
+def run(
+    conv: Conversation, data: bytes, chunks: list[int] | None = None, answer: str = OK
+) -> tuple[bytes, bytes]:
+    """Feed *data* (split at *chunks*), answer MAIL/RCPT with *answer* and every end with
+    OK; return (replies, body)."""
     out, body = bytearray(), bytearray()
     pieces = _split(data, chunks or [])
     for piece in pieces:
@@ -45,7 +49,7 @@ def run(conv: Conversation, data: bytes, chunks: list[int] | None = None) -> tup
                 out += conv.answer([OK] * n)
             else:
                 assert isinstance(ev, Mail | Rcpt)
-                out += conv.answer(OK)
+                out += conv.answer(answer)
     return bytes(out), bytes(body)
 
 
@@ -339,3 +343,89 @@ def test_any_command_sequence_gets_well_formed_replies(lines: list[bytes]) -> No
         assert re.match(rb"^[2345]\d\d[ -]", line), line
         exempt = line.startswith((b"354", b"250-", b"250 mx.test", b"250 SIZE"))  # RFC 2034
         assert exempt or ENHANCED.match(line), line
+
+
+class ConversationMachine(RuleBasedStateMachine):
+    """A model of the transaction states against the core, one command at a time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = Conversation("mx.test", max_recipients=3)
+        self.hello = self.mail = False
+        self.rcpts = 0
+        self.sent = 0  # commands since the last message (the 100-command cap)
+
+    def send(self, line: bytes, answer: str = OK) -> bytes:
+        """Send one command (answering what needs an answer); return the reply bytes."""
+        replies, _ = run(self.conv, line + b"\r\n", answer=answer)
+        self.sent += sum(not r.startswith(b"250-") for r in replies.split(b"\r\n")[:-1])
+        return replies
+
+    @precondition(lambda self: self.sent < 60)
+    @rule()
+    def lhlo(self) -> None:
+        assert self.send(b"LHLO c").startswith(b"250-mx.test")
+        self.hello, self.mail, self.rcpts = True, False, 0
+
+    @precondition(lambda self: self.sent < 60)
+    @rule(accept=st.booleans())
+    def mail_from(self, accept: bool) -> None:
+        got = self.send(b"MAIL FROM:<s@x>", OK if accept else "451 4.3.2 no")
+        if not self.hello:
+            assert got.startswith(b"503 5.5.1 Say LHLO")
+        elif self.mail:
+            assert got.startswith(b"503 5.5.1 Nested MAIL")
+        else:
+            assert got.startswith(b"250" if accept else b"451")
+            self.mail = accept
+
+    @precondition(lambda self: self.sent < 60)
+    @rule(accept=st.booleans())
+    def rcpt_to(self, accept: bool) -> None:
+        got = self.send(b"RCPT TO:<a@x>", OK if accept else "550 5.1.1 no")
+        if not self.hello or not self.mail:
+            assert got.startswith(b"503 5.5.")
+        elif self.rcpts >= 3:
+            assert got.startswith(b"452 4.5.3")
+        else:
+            assert got.startswith(b"250" if accept else b"550")
+            self.rcpts += accept
+
+    @precondition(lambda self: self.sent < 60)
+    @rule(body=st.binary(max_size=30))
+    def data(self, body: bytes) -> None:
+        message = body.replace(b"\r", b"").replace(b"\n", b"") + b"\r\n"
+        got = self.send(b"DATA\r\n" + stuffed(message)[:-2])
+        if not (self.hello and self.mail and self.rcpts):
+            assert got.startswith(b"503 5.5.1")
+            return
+        assert (
+            got
+            == b"354 Start mail input; end with <CRLF>.<CRLF>\r\n"
+            + (OK.encode() + b"\r\n") * self.rcpts
+        )
+        self.mail, self.rcpts, self.sent = False, 0, 0
+
+    @precondition(lambda self: self.sent < 60)
+    @rule()
+    def rset(self) -> None:
+        assert self.send(b"RSET") == b"250 2.0.0 OK\r\n"
+        self.mail, self.rcpts = False, 0
+
+    @rule()
+    def reconnect(self) -> None:
+        assert self.send(b"QUIT") == b"221 2.0.0 mx.test closing connection\r\n"
+        assert self.conv.closed
+        self.conv = Conversation("mx.test", max_recipients=3)
+        self.hello = self.mail = False
+        self.rcpts = self.sent = 0
+
+    @invariant()
+    def core_agrees(self) -> None:
+        assert self.conv.in_transaction == self.mail
+        assert self.conv.recipients == self.rcpts
+        assert not self.conv.in_data
+
+
+TestConversationMachine = ConversationMachine.TestCase
+TestConversationMachine.settings = settings(max_examples=100, deadline=None)
