@@ -52,7 +52,10 @@ class TurnBudget:
         self._waiters: list[asyncio.Future[None]] = []
 
     async def take(self, n: int) -> None:
-        """Wait until this turn has budget left, then spend *n* bytes of it."""
+        """Wait until this turn has budget left, then spend *n* bytes of it.
+
+        **Cancellation:** nothing was spent.
+        """
         loop = asyncio.get_running_loop()
         while self.left <= 0:
             fut = loop.create_future()
@@ -146,6 +149,9 @@ class Connection(asyncio.Protocol):
                 self.transport.close()
                 return
             if self._stash is NEED_DATA and not (self.conv.in_data and self.conv.buffered):
+                if self._reading_paused:  # a burst of commands, all answered
+                    self.transport.resume_reading()
+                    self._reading_paused = False
                 return  # all answered here: the task sleeps on
         self._wake()
 

@@ -441,3 +441,24 @@ async def test_without_retry_memory_an_smtp_retry_reaches_everyone(tmp_path: Pat
     assert first.data[0].startswith("451")
     assert retry.data == ["250 2.0.0 OK"]
     assert len(messages(tmp_path / "alice")) == 2
+
+
+async def test_a_burst_of_pipelined_commands_keeps_the_connection_reading(tmp_path: Path) -> None:
+    """Over 128 KiB of commands in one read (reading pauses) are answered; reading goes on."""
+    server = MaildirServer(MaildirHandler(tmp_path), hostname="mx.test")
+    (address,) = await server.listen("127.0.0.1:0")
+    try:
+        reader, writer = await raw(int(address.rsplit(":", 1)[1]))
+        writer.write(b"LHLO c\r\n")
+        await replies(reader, 8)
+        await asyncio.sleep(0.05)  # the connection's task waits for the client again
+        (conn,) = server._conns
+        conn.data_received((b"NOOP " + b"x" * 3000 + b"\r\n") * 60)
+        assert conn.transport is not None
+        assert conn.transport.is_reading()
+        assert await replies(reader, 60) == ["250 2.0.0 OK"] * 60
+        writer.write(b"MAIL FROM:<s@x>\r\n")
+        assert await replies(reader, 1) == ["250 2.1.0 OK"]
+        writer.close()
+    finally:
+        await server.shutdown(1)
