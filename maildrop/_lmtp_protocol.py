@@ -364,6 +364,7 @@ class Connection(asyncio.Protocol):
         if self._retry and retry is not None:
             skip = retry.delivered(key, time.monotonic())
         self.delivering = True
+        started = time.monotonic()  # the log's time: from the end of the data to durable
         self.handler.begin()
         try:
             results = await txn.finish(skip)
@@ -374,7 +375,8 @@ class Connection(asyncio.Protocol):
             self.handler.end()
             self.delivering = False
             self._txn = None
-        replies = [reply_for(a, r, txn.elapsed) for a, r in zip(self._rcpts, results, strict=True)]
+        elapsed = time.monotonic() - started
+        replies = [reply_for(a, r, elapsed) for a, r in zip(self._rcpts, results, strict=True)]
         if self.conv.lmtp and ev.last:
             return replies
         if retry is not None and self._hash is not None:
