@@ -7,17 +7,19 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .cli import UsageError, _say, parse_duration, parse_size
+from ._lmtp_retry import RetryMemory
+from ._quota import Quota
+from .cli import UsageError, parse_duration, parse_size
 
 if TYPE_CHECKING:
     from .lmtp import MaildirHandler, MaildirServer
 
-EX_UNAVAILABLE = 69
-#: The largest message the servers take by default (aiosmtpd holds it in memory).
+#: The largest message the servers take by default (advertised as SIZE).
 SERVER_MAX_SIZE = 32 * 1024 * 1024
 
 log = logging.getLogger("maildrop")
@@ -52,30 +54,10 @@ def add_server_commands(sub: Any) -> None:
             metavar="BYTES",
             type=parse_size,
             default=SERVER_MAX_SIZE,
-            help="refuse larger messages with 552 5.3.4 (default 32M; messages are held "
-            "in memory while received)",
+            help="advertise SIZE and refuse larger messages with 552 5.3.4 (default 32M; "
+            "messages stream to disk, memory does not grow with them)",
         )
-        s.add_argument(
-            "--no-return-path", action="store_true", help="do not add a Return-Path: header"
-        )
-        s.add_argument(
-            "--no-delivered-to", action="store_true", help="do not add a Delivered-To: header"
-        )
-        s.add_argument(
-            "--separate-copies",
-            action="store_true",
-            help="give each recipient its own copy with its own Delivered-To: (default: "
-            "write once, hard-link, and add Delivered-To: only for a single recipient)",
-        )
-        s.add_argument(
-            "--keep-crlf", action="store_true", help="store lines with CRLF as received"
-        )
-        s.add_argument(
-            "--recipient-delimiter",
-            metavar="CHAR",
-            default="+",
-            help="deliver user+tag to user (default '+'; '' turns it off)",
-        )
+        _add_delivery_options(s)
         s.add_argument("--hostname", help="name in the greeting (default: this host's FQDN)")
         s.add_argument(
             "--shutdown-timeout",
@@ -87,6 +69,106 @@ def add_server_commands(sub: Any) -> None:
         s.add_argument(
             "--no-fsync", action="store_true", help="skip fsync (fast, NOT durable: tests only)"
         )
+        _add_limits(s, smtp=name == "smtp")
+
+
+def _add_delivery_options(s: argparse.ArgumentParser) -> None:
+    """Add the options that shape what is stored to a server command's parser *s*."""
+    s.add_argument(
+        "--no-return-path", action="store_true", help="do not add a Return-Path: header"
+    )
+    s.add_argument(
+        "--no-delivered-to", action="store_true", help="do not add a Delivered-To: header"
+    )
+    s.add_argument(
+        "--separate-copies",
+        action="store_true",
+        help="give each recipient its own copy with its own Delivered-To: (default: "
+        "write once, hard-link, and add Delivered-To: only for a single recipient)",
+    )
+    s.add_argument("--keep-crlf", action="store_true", help="store lines with CRLF as received")
+    s.add_argument(
+        "--recipient-delimiter",
+        metavar="CHAR",
+        default="+",
+        help="deliver user+tag to user (default '+'; '' turns it off)",
+    )
+
+
+def _add_limits(s: argparse.ArgumentParser, *, smtp: bool) -> None:
+    """Add the quota, connection and timeout options to a server command's parser *s*."""
+    s.add_argument(
+        "--quota",
+        metavar="SIZE[,COUNT]",
+        type=parse_quota,
+        help="Maildir++ quota of every mailbox, e.g. 1G or 1G,10000 (kept in its "
+        "maildirsize); default: honour the limits of an existing maildirsize",
+    )
+    s.add_argument(
+        "--quota-permanent",
+        action="store_true",
+        help="over quota is 552 5.2.2 (bounce) instead of 452 4.2.2 (retry later)",
+    )
+    s.add_argument(
+        "--no-quota", action="store_true", help="ignore maildirsize files: no quota at all"
+    )
+    s.add_argument(
+        "--max-connections",
+        metavar="N",
+        type=_positive,
+        default=512,
+        help="clients beyond N get 421 4.3.2 and are closed (default 512)",
+    )
+    s.add_argument(
+        "--max-recipients",
+        metavar="N",
+        type=_positive,
+        default=1000,
+        help="RCPT beyond N in one transaction get 452 4.5.3 (default 1000)",
+    )
+    s.add_argument(
+        "--timeout",
+        metavar="DURATION",
+        type=parse_duration,
+        default=300.0,
+        help="close a connection after this long without a command (default 300s; "
+        "more than 100 commands without a message also end it)",
+    )
+    s.add_argument(
+        "--data-timeout",
+        metavar="DURATION",
+        type=parse_duration,
+        default=300.0,
+        help="drop a message when no byte of it arrived for this long (default 300s)",
+    )
+    if smtp:
+        s.add_argument(
+            "--retry-memory",
+            metavar="DURATION",
+            type=parse_duration,
+            default=24 * 3600.0,
+            help="remember this long which recipients got a partly failed message (answered "
+            "451), so the client's retry reaches only the others (default 24h; 0: off)",
+        )
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: use a positive integer")
+    return int(text)
+
+
+def parse_quota(text: str) -> tuple[int, int | None]:
+    """Parse ``--quota SIZE[,COUNT]``: a byte limit (``1G``) and an optional message count."""
+    size, _, count = text.partition(",")
+    if count and (not count.strip().isdigit() or int(count) < 1):
+        raise argparse.ArgumentTypeError(
+            f"invalid quota {text!r}: use SIZE[,COUNT], e.g. 1G or 1G,10000"
+        )
+    limit = parse_size(size)
+    if limit < 1:
+        raise argparse.ArgumentTypeError(f"invalid quota {text!r}: the size must be positive")
+    return limit, int(count) if count else None
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -98,12 +180,16 @@ def run_server(args: argparse.Namespace) -> int:
 
 
 def _setup_logging() -> Callable[[], None]:
-    """Log maildrop's INFO lines (and aiosmtpd's warnings) to stderr; return the undo."""
-    ours, theirs = logging.getLogger("maildrop"), logging.getLogger("mail.log")
+    """Log maildrop's INFO lines (and asyncio's warnings) to stderr; return the undo."""
+    ours, theirs = logging.getLogger("maildrop"), logging.getLogger("asyncio")
     if ours.handlers:
         return lambda: None
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+    # syslog's shape: time, host, program[pid].
+    host = socket.gethostname().replace("%", "%%")
+    handler.setFormatter(
+        logging.Formatter(f"%(asctime)s {host} %(name)s[%(process)d]: %(message)s")
+    )
     saved = [(lg, lg.level, lg.propagate) for lg in (ours, theirs)]
     for lg, level in ((ours, logging.INFO), (theirs, logging.WARNING)):
         lg.addHandler(handler)
@@ -155,16 +241,50 @@ async def serve(
     connections close, deliveries in flight finish or are cancelled (nothing partial stays
     in ``new/``).
     """
-    try:
-        from .lmtp import MaildirHandler, MaildirServer
-    except ImportError as exc:  # pragma: no cover - only without the server extra
-        _say(f"maildrop {args.command}: {exc}")
-        return EX_UNAVAILABLE
+    from .lmtp import MaildirHandler, MaildirServer
+
     undo = _setup_logging()
+    loop = asyncio.get_running_loop()
+    saved = loop.get_exception_handler()
+    loop.set_exception_handler(_AcceptErrors())
     try:
         return await _serve(args, stop, ready, MaildirHandler, MaildirServer)
     finally:
+        loop.set_exception_handler(saved)
         undo()
+
+
+class _AcceptErrors:
+    """Log asyncio's accept errors (EMFILE...) as one line, at most once a second.
+
+    asyncio retries a listener after such an error a second later; everything else goes
+    to the default handler.
+    """
+
+    def __init__(self) -> None:
+        self.last = -1.0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if not isinstance(exc, OSError) or "accept" not in str(context.get("message")):
+            loop.default_exception_handler(context)
+            return
+        now = loop.time()
+        if now - self.last >= 1.0:
+            self.last = now
+            log.warning(
+                "cannot accept connections: %s (retrying); raise the file descriptor limit "
+                "(ulimit -n) or lower --max-connections", exc,
+            )  # fmt: skip
+
+
+def _quota(args: argparse.Namespace) -> Quota | None:
+    if args.no_quota:
+        if args.quota is not None or args.quota_permanent:
+            raise UsageError("--no-quota contradicts --quota and --quota-permanent")
+        return None
+    size, count = args.quota if args.quota is not None else (None, None)
+    return Quota(size, count, permanent=args.quota_permanent)
 
 
 async def _serve(
@@ -179,17 +299,23 @@ async def _serve(
         root,
         fsync=not args.no_fsync,
         max_size=args.max_size,
+        quota=_quota(args),
         return_path=not args.no_return_path,
         delivered_to=not args.no_delivered_to,
         single_copy=not args.separate_copies,
         crlf_to_lf=not args.keep_crlf,
         recipient_delimiter=args.recipient_delimiter or None,
     )
-    # A little above max_size, so the handler answers 552 5.3.4 for a message slightly
-    # too large; far beyond it aiosmtpd stops buffering (552 without an enhanced code).
-    limit = args.max_size + args.max_size // 16 + 4096
+    lmtp = args.command == "lmtp"
     server = server_class(
-        handler, lmtp=args.command == "lmtp", hostname=args.hostname, data_size_limit=limit
+        handler,
+        lmtp=lmtp,
+        hostname=args.hostname,
+        timeout=args.timeout,
+        data_timeout=args.data_timeout,
+        max_connections=args.max_connections,
+        max_recipients=args.max_recipients,
+        retry=None if lmtp or not args.retry_memory else RetryMemory(ttl=args.retry_memory),
     )
     try:
         addresses = [a for spec in args.listen for a in await server.listen(spec)]
@@ -200,7 +326,10 @@ async def _serve(
         await server.shutdown(0)
         raise
     for address in addresses:
-        log.info("%s listening on %s, delivering into %s", args.command, address, root)
+        log.info(
+            "maildrop %s on %s listening on %s, delivering into %s",
+            args.command, server.hostname, address, root,
+        )  # fmt: skip
     if ready is not None:
         ready(addresses)
     try:

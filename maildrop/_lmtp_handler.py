@@ -1,84 +1,61 @@
-"""The aiosmtpd handler of :mod:`maildrop.lmtp`: recipients to maildirs, one reply each.
+"""The recipients-to-maildirs handler: maildrop's server uses it, and so can aiosmtpd.
 
-Import it from :mod:`maildrop.lmtp`.
+Import it from :mod:`maildrop.lmtp`. The aiosmtpd hooks (``handle_MAIL``/``RCPT``/``DATA``)
+need aiosmtpd only when aiosmtpd calls them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
-import time
+import stat
 import weakref
-from collections.abc import Sequence
+from typing import Any
 
-try:
-    from aiosmtpd.lmtp import LMTP as _AioLMTP
-    from aiosmtpd.smtp import SMTP as _AioSMTP
-    from aiosmtpd.smtp import Envelope, Session
-except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        "maildrop.lmtp needs aiosmtpd; install the server extra: pip install 'maildrop[server]'"
-    ) from exc
-
-from . import (
-    DEFAULT_SYSCALLS,
-    Delivery,
-    Maildir,
-    MaildirNotFoundError,
-    MessageTooLargeError,
-    Syscalls,
-    deliver_many,
-    outcome,
+from ._errors import MaildirNotFoundError, QuotaExceededError, outcome
+from ._lmtp_deliver import (
+    SHUTTING_DOWN,
+    Transaction,
+    mailbox_name,
+    reply_for,
+    smtp_reply,
+    where,
 )
+from ._maildir import Maildir
+from ._pool import run_sync
+from ._quota import Quota
+from ._quota_io import QuotaGuard
+from ._sys import DEFAULT_SYSCALLS, Syscalls
+from ._writer import DIR_FLAGS
 
 __all__ = ["SHUTTING_DOWN", "MaildirHandler", "mailbox_name"]
 
 log = logging.getLogger("maildrop.lmtp")
 
-#: ``NAME_MAX``: a mailbox is one directory entry under the root.
-_NAME_MAX = 255
-SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
-
-
-def mailbox_name(address: str, *, recipient_delimiter: str | None = "+") -> str | None:
-    """Return the mailbox directory name for *address*, or ``None`` if it cannot be one.
-
-    The name is the local part (everything before the last ``@``), lowercased, without the
-    extension after *recipient_delimiter* (``alice+lists`` is ``alice``). It is refused
-    when it is empty, contains ``/``, NUL or another control character, contains ``..``,
-    starts with ``.`` or is longer than one directory entry may be.
-    """
-    local = address.rpartition("@")[0] if "@" in address else address
-    if recipient_delimiter and not local.startswith(recipient_delimiter):
-        local = local.split(recipient_delimiter, 1)[0]
-    local = local.lower()
-    if not local or local.startswith(".") or ".." in local or "/" in local:
-        return None
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in local):
-        return None
-    if len(local.encode("utf-8", "surrogateescape")) > _NAME_MAX:
-        return None
-    return local
-
-
-def _ascii(text: str) -> str:
-    return text if text.isascii() and text.isprintable() else "(non-ASCII)"
+#: Honour the limits of an existing ``maildirsize`` (and nothing where there is none).
+FROM_FILE = Quota()
 
 
 class MaildirHandler:
-    """An aiosmtpd handler that delivers each message into its recipients' maildirs.
+    """Deliver each message into its recipients' maildirs (``<root>/<local-part>/``).
 
-    Use it with aiosmtpd's ``LMTP`` or ``SMTP`` (or this module's :class:`LMTP` /
-    :class:`SMTP`, which :class:`MaildirServer` uses).
+    :class:`~maildrop.lmtp.MaildirServer` runs it with maildrop's own streaming protocol
+    engine. It is also an aiosmtpd handler (``handle_MAIL``/``RCPT``/``DATA``) for people
+    who run aiosmtpd themselves; aiosmtpd holds each whole message in memory before the
+    handler sees it, so bound it with aiosmtpd's ``data_size_limit``.
 
     Args:
         root: the directory holding one maildir per user; ``RCPT TO:<alice@example.org>``
             is ``<root>/alice/`` and must exist as a directory (its ``tmp/ new/ cur/`` are
             created when missing). Override :meth:`resolve` for another mapping.
         fsync: with ``False`` skip every fsync (tests only: not durable).
-        max_size: refuse larger messages with ``552 5.3.4`` (counted before the added
-            headers). Also set the server's ``data_size_limit``, which bounds memory.
+        max_size: refuse larger messages with ``552 5.3.4`` (counted as stored).
+        quota: the Maildir++ quota of every maildir; the default honours an existing
+            ``maildirsize`` (its limits), ``None`` ignores quotas. Over quota is ``452
+            4.2.2`` (``552 5.2.2`` with ``Quota(permanent=True)``), at ``RCPT`` when the
+            mailbox is full already, else at the end of the data.
         return_path: prepend ``Return-Path: <sender>`` (``<>`` for bounces).
         delivered_to: prepend ``Delivered-To: <recipient>`` when a message has a single
             recipient maildir, or when *single_copy* is off.
@@ -99,6 +76,7 @@ class MaildirHandler:
         *,
         fsync: bool = True,
         max_size: int | None = None,
+        quota: Quota | None = FROM_FILE,
         return_path: bool = True,
         delivered_to: bool = True,
         single_copy: bool = True,
@@ -109,6 +87,7 @@ class MaildirHandler:
         self.root = os.path.abspath(os.fspath(root))
         self.fsync = fsync
         self.max_size = max_size
+        self.quota = quota
         self.return_path = return_path
         self.delivered_to = delivered_to
         self.single_copy = single_copy
@@ -116,7 +95,7 @@ class MaildirHandler:
         self.recipient_delimiter = recipient_delimiter
         self.syscalls = syscalls
         self.closing = False
-        self._targets: weakref.WeakKeyDictionary[Envelope, dict[str, Maildir]] = (
+        self._targets: weakref.WeakKeyDictionary[Any, dict[str, Maildir]] = (
             weakref.WeakKeyDictionary()
         )
         self._delivering = 0
@@ -136,38 +115,135 @@ class MaildirHandler:
         while self._delivering:
             await self._idle.wait()
 
-    async def resolve(self, address: str) -> Maildir | None:
-        """Return the maildir for *address*, or ``None`` to refuse it with ``550 5.1.1``.
+    def lookup(self, address: str) -> Maildir | None:
+        """Return the maildir for *address* now, or ``None``; the default :meth:`resolve`.
 
-        The default is ``<root>/<mailbox_name(address)>``, which must be a directory; a
-        symlink there is followed once, here. An ``OSError`` raised here (say ``EIO``)
-        refuses the recipient temporarily (``451 4.3.0``).
+        ``<root>/<mailbox_name(address)>`` must be a directory; a symlink there is followed
+        once, here. One ``lstat`` (two for a symlink) on the event loop costs less than a
+        thread hop; a root on a filesystem that can hang (NFS) wants :meth:`resolve`
+        overridden to run this in a thread.
 
-        **Cancellation:** nothing to undo (it only looks at the filesystem).
+        Raises:
+            OSError: the directory cannot be examined (a temporary refusal).
         """
         name = mailbox_name(address, recipient_delimiter=self.recipient_delimiter)
         if name is None:
             return None
         path = os.path.join(self.root, name)
-
-        def probe() -> str | None:
-            real = os.path.realpath(path)
-            return real if os.path.isdir(real) else None
-
-        real = await asyncio.get_running_loop().run_in_executor(None, probe)
-        if real is None:
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
+                return None
+            raise
+        if stat.S_ISLNK(mode):
+            path = os.path.realpath(path)
+            if not os.path.isdir(path):
+                return None
+        elif not stat.S_ISDIR(mode):
             return None
-        return Maildir(real, fsync=self.fsync, syscalls=self.syscalls)
+        return self.maildir(path)
+
+    def maildir(self, path: str) -> Maildir:
+        """Return the :class:`Maildir` at *path* with this handler's settings."""
+        return Maildir(
+            path, fsync=self.fsync, max_size=self.max_size, quota=self.quota,
+            syscalls=self.syscalls,
+        )  # fmt: skip
+
+    async def resolve(self, address: str) -> Maildir | None:
+        """Return the maildir for *address*, or ``None`` to refuse it with ``550 5.1.1``.
+
+        The default is :meth:`lookup`. An ``OSError`` raised here (say ``EIO``) refuses
+        the recipient temporarily (``451 4.3.0``).
+
+        **Cancellation:** nothing to undo (it only looks at the filesystem).
+        """
+        return self.lookup(address)
+
+    async def check_quota(self, md: Maildir) -> None:
+        """Raise :class:`QuotaExceededError` if *md* cannot take even an empty message.
+
+        Any other problem is left for the delivery to find (and report).
+
+        **Cancellation:** the check runs to its end in a worker thread.
+        """
+        quota = self.quota
+        if quota is None:
+            return
+        # One stat on the loop (as in lookup) spares a thread hop when there is no quota.
+        if quota.from_file and not _exists(os.path.join(where(md), "maildirsize")):
+            return
+        error = await run_sync(_quota_refusal, md, quota)
+        if error is not None:
+            raise error
+
+    def transaction(self, sender: str | None, rcpts: list[str], targets: list[Maildir | None],
+                    *, separate: bool = False) -> Transaction:  # fmt: skip
+        """Start streaming a message from *sender* to *targets* (one per recipient)."""
+        return_path = None
+        if self.return_path and sender is not None:
+            return_path = "" if sender in ("", "<>") else sender
+        return Transaction(
+            rcpts, targets, return_path=return_path, delivered_to=self.delivered_to,
+            crlf_to_lf=self.crlf_to_lf,
+            separate=separate or (self.delivered_to and not self.single_copy),
+        )  # fmt: skip
+
+    def begin(self) -> None:
+        """Count a delivery in flight (:meth:`wait_idle` waits for it)."""
+        self._delivering += 1
+        self._idle.clear()
+
+    def end(self) -> None:
+        """Count a delivery as done."""
+        self._delivering -= 1
+        if not self._delivering:
+            self._idle.set()
+
+    async def rcpt_reply(self, address: str) -> tuple[str, Maildir | None]:
+        """Resolve *address* and check its quota; return the reply and the maildir.
+
+        **Cancellation:** nothing to undo.
+        """
+        now = self.rcpt_reply_now(address)
+        if now is not None:
+            return now
+        try:
+            md = await self.resolve(address)
+            if md is not None:
+                await self.check_quota(md)
+        except Exception as exc:
+            return _refused(address, exc), None
+        if md is None:
+            return _refused(address, None), None
+        return "250 2.1.5 OK", md
+
+    def rcpt_reply_now(self, address: str) -> tuple[str, Maildir | None] | None:
+        """Return :meth:`rcpt_reply`'s answer when it needs no waiting, else ``None``.
+
+        It does not wait with the default :meth:`resolve` when the mailbox has no
+        ``maildirsize`` to check (or quotas are off).
+        """
+        if type(self).resolve is not MaildirHandler.resolve:
+            return None
+        try:
+            md = self.lookup(address)
+        except OSError as exc:
+            return _refused(address, exc), None
+        if md is None:
+            return _refused(address, None), None
+        quota = self.quota
+        if quota is not None and (
+            not quota.from_file or _exists(os.path.join(where(md), "maildirsize"))
+        ):
+            return None
+        return "250 2.1.5 OK", md
 
     # -- aiosmtpd hooks ------------------------------------------------------------------
 
     async def handle_MAIL(
-        self,
-        server: _AioSMTP,
-        session: Session,
-        envelope: Envelope,
-        address: str,
-        mail_options: list[str],
+        self, server: Any, session: Any, envelope: Any, address: str, mail_options: list[str]
     ) -> str:
         """Refuse new transactions while shutting down; accept the sender otherwise."""
         if self.closing:
@@ -177,150 +253,85 @@ class MaildirHandler:
         return "250 2.1.0 OK"
 
     async def handle_RCPT(
-        self,
-        server: _AioSMTP,
-        session: Session,
-        envelope: Envelope,
-        address: str,
-        rcpt_options: list[str],
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
-        """Accept *address* if :meth:`resolve` maps it to a maildir."""
-        try:
-            md = await self.resolve(address)
-        except Exception as exc:
-            reply = outcome(exc).reply
-            log.warning("refused to=<%s> reply=%r error=%r", address, reply, exc)
-            return reply
-        if md is None:
-            reply = outcome(MaildirNotFoundError(address)).reply
-            log.info("refused to=<%s> reply=%r", address, reply)
-            return reply
-        self._targets.setdefault(envelope, {})[address] = md
-        envelope.rcpt_tos.append(address)
-        envelope.rcpt_options.extend(rcpt_options)
-        return "250 2.1.5 OK"
+        """Accept *address* if :meth:`resolve` maps it to a maildir with room."""
+        reply, md = await self.rcpt_reply(address)
+        if md is not None:
+            self._targets.setdefault(envelope, {})[address] = md
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(rcpt_options)
+        return reply
 
-    async def handle_DATA(self, server: _AioSMTP, session: Session, envelope: Envelope) -> str:
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         """Deliver to every accepted recipient; return their replies once durable.
 
         **Cancellation:** (aiosmtpd cancels when the client disconnects) deliveries not yet
         linked into ``new/`` are removed; the client gets no reply and will retry.
         """
-        self._delivering += 1
-        self._idle.clear()
+        from aiosmtpd.lmtp import LMTP
+
+        self.begin()
         try:
             replies = await self._deliver(envelope)
         finally:
-            self._delivering -= 1
-            if not self._delivering:
-                self._idle.set()
-        if isinstance(server, _AioLMTP):
+            self.end()
+        if isinstance(server, LMTP):
             return "\r\n".join(replies)
-        return _smtp_reply(replies)
+        return smtp_reply(replies)
 
     async def handle_exception(self, error: Exception) -> str:
         """Answer an unexpected error with a temporary reply, never a permanent ``500``."""
         log.error("unexpected error: %r", error, exc_info=error)
         return outcome(error).reply
 
-    # -- delivery -----------------------------------------------------------------------
-
-    async def _deliver(self, envelope: Envelope) -> list[str]:
+    async def _deliver(self, envelope: Any) -> list[str]:
         rcpts = list(envelope.rcpt_tos)
-        content = envelope.original_content
-        if content is None:  # pragma: no cover - aiosmtpd always sets it before DATA
-            content = b""
-        start = time.monotonic()
+        known = self._targets.pop(envelope, {})
         try:
-            if self.max_size is not None and len(content) > self.max_size:
-                raise MessageTooLargeError(self.max_size)
-            known = self._targets.pop(envelope, {})
             targets: list[Maildir | None] = []
             for address in rcpts:
                 md = known.get(address)
                 targets.append(md if md is not None else await self.resolve(address))
-            results = await self._deliver_to(content, envelope, rcpts, targets)
+            txn = self.transaction(envelope.mail_from, rcpts, targets)
         except Exception as exc:
-            results = [exc] * len(rcpts)
-        elapsed = time.monotonic() - start
-        replies = []
-        for address, result in zip(rcpts, results, strict=True):
-            if isinstance(result, Delivery):
-                log.info(
-                    "delivered to=<%s> path=%s size=%d time=%.3fs",
-                    address, result.path, result.size, elapsed,
-                )  # fmt: skip
-                replies.append(f"250 2.0.0 Delivered as {_ascii(result.name)}")
-            else:
-                reply = outcome(result).reply
-                log.warning(
-                    "failed to=<%s> reply=%r error=%r time=%.3fs", address, reply, result, elapsed
-                )
-                replies.append(reply)
-        return replies
-
-    async def _deliver_to(
-        self,
-        content: bytes,
-        envelope: Envelope,
-        rcpts: list[str],
-        targets: Sequence[Maildir | None],
-    ) -> list[Delivery | Exception]:
-        """Deliver *content* once per distinct maildir; return one result per recipient."""
-        sender = envelope.mail_from
-        return_path = None
-        if self.return_path and sender is not None:
-            return_path = "" if sender == "<>" else sender
-        unique: dict[str, tuple[Maildir, str]] = {}
-        for address, md in zip(rcpts, targets, strict=True):
-            if md is not None:
-                unique.setdefault(str(md.path), (md, address))
-        groups = list(unique.values())
-        results: list[Delivery | Exception]
-        if len(groups) == 1 or (len(groups) > 1 and self.delivered_to and not self.single_copy):
-            results = list(
-                await asyncio.gather(
-                    *(self._one(content, md, return_path, address) for md, address in groups)
-                )
-            )
-        elif groups:
-            results = await deliver_many(
-                content,
-                [md for md, _ in groups],
-                return_path=return_path,
-                crlf_to_lf=self.crlf_to_lf,
-            )
-        else:
-            results = []
-        by_path = {key: result for key, result in zip(unique, results, strict=True)}
-        return [
-            MaildirNotFoundError(address) if md is None else by_path[str(md.path)]
-            for address, md in zip(rcpts, targets, strict=True)
-        ]
-
-    async def _one(
-        self, content: bytes, md: Maildir, return_path: str | None, address: str
-    ) -> Delivery | Exception:
-        try:
-            return await md.deliver(
-                content,
-                return_path=return_path,
-                delivered_to=address if self.delivered_to else None,
-                crlf_to_lf=self.crlf_to_lf,
-            )
-        except Exception as exc:
-            return exc
+            log.error("cannot start a delivery: %r", exc, exc_info=exc)
+            return [outcome(exc).reply] * len(rcpts)
+        await txn.write(envelope.original_content or b"")
+        results = await txn.finish()
+        return [reply_for(a, r, txn.elapsed) for a, r in zip(rcpts, results, strict=True)]
 
 
-def _smtp_reply(replies: list[str]) -> str:
-    """Fold per-recipient replies into SMTP's one reply for the transaction.
+def _refused(address: str, exc: Exception | None) -> str:
+    """Log a refused recipient; return its reply (``550 5.1.1`` when *exc* is None)."""
+    if exc is None:
+        reply = outcome(MaildirNotFoundError(address)).reply
+        log.info("refused to=<%s> reply=%r", address, reply)
+    else:
+        reply = outcome(exc).reply
+        log.warning("refused to=<%s> reply=%r error=%r", address, reply, exc)
+    return reply
 
-    All delivered: ``250``. Otherwise the failure, preferring a temporary one: the client
-    retries (or bounces) the whole message, and recipients already served may get it
-    twice, which beats losing it. LMTP exists to avoid this; prefer it.
-    """
-    failed = [r for r in replies if not r.startswith("2")]
-    if not failed:
-        return "250 2.0.0 OK" if len(replies) != 1 else replies[0]
-    temporary = [r for r in failed if r.startswith("4")]
-    return (temporary or failed)[0]
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def _quota_refusal(md: Maildir, quota: Quota) -> QuotaExceededError | None:
+    """Check (in a worker) whether *md* is full; drop the reservation the check makes."""
+    layout = md._layout
+    try:
+        fd = layout.syscalls.open(layout.path, DIR_FLAGS)
+    except OSError:
+        return None
+    guard = QuotaGuard(quota, layout)
+    try:
+        guard.check(fd, 0)
+    except QuotaExceededError as exc:
+        return exc
+    except OSError:
+        return None
+    finally:
+        guard.release()
+        layout.syscalls.close_dir(fd)
+    return None

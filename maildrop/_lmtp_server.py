@@ -1,5 +1,5 @@
-"""The sockets side of :mod:`maildrop.lmtp`: aiosmtpd's protocols with two fixes, and the
-server that runs them and shuts down cleanly. Import it from :mod:`maildrop.lmtp`.
+"""The sockets side of :mod:`maildrop.lmtp`: :class:`MaildirServer` listens, admits
+connections up to a limit and shuts down cleanly. Import it from :mod:`maildrop.lmtp`.
 """
 
 from __future__ import annotations
@@ -8,144 +8,88 @@ import asyncio
 import contextlib
 import os
 import socket
-from typing import Any, AnyStr
+import stat
 
-from aiosmtpd.lmtp import LMTP as _AioLMTP
-from aiosmtpd.smtp import SMTP as _AioSMTP
+import anyio
 
-from . import MessageTooLargeError, outcome
-from ._lmtp_handler import SHUTTING_DOWN, MaildirHandler
+from ._lmtp_handler import MaildirHandler
+from ._lmtp_protocol import Connection, TurnBudget
+from ._lmtp_retry import RetryMemory
 
-__all__ = ["LMTP", "SMTP", "MaildirServer", "parse_hostport"]
-
-# Replies that aiosmtpd itself sends after the data of DATA was read. Under LMTP the client
-# waits for one reply per accepted recipient, so they are repeated that many times.
-_TOO_MUCH_DATA = "552 Error: Too much mail data"
-_AIOSMTPD_DATA_ERRORS = frozenset(
-    {
-        _TOO_MUCH_DATA,
-        "500 Line too long (see RFC5321 4.5.3.1.6)",
-        "500 Error: strict ASCII mode",
-    }
-)
-
-
-class SMTP(_AioSMTP):
-    """aiosmtpd's ``SMTP``, tracked by its :class:`MaildirServer` for a clean shutdown."""
-
-    def __init__(self, handler: Any, *, owner: MaildirServer | None = None, **kw: Any) -> None:
-        super().__init__(handler, **kw)
-        self._owner = owner
-        self._in_data = False
-        self._data_rcpts = 0
-
-    @property
-    def in_data(self) -> bool:
-        """Whether a message is being received or delivered on this connection."""
-        return self._in_data
-
-    async def smtp_DATA(self, arg: str) -> None:
-        self._data_rcpts = len(self.envelope.rcpt_tos) if self.envelope is not None else 0
-        self._in_data = True
-        try:
-            await super().smtp_DATA(arg)
-        finally:
-            self._in_data = False
-            self._data_rcpts = 0
-            if self._owner is not None:
-                self._owner._changed()
-
-    async def push(self, status: AnyStr) -> None:
-        text = status if isinstance(status, str) else status.decode("utf-8", "replace")
-        if self._data_rcpts and text in _AIOSMTPD_DATA_ERRORS:
-            if text == _TOO_MUCH_DATA:
-                # The same reply as the handler's own size check, with its enhanced code.
-                text = outcome(MessageTooLargeError(self.data_size_limit or 0)).reply
-            n = self._data_rcpts if isinstance(self, _AioLMTP) else 1
-            await super().push("\r\n".join([text] * n))
-            return
-        await super().push(status)
-
-    def connection_lost(self, error: Exception | None) -> None:
-        super().connection_lost(error)
-        if self._owner is not None:
-            self._owner._forget(self)
-
-    def shut(self) -> None:
-        """Say ``421`` (unless in the middle of a message) and close the connection."""
-        transport = self.transport
-        if transport is None:
-            return
-        if not self._in_data and isinstance(transport, asyncio.WriteTransport):
-            with contextlib.suppress(Exception):
-                transport.write(SHUTTING_DOWN.encode("ascii") + b"\r\n")
-        transport.close()
-
-
-class LMTP(SMTP, _AioLMTP):
-    """aiosmtpd's ``LMTP``; its own DATA errors get one reply per recipient (RFC 2033).
-
-    "Too much mail data" becomes ``552 5.3.4 Message too big for system``, as in SMTP.
-    """
+__all__ = ["MaildirServer", "parse_hostport"]
 
 
 class MaildirServer:
     """Serve LMTP (or SMTP) on sockets, delivering with a :class:`MaildirHandler`.
 
-    Creating one does no I/O; :meth:`listen` binds, :meth:`shutdown` stops.
+    maildrop's own protocol engine streams each message into its maildirs as it arrives
+    (memory per connection is a small constant) and replies once it is durable: under LMTP
+    once per recipient. Creating one does no I/O; :meth:`listen` binds, :meth:`shutdown`
+    stops.
 
     Args:
-        handler: the handler (usually a :class:`MaildirHandler`).
+        handler: the :class:`MaildirHandler` (its ``max_size`` is advertised as ``SIZE``).
         lmtp: speak LMTP (one reply per recipient) rather than SMTP.
         hostname: the name in the greeting (default: this host's name, looked up once).
-        data_size_limit: the largest message accepted into memory (aiosmtpd's default is
-            32 MiB; ``None`` is unlimited).
-        timeout: seconds of client silence before a connection is dropped.
+        timeout: seconds without a command before a connection is closed (``421 4.4.2``).
+        data_timeout: seconds without a byte of the message before it is dropped.
+        max_connections: further clients get ``421 4.3.2`` and are closed.
+        max_recipients: further ``RCPT`` in a transaction get ``452 4.5.3``.
+        retry: SMTP only: remember there which recipients got a partly failed message, so
+            the client's retry reaches only the others (``maildrop smtp`` passes a
+            ``RetryMemory()``; ``None``: don't remember).
     """
 
     def __init__(
         self,
-        handler: Any,
+        handler: MaildirHandler,
         *,
         lmtp: bool = True,
         hostname: str | None = None,
-        data_size_limit: int | None = 33554432,
         timeout: float = 300,
+        data_timeout: float = 300,
+        max_connections: int = 512,
+        max_recipients: int = 1000,
+        retry: RetryMemory | None = None,
     ) -> None:
         self.handler = handler
         self.lmtp = lmtp
         self.hostname = hostname
-        self.data_size_limit = data_size_limit
         self.timeout = timeout
+        self.data_timeout = data_timeout
+        self.max_connections = max_connections
+        self.max_recipients = max_recipients
+        self.retry = None if lmtp else retry
         self._servers: list[asyncio.AbstractServer] = []
-        self._conns: set[SMTP] = set()
+        self._conns: set[Connection] = set()
         self._unix_paths: list[str] = []
         self._changes = asyncio.Event()
+        self._refused = 0
+        self.budget = TurnBudget()
 
-    def _protocol(self) -> SMTP:
-        cls = LMTP if self.lmtp else SMTP
-        proto = cls(
-            self.handler,
-            owner=self,
-            hostname=self.hostname,
-            data_size_limit=self.data_size_limit,
-            timeout=self.timeout,
-            loop=asyncio.get_running_loop(),
-        )
-        self._conns.add(proto)
-        return proto
+    def _admit(self, conn: Connection) -> bool:
+        if len(self._conns) >= self.max_connections:
+            self._refused += 1
+            return False
+        self._conns.add(conn)
+        return True
 
-    def _forget(self, proto: SMTP) -> None:
-        self._conns.discard(proto)
-        self._changed()
-
-    def _changed(self) -> None:
+    def _forget(self, conn: Connection) -> None:
+        self._conns.discard(conn)
         self._changes.set()
+
+    async def _hostname(self) -> None:
+        if self.hostname is None:
+            loop = asyncio.get_running_loop()
+            self.hostname = await loop.run_in_executor(None, socket.getfqdn)
+        # The first aborted delivery would import anyio's backend (tens of ms) on the loop.
+        anyio.get_cancelled_exc_class()
 
     async def listen(self, address: str) -> list[str]:
         """Listen on ``HOST:PORT`` (``[::1]:24``; port 0 picks one) or ``unix:/path``.
 
-        Returns the bound addresses, in the same notation.
+        Binds the socket, then serves it with :meth:`listen_socket`. Returns the bound
+        addresses, in the same notation.
 
         Raises:
             ValueError: *address* is malformed.
@@ -154,19 +98,34 @@ class MaildirServer:
         **Cancellation:** listeners already bound by this call stay open until
         :meth:`shutdown`.
         """
-        if self.hostname is None:
-            loop = asyncio.get_running_loop()
-            self.hostname = await loop.run_in_executor(None, socket.getfqdn)
-        loop = asyncio.get_running_loop()
         if address.startswith("unix:"):
             path = address[len("unix:") :]
             if not path:
                 raise ValueError("unix: needs a socket path, e.g. unix:/run/maildrop/lmtp")
-            srv: asyncio.AbstractServer = await loop.create_unix_server(self._protocol, path)
+            sock = _bind_unix(path)
             self._unix_paths.append(path)
         else:
             host, port = parse_hostport(address)
-            srv = await loop.create_server(self._protocol, host, port)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.create_server((host, port), family=family, backlog=1024)
+        return await self.listen_socket(sock)
+
+    async def listen_socket(self, sock: socket.socket) -> list[str]:
+        """Serve on *sock*, an already bound and listening TCP or unix socket.
+
+        Returns its address as :meth:`listen` does. The server owns *sock* from now on
+        (:meth:`shutdown` closes it).
+
+        **Cancellation:** *sock* is served until :meth:`shutdown` once this returned.
+        """
+        await self._hostname()
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        srv: asyncio.AbstractServer
+        if sock.family == socket.AF_UNIX:
+            srv = await loop.create_unix_server(lambda: Connection(self), sock=sock)
+        else:
+            srv = await loop.create_server(lambda: Connection(self), sock=sock)
         self._servers.append(srv)
         return _bound(srv)
 
@@ -193,8 +152,7 @@ class MaildirServer:
         """
         for srv in self._servers:
             srv.close()
-        if isinstance(self.handler, MaildirHandler):
-            self.handler.closing = True
+        self.handler.closing = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         try:
@@ -202,8 +160,7 @@ class MaildirServer:
                 self._changes.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changes.wait(), deadline - loop.time())
-            if isinstance(self.handler, MaildirHandler):
-                await self.handler.wait_idle()
+            await self.handler.wait_idle()
         finally:
             # No await between the last check and the closes: no delivery can start.
             for conn in list(self._conns):
@@ -215,6 +172,21 @@ class MaildirServer:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         self._unix_paths.clear()
+
+
+def _bind_unix(path: str) -> socket.socket:
+    """Bind a unix socket at *path* (replacing a socket file left there) and listen."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(1024)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def parse_hostport(address: str) -> tuple[str, int]:

@@ -1,23 +1,23 @@
-"""Deliver mail received by aiosmtpd's LMTP or SMTP server into maildirs, durably.
+"""maildrop's LMTP/SMTP server: deliver mail received over the network into maildirs, durably.
 
-:class:`MaildirHandler` is an aiosmtpd handler: it resolves each ``RCPT TO`` to a maildir
-(``<root>/<local-part>/`` by default, refusing unknown or invalid recipients with
-``550 5.1.1``), delivers the message with ``await`` once ``DATA`` ends and replies only after
-the delivery is durable. Under LMTP it answers once per accepted recipient (RFC 2033), which
-aiosmtpd itself does not do. Every failure is mapped by :func:`maildrop.outcome`, so a full
-disk is ``452 4.3.1`` and a local problem is never a permanent ``500``.
+:class:`MaildirServer` speaks LMTP (or SMTP) with maildrop's own streaming protocol engine:
+each message goes from the socket into its maildirs as it arrives (memory per connection
+is a small constant), and the reply comes once it is durable, under LMTP once per accepted
+recipient (RFC 2033). It advertises PIPELINING, ENHANCEDSTATUSCODES, 8BITMIME, SMTPUTF8,
+BINARYMIME, CHUNKING and the exact ``SIZE``.
 
-:class:`MaildirServer` runs the handler on TCP or Unix sockets with :class:`LMTP` /
-:class:`SMTP`, aiosmtpd's classes plus two fixes: aiosmtpd's own errors after ``DATA`` (too
-much data, line too long) get one reply per recipient under LMTP, and :meth:`MaildirServer.
-shutdown` finishes the deliveries in flight before it closes connections.
-
-Needs the ``server`` extra: ``pip install 'maildrop[server]'``.
+:class:`MaildirHandler` maps recipients to maildirs (``<root>/<local-part>/``, refusing
+unknown or invalid ones with ``550 5.1.1``), honours Maildir++ quotas and maps every
+failure with :func:`maildrop.outcome`, so a full disk is ``452 4.3.1`` and a local problem
+is never a permanent ``5xx``. It is also an aiosmtpd handler, for people who run aiosmtpd
+themselves (``pip install 'maildrop[server]'``); aiosmtpd holds each message in memory.
 """
 
 from __future__ import annotations
 
-from ._lmtp_handler import MaildirHandler, mailbox_name
-from ._lmtp_server import LMTP, SMTP, MaildirServer, parse_hostport
+from ._lmtp_deliver import mailbox_name
+from ._lmtp_handler import MaildirHandler
+from ._lmtp_retry import RetryMemory
+from ._lmtp_server import MaildirServer, parse_hostport
 
-__all__ = ["LMTP", "SMTP", "MaildirHandler", "MaildirServer", "mailbox_name", "parse_hostport"]
+__all__ = ["MaildirHandler", "MaildirServer", "RetryMemory", "mailbox_name", "parse_hostport"]

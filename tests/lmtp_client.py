@@ -37,9 +37,12 @@ def wire(message: bytes) -> bytes:
 class Client:
     """One LMTP (or SMTP) connection."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, lmtp: bool = True
+    ) -> None:
         self.reader = reader
         self.writer = writer
+        self.lmtp = lmtp
 
     @classmethod
     async def connect(cls, port: int | str, *, lmtp: bool = True) -> Client:
@@ -48,7 +51,7 @@ class Client:
             reader, writer = await asyncio.open_unix_connection(port)
         else:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        self = cls(reader, writer)
+        self = cls(reader, writer, lmtp=lmtp)
         greeting = await self.reply()
         assert greeting.startswith("220"), greeting
         hello = await self.command(f"{'LHLO' if lmtp else 'EHLO'} client.test")
@@ -72,7 +75,8 @@ class Client:
         return await self.reply()
 
     async def send(self, sender: str, rcpts: list[str], message: bytes) -> Transcript:
-        """Run one transaction; after DATA read one reply per accepted recipient."""
+        """Run one transaction; after DATA read one reply per accepted recipient (LMTP)
+        or one in all (SMTP)."""
         t = Transcript()
         t.mail = await self.command(f"MAIL FROM:<{sender}>")
         for r in rcpts:
@@ -83,7 +87,7 @@ class Client:
         assert go.startswith("354"), go
         self.writer.write(wire(message))
         await self.writer.drain()
-        for _ in range(t.accepted):
+        for _ in range(t.accepted if self.lmtp else 1):
             t.data.append(await self.reply())
         return t
 

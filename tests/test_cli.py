@@ -6,6 +6,7 @@ import asyncio
 import errno
 import os
 import queue
+import re
 import runpy
 import shutil
 import signal
@@ -96,6 +97,12 @@ def test_parse_duration(text: str, value: float) -> None:
         ["deliver", "--bogus", "md"],
         ["clean-tmp", "--older-than", "soon", "md"],
         ["lmtp", "--root", "/"],
+        ["lmtp", "--listen", "127.0.0.1:0", "--root", "/", "--quota", "lots"],
+        ["lmtp", "--listen", "127.0.0.1:0", "--root", "/", "--quota", "1M,0"],
+        ["lmtp", "--listen", "127.0.0.1:0", "--root", "/", "--quota", "0"],
+        ["lmtp", "--listen", "127.0.0.1:0", "--root", "/", "--max-connections", "0"],
+        ["lmtp", "--listen", "127.0.0.1:0", "--root", "/", "--no-quota", "--quota", "1M"],
+        ["smtp", "--listen", "127.0.0.1:0", "--root", "/", "--retry-memory", "soon"],
     ],
 )
 def test_usage_errors_are_one_line_and_64(
@@ -123,6 +130,18 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     """--version prints the version."""
     assert cli.main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("maildrop ")
+
+
+def test_server_help_documents_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    """lmtp --help names every server flag; smtp --help adds --retry-memory."""
+    assert cli.main(["lmtp", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--quota", "--quota-permanent", "--no-quota", "--max-connections",
+                 "--max-recipients", "--timeout", "--data-timeout", "--max-size"):  # fmt: skip
+        assert flag in out
+    assert "--retry-memory" not in out
+    assert cli.main(["smtp", "--help"]) == 0
+    assert "--retry-memory" in capsys.readouterr().out
 
 
 # -- deliver (in process) -----------------------------------------------------------------
@@ -417,13 +436,46 @@ async def test_serve_in_process_delivers_and_logs(
     assert list(refused) == ["nobody@x"]
     assert new_files(tmp_path / "alice") == [b"Return-Path: <s@x>\nDelivered-To: alice@x\n" + MSG]
     err = capsys.readouterr().err
-    assert f"lmtp listening on 127.0.0.1:{port}" in err
+    assert re.search(rf"maildrop lmtp on \S+ listening on 127\.0\.0\.1:{port},", err), err
+    assert f" {socket.gethostname()} maildrop[" in err
     delivered = [line for line in err.splitlines() if " delivered to=<alice@x> " in line]
     assert len(delivered) == 1
     assert "path=" in delivered[0]
     assert "size=" in delivered[0]
     assert "time=" in delivered[0]
     assert "stopped" in err
+
+
+@pytest.mark.asyncio
+async def test_serve_flags_reach_the_server(tmp_path: Path) -> None:
+    """--quota/--quota-permanent/--max-recipients shape the replies (SMTP, no retry memory)."""
+    (tmp_path / "alice").mkdir()
+    (tmp_path / "bob").mkdir()
+    task, stop, port = await serving_in_process(
+        ["smtp", "--listen", "127.0.0.1:0", "--root", str(tmp_path), "--quota", "100,5",
+         "--quota-permanent", "--max-recipients", "1", "--retry-memory", "0",
+         "--timeout", "10s", "--data-timeout", "10s", "--max-connections", "3"]
+    )  # fmt: skip
+
+    def send() -> tuple[Any, ...]:
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test") as s:
+            s.ehlo()
+            size = s.esmtp_features["size"]
+            s.mail("s@x")
+            first = s.rcpt("alice@x")
+            second = s.rcpt("bob@x")
+            data = s.data(b"x" * 200 + b"\r\n")
+            return size, first, second, data
+
+    size, first, second, data = await asyncio.to_thread(send)
+    stop.set()
+    assert await asyncio.wait_for(task, 10) == 0
+    assert size == str(32 * 1024 * 1024)
+    assert first[0] == 250
+    assert second[0] == 452
+    assert data[0] == 552
+    assert data[1].startswith(b"5.2.2")
+    assert (tmp_path / "alice" / "maildirsize").read_text().startswith("100S,5C\n")
 
 
 def test_serve_bad_listen_address_is_usage(
@@ -677,3 +729,21 @@ async def test_cancelled_serve_closes_its_listeners(tmp_path: Path) -> None:
         await task
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_accept_errors_are_one_line_once_a_second(caplog: pytest.LogCaptureFixture) -> None:
+    """EMFILE from accept logs one warning per second; other errors go to asyncio."""
+    loop = asyncio.new_event_loop()
+    try:
+        handler = _cli_serve._AcceptErrors()
+        emfile = OSError(errno.EMFILE, "Too many open files")
+        for _ in range(3):
+            handler(loop, {"message": "socket.accept() out of system resource",
+                           "exception": emfile})  # fmt: skip
+        handler(loop, {"message": "something else", "exception": ValueError("x")})
+    finally:
+        loop.close()
+    accept = [r for r in caplog.records if "cannot accept connections" in r.getMessage()]
+    assert len(accept) == 1
+    assert "Too many open files" in accept[0].getMessage()
+    assert any("something else" in r.getMessage() for r in caplog.records)

@@ -1,4 +1,4 @@
-"""The aiosmtpd handler and server: per-recipient replies, durability, errors, shutdown."""
+"""The LMTP/SMTP server and handler: per-recipient replies, durability, errors, shutdown."""
 
 from __future__ import annotations
 
@@ -8,19 +8,15 @@ import errno
 import os
 import smtplib
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-pytest.importorskip("aiosmtpd", reason="the server extra (aiosmtpd) is not installed")
-
-from aiosmtpd.lmtp import LMTP as AioLMTP
-from aiosmtpd.smtp import SMTP as AioSMTP
-
 from maildrop import DEFAULT_SYSCALLS, Maildir, Syscalls
-from maildrop._lmtp_handler import _smtp_reply
+from maildrop._lmtp_deliver import smtp_reply
 from maildrop.lmtp import MaildirHandler, MaildirServer, mailbox_name, parse_hostport
 
 from .conftest import HeldCall, listing
@@ -44,10 +40,22 @@ def messages(md: Path) -> list[bytes]:
 
 
 @contextlib.asynccontextmanager
-async def serving(handler: Any, *, lmtp: bool = True) -> AsyncIterator[int]:
+async def serving(handler: Any, *, lmtp: bool = True, **kw: Any) -> AsyncIterator[int]:
+    """Serve *handler* with a MaildirServer on 127.0.0.1:0; yield the port."""
+    server = MaildirServer(handler, lmtp=lmtp, hostname="mx.test", **kw)
+    try:
+        yield await listen_local(server)
+    finally:
+        await server.shutdown(1)
+
+
+@contextlib.asynccontextmanager
+async def aio_serving(handler: Any, *, lmtp: bool = True) -> AsyncIterator[int]:
     """Serve *handler* with aiosmtpd's own LMTP/SMTP class on 127.0.0.1:0; yield the port."""
+    aio_lmtp = pytest.importorskip("aiosmtpd.lmtp", reason="aiosmtpd is not installed")
+    aio_smtp = pytest.importorskip("aiosmtpd.smtp", reason="aiosmtpd is not installed")
     loop = asyncio.get_running_loop()
-    cls = AioLMTP if lmtp else AioSMTP
+    cls = aio_lmtp.LMTP if lmtp else aio_smtp.SMTP
     srv = await loop.create_server(
         lambda: cls(handler, hostname="mx.test", loop=loop), "127.0.0.1", 0
     )
@@ -102,10 +110,20 @@ async def until(cond: Callable[[], bool], what: str, seconds: float = 10.0) -> N
         ("a\x7fb@example.org", None),
         ("@example.org", None),
         ("x" * 256 + "@example.org", None),
+        ("ÉLODIE@example.org", "élodie"),
+        ("e\u0301lodie@example.org", "élodie"),
+        ("\u212aelvin@example.org", None),
+        ("STRASSE@example.org", "strasse"),
+        ("straße@example.org", None),
+        ("\u017fam@example.org", None),
+        ("ﬀ@example.org", None),
+        ("ΣΊΣΥΦΟΣ@example.org", "σίσυφοσ"),
+        ("a\u0085b@example.org", None),
     ],
 )
 async def test_mailbox_name_validates_the_local_part(address: str, name: str | None) -> None:
-    """Local parts map to one safe directory name, lowercased, without the +extension."""
+    """Local parts map to one safe directory name (NFC, casefolded, without the +extension);
+    folding that turns a non-ASCII letter into ASCII is refused, never another mailbox."""
     assert mailbox_name(address) == name
 
 
@@ -326,10 +344,10 @@ async def test_resolver_error_is_temporary_at_rcpt(tmp_path: Path) -> None:
 
 
 async def test_mailbox_removed_after_rcpt_is_recreated_or_refused(tmp_path: Path) -> None:
-    """A recipient unknown at DATA (e.g. re-resolved) gets 550 5.1.1 in its own reply."""
+    """aiosmtpd: a recipient unknown at DATA (re-resolved) gets 550 5.1.1 in its own reply."""
     users(tmp_path, "alice", "bob")
     handler = MaildirHandler(tmp_path)
-    async with serving(handler) as port:
+    async with aio_serving(handler) as port:
         c = await Client.connect(port)
         assert (await c.command("MAIL FROM:<s@x>")).startswith("250")
         assert (await c.command("RCPT TO:<alice@x>")).startswith("250")
@@ -349,7 +367,7 @@ async def test_unexpected_error_is_temporary(tmp_path: Path) -> None:
     """A bug in the handler gives 451 4.3.0 for every recipient, never 500."""
 
     class Buggy(MaildirHandler):
-        async def _deliver_to(self, *args: Any) -> Any:
+        def transaction(self, *args: Any, **kw: Any) -> Any:
             raise RuntimeError("bug")
 
     users(tmp_path, "alice", "bob")
@@ -357,17 +375,22 @@ async def test_unexpected_error_is_temporary(tmp_path: Path) -> None:
         c = await Client.connect(port)
         t = await c.send("s@x", ["alice@x", "bob@x"], MSG)
         await c.quit()
+    async with aio_serving(Buggy(tmp_path)) as port:
+        c = await Client.connect(port)
+        t2 = await c.send("s@x", ["alice@x", "bob@x"], MSG)
+        await c.quit()
     assert [r[:9] for r in t.data] == ["451 4.3.0", "451 4.3.0"]
+    assert [r[:9] for r in t2.data] == ["451 4.3.0", "451 4.3.0"]
     assert (await MaildirHandler(tmp_path).handle_exception(ValueError("x"))).startswith("451")
 
 
 async def test_smtp_single_reply_folds_partial_failures() -> None:
     """SMTP has one reply: all delivered is 250, else the (preferably temporary) failure."""
     ok = "250 2.0.0 Delivered as x"
-    assert _smtp_reply([ok]) == ok
-    assert _smtp_reply([ok, ok]) == "250 2.0.0 OK"
-    assert _smtp_reply([ok, "552 5.3.4 big", "452 4.3.1 full"]) == "452 4.3.1 full"
-    assert _smtp_reply([ok, "550 5.1.1 gone"]) == "550 5.1.1 gone"
+    assert smtp_reply([ok]) == ok
+    assert smtp_reply([ok, ok]) == "250 2.0.0 OK"
+    assert smtp_reply([ok, "552 5.3.4 big", "452 4.3.1 full"]) == "452 4.3.1 full"
+    assert smtp_reply([ok, "550 5.1.1 gone"]) == "550 5.1.1 gone"
 
 
 async def test_smtp_with_several_recipients(tmp_path: Path) -> None:
@@ -461,21 +484,20 @@ async def test_200_messages_over_20_connections_land_exactly_once(tmp_path: Path
 # -- MaildirServer ------------------------------------------------------------------------
 
 
-async def test_server_lmtp_fans_out_aiosmtpd_data_errors(tmp_path: Path) -> None:
-    """aiosmtpd's own 'too much data' reply is repeated once per recipient under LMTP."""
+async def test_too_large_message_is_552_per_recipient_and_session_goes_on(
+    tmp_path: Path,
+) -> None:
+    """A message over max_size: 552 5.3.4 per recipient, nothing stored, next one works."""
     users(tmp_path, "alice", "bob")
-    server = MaildirServer(MaildirHandler(tmp_path), hostname="mx.test", data_size_limit=50)
-    port = await listen_local(server)
-    try:
+    async with serving(MaildirHandler(tmp_path, max_size=80)) as port:
         c = await Client.connect(port)
         t = await c.send("s@x", ["alice@x", "bob@x"], MSG + b"x" * 100 + b"\n")
         t1 = await c.send("s@x", ["alice@x"], b"Subject: small\n\nok\n")
         await c.quit()
-    finally:
-        await server.shutdown(1)
     assert [r[:9] for r in t.data] == ["552 5.3.4", "552 5.3.4"]
     assert t1.data[0].startswith("250")
     assert messages(tmp_path / "bob") == []
+    assert listing(tmp_path / "bob")["tmp"] == []
 
 
 async def test_server_unix_socket_and_smtp(tmp_path: Path) -> None:
@@ -586,10 +608,10 @@ async def test_shutdown_always_waits_for_running_deliveries(tmp_path: Path) -> N
 
 
 async def test_every_recipient_gone_at_data(tmp_path: Path) -> None:
-    """If no accepted recipient resolves any more at DATA, each gets 550 5.1.1."""
+    """aiosmtpd: if no accepted recipient resolves any more at DATA, it gets 550 5.1.1."""
     users(tmp_path, "alice")
     handler = MaildirHandler(tmp_path)
-    async with serving(handler) as port:
+    async with aio_serving(handler) as port:
         c = await Client.connect(port)
         assert (await c.command("MAIL FROM:<s@x>")).startswith("250")
         assert (await c.command("RCPT TO:<alice@x>")).startswith("250")
@@ -603,16 +625,35 @@ async def test_every_recipient_gone_at_data(tmp_path: Path) -> None:
 
 
 async def test_server_smtp_too_much_data_has_enhanced_code(tmp_path: Path) -> None:
-    """SMTP: aiosmtpd's own size limit answers 552 5.3.4 (once), like the handler's."""
+    """SMTP: a message over max_size is answered once, 552 5.3.4."""
     users(tmp_path, "alice")
-    server = MaildirServer(
-        MaildirHandler(tmp_path), lmtp=False, hostname="mx.test", data_size_limit=50
-    )
-    port = await listen_local(server)
-    try:
+    async with serving(MaildirHandler(tmp_path, max_size=50), lmtp=False) as port:
         c = await Client.connect(port, lmtp=False)
         t = await c.send("s@x", ["alice@x"], MSG + b"x" * 100 + b"\n")
         await c.quit()
-    finally:
-        await server.shutdown(1)
     assert t.data == ["552 5.3.4 Message too big for system"]
+
+
+async def test_aiosmtpd_smtp_folds_replies_and_refuses_mail_when_closing(tmp_path: Path) -> None:
+    """Under aiosmtpd's SMTP the handler answers once; closing refuses MAIL with 421."""
+    users(tmp_path, "alice", "bob")
+    handler = MaildirHandler(tmp_path)
+    async with aio_serving(handler, lmtp=False) as port:
+        c = await Client.connect(port, lmtp=False)
+        t = await c.send("s@x", ["alice@x", "bob@x"], MSG)
+        handler.closing = True
+        refused = await c.command("MAIL FROM:<s@x>")
+        await c.quit()
+    assert t.data == ["250 2.0.0 OK"]
+    assert refused.startswith("421 4.3.2")
+    assert len(messages(tmp_path / "bob")) == 1
+
+
+async def test_server_and_cli_do_not_import_aiosmtpd() -> None:
+    """maildrop.lmtp and the server commands work without aiosmtpd."""
+    code = (
+        "import sys, maildrop.lmtp, maildrop._cli_serve, maildrop.cli; "
+        "sys.exit('aiosmtpd' in sys.modules)"
+    )
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code)
+    assert await proc.wait() == 0

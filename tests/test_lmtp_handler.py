@@ -1,0 +1,123 @@
+"""The recipients-to-maildirs handler as the server uses it: lookup, quota, refusals."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from maildrop import Maildir, Quota
+from maildrop._lmtp_handler import _quota_refusal
+from maildrop.lmtp import MaildirHandler
+
+from .conftest import listing
+from .lmtp_client import Client
+from .test_lmtp import messages, serving, users
+from .test_lmtp_protocol import MSG, empty
+
+pytestmark = pytest.mark.asyncio
+
+
+def quota(md: Path, text: str) -> None:
+    """Give the maildir *md* a maildirsize with *text*."""
+    for sub in ("tmp", "new", "cur"):
+        (md / sub).mkdir(parents=True, exist_ok=True)
+    (md / "maildirsize").write_text(text)
+
+
+@pytest.mark.parametrize(("permanent", "code"), [(False, "452 4.2.2"), (True, "552 5.2.2")])
+async def test_full_mailbox_is_refused_at_rcpt(tmp_path: Path, permanent: bool, code: str) -> None:
+    """A maildirsize already at its limit refuses the recipient at RCPT."""
+    users(tmp_path, "alice", "bob")
+    quota(tmp_path / "alice", "1000S,2C\n500 2\n")
+    handler = MaildirHandler(tmp_path, quota=Quota(permanent=permanent))
+    async with serving(handler) as port:
+        c = await Client.connect(port)
+        t = await c.send("s@x", ["alice@x", "bob@x"], MSG)
+        await c.quit()
+    assert t.rcpt[0].startswith(code)
+    assert t.data[0].startswith("250")
+    assert empty(tmp_path / "alice")
+
+
+async def test_quota_is_checked_at_end_of_data_and_maildirsize_updated(tmp_path: Path) -> None:
+    """Room at RCPT but not for the message: 452 4.2.2 at the end; a fit updates the file."""
+    users(tmp_path, "alice")
+    quota(tmp_path / "alice", "100S,5C\n0 0\n")
+    async with serving(MaildirHandler(tmp_path)) as port:
+        c = await Client.connect(port)
+        big = await c.send("s@x", ["alice@x"], b"x" * 200 + b"\r\n")
+        small = await c.send("s@x", ["alice@x"], b"hi\r\n")
+        await c.quit()
+    assert big.data[0].startswith("452 4.2.2")
+    assert small.data[0].startswith("250")
+    (got,) = messages(tmp_path / "alice")
+    lines = (tmp_path / "alice" / "maildirsize").read_text().splitlines()
+    assert lines[0] == "100S,5C"
+    assert sum(int(line.split()[0]) for line in lines[1:]) == len(got)
+    assert listing(tmp_path / "alice")["tmp"] == []
+
+
+async def test_no_quota_ignores_maildirsize(tmp_path: Path) -> None:
+    """quota=None delivers into a mailbox whose maildirsize says it is full."""
+    users(tmp_path, "alice")
+    quota(tmp_path / "alice", "10S\n500 2\n")
+    async with serving(MaildirHandler(tmp_path, quota=None)) as port:
+        c = await Client.connect(port)
+        t = await c.send("s@x", ["alice@x"], MSG)
+        await c.quit()
+    assert t.rcpt[0].startswith("250")
+    assert t.data[0].startswith("250")
+    assert (tmp_path / "alice" / "maildirsize").read_text() == "10S\n500 2\n"
+
+
+async def test_custom_resolve_error_is_451_at_rcpt(tmp_path: Path) -> None:
+    """An OSError from an overridden resolve() refuses the recipient temporarily."""
+
+    class Broken(MaildirHandler):
+        async def resolve(self, address: str) -> Any:
+            raise OSError(5, "injected EIO")
+
+    async with serving(Broken(tmp_path)) as port:
+        c = await Client.connect(port)
+        await c.command("MAIL FROM:<s@x>")
+        assert (await c.command("RCPT TO:<a@x>")).startswith("451 4.3.0")
+        await c.quit()
+
+
+async def test_lookup_refuses_files_and_dangling_links(tmp_path: Path) -> None:
+    """A file or a dangling symlink where a mailbox should be is not a mailbox."""
+    (tmp_path / "file").write_text("x")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    handler = MaildirHandler(tmp_path)
+    assert handler.lookup("file@x") is None
+    assert handler.lookup("dangling@x") is None
+    assert handler.lookup("a/b@x") is None
+
+
+async def test_unreadable_mailbox_is_451_at_rcpt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error looking the mailbox up refuses the recipient temporarily."""
+
+    def eio(path: Any) -> Any:
+        raise OSError(5, "injected EIO")
+
+    async with serving(MaildirHandler(tmp_path)) as port:
+        c = await Client.connect(port)
+        await c.command("MAIL FROM:<s@x>")
+        monkeypatch.setattr(os, "lstat", eio)
+        reply = await c.command("RCPT TO:<a@x>")
+        monkeypatch.undo()
+        await c.quit()
+    assert reply.startswith("451 4.3.0")
+
+
+async def test_quota_refusal_leaves_other_problems_to_the_delivery(tmp_path: Path) -> None:
+    """The RCPT quota check says nothing about a missing maildir or a missing tmp/."""
+    assert _quota_refusal(Maildir(tmp_path / "missing"), Quota(100)) is None
+    (tmp_path / "bare").mkdir()
+    assert _quota_refusal(Maildir(tmp_path / "bare"), Quota(100)) is None
+    assert not (tmp_path / "bare" / "maildirsize").exists()
