@@ -6,17 +6,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
+import sys
 from typing import Any, AnyStr
 
 from aiosmtpd.lmtp import LMTP as _AioLMTP
 from aiosmtpd.smtp import SMTP as _AioSMTP
 
 from . import MessageTooLargeError, outcome
+from ._listen import Listener, bind, describe, parse_hostport
 from ._lmtp_handler import SHUTTING_DOWN, MaildirHandler
 
 __all__ = ["LMTP", "SMTP", "MaildirServer", "parse_hostport"]
+
+# Python 3.13's asyncio removes a Unix server's socket file when the server closes, even for a
+# socket it was handed: forked workers would delete the socket their siblings still serve.
+_KEEP_SOCKET_FILE: dict[str, Any] = (
+    {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
+)
 
 # Replies that aiosmtpd itself sends after the data of DATA was read. Under LMTP the client
 # waits for one reply per accepted recipient, so they are repeated that many times.
@@ -119,7 +126,7 @@ class MaildirServer:
         self.timeout = timeout
         self._servers: list[asyncio.AbstractServer] = []
         self._conns: set[SMTP] = set()
-        self._unix_paths: list[str] = []
+        self._listeners: list[Listener] = []
         self._changes = asyncio.Event()
 
     def _protocol(self) -> SMTP:
@@ -145,28 +152,38 @@ class MaildirServer:
     async def listen(self, address: str) -> list[str]:
         """Listen on ``HOST:PORT`` (``[::1]:24``; port 0 picks one) or ``unix:/path``.
 
-        Returns the bound addresses, in the same notation.
+        Returns the bound addresses, in the same notation. A Unix socket path is refused
+        while another server answers on it and when it is not a socket; a stale socket is
+        replaced. :meth:`shutdown` removes the socket file if it is still this one.
 
         Raises:
             ValueError: *address* is malformed.
-            OSError: the address cannot be bound.
+            OSError: the address cannot be bound (the message names it).
 
         **Cancellation:** listeners already bound by this call stay open until
         :meth:`shutdown`.
         """
-        if self.hostname is None:
-            loop = asyncio.get_running_loop()
-            self.hostname = await loop.run_in_executor(None, socket.getfqdn)
+        listeners = bind(address)
+        self._listeners.extend(listeners)
+        return [a for listener in listeners for a in await self.listen_socket(listener.sock)]
+
+    async def listen_socket(self, sock: socket.socket) -> list[str]:
+        """Serve on *sock*, an already bound and listening TCP or Unix socket.
+
+        Returns its address. The socket file of a Unix socket is never removed by this
+        server: whoever bound it owns it (e.g. the parent of forked workers).
+
+        **Cancellation:** if cancelled before serving, *sock* is left open to the caller.
+        """
         loop = asyncio.get_running_loop()
-        if address.startswith("unix:"):
-            path = address[len("unix:") :]
-            if not path:
-                raise ValueError("unix: needs a socket path, e.g. unix:/run/maildrop/lmtp")
-            srv: asyncio.AbstractServer = await loop.create_unix_server(self._protocol, path)
-            self._unix_paths.append(path)
+        if self.hostname is None:
+            self.hostname = await loop.run_in_executor(None, socket.getfqdn)
+        if sock.family == socket.AF_UNIX:
+            srv: asyncio.AbstractServer = await loop.create_unix_server(
+                self._protocol, sock=sock, **_KEEP_SOCKET_FILE
+            )
         else:
-            host, port = parse_hostport(address)
-            srv = await loop.create_server(self._protocol, host, port)
+            srv = await loop.create_server(self._protocol, sock=sock)
         self._servers.append(srv)
         return _bound(srv)
 
@@ -210,38 +227,10 @@ class MaildirServer:
                 conn.shut()
         for srv in self._servers:
             await srv.wait_closed()
-        for path in self._unix_paths:
-            # asyncio leaves the socket file behind before Python 3.13.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        self._unix_paths.clear()
-
-
-def parse_hostport(address: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (or ``[IPv6]:PORT``) into its parts.
-
-    Raises:
-        ValueError: with a message that says what a valid address looks like.
-    """
-    host, sep, port = address.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(
-            f"invalid address {address!r}: use HOST:PORT (e.g. 127.0.0.1:24, [::1]:24) "
-            "or unix:/path/to/socket"
-        )
-    return host, int(port)
+        for listener in self._listeners:
+            listener.close()  # removes a Unix socket file only if it is still ours
+        self._listeners.clear()
 
 
 def _bound(srv: asyncio.AbstractServer) -> list[str]:
-    out = []
-    for sock in getattr(srv, "sockets", ()):
-        name = sock.getsockname()
-        if sock.family == socket.AF_UNIX:
-            out.append(f"unix:{name}")
-        elif sock.family == socket.AF_INET6:
-            out.append(f"[{name[0]}]:{name[1]}")
-        else:
-            out.append(f"{name[0]}:{name[1]}")
-    return out
+    return [describe(sock) for sock in getattr(srv, "sockets", ())]
