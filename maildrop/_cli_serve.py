@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._supervisor import cpu_count
 from .cli import UsageError, _say, parse_duration, parse_size
 
 if TYPE_CHECKING:
+    from ._listen import Listener
     from .lmtp import MaildirHandler, MaildirServer
 
 EX_UNAVAILABLE = 69
@@ -87,14 +88,34 @@ def add_server_commands(sub: Any) -> None:
         s.add_argument(
             "--no-fsync", action="store_true", help="skip fsync (fast, NOT durable: tests only)"
         )
+        s.add_argument(
+            "--workers",
+            metavar="N",
+            type=parse_workers,
+            help="worker processes, each with its own event loop, sharing the listening "
+            f"sockets (default: one per CPU, {cpu_count()} here); the parent restarts a "
+            "worker that dies; 1 serves in this process, without a supervisor",
+        )
+
+
+def parse_workers(text: str) -> int:
+    """Parse ``--workers``: a whole number, at least 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"invalid worker count {text!r}: use a number >= 1")
+    return int(text)
 
 
 def run_server(args: argparse.Namespace) -> int:
     """Run the parsed ``lmtp``/``smtp`` command until a signal stops it; return its status."""
-    args.root = os.path.realpath(os.path.expanduser(args.root))
-    if not os.path.isdir(args.root):
-        raise UsageError(f"--root {args.root!r} is not a directory")
-    return asyncio.run(_serve_until_signal(args))
+    from ._serve_proc import run_server as run
+
+    return run(args)
+
+
+def _announce(args: argparse.Namespace, addresses: Sequence[str], workers: int = 1) -> None:
+    how = f" ({workers} workers)" if workers > 1 else ""
+    for address in addresses:
+        log.info("%s listening on %s, delivering into %s%s", args.command, address, args.root, how)
 
 
 def _setup_logging() -> Callable[[], None]:
@@ -120,36 +141,61 @@ def _setup_logging() -> Callable[[], None]:
 
 
 async def _serve_until_signal(
-    args: argparse.Namespace, ready: Callable[[list[str]], None] | None = None
+    args: argparse.Namespace,
+    ready: Callable[[list[str]], None] | None = None,
+    *,
+    listeners: Sequence[Listener] | None = None,
+    lifeline: int | None = None,
+    hard_stop: Callable[[], None] | None = None,
 ) -> int:
-    """Serve until SIGINT/SIGTERM; a second signal stops at once (deliveries cancelled)."""
+    """Serve until SIGINT/SIGTERM; a second signal stops at once (deliveries cancelled).
+
+    A supervised worker (*lifeline* given) treats every signal as the same graceful stop,
+    and also stops when *lifeline* reads as end of file (its supervisor is gone); its
+    supervisor escalates. *hard_stop* is called on a second signal, to bound the exit.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
 
     def on_signal() -> None:
-        if stop.is_set() and task is not None:
+        if stop.is_set() and lifeline is None and task is not None:
             log.warning("second signal: stopping now, cancelling deliveries in flight")
+            if hard_stop is not None:
+                hard_stop()
             task.cancel()
+        stop.set()
+
+    def orphaned(fd: int) -> None:
+        loop.remove_reader(fd)
+        log.warning("the supervisor is gone: stopping")
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
+    if lifeline is not None:
+        loop.add_reader(lifeline, orphaned, lifeline)
     try:
-        return await serve(args, stop, ready)
+        return await serve(args, stop, ready, listeners)
     except asyncio.CancelledError:
         return 128 + signal.SIGINT
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        if lifeline is not None:
+            loop.remove_reader(lifeline)
 
 
 async def serve(
     args: argparse.Namespace,
     stop: asyncio.Event,
     ready: Callable[[list[str]], None] | None = None,
+    listeners: Sequence[Listener] | None = None,
 ) -> int:
     """Run the ``lmtp``/``smtp`` command described by *args* until *stop* is set.
+
+    It serves on *listeners* (bound by the caller, who announces them and owns their
+    cleanup), or else binds and logs ``args.listen`` itself.
 
     **Cancellation:** the server shuts down with no grace period: listeners and
     connections close, deliveries in flight finish or are cancelled (nothing partial stays
@@ -162,7 +208,7 @@ async def serve(
         return EX_UNAVAILABLE
     undo = _setup_logging()
     try:
-        return await _serve(args, stop, ready, MaildirHandler, MaildirServer)
+        return await _serve(args, stop, ready, MaildirHandler, MaildirServer, listeners)
     finally:
         undo()
 
@@ -173,6 +219,7 @@ async def _serve(
     ready: Callable[[list[str]], None] | None,
     handler_class: type[MaildirHandler],
     server_class: type[MaildirServer],
+    listeners: Sequence[Listener] | None = None,
 ) -> int:
     root = args.root
     handler = handler_class(
@@ -192,15 +239,17 @@ async def _serve(
         handler, lmtp=args.command == "lmtp", hostname=args.hostname, data_size_limit=limit
     )
     try:
-        addresses = [a for spec in args.listen for a in await server.listen(spec)]
+        if listeners is not None:
+            addresses = [a for lsn in listeners for a in await server.listen_socket(lsn.sock)]
+        else:
+            addresses = [a for spec in args.listen for a in await server.listen(spec)]
+            _announce(args, addresses)
     except ValueError as exc:
         await server.shutdown(0)
         raise UsageError(str(exc)) from None
     except BaseException:
         await server.shutdown(0)
         raise
-    for address in addresses:
-        log.info("%s listening on %s, delivering into %s", args.command, address, root)
     if ready is not None:
         ready(addresses)
     try:

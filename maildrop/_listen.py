@@ -29,6 +29,9 @@ __all__ = ["BACKLOG", "Listener", "bind", "describe", "parse_address", "parse_ho
 #: The listen() backlog: connections the kernel queues while every worker is busy.
 BACKLOG = 512
 
+# Pins a socket file's inode without opening the socket (which open() cannot do).
+_PIN_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+
 _USAGE = "use HOST:PORT (e.g. 127.0.0.1:24, [::1]:24) or unix:/path/to/socket"
 
 
@@ -73,28 +76,36 @@ def describe(sock: socket.socket) -> str:
 
 
 class Listener:
-    """One bound, listening socket; removes its Unix socket file on :meth:`close`."""
+    """One bound, listening socket; removes its Unix socket file on :meth:`close`.
+
+    The socket file's inode is pinned with an ``O_PATH`` descriptor: an inode number is
+    reused as soon as its file is gone, so without the pin a successor's socket created
+    after ours was removed could carry our inode number and be deleted as ours.
+    """
 
     def __init__(self, sock: socket.socket, path: str | None = None) -> None:
         self.sock = sock
         #: The address, in the command line's notation (with the port actually bound).
         self.address = describe(sock)
         self.path = path
-        self._ident: tuple[int, int] | None = None
+        self._pin = -1
         if path is not None:
-            st = os.lstat(path)
-            self._ident = (st.st_dev, st.st_ino)
+            self._pin = os.open(path, _PIN_FLAGS)
 
     def close(self) -> None:
         """Close the socket; remove its file if it is still the one this listener bound."""
         self.sock.close()
-        if self.path is None or self._ident is None:
+        if self.path is None or self._pin < 0:
             return
-        ident, self._ident = self._ident, None
-        with contextlib.suppress(FileNotFoundError), _locked_dir(self.path):
-            st = os.lstat(self.path)
-            if (st.st_dev, st.st_ino) == ident:
-                os.unlink(self.path)
+        pin, self._pin = self._pin, -1
+        try:
+            mine = os.fstat(pin)
+            with contextlib.suppress(FileNotFoundError), _locked_dir(self.path):
+                st = os.lstat(self.path)
+                if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                    os.unlink(self.path)
+        finally:
+            os.close(pin)
 
 
 def bind(address: str, *, backlog: int = BACKLOG) -> list[Listener]:
