@@ -85,7 +85,7 @@ def _supervised(args: argparse.Namespace, listeners: list[Listener], workers: in
     if args.hostname is None:
         args.hostname = socket.getfqdn()  # once, not once per worker
 
-    def run_worker(side: WorkerSide) -> int:  # pragma: no cover - runs in forked workers
+    def run_worker(side: WorkerSide) -> int:
         try:
             return asyncio.run(
                 _serve_until_signal(

@@ -57,6 +57,7 @@ STABLE_SECONDS = 10.0
 
 _PID = struct.Struct("=i")
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_HANDLED = (*_STOP_SIGNALS, signal.SIGCHLD)
 
 
 def restart_delay(streak: int, base: float = BASE_DELAY, cap: float = MAX_DELAY) -> float:
@@ -203,12 +204,18 @@ def supervise(
     parent_only = (ready_r, life_w, wake_r, wake_w)
 
     def fork(slot: int) -> int:
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child's code ends in os._exit
-            _child(run_worker, WorkerSide(lambda: _tell_ready(ready_w), life_r), parent_only)
+        # Signals stay blocked until the child has dropped the parent's handlers: until then a
+        # SIGTERM for the child would be written to the wakeup pipe it shares with the parent.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                _child(run_worker, WorkerSide(lambda: _tell_ready(ready_w), life_r), parent_only)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
         return pid
 
-    saved = {sig: signal.signal(sig, _wake_only) for sig in (*_STOP_SIGNALS, signal.SIGCHLD)}
+    saved = {sig: signal.signal(sig, _wake_only) for sig in _HANDLED}
     saved_wakeup = signal.set_wakeup_fd(wake_w)
     plan = Supervision(count, time.monotonic())
     try:
@@ -256,6 +263,7 @@ def _loop(
             plan.stop()
             _signal_all(plan, signal.SIGTERM)
         status = _reap(plan, status)
+    log.info("all workers stopped")
     return status
 
 
@@ -328,14 +336,15 @@ def _tell_ready(fd: int) -> None:
     os.write(fd, _PID.pack(os.getpid()))  # one write of 4 bytes: atomic on a pipe
 
 
-def _child(  # pragma: no cover - runs in forked workers, which end in os._exit
+def _child(
     run_worker: Callable[[WorkerSide], int], side: WorkerSide, parent_only: tuple[int, ...]
 ) -> None:
     status = 70  # EX_SOFTWARE, unless run_worker returns
     try:
         signal.set_wakeup_fd(-1)
-        for sig in (*_STOP_SIGNALS, signal.SIGCHLD):
+        for sig in _HANDLED:
             signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
         for fd in parent_only:
             os.close(fd)
         status = run_worker(side)

@@ -8,6 +8,7 @@ filesystem would.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import IO
 
 PY = [sys.executable, "-m", "maildrop"]
+ROOT = Path(__file__).resolve().parent.parent
 
 #: ``python -c STUCK_FSYNC MARKER ARGV...``: maildrop, with every file fsync blocked forever.
 STUCK_FSYNC = """
@@ -34,17 +36,18 @@ object.__setattr__(DEFAULT_SYSCALLS, "fsync", stuck_fsync)  # frozen: patch for 
 sys.exit(main(sys.argv[2:]))
 """
 
-#: ``python -c DEAD_WORKERS ARGV...``: maildrop, with workers that fail as they start.
+#: ``python -c DEAD_WORKERS EXCEPTION ARGV...``: maildrop, with workers that raise the
+#: builtin EXCEPTION (e.g. ``RuntimeError``) as they start.
 DEAD_WORKERS = """
-import sys
+import builtins, sys
 from maildrop import _serve_proc
 from maildrop.cli import main
 
 def fail(*args, **kwargs):
-    raise RuntimeError("injected start-up failure")
+    raise getattr(builtins, sys.argv[1])("injected start-up failure")
 
 _serve_proc._serve_until_signal = fail
-sys.exit(main(sys.argv[1:]))
+sys.exit(main(sys.argv[2:]))
 """
 
 
@@ -55,7 +58,12 @@ class ServerProcess:
         self, argv: list[str], *, code: str | None = None, pre: Sequence[str] = ()
     ) -> None:
         cmd = [sys.executable, "-c", code, *pre, *argv] if code else [*PY, *argv]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        env = dict(os.environ)
+        if "coverage" in sys.modules and sys.modules["coverage"].Coverage.current() is not None:
+            env["COVERAGE_PROCESS_START"] = str(ROOT / "pyproject.toml")  # measure it too
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+        )
         self.lines: list[str] = []
         self._changed = threading.Condition()
         assert self.proc.stderr is not None

@@ -210,6 +210,27 @@ def test_unprobeable_socket_is_refused(tmp_path: Path, monkeypatch: pytest.Monke
     assert stat.S_ISSOCK(path.lstat().st_mode)
 
 
+def test_socket_removed_while_probed_is_no_obstacle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stale socket that vanishes between the check and the probe: bind goes ahead."""
+    path = tmp_path / "lmtp"
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(path))
+    dead.close()
+    real = socket.socket.connect
+
+    def vanish(self: socket.socket, address: object) -> None:
+        os.unlink(path)
+        real(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", vanish)
+    lsn = bind(f"unix:{path}")[0]
+    monkeypatch.undo()
+    assert connects(path)
+    lsn.close()
+
+
 def test_unreadable_path_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An lstat error other than a missing file is reported with the address."""
 

@@ -229,17 +229,40 @@ def test_sigterm_lets_workers_finish_a_message(tmp_path: Path) -> None:
     assert not sock.exists()
 
 
-def test_workers_dying_at_start_give_up(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("error", "status", "says"),
+    [
+        ("RuntimeError", 75, "cannot serve: injected start-up failure"),
+        ("KeyboardInterrupt", 70, "crashed"),
+    ],
+)
+def test_workers_dying_at_start_give_up(
+    tmp_path: Path, error: str, status: int, says: str
+) -> None:
     """Workers that keep failing as they start: the supervisor gives up, non-zero, clearly."""
     sock = tmp_path / "lmtp.sock"
     argv = ["lmtp", "--listen", f"unix:{sock}", "--root", str(tmp_path), "--workers", "2"]
-    with ServerProcess(argv, code=DEAD_WORKERS) as server:
+    with ServerProcess(argv, code=DEAD_WORKERS, pre=(error,)) as server:
         started = time.monotonic()
-        status = server.wait(60)
-    assert status == 75, server.log
-    assert "cannot serve: injected start-up failure" in server.log
+        assert server.wait(60) == status, server.log
+    assert says in server.log
     assert "workers keep dying at start (5 in a row): giving up" in server.log
     assert "restarting it in 0.1s" in server.log
+    assert "restarting it in 0.2s" in server.log
     assert "listening on" not in server.log
+    assert "second signal" not in server.log
     assert time.monotonic() - started < 30
     assert not sock.exists()
+
+
+def test_workers_stop_when_the_supervisor_is_gone(tmp_path: Path) -> None:
+    """Kill the supervisor with SIGKILL: its workers notice and stop by themselves."""
+    (tmp_path / "alice").mkdir()
+    with serve_workers(tmp_path, "127.0.0.1:0", "--no-fsync") as server:
+        workers = server.worker_pids(2)
+        server.port()
+        server.signal(signal.SIGKILL)
+        server.wait()
+        assert wait_gone(workers), server.log
+    assert server.log.count("the supervisor is gone: stopping") == 2
+    assert server.log.count("maildrop: stopped\n") == 2
