@@ -43,7 +43,7 @@ def add_server_commands(sub: Any) -> None:
             action="append",
             required=True,
             help="address to listen on: HOST:PORT, [IPv6]:PORT or unix:/path (repeatable; "
-            "port 0 picks a free port)",
+            "port 0 picks a free port; a live server's unix socket is never taken over)",
         )
         s.add_argument(
             "--root", metavar="DIR", required=True, help="directory of per-user maildirs"
@@ -88,14 +88,19 @@ def add_server_commands(sub: Any) -> None:
         s.add_argument(
             "--no-fsync", action="store_true", help="skip fsync (fast, NOT durable: tests only)"
         )
-        s.add_argument(
-            "--workers",
-            metavar="N",
-            type=parse_workers,
-            help="worker processes, each with its own event loop, sharing the listening "
-            f"sockets (default: one per CPU, {cpu_count()} here); the parent restarts a "
-            "worker that dies; 1 serves in this process, without a supervisor",
-        )
+        add_process_options(s)
+
+
+def add_process_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options of the server's process model to a server command's *parser*."""
+    parser.add_argument(
+        "--workers",
+        metavar="N",
+        type=parse_workers,
+        help="worker processes, each with its own event loop, sharing the listening "
+        f"sockets (default: one per CPU, {cpu_count()} here); the parent restarts a "
+        "worker that dies; 1 serves in this process, without a supervisor",
+    )
 
 
 def parse_workers(text: str) -> int:

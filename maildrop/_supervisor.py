@@ -29,6 +29,7 @@ import select
 import signal
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -195,7 +196,16 @@ def supervise(
     Must be called from the main thread of a process with no other thread and no event loop.
     *on_ready* is called once, when every first worker is serving. Returns 0 after a
     graceful stop, 130 after a second signal, non-zero when workers keep dying at start.
+
+    Raises:
+        RuntimeError: another thread is running (a forked child would inherit its locks,
+            possibly held, without the thread that would release them).
     """
+    if threading.active_count() > 1:
+        raise RuntimeError(
+            "supervise() must run before any other thread starts: "
+            f"{threading.active_count() - 1} other thread(s) are running"
+        )
     ready_r, ready_w = os.pipe()
     life_r, life_w = os.pipe()
     wake_r, wake_w = os.pipe()

@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from maildrop._supervisor import MAX_DELAY, Supervision, restart_delay
+from maildrop._supervisor import MAX_DELAY, Supervision, restart_delay, supervise
 
 from .lmtp_client import Client
 from .server_process import DEAD_WORKERS, ServerProcess, wait_gone
@@ -37,6 +38,21 @@ def test_supervision_needs_a_worker() -> None:
     """Zero workers is refused with a clear error."""
     with pytest.raises(ValueError, match="at least 1"):
         Supervision(0, 0.0)
+
+
+def test_supervise_refuses_to_fork_with_threads_running() -> None:
+    """With another thread running, supervise() raises before it forks anything."""
+    release = threading.Event()
+    t = threading.Thread(target=release.wait)
+    t.start()
+    calls: list[object] = []
+    try:
+        with pytest.raises(RuntimeError, match="before any other thread starts"):
+            supervise(2, calls.append, lambda: calls.append("ready"))
+    finally:
+        release.set()
+        t.join()
+    assert calls == []
 
 
 class SupervisionMachine(RuleBasedStateMachine):
