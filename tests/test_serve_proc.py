@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -15,6 +18,7 @@ import pytest
 from maildrop import _serve_proc, cli
 
 from .conftest import listing
+from .crash._harness import loop_fs
 from .lmtp_client import Client, wire
 from .server_process import STUCK_FSYNC, ServerProcess, wait_gone
 
@@ -144,6 +148,61 @@ def test_second_sigterm_exits_130_at_once_while_a_worker_is_stuck(
     assert not sock.exists()
     assert listing(tmp_path / "alice")["new"] == []
     assert wait_gone(pids)
+
+
+def stuck_in_kernel(pids: list[int]) -> bool:
+    """Whether a thread of one of *pids* sleeps uninterruptibly (state D)."""
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # the thread just ended
+                if (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "D":
+                    return True
+    return False
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_second_sigterm_with_a_frozen_filesystem(tmp_path: Path, workers: int) -> None:
+    """A delivery blocked in the kernel by fsfreeze: the second SIGTERM removes the socket and
+    stops serving at once (a supervisor exits 130 at once); the stuck process exits 130 at
+    the thaw, and nothing reaches new/."""
+    if os.geteuid() != 0 or shutil.which("fsfreeze") is None:
+        pytest.skip("needs root and fsfreeze (util-linux) to freeze a loop-mounted filesystem")
+    sock = tmp_path / "lmtp.sock"
+    with loop_fs(tmp_path, "ext4") as (_, mnt, _):
+        (mnt / "alice").mkdir()
+        with serve(sock, mnt, workers) as server:
+            server.wait_for("listening on unix:")
+            pids = server.worker_pids(workers) if workers > 1 else [server.proc.pid]
+            subprocess.run(["fsfreeze", "-f", str(mnt)], check=True)
+            try:
+                client = socket.socket(socket.AF_UNIX)
+                client.connect(str(sock))
+                client.sendall(
+                    b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<alice@x>\r\nDATA\r\n" + wire(MSG)
+                )
+                deadline = time.monotonic() + 20
+                while not stuck_in_kernel(pids):
+                    assert time.monotonic() < deadline, server.log
+                    time.sleep(0.01)
+                server.signal()
+                server.wait_for("finishing deliveries in flight")
+                time.sleep(0.3)
+                assert server.proc.poll() is None, "the graceful stop did not wait"
+                server.signal()
+                started = time.monotonic()
+                if workers > 1:
+                    assert server.wait(10) == 130, server.log
+                while sock.exists():
+                    assert time.monotonic() - started < 5, server.log
+                    time.sleep(0.01)
+                with socket.socket(socket.AF_UNIX) as late, pytest.raises(FileNotFoundError):
+                    late.connect(str(sock))
+                client.close()
+            finally:
+                subprocess.run(["fsfreeze", "-u", str(mnt)], check=True)
+            assert server.wait(30) == 130, server.log
+            assert wait_gone(pids)
+        assert listing(mnt / "alice")["new"] == []
 
 
 # -- in process, for what a subprocess would hide ------------------------------------------
