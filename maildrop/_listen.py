@@ -22,6 +22,7 @@ import fcntl
 import os
 import socket
 import stat
+import threading
 from collections.abc import Iterator
 
 __all__ = ["BACKLOG", "Listener", "bind", "describe", "parse_address", "parse_hostport"]
@@ -89,15 +90,17 @@ class Listener:
         self.address = describe(sock)
         self.path = path
         self._pin = -1
+        self._lock = threading.Lock()  # close() may race with itself (the hard-stop thread)
         if path is not None:
             self._pin = os.open(path, _PIN_FLAGS)
 
     def close(self) -> None:
         """Close the socket; remove its file if it is still the one this listener bound."""
         self.sock.close()
-        if self.path is None or self._pin < 0:
+        with self._lock:
+            pin, self._pin = self._pin, -1
+        if self.path is None or pin < 0:
             return
-        pin, self._pin = self._pin, -1
         try:
             mine = os.fstat(pin)
             with contextlib.suppress(FileNotFoundError), _locked_dir(self.path):

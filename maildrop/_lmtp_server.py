@@ -14,7 +14,7 @@ from aiosmtpd.lmtp import LMTP as _AioLMTP
 from aiosmtpd.smtp import SMTP as _AioSMTP
 
 from . import MessageTooLargeError, outcome
-from ._listen import Listener, bind, describe, parse_hostport
+from ._listen import BACKLOG, Listener, bind, describe, parse_hostport
 from ._lmtp_handler import SHUTTING_DOWN, MaildirHandler
 
 __all__ = ["LMTP", "SMTP", "MaildirServer", "parse_hostport"]
@@ -178,12 +178,13 @@ class MaildirServer:
         loop = asyncio.get_running_loop()
         if self.hostname is None:
             self.hostname = await loop.run_in_executor(None, socket.getfqdn)
+        # asyncio calls listen() again with its own backlog (100 by default): keep ours.
         if sock.family == socket.AF_UNIX:
             srv: asyncio.AbstractServer = await loop.create_unix_server(
-                self._protocol, sock=sock, **_KEEP_SOCKET_FILE
+                self._protocol, sock=sock, backlog=BACKLOG, **_KEEP_SOCKET_FILE
             )
         else:
-            srv = await loop.create_server(self._protocol, sock=sock)
+            srv = await loop.create_server(self._protocol, sock=sock, backlog=BACKLOG)
         self._servers.append(srv)
         return _bound(srv)
 
