@@ -55,14 +55,23 @@ class ServerProcess:
     """A server process; ``lines`` collects its stderr as it comes."""
 
     def __init__(
-        self, argv: list[str], *, code: str | None = None, pre: Sequence[str] = ()
+        self,
+        argv: list[str],
+        *,
+        code: str | None = None,
+        pre: Sequence[str] = (),
+        own_group: bool = False,
     ) -> None:
         cmd = [sys.executable, "-c", code, *pre, *argv] if code else [*PY, *argv]
         env = dict(os.environ)
         if "coverage" in sys.modules and sys.modules["coverage"].Coverage.current() is not None:
             env["COVERAGE_PROCESS_START"] = str(ROOT / "pyproject.toml")  # measure it too
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=own_group,  # a process group of its own, as a terminal's job
         )
         self.lines: list[str] = []
         self._changed = threading.Condition()

@@ -198,6 +198,22 @@ def test_two_workers_both_serve_with_unique_names(tmp_path: Path) -> None:
     assert wait_gone(list(workers))
 
 
+def test_ctrl_c_to_the_whole_group_is_one_graceful_stop(tmp_path: Path) -> None:
+    """SIGINT to every process of the group (a terminal's Ctrl-C): one stop, exit 0."""
+    (tmp_path / "alice").mkdir()
+    argv = ["lmtp", "--listen", "127.0.0.1:0", "--root", str(tmp_path), "--workers", "2"]
+    with ServerProcess(argv, own_group=True) as server:
+        workers = server.worker_pids(2)
+        port = server.port()
+        assert [r[:3] for r in deliver(port)] == ["250"]
+        os.killpg(server.proc.pid, signal.SIGINT)
+        assert server.wait() == 0, server.log
+    assert "second signal" not in server.log
+    assert server.log.count("maildrop: stopped\n") == 2
+    assert "all workers stopped" in server.log
+    assert wait_gone(workers)
+
+
 def test_killed_worker_is_restarted(tmp_path: Path) -> None:
     """A worker killed with SIGKILL is replaced, and the replacement serves."""
     (tmp_path / "alice").mkdir()
