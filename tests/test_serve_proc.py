@@ -11,6 +11,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,27 @@ def test_socket_of_a_successor_survives_the_exit(tmp_path: Path) -> None:
             other.close()
 
 
+def stuck_then_signalled_twice(
+    server: ServerProcess, sock: Path, stuck: Callable[[], bool]
+) -> tuple[socket.socket, float]:
+    """Send a message over *sock*; once *stuck()* says its delivery is blocked, SIGTERM the
+    server, check that it waits for the delivery, SIGTERM it again. Return the client's
+    socket and when the second signal was sent."""
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(str(sock))
+    client.sendall(b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<alice@x>\r\nDATA\r\n" + wire(MSG))
+    deadline = time.monotonic() + 20
+    while not stuck():
+        assert time.monotonic() < deadline, server.log
+        time.sleep(0.01)
+    server.signal()
+    server.wait_for("finishing deliveries in flight")
+    time.sleep(0.3)
+    assert server.proc.poll() is None, "the graceful stop did not wait for the delivery"
+    server.signal()
+    return client, time.monotonic()
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_second_sigterm_exits_130_at_once_while_a_worker_is_stuck(
     tmp_path: Path, workers: int
@@ -126,19 +148,7 @@ def test_second_sigterm_exits_130_at_once_while_a_worker_is_stuck(
     with serve(sock, tmp_path, workers, code=STUCK_FSYNC, pre=(str(marker),)) as server:
         server.wait_for("listening on unix:")
         pids = server.worker_pids(workers) if workers > 1 else []
-        client = socket.socket(socket.AF_UNIX)
-        client.connect(str(sock))
-        client.sendall(b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<alice@x>\r\nDATA\r\n" + wire(MSG))
-        deadline = time.monotonic() + 20
-        while not marker.exists():
-            assert time.monotonic() < deadline, server.log
-            time.sleep(0.01)
-        server.signal()
-        server.wait_for("finishing deliveries in flight")
-        time.sleep(0.3)
-        assert server.proc.poll() is None, "the graceful stop did not wait for the delivery"
-        server.signal()
-        started = time.monotonic()
+        client, started = stuck_then_signalled_twice(server, sock, marker.exists)
         status = server.wait(30)
         took = time.monotonic() - started
         client.close()
@@ -175,21 +185,9 @@ def test_second_sigterm_with_a_frozen_filesystem(tmp_path: Path, workers: int) -
             pids = server.worker_pids(workers) if workers > 1 else [server.proc.pid]
             subprocess.run(["fsfreeze", "-f", str(mnt)], check=True)
             try:
-                client = socket.socket(socket.AF_UNIX)
-                client.connect(str(sock))
-                client.sendall(
-                    b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<alice@x>\r\nDATA\r\n" + wire(MSG)
+                client, started = stuck_then_signalled_twice(
+                    server, sock, lambda: stuck_in_kernel(pids)
                 )
-                deadline = time.monotonic() + 20
-                while not stuck_in_kernel(pids):
-                    assert time.monotonic() < deadline, server.log
-                    time.sleep(0.01)
-                server.signal()
-                server.wait_for("finishing deliveries in flight")
-                time.sleep(0.3)
-                assert server.proc.poll() is None, "the graceful stop did not wait"
-                server.signal()
-                started = time.monotonic()
                 if workers > 1:
                     assert server.wait(10) == 130, server.log
                 while sock.exists():
