@@ -5,18 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._lmtp_retry import RetryMemory
 from ._quota import Quota
+from ._supervisor import cpu_count
 from .cli import UsageError, parse_duration, parse_size
 
 if TYPE_CHECKING:
+    from ._listen import Listener
     from .lmtp import MaildirHandler, MaildirServer
 
 #: The largest message the servers take by default (advertised as SIZE).
@@ -44,7 +45,7 @@ def add_server_commands(sub: Any) -> None:
             action="append",
             required=True,
             help="address to listen on: HOST:PORT, [IPv6]:PORT or unix:/path (repeatable; "
-            "port 0 picks a free port)",
+            "port 0 picks a free port; a live server's unix socket is never taken over)",
         )
         s.add_argument(
             "--root", metavar="DIR", required=True, help="directory of per-user maildirs"
@@ -70,6 +71,7 @@ def add_server_commands(sub: Any) -> None:
             "--no-fsync", action="store_true", help="skip fsync (fast, NOT durable: tests only)"
         )
         _add_limits(s, smtp=name == "smtp")
+        add_process_options(s)
 
 
 def _add_delivery_options(s: argparse.ArgumentParser) -> None:
@@ -171,12 +173,39 @@ def parse_quota(text: str) -> tuple[int, int | None]:
     return limit, int(count) if count else None
 
 
+def add_process_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options of the server's process model to a server command's *parser*."""
+    parser.add_argument(
+        "--workers",
+        metavar="N",
+        type=parse_workers,
+        help="worker processes, each with its own event loop, sharing the listening "
+        f"sockets (default: one per CPU, {cpu_count()} here); the parent restarts a "
+        "worker that dies; 1 serves in this process, without a supervisor",
+    )
+
+
+def parse_workers(text: str) -> int:
+    """Parse ``--workers``: a whole number, at least 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"invalid worker count {text!r}: use a number >= 1")
+    return int(text)
+
+
 def run_server(args: argparse.Namespace) -> int:
     """Run the parsed ``lmtp``/``smtp`` command until a signal stops it; return its status."""
-    args.root = os.path.realpath(os.path.expanduser(args.root))
-    if not os.path.isdir(args.root):
-        raise UsageError(f"--root {args.root!r} is not a directory")
-    return asyncio.run(_serve_until_signal(args))
+    from ._serve_proc import run_server as run
+
+    return run(args)
+
+
+def _announce(args: argparse.Namespace, addresses: Sequence[str], workers: int = 1) -> None:
+    how = f" ({workers} workers)" if workers > 1 else ""
+    for address in addresses:
+        log.info(
+            "maildrop %s on %s listening on %s, delivering into %s%s",
+            args.command, args.hostname, address, args.root, how,
+        )  # fmt: skip
 
 
 def _setup_logging() -> Callable[[], None]:
@@ -206,36 +235,61 @@ def _setup_logging() -> Callable[[], None]:
 
 
 async def _serve_until_signal(
-    args: argparse.Namespace, ready: Callable[[list[str]], None] | None = None
+    args: argparse.Namespace,
+    ready: Callable[[list[str]], None] | None = None,
+    *,
+    listeners: Sequence[Listener] | None = None,
+    lifeline: int | None = None,
+    hard_stop: Callable[[], None] | None = None,
 ) -> int:
-    """Serve until SIGINT/SIGTERM; a second signal stops at once (deliveries cancelled)."""
+    """Serve until SIGINT/SIGTERM; a second signal stops at once (deliveries cancelled).
+
+    A supervised worker (*lifeline* given) treats every signal as the same graceful stop,
+    and also stops when *lifeline* reads as end of file (its supervisor is gone); its
+    supervisor escalates. *hard_stop* is called on a second signal, to bound the exit.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
 
     def on_signal() -> None:
-        if stop.is_set() and task is not None:
+        if stop.is_set() and lifeline is None and task is not None:
             log.warning("second signal: stopping now, cancelling deliveries in flight")
+            if hard_stop is not None:
+                hard_stop()
             task.cancel()
+        stop.set()
+
+    def orphaned(fd: int) -> None:
+        loop.remove_reader(fd)
+        log.warning("the supervisor is gone: stopping")
         stop.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
+    if lifeline is not None:
+        loop.add_reader(lifeline, orphaned, lifeline)
     try:
-        return await serve(args, stop, ready)
+        return await serve(args, stop, ready, listeners)
     except asyncio.CancelledError:
         return 128 + signal.SIGINT
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        if lifeline is not None:
+            loop.remove_reader(lifeline)
 
 
 async def serve(
     args: argparse.Namespace,
     stop: asyncio.Event,
     ready: Callable[[list[str]], None] | None = None,
+    listeners: Sequence[Listener] | None = None,
 ) -> int:
     """Run the ``lmtp``/``smtp`` command described by *args* until *stop* is set.
+
+    It serves on *listeners* (bound by the caller, who announces them and owns their
+    cleanup), or else binds and logs ``args.listen`` itself.
 
     **Cancellation:** the server shuts down with no grace period: listeners and
     connections close, deliveries in flight finish or are cancelled (nothing partial stays
@@ -248,7 +302,7 @@ async def serve(
     saved = loop.get_exception_handler()
     loop.set_exception_handler(_AcceptErrors())
     try:
-        return await _serve(args, stop, ready, MaildirHandler, MaildirServer)
+        return await _serve(args, stop, ready, MaildirHandler, MaildirServer, listeners)
     finally:
         loop.set_exception_handler(saved)
         undo()
@@ -293,6 +347,7 @@ async def _serve(
     ready: Callable[[list[str]], None] | None,
     handler_class: type[MaildirHandler],
     server_class: type[MaildirServer],
+    listeners: Sequence[Listener] | None = None,
 ) -> int:
     root = args.root
     handler = handler_class(
@@ -318,18 +373,17 @@ async def _serve(
         retry=None if lmtp or not args.retry_memory else RetryMemory(ttl=args.retry_memory),
     )
     try:
-        addresses = [a for spec in args.listen for a in await server.listen(spec)]
+        if listeners is not None:
+            addresses = [a for lsn in listeners for a in await server.listen_socket(lsn.sock)]
+        else:
+            addresses = [a for spec in args.listen for a in await server.listen(spec)]
+            _announce(args, addresses)
     except ValueError as exc:
         await server.shutdown(0)
         raise UsageError(str(exc)) from None
     except BaseException:
         await server.shutdown(0)
         raise
-    for address in addresses:
-        log.info(
-            "maildrop %s on %s listening on %s, delivering into %s",
-            args.command, server.hostname, address, root,
-        )  # fmt: skip
     if ready is not None:
         ready(addresses)
     try:

@@ -6,17 +6,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
-import stat
+import sys
+from typing import Any
 
 import anyio
 
+from ._listen import BACKLOG, Listener, bind, describe, parse_hostport
 from ._lmtp_handler import MaildirHandler
 from ._lmtp_protocol import Connection, TurnBudget
 from ._lmtp_retry import RetryMemory
 
 __all__ = ["MaildirServer", "parse_hostport"]
+
+# Python 3.13's asyncio removes a Unix server's socket file when the server closes, even for a
+# socket it was handed: forked workers would delete the socket their siblings still serve.
+_KEEP_SOCKET_FILE: dict[str, Any] = (
+    {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
+)
 
 
 class MaildirServer:
@@ -62,7 +69,7 @@ class MaildirServer:
         self.retry = None if lmtp else retry
         self._servers: list[asyncio.AbstractServer] = []
         self._conns: set[Connection] = set()
-        self._unix_paths: list[str] = []
+        self._listeners: list[Listener] = []
         self._changes = asyncio.Event()
         self._refused = 0
         self.budget = TurnBudget()
@@ -89,43 +96,41 @@ class MaildirServer:
         """Listen on ``HOST:PORT`` (``[::1]:24``; port 0 picks one) or ``unix:/path``.
 
         Binds the socket, then serves it with :meth:`listen_socket`. Returns the bound
-        addresses, in the same notation.
+        addresses, in the same notation. A Unix socket path is refused while another server
+        answers on it and when it is not a socket; a stale socket is replaced.
+        :meth:`shutdown` removes the socket file if it is still this one.
 
         Raises:
             ValueError: *address* is malformed.
-            OSError: the address cannot be bound.
+            OSError: the address cannot be bound (the message names it).
 
         **Cancellation:** listeners already bound by this call stay open until
         :meth:`shutdown`.
         """
-        if address.startswith("unix:"):
-            path = address[len("unix:") :]
-            if not path:
-                raise ValueError("unix: needs a socket path, e.g. unix:/run/maildrop/lmtp")
-            sock = _bind_unix(path)
-            self._unix_paths.append(path)
-        else:
-            host, port = parse_hostport(address)
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            sock = socket.create_server((host, port), family=family, backlog=1024)
-        return await self.listen_socket(sock)
+        listeners = bind(address)
+        self._listeners.extend(listeners)
+        return [a for listener in listeners for a in await self.listen_socket(listener.sock)]
 
     async def listen_socket(self, sock: socket.socket) -> list[str]:
-        """Serve on *sock*, an already bound and listening TCP or unix socket.
+        """Serve on *sock*, an already bound and listening TCP or Unix socket.
 
-        Returns its address as :meth:`listen` does. The server owns *sock* from now on
-        (:meth:`shutdown` closes it).
+        Returns its address as :meth:`listen` does. :meth:`shutdown` closes *sock*, but the
+        socket file of a Unix socket is never removed by this server: whoever bound it owns it
+        (e.g. the parent of forked workers).
 
-        **Cancellation:** *sock* is served until :meth:`shutdown` once this returned.
+        **Cancellation:** if cancelled before serving, *sock* is left open to the caller.
         """
         await self._hostname()
         loop = asyncio.get_running_loop()
         sock.setblocking(False)
         srv: asyncio.AbstractServer
+        # asyncio calls listen() again with its own backlog (100 by default): keep ours.
         if sock.family == socket.AF_UNIX:
-            srv = await loop.create_unix_server(lambda: Connection(self), sock=sock)
+            srv = await loop.create_unix_server(
+                lambda: Connection(self), sock=sock, backlog=BACKLOG, **_KEEP_SOCKET_FILE
+            )
         else:
-            srv = await loop.create_server(lambda: Connection(self), sock=sock)
+            srv = await loop.create_server(lambda: Connection(self), sock=sock, backlog=BACKLOG)
         self._servers.append(srv)
         return _bound(srv)
 
@@ -167,53 +172,10 @@ class MaildirServer:
                 conn.shut()
         for srv in self._servers:
             await srv.wait_closed()
-        for path in self._unix_paths:
-            # asyncio leaves the socket file behind before Python 3.13.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        self._unix_paths.clear()
-
-
-def _bind_unix(path: str) -> socket.socket:
-    """Bind a unix socket at *path* (replacing a socket file left there) and listen."""
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.stat(path).st_mode):
-            os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        sock.listen(1024)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def parse_hostport(address: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (or ``[IPv6]:PORT``) into its parts.
-
-    Raises:
-        ValueError: with a message that says what a valid address looks like.
-    """
-    host, sep, port = address.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ValueError(
-            f"invalid address {address!r}: use HOST:PORT (e.g. 127.0.0.1:24, [::1]:24) "
-            "or unix:/path/to/socket"
-        )
-    return host, int(port)
+        for listener in self._listeners:
+            listener.close()  # removes a Unix socket file only if it is still ours
+        self._listeners.clear()
 
 
 def _bound(srv: asyncio.AbstractServer) -> list[str]:
-    out = []
-    for sock in getattr(srv, "sockets", ()):
-        name = sock.getsockname()
-        if sock.family == socket.AF_UNIX:
-            out.append(f"unix:{name}")
-        elif sock.family == socket.AF_INET6:
-            out.append(f"[{name[0]}]:{name[1]}")
-        else:
-            out.append(f"{name[0]}:{name[1]}")
-    return out
+    return [describe(sock) for sock in getattr(srv, "sockets", ())]

@@ -493,6 +493,20 @@ def test_serve_bad_listen_address_is_usage(
     assert "in use" in one_line_error(capsys.readouterr().err)
 
 
+@pytest.mark.asyncio
+async def test_serve_itself_reports_bad_addresses(tmp_path: Path) -> None:
+    """serve() binding its own addresses: malformed is UsageError, busy is OSError."""
+    args = cli._build_parser().parse_args(["lmtp", "--listen", "x", "--root", str(tmp_path)])
+    with pytest.raises(cli.UsageError, match="HOST:PORT"):
+        await _cli_serve.serve(args, asyncio.Event())
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        args.listen = [f"127.0.0.1:{busy.getsockname()[1]}"]
+        with pytest.raises(OSError, match="in use"):
+            await _cli_serve.serve(args, asyncio.Event())
+
+
 def test_serve_root_must_be_a_directory(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
