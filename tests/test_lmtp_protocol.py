@@ -258,17 +258,18 @@ async def test_max_recipients_gets_452(tmp_path: Path) -> None:
 
 
 async def test_smtp_retry_after_partial_failure_reaches_only_the_failed(tmp_path: Path) -> None:
-    """SMTP: alice got it, bob failed (451); the retry delivers to bob only."""
+    """SMTP: alice got it, bob failed (452, over quota); the retry delivers to bob only."""
     users(tmp_path, "alice", "bob")
-    (tmp_path / "bob" / "new").write_text("not a directory")
+    # Room for nothing more, but not over yet: RCPT passes, the end of data fails (452).
+    (tmp_path / "bob" / "maildirsize").write_bytes(b"1000S\n1000 0\n")
     async with serving(MaildirHandler(tmp_path), lmtp=False, retry=RetryMemory()) as port:
         c = await Client.connect(port, lmtp=False)
         first = await c.send("s@x", ["alice@x", "bob@x"], MSG)
-        (tmp_path / "bob" / "new").unlink()
+        (tmp_path / "bob" / "maildirsize").unlink()
         retry = await c.send("s@x", ["alice@x", "bob@x"], MSG)
         again = await c.send("s@x", ["alice@x", "bob@x"], MSG)
         await c.quit()
-    assert first.data[0].startswith("451 4.3.0")
+    assert first.data[0].startswith("452 4.2.2")
     assert retry.data == ["250 2.0.0 OK"]
     assert again.data == ["250 2.0.0 OK"]
     assert len(messages(tmp_path / "alice")) == 2  # the first and the new message
