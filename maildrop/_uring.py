@@ -224,20 +224,23 @@ class Ring:
             free = self._sq_entries - ((self._tail - self._sq_khead.value) & _U32)
             if count > free or len(self._inflight) + count > self.max_inflight:
                 return  # the whole rest of the chain, or nothing: see the module's rules
+            self._write(chain)  # a hook that raises there leaves the chain queued
             self._pending.popleft()
-            self._write(chain)
 
     def _write(self, chain: _Chain) -> None:
         last, i, tail = len(chain.ops) - 1, chain.next, self._tail
         while True:
             op = chain.ops[i]
-            op.seq, self._seq = self._seq, self._seq + 1
+            op.seq = self._seq
             inject = None if self.hooks is None else self.hooks.before_submit(op)
+            self._seq += 1
             if inject is not None and op.opcode == abi.OP_WRITE and 0 <= inject < op.length:
                 op.length = inject  # a real short write: the kernel severs the chain itself
             elif inject is not None:
-                chain.injected[i] = inject  # the chain pauses after this op (see _complete)
-            link = i < last and i not in chain.injected
+                chain.injected[i] = inject
+            # With hooks, each op goes alone after its predecessor completed (_complete applies
+            # the kernel's severing rules), so "stop before op N" means ops before it are done.
+            link = i < last and self.hooks is None
             ud, self._next_ud = self._next_ud, self._next_ud + 1
             self._inflight[ud] = (chain, i)
             fields = op.pack(abi.IOSQE_IO_LINK if link else 0, ud)
@@ -284,13 +287,15 @@ class Ring:
             result = chain.injected[i]
         chain.results[i] = result
         self._release(op)
-        if self.hooks is not None:
-            self.hooks.after_reap(op, result)
         chain.outstanding -= 1
-        if chain.outstanding:
-            return
-        if chain.next < len(chain.ops):  # paused after an injected result
-            if not severs(op, result):
+        if not chain.outstanding:
+            self._settle(chain, op, result)
+        if self.hooks is not None:  # last: a hook that raises leaves the ring consistent
+            self.hooks.after_reap(op, result)
+
+    def _settle(self, chain: _Chain, last: Op, result: int) -> None:
+        if chain.next < len(chain.ops):  # the rest of the chain waits for this op (hooks)
+            if not severs(last, result):
                 self._pending.appendleft(chain)
                 self._kick()
                 return
@@ -309,6 +314,13 @@ class Ring:
             self._enter(1)
             self.reap()
         return box[0]
+
+    def drain(self) -> None:
+        """Submit everything queued and block until every op has completed."""
+        while self._pending or self._inflight:
+            self._fill()
+            self._enter(1)
+            self.reap()
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Reap on *loop* (an eventfd reader) and flush submissions once per loop iteration."""
@@ -346,18 +358,13 @@ class Ring:
     # -- closing --------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Finish every op in flight (blocking), cancel the queued ones, unmap, close fds."""
+        """Run every queued op and wait for every op in flight (blocking), then unmap.
+
+        The kernel may still read an op's buffers until it completes: nothing is freed before.
+        """
         if self._closed:
             return
-        while self._pending or self._inflight:
-            while self._pending:
-                chain = self._pending.popleft()
-                for op in chain.ops[chain.next :]:
-                    self._release(op)
-                chain.done(chain.results)
-            if self._inflight:  # the kernel may still read our buffers: wait for it
-                self._enter(1)
-                self.reap()
+        self.drain()
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._efd)
         self._drop()

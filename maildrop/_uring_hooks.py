@@ -49,8 +49,9 @@ class Script:
     ``-EDQUOT``, ``-EIO``, ``-EROFS``) or, for a write, a shorter length (the driver then
     really writes that many bytes). An injected failure ends the chain where the kernel would:
     a failed fsync, linkat, unlinkat, renameat2 or statx does not sever it, anything else does.
-    ``stop_before`` calls *on_stop* before that op is submitted, ``stop_after`` after its
-    completion is reaped.
+    ``stop_before`` calls *on_stop* before that op is submitted (the ops before it in its
+    chain have completed: with hooks, the driver submits a chain one op at a time and applies
+    the kernel's severing rules itself), ``stop_after`` after its completion is reaped.
     """
 
     def __init__(

@@ -19,6 +19,9 @@ from ._errors import MaildropError
 
 __all__ = ["Availability", "UringUnavailableError", "check_ops", "create", "discard"]
 
+#: 0: io_uring for everyone, 1: only for CAP_SYS_ADMIN or the io_uring_group, 2: for nobody.
+SYSCTL = "/proc/sys/kernel/io_uring_disabled"
+
 
 class UringUnavailableError(MaildropError, OSError):
     """io_uring cannot be used here; the message says why."""
@@ -39,7 +42,7 @@ class Availability:
 
 def _sysctl() -> str:
     try:
-        with open("/proc/sys/kernel/io_uring_disabled", encoding="ascii") as f:
+        with open(SYSCTL, encoding="ascii") as f:
             return f.read().strip()
     except OSError:
         return "absent"
