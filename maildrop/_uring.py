@@ -50,7 +50,7 @@ from collections.abc import Callable, Sequence
 from . import _uring_abi as abi
 from . import _uring_setup as setup
 from ._uring_hooks import Hooks
-from ._uring_ops import Op, severs
+from ._uring_ops import Op, nop, severs
 from ._uring_setup import Availability, UringUnavailableError
 
 __all__ = ["Availability", "Ring", "UringUnavailableError", "availability"]
@@ -58,6 +58,7 @@ __all__ = ["Availability", "Ring", "UringUnavailableError", "availability"]
 _U32 = 0xFFFF_FFFF
 _RINGS: weakref.WeakSet[Ring] = weakref.WeakSet()
 Done = Callable[[list[int]], None]
+_NOP = nop()
 
 
 def _probe() -> Availability:
@@ -238,6 +239,8 @@ class Ring:
                 op.length = inject  # a real short write: the kernel severs the chain itself
             elif inject is not None:
                 chain.injected[i] = inject
+                if inject < 0:
+                    op = _NOP  # an injected failure does nothing: a nop takes the op's place
             # With hooks, each op goes alone after its predecessor completed (_complete applies
             # the kernel's severing rules), so "stop before op N" means ops before it are done.
             link = i < last and self.hooks is None

@@ -158,7 +158,13 @@ class UringMaildir:
         if alone:
             chain.append(ops.fsync(self.new_fd))
         orphaned = functools.partial(self._orphaned, slot, name)
-        results = await self.ring.submit(chain, orphaned=orphaned)
+        first = self.ring.submit(chain, orphaned=orphaned)
+        try:
+            results = await first
+        except asyncio.CancelledError:
+            if not first.cancelled():  # done, but the task was cancelled before it resumed
+                orphaned(first.result())
+            raise
         if results[0] < 0:
             self.ring.give_slot(slot)
             raise _error(results[0], f"openat(tmp/{name})")
