@@ -381,7 +381,7 @@ class Ring:
         os.close(self._efd)
         _RINGS.discard(self)
 
-    def _forget(self) -> None:
+    def _forget(self) -> None:  # pragma: no cover - runs in forked children (os._exit)
         # In a forked child: the maps are absent (MADV_DONTFORK), so touch nothing; no
         # remove_reader either, the epoll set is shared with the parent.
         self._forked = True
@@ -394,7 +394,7 @@ class Ring:
         self.close()
 
 
-def _forget_inherited() -> None:
+def _forget_inherited() -> None:  # pragma: no cover - runs in forked children (os._exit)
     for ring in list(_RINGS):
         ring._forget()
 

@@ -432,15 +432,15 @@ def test_availability_says_why_not(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(
-    ("code", "words"),
+    ("code", "sysctl", "words"),
     [
-        (errno.ENOSYS, "seccomp filter (Docker's default) hides it"),
-        (errno.EPERM, "forbidden by kernel.io_uring_disabled=absent or by a seccomp filter"),
-        (errno.ENOMEM, "Cannot allocate memory (kernel.io_uring_disabled=absent)"),
+        (errno.ENOSYS, None, "seccomp filter (Docker's default) hides it"),
+        (errno.EPERM, "2\n", "forbidden by kernel.io_uring_disabled=2 or by a seccomp filter"),
+        (errno.ENOMEM, None, "Cannot allocate memory (kernel.io_uring_disabled=absent)"),
     ],
 )
 def test_a_refused_setup_is_reported(
-    monkeypatch: pytest.MonkeyPatch, code: int, words: str
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, code: int, sysctl: str | None, words: str
 ) -> None:
     """io_uring_setup's refusals (seccomp, the sysctl, no memory) become clear reasons."""
 
@@ -449,7 +449,9 @@ def test_a_refused_setup_is_reported(
         return -1
 
     monkeypatch.setattr(abi, "_syscall", refuse)
-    monkeypatch.setattr(setup, "SYSCTL", "/nonexistent/io_uring_disabled")
+    if sysctl is not None:
+        (tmp_path / "io_uring_disabled").write_text(sysctl)
+    monkeypatch.setattr(setup, "SYSCTL", str(tmp_path / "io_uring_disabled"))
     with pytest.raises(UringUnavailableError, match="io_uring_setup failed") as info:
         Ring.open()
     assert words in str(info.value)
@@ -509,3 +511,19 @@ def test_a_failed_set_up_closes_the_ring(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(OSError, match="Cannot allocate memory"):
         Ring.open(4)
     assert open_fds() == before
+
+
+@needs_uring
+@pytest.mark.asyncio
+async def test_odd_corners_of_the_loop_path(ring: Ring) -> None:
+    """A positive injected result replaces any op's; flushes with nothing to do are harmless."""
+    ring.hooks = Script(inject={0: 7})
+    assert ring.run([ops.nop()]) == [7]
+    ring.attach(asyncio.get_running_loop())
+    ring._flush()  # nothing queued: no system call
+    abandoned = ring.submit([ops.nop()])
+    abandoned.cancel()  # no orphan callback: the result is dropped
+    ring.drain()
+    assert abandoned.cancelled()
+    ring.close()
+    ring._flush()  # a flush scheduled before close() finds the ring closed
