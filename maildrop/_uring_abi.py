@@ -93,36 +93,23 @@ STATX_SIZE = 256
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
+def _offsets(*names: str) -> list[tuple[str, type[ctypes.c_uint32] | type[ctypes.c_uint64]]]:
+    # Both ring offset structures: eight 32-bit offsets, then a 64-bit user address.
+    fields: list[tuple[str, type[ctypes.c_uint32] | type[ctypes.c_uint64]]]
+    fields = [(name, ctypes.c_uint32) for name in names]
+    return [*fields, ("resv1", ctypes.c_uint32), ("user_addr", ctypes.c_uint64)]
+
+
 class SqOffsets(ctypes.Structure):
     """struct io_sqring_offsets."""
 
-    _fields_ = [
-        ("head", ctypes.c_uint32),
-        ("tail", ctypes.c_uint32),
-        ("ring_mask", ctypes.c_uint32),
-        ("ring_entries", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("dropped", ctypes.c_uint32),
-        ("array", ctypes.c_uint32),
-        ("resv1", ctypes.c_uint32),
-        ("user_addr", ctypes.c_uint64),
-    ]
+    _fields_ = _offsets("head", "tail", "ring_mask", "ring_entries", "flags", "dropped", "array")
 
 
 class CqOffsets(ctypes.Structure):
     """struct io_cqring_offsets."""
 
-    _fields_ = [
-        ("head", ctypes.c_uint32),
-        ("tail", ctypes.c_uint32),
-        ("ring_mask", ctypes.c_uint32),
-        ("ring_entries", ctypes.c_uint32),
-        ("overflow", ctypes.c_uint32),
-        ("cqes", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("resv1", ctypes.c_uint32),
-        ("user_addr", ctypes.c_uint64),
-    ]
+    _fields_ = _offsets("head", "tail", "ring_mask", "ring_entries", "overflow", "cqes", "flags")
 
 
 class Params(ctypes.Structure):
