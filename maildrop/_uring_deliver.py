@@ -6,18 +6,22 @@ thread. Per message:
 
 1. ``openat2(tmp/, name, O_WRONLY|O_CREAT|O_EXCL|O_NOFOLLOW, 0600,
    RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS)`` (``openat`` where the kernel lacks openat2) into a
-   direct-descriptor slot, relative to ``tmp/`` opened ``O_DIRECTORY|O_NOFOLLOW``; linked to
+   direct-descriptor slot, relative to ``tmp/`` opened ``O_DIRECTORY|O_NOFOLLOW``;
 2. ``write`` with ``RWF_SYNC``: the data and the inode are durable when it completes. This
    replaces ``fsync(file)`` only because the whole message is this one write. A failed or
-   short write severs the chain, so 3 does not run on a partial file; linked to
-3. ``linkat(tmp/name, new/name)``: a failed linkat does NOT sever a chain, so nothing that
-   must not follow a failed link is chained after it; ``EEXIST`` picks a new name (never
-   clobbers). The file has no ``/proc/self/fd`` path in a slot, so it is linked by its tmp
-   name (the engine's fallback where ``/proc`` is missing).
-4. ``unlinkat(tmp/name)`` and the close of the slot.
-5. ``fsync(new/)``: chained after 3 when no other delivery is in flight; otherwise shared
+   short write severs the chain, so nothing after it runs on a partial file;
+3. ``linkat(tmp/name, new/name)``, never clobbering (``EEXIST``);
+4. ``unlinkat(tmp/name)`` and 5. the close of the slot;
+6. ``fsync(new/)``: in the same chain when no other delivery is in flight; otherwise shared
    (group commit): one fsync started after a link completed covers it and every other link
    completed before it started. The caller returns only after that fsync.
+
+All six go in one chain: one submission and one wake-up per message. A failed linkat does NOT
+sever a chain, so 4 removes the tmp file whether or not 3 published it: the delivery checks
+3's result, and on ``EEXIST`` delivers again under a new name from the bytes it still holds
+(a failed link never leaves a half-done delivery behind). The file has no ``/proc/self/fd``
+path in a slot, so it is linked by its tmp name (the engine's fallback where ``/proc`` is
+missing).
 
 Not yet here (phase 2, behind the engine's backend interface): streaming (a separate fsync),
 ``max_size``, quota, flags, folders, the xfs ``fstat`` check after a directory fsync.
@@ -29,6 +33,7 @@ import asyncio
 import errno
 import functools
 import os
+from collections.abc import Callable
 
 from . import _uring_abi as abi
 from . import _uring_ops as ops
@@ -57,8 +62,8 @@ class GroupSync:
 
     def __init__(self, ring: Ring, fd: int) -> None:
         self._ring, self._fd = ring, fd
-        self._running: asyncio.Future[None] | None = None
-        self._next: asyncio.Future[None] | None = None
+        self._running = False
+        self._waiting: list[asyncio.Future[None]] = []
         #: Directory fsyncs started, and deliveries they covered (``covered / syncs`` > 1:
         #: group commit at work).
         self.syncs = self.covered = 0
@@ -69,32 +74,29 @@ class GroupSync:
         **Cancellation:** the caller is released; the fsync runs on for the others.
         """
         self.covered += 1
-        if self._running is None:
-            future = self._running = self._start()
-        else:  # the running fsync may have started before our link: wait for the next one
-            if self._next is None:
-                self._next = asyncio.get_running_loop().create_future()
-            future = self._next
-        await asyncio.shield(future)
-
-    def _start(self) -> asyncio.Future[None]:
         future = asyncio.get_running_loop().create_future()
-        self.syncs += 1
-        self._ring.queue([ops.fsync(self._fd)], functools.partial(self._synced, future))
-        return future
+        self._waiting.append(future)
+        if not self._running:  # else the running fsync may predate our link: the next one
+            self._start()
+        await future
 
-    def _synced(self, future: asyncio.Future[None], results: list[int]) -> None:
-        if results[0] < 0:
-            future.set_exception(_error(results[0], "fsync(new/)"))
-            future.exception()  # retrieved here: cancelled waiters must not leave it unread
-        else:
-            future.set_result(None)
-        self._running = None
-        if self._next is not None:
-            waiting, self._next = self._next, None
-            self._running = waiting
-            self.syncs += 1
-            self._ring.queue([ops.fsync(self._fd)], functools.partial(self._synced, waiting))
+    def _start(self) -> None:
+        covered, self._waiting = self._waiting, []
+        self._running = True
+        self.syncs += 1
+        self._ring.queue([ops.fsync(self._fd)], functools.partial(self._synced, covered))
+
+    def _synced(self, covered: list[asyncio.Future[None]], results: list[int]) -> None:
+        self._running = False
+        for future in covered:
+            if future.cancelled():
+                continue
+            if results[0] < 0:
+                future.set_exception(_error(results[0], "fsync(new/)"))
+            else:
+                future.set_result(None)
+        if self._waiting:
+            self._start()
 
 
 class UringMaildir:
@@ -136,11 +138,21 @@ class UringMaildir:
         **Cancellation:** the caller is released at once; the chain in flight runs to its end
         and its completion cleans up (a message already linked stays delivered).
         """
-        slot = self.ring.take_slot()
         alone = not self._active
         self._active += 1
         try:
-            return await self._deliver(slot, new_name(), data, alone)
+            for _ in range(NAME_TRIES):
+                name = new_name()
+                results = await self._attempt(name, data, alone)
+                if results[2] != -errno.EEXIST:
+                    break
+            else:
+                raise FileExistsError(errno.EEXIST, f"no free name after {NAME_TRIES} tries")
+            if not alone or results[5] == -errno.ECANCELED:
+                await self.group.wait()
+            elif results[5] < 0:
+                raise _error(results[5], "fsync(new/)")
+            return name
         finally:
             self._active -= 1
 
@@ -149,41 +161,54 @@ class UringMaildir:
             return ops.openat2(self.tmp_fd, name, _SLOT_FLAGS, 0o600, resolve=_RESOLVE, slot=slot)
         return ops.openat(self.tmp_fd, name, _SLOT_FLAGS, 0o600, slot=slot)  # pragma: no cover
 
-    async def _deliver(self, slot: int, name: str, data: bytes, alone: bool) -> str:
-        chain = [
-            self._open_op(name, slot),
-            ops.write(slot, data, offset=0, rw_flags=abi.RWF_SYNC, fixed=True),
+    def _publish_ops(self, name: str, slot: int) -> list[ops.Op]:
+        return [
             ops.linkat(self.tmp_fd, name, self.new_fd, name),
+            ops.unlinkat(self.tmp_fd, name),
+            ops.close(slot, fixed=True),
         ]
+
+    async def _run(self, chain: list[ops.Op], orphaned: Callable[[list[int]], None]) -> list[int]:
+        future = self.ring.submit(chain, orphaned=orphaned)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if not future.cancelled():  # done, but the task was cancelled before it resumed
+                orphaned(future.result())
+            raise
+
+    async def _attempt(self, name: str, data: bytes, alone: bool) -> list[int]:
+        """Run the delivery's chain under *name*; return its results, the link's checked.
+
+        A link that failed with EEXIST is returned (the chain removed the tmp file); any other
+        failure is raised after cleanup.
+        """
+        slot = self.ring.take_slot()
+        chain = [self._open_op(name, slot)]
+        chain.append(ops.write(slot, data, offset=0, rw_flags=abi.RWF_SYNC, fixed=True))
+        chain += self._publish_ops(name, slot)
         if alone:
             chain.append(ops.fsync(self.new_fd))
-        orphaned = functools.partial(self._orphaned, slot, name)
-        first = self.ring.submit(chain, orphaned=orphaned)
-        try:
-            results = await first
-        except asyncio.CancelledError:
-            if not first.cancelled():  # done, but the task was cancelled before it resumed
-                orphaned(first.result())
-            raise
+        results = await self._run(chain, functools.partial(self._orphaned, slot, name))
         if results[0] < 0:
             self.ring.give_slot(slot)
             raise _error(results[0], f"openat(tmp/{name})")
-        try:
-            await self._finish_write(slot, name, data, results[1])
-            final = await self._publish(name, results[2])
-        except BaseException:
+        if 0 <= results[1] < len(data):  # a short write severed the chain: finish it
+            try:
+                await self._finish_write(slot, name, data, results[1])
+            except BaseException:
+                self._cleanup(slot, name)
+                raise
+            published = self._publish_ops(name, slot)
+            orphaned = functools.partial(self._orphaned, slot, name)
+            results[2:5] = await self._run(published, lambda r: orphaned([0, 0, *r]))
+        elif results[1] < 0:
             self._cleanup(slot, name)
-            raise
-        synced = alone and results[2] == 0  # the chained fsync(new/) ran after this link
-        if synced and results[3] < 0:
-            self._cleanup(slot, name)
-            raise _error(results[3], "fsync(new/)")
-        unlinked = self.ring.submit([ops.unlinkat(self.tmp_fd, name)])
-        self.ring.queue([ops.close(slot, fixed=True)], lambda _: self.ring.give_slot(slot))
-        if not synced:
-            await self.group.wait()
-        await unlinked
-        return final
+            raise _error(results[1], f"write(tmp/{name})")
+        self.ring.give_slot(slot)  # the chain closed it
+        if results[2] not in (0, -errno.EEXIST):
+            raise _error(results[2], f"linkat(tmp/{name}, new/{name})")
+        return results
 
     async def _finish_write(self, slot: int, name: str, data: bytes, written: int) -> None:
         # A short write is a positive result that severed the chain: write the rest, each
@@ -199,29 +224,15 @@ class UringMaildir:
         if written < 0:
             raise _error(written, f"write(tmp/{name})")
 
-    async def _publish(self, name: str, result: int) -> str:
-        # ECANCELED: the link was severed by a short write that has now been completed.
-        final = name
-        for _ in range(NAME_TRIES):
-            if result == 0:
-                return final
-            if result not in (-errno.EEXIST, -errno.ECANCELED):
-                raise _error(result, f"linkat(tmp/{name}, new/{final})")
-            if result == -errno.EEXIST:
-                final = new_name()
-            link = ops.linkat(self.tmp_fd, name, self.new_fd, final)
-            (result,) = await self.ring.submit([link])
-        raise FileExistsError(errno.EEXIST, f"no free name in new/ after {NAME_TRIES} tries")
-
     def _cleanup(self, slot: int, name: str) -> None:
         """Remove the tmp file and free its slot (in the background: nothing waits on it)."""
         self.ring.queue([ops.unlinkat(self.tmp_fd, name)], lambda _: None)
         self.ring.queue([ops.close(slot, fixed=True)], lambda _: self.ring.give_slot(slot))
 
     def _orphaned(self, slot: int, name: str, results: list[int]) -> None:
-        # The caller was cancelled while the first chain ran; its completion cleans up. A
-        # message whose link succeeded is delivered: only its tmp name goes.
-        if results[0] < 0:
+        # The caller was cancelled while a chain ran; its completion cleans up. A message
+        # whose link succeeded is delivered; a chain that reached the close removed its tmp.
+        if results[0] < 0 or results[4] != -errno.ECANCELED:
             self.ring.give_slot(slot)
         else:
             self._cleanup(slot, name)
