@@ -35,16 +35,26 @@ from . import _contenders as c
 
 CONCURRENCY = {"md1": 1, "md16": 16, "md64": 64, "ur1": 1, "ur16": 16, "ur64": 64}
 NAMES = ["raw", "md1", "ur1", "md16", "ur16", "md64", "ur64"]
+#: Per ur run: io_uring_enter calls and loop wake-ups per delivery, deliveries per fsync(new/).
+PER_DELIVERY: dict[int, list[tuple[float, float, float]]] = {}
 RATIOS = [("ur1", "raw"), ("ur1", "md1"), ("ur16", "md16"), ("ur64", "md64"), ("md1", "raw")]
 
 
 async def _uring_many(ring: Ring, path: Path, msg: bytes, n: int, concurrency: int) -> float:
     c.make_dirs(path)
     md = UringMaildir.open(ring, path)
+    enters, wakeups = ring.enters, ring.wakeups
     t0 = time.perf_counter()
     await c.concurrently(n, concurrency, lambda: md.deliver(msg))
     seconds = time.perf_counter() - t0
     md.close()
+    PER_DELIVERY.setdefault(concurrency, []).append(
+        (
+            (ring.enters - enters) / n,
+            (ring.wakeups - wakeups) / n,
+            md.group.covered / max(1, md.group.syncs),
+        )
+    )
     return seconds
 
 
@@ -116,6 +126,12 @@ def _report(
         print(f"{a + '/' + b:<12} {med(values):>6.2f}x  {rounds}")
     for a, b in (("ur16", "md16"), ("ur64", "md64")):
         print(f"CPU {a}/{b}: {med(cpu[a]) / med(cpu[b]):.2f}x")
+    for conc, runs in sorted(PER_DELIVERY.items()):
+        enters, wakeups, grouped = (med(r[i] for r in runs) for i in range(3))
+        print(
+            f"ur{conc}: {enters:.2f} io_uring_enter and {wakeups:.2f} loop wake-ups per"
+            f" delivery, {grouped:.1f} deliveries per shared fsync(new/)"
+        )
 
 
 def main() -> None:

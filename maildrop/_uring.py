@@ -131,6 +131,8 @@ class Ring:
         self._closed = self._forked = False
         self.hooks: Hooks | None = None
         self.has_openat2 = False
+        #: io_uring_enter calls and eventfd wake-ups so far (the benchmarks report them).
+        self.enters = self.wakeups = 0
         _RINGS.add(self)
 
     @classmethod
@@ -260,6 +262,7 @@ class Ring:
         if not self._unsubmitted and not wait:
             return
         flags = abi.ENTER_GETEVENTS if wait else 0
+        self.enters += 1
         self._unsubmitted -= abi.enter(self._fd, self._unsubmitted, wait, flags)
 
     # -- completion -----------------------------------------------------------------------
@@ -331,6 +334,7 @@ class Ring:
         loop.add_reader(self._efd, self._on_eventfd)
 
     def _on_eventfd(self) -> None:
+        self.wakeups += 1
         # BlockingIOError: a flush already reaped what this wake-up announced.
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._efd)

@@ -393,6 +393,7 @@ async def test_chains_queued_in_one_turn_share_one_enter(
     futures = [ring.submit([ops.nop(), ops.nop()]) for _ in range(3)]
     assert await asyncio.gather(*futures) == [[0, 0]] * 3
     assert calls == [6]
+    assert ring.enters == 1
     ring._on_eventfd()  # nothing left to announce: a wake-up with nothing to read is harmless
     assert ring.reap() == 0
 
