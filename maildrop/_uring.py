@@ -1,11 +1,8 @@
 """maildrop's io_uring driver: one ring over the kernel ABI, its queues and its safety rules.
 
-Why our own driver: on a durability-critical path every pointer handed to the kernel must stay
-valid until the kernel is done with it, and a binding that keeps no references turns a
-forgotten one into files created under garbage names. This driver owns every lifetime: an
-:class:`~maildrop._uring_ops.Op` holds its paths and buffers, the ring holds each op from
-queueing until its completion is reaped, so callers may drop theirs at once. It uses only
-``ctypes`` and ``mmap`` (no compiler, no dependency).
+It owns every lifetime (why our own driver: README, "io_uring"): an ``Op`` holds its paths
+and buffers, the ring holds each op until its completion is reaped, so callers may drop theirs
+at once. Only ``ctypes`` and ``mmap``: no compiler, no dependency.
 
 Rules, each applied where the comment names it (checked on kernel 6.18, see tests/test_uring.py):
 
@@ -16,16 +13,16 @@ Rules, each applied where the comment names it (checked on kernel 6.18, see test
   sever a chain; a failing or short write, openat or close does (a short write is a positive
   result: compare it with the length). Callers check every result and never put an op after
   one of the non-severing ones unless it may run when that one failed.
-- Chain ends: after an op flagged ``IOSQE_CQE_SKIP_SUCCESS`` fails, the kernel posts no
-  completion for the rest of its chain, so counting completions cannot find a chain's end. The
-  driver never sets that flag: every op posts exactly one completion, keyed by its user_data,
-  and a chain is done when each of its members has reported.
-- Submission space for a whole chain is reserved before any of it is written (a chain split
-  across two submissions would run its tail unlinked), and ops in flight never exceed the
-  completion ring's size; an overflow is still flushed after every drain (``reap``), or the
-  eventfd would stop firing with completions parked in the kernel.
-- No ``IORING_SETUP_DEFER_TASKRUN``: with it, completions wait for the next ``io_uring_enter``
-  and the eventfd that wakes the loop never fires.
+- Quiet ops (``IOSQE_CQE_SKIP_SUCCESS``) post no completion on success, and after one fails
+  none is posted for the rest of its chain: counting completions cannot find a chain's end.
+  Only ops whose success value is known and whose failure severs are made quiet
+  (``quiet_result``); fsync/linkat/unlinkat/renameat2 never (their failure would be skipped
+  too: an EEXIST link would look like a success), nor a chain's last op. A chain ends at its
+  last op's completion or a quiet op's (``_complete``); every result is then known.
+- Submission space for a whole chain is reserved before any of it is written, and ops in
+  flight never exceed the completion ring's size; an overflow is still flushed after every
+  drain (``reap``), or the eventfd would stop firing with completions parked in the kernel.
+- No ``IORING_SETUP_DEFER_TASKRUN`` (``_uring_setup.create``): it starves the eventfd.
 - Fork: the rings are mapped ``MADV_DONTFORK`` and a child forgets every ring it inherited
   (``os.register_at_fork``) without touching it, so it can never reap the parent's completions.
 - A process fd used by an op in flight (a directory fd) is closed only after the op completes
@@ -41,8 +38,6 @@ import errno
 import functools
 import mmap
 import os
-import platform
-import sys
 import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -50,7 +45,7 @@ from collections.abc import Callable, Sequence
 from . import _uring_abi as abi
 from . import _uring_setup as setup
 from ._uring_hooks import Hooks
-from ._uring_ops import Op, nop, severs
+from ._uring_ops import Op, nop, quiet_result, severs
 from ._uring_setup import Availability, UringUnavailableError
 
 __all__ = ["Availability", "Ring", "UringUnavailableError", "availability"]
@@ -59,40 +54,28 @@ _U32 = 0xFFFF_FFFF
 _RINGS: weakref.WeakSet[Ring] = weakref.WeakSet()
 Done = Callable[[list[int]], None]
 _NOP = nop()
-
-
-def _probe() -> Availability:
-    if sys.platform != "linux":
-        return Availability(f"io_uring needs Linux, this is {sys.platform}")
-    machine = platform.machine()
-    if machine != "x86_64":
-        return Availability(
-            f"the ring driver relies on x86-64 memory ordering and has no barriers for {machine}"
-        )
-    try:
-        ring = Ring.open(entries=2, slots=0)
-    except UringUnavailableError as exc:
-        return Availability(str(exc))
-    with ring:
-        return Availability(None, openat2=ring.has_openat2)
+_LINK_QUIET = abi.IOSQE_IO_LINK | abi.IOSQE_CQE_SKIP_SUCCESS
 
 
 @functools.cache
 def availability() -> Availability:
     """Return whether io_uring works in this process (probed once: opens a tiny ring)."""
-    return _probe()
+    return setup.probe(lambda: Ring.open(entries=2, slots=0))
 
 
 class _Chain:
-    __slots__ = ("done", "injected", "next", "ops", "outstanding", "results")
+    __slots__ = ("done", "injected", "next", "ops", "quiet", "reported", "results", "start", "uds")
 
     def __init__(self, ops: list[Op], done: Done) -> None:
         self.ops = ops
         self.done = done
         self.results: list[int] = [-errno.ECANCELED] * len(ops)
+        self.reported = [False] * len(ops)
+        self.quiet = [False] * len(ops)  # IOSQE_CQE_SKIP_SUCCESS: no completion on success
+        self.uds = [0] * len(ops)
         self.injected: dict[int, int] = {}
+        self.start = 0  # the first op of the part in the kernel
         self.next = 0  # the first op not yet written to the submission queue
-        self.outstanding = 0  # ops written whose completion has not been reaped
 
 
 class Ring:
@@ -116,10 +99,8 @@ class Ring:
         self._cq_ktail = ctypes.c_uint32.from_buffer(cq, co.tail)
         self._cq_mask = ctypes.c_uint32.from_buffer(cq, co.ring_mask).value
         self._cq, self._cqes = cq, co.cqes
-        self._tail = self._sq_ktail.value
-        self._cq_head = self._cq_khead.value
-        self._unsubmitted = 0
-        self._seq = 0
+        self._tail, self._cq_head = self._sq_ktail.value, self._cq_khead.value
+        self._unsubmitted = self._seq = 0
         self._next_ud = 1
         self._pending: deque[_Chain] = deque()
         self._inflight: dict[int, tuple[_Chain, int]] = {}
@@ -131,8 +112,9 @@ class Ring:
         self._closed = self._forked = False
         self.hooks: Hooks | None = None
         self.has_openat2 = False
-        #: io_uring_enter calls and eventfd wake-ups so far (the benchmarks report them).
-        self.enters = self.wakeups = 0
+        #: io_uring_enter calls, eventfd wake-ups, completions reaped (for the benchmarks).
+        self.enters = self.wakeups = self.completions = 0
+        self._quiet_ok = bool(params.features & abi.FEAT_CQE_SKIP)
         _RINGS.add(self)
 
     @classmethod
@@ -190,7 +172,6 @@ class Ring:
                     os.close(fd)
 
     # -- submission -----------------------------------------------------------------------
-
     def queue(self, ops: Sequence[Op], done: Done) -> None:
         """Queue *ops* as one chain; call ``done(results)`` once every op has a result.
 
@@ -232,6 +213,7 @@ class Ring:
 
     def _write(self, chain: _Chain) -> None:
         last, i, tail = len(chain.ops) - 1, chain.next, self._tail
+        chain.start = i
         while True:
             op = chain.ops[i]
             op.seq = self._seq
@@ -246,14 +228,15 @@ class Ring:
             # With hooks, each op goes alone after its predecessor completed (_complete applies
             # the kernel's severing rules), so "stop before op N" means ops before it are done.
             link = i < last and self.hooks is None
+            quiet = link and self._quiet_ok and quiet_result(op) is not None
             ud, self._next_ud = self._next_ud, self._next_ud + 1
             self._inflight[ud] = (chain, i)
-            fields = op.pack(abi.IOSQE_IO_LINK if link else 0, ud)
+            chain.uds[i], chain.quiet[i] = ud, quiet
+            fields = op.pack(_LINK_QUIET if quiet else abi.IOSQE_IO_LINK if link else 0, ud)
             abi.SQE.pack_into(self._sqes, (tail & self._sq_mask) * abi.SQE.size, *fields)
             tail, i = tail + 1, i + 1
             if not link:
                 break
-        chain.outstanding += i - chain.next
         self._unsubmitted += i - chain.next
         chain.next, self._tail = i, tail
         self._sq_ktail.value = tail & _U32  # after the entries: x86-64 keeps stores in order
@@ -284,6 +267,7 @@ class Ring:
             abi.enter(self._fd, 0, 0, abi.ENTER_GETEVENTS)  # move parked completions into the ring
         if self._pending:
             self._kick()
+        self.completions += handled
         return handled
 
     def _complete(self, ud: int, result: int) -> None:
@@ -291,17 +275,28 @@ class Ring:
         op = chain.ops[i]
         if i in chain.injected and result != -errno.ECANCELED:
             result = chain.injected[i]
-        chain.results[i] = result
+        chain.results[i], chain.reported[i] = result, True
         self._release(op)
-        chain.outstanding -= 1
-        if not chain.outstanding:
-            self._settle(chain, op, result)
+        # A chain's completions arrive in chain order. The part in the kernel ends with its
+        # last op, or with a quiet op that reports: it failed (or wrote short), and the kernel
+        # then cancels the rest without completions. A quiet op reporting ECANCELED was
+        # cancelled by an earlier failure of a reporting op, after which every op reports.
+        if i == chain.next - 1 or (chain.quiet[i] and result != -errno.ECANCELED):
+            self._end_part(chain, i)
         if self.hooks is not None:  # last: a hook that raises leaves the ring consistent
             self.hooks.after_reap(op, result)
 
-    def _settle(self, chain: _Chain, last: Op, result: int) -> None:
+    def _end_part(self, chain: _Chain, stop: int) -> None:
+        for j in range(chain.start, chain.next):
+            if not chain.reported[j]:  # quiet: succeeded before *stop*, silenced after it
+                del self._inflight[chain.uds[j]]
+                self._release(chain.ops[j])
+                success = quiet_result(chain.ops[j])
+                chain.results[j] = (
+                    success if j < stop and success is not None else -errno.ECANCELED
+                )
         if chain.next < len(chain.ops):  # the rest of the chain waits for this op (hooks)
-            if not severs(last, result):
+            if not severs(chain.ops[stop], chain.results[stop]):
                 self._pending.appendleft(chain)
                 self._kick()
                 return
@@ -362,8 +357,6 @@ class Ring:
         self.queue(ops, done)
         return future
 
-    # -- closing --------------------------------------------------------------------------
-
     def close(self) -> None:
         """Run every queued op and wait for every op in flight (blocking), then unmap.
 
@@ -381,8 +374,8 @@ class Ring:
         del self._sq_khead, self._sq_ktail, self._sq_flags, self._cq_khead, self._cq_ktail
         for m in self._maps:
             m.close()
-        os.close(self._fd)
-        os.close(self._efd)
+        for fd in (self._fd, self._efd):
+            os.close(fd)
         _RINGS.discard(self)
 
     def _forget(self) -> None:  # pragma: no cover - runs in forked children (os._exit)

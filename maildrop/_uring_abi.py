@@ -51,12 +51,14 @@ REQUIRED_OPS += (OP_RENAMEAT, OP_UNLINKAT, OP_LINKAT)
 # Per-SQE flags.
 IOSQE_FIXED_FILE = 1 << 0
 IOSQE_IO_LINK = 1 << 2
+IOSQE_CQE_SKIP_SUCCESS = 1 << 6
 
 # io_uring_setup flags and features.
 SETUP_CLAMP = 1 << 4
 SETUP_SUBMIT_ALL = 1 << 7
 FEAT_SINGLE_MMAP = 1 << 0
 FEAT_NODROP = 1 << 1
+FEAT_CQE_SKIP = 1 << 11
 
 ENTER_GETEVENTS = 1 << 0
 SQ_CQ_OVERFLOW = 1 << 1  # in the SQ ring's flags: completions wait in the kernel's overflow list

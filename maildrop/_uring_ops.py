@@ -29,6 +29,7 @@ __all__ = [
     "nop",
     "openat",
     "openat2",
+    "quiet_result",
     "renameat2",
     "severs",
     "statx",
@@ -42,6 +43,7 @@ _KEEPS_CHAIN = frozenset(
     {abi.OP_FSYNC, abi.OP_LINKAT, abi.OP_UNLINKAT, abi.OP_RENAMEAT, abi.OP_STATX}
 )
 _WRITES = frozenset({abi.OP_WRITE, abi.OP_WRITEV})
+_OPENS = frozenset({abi.OP_OPENAT, abi.OP_OPENAT2})
 Path = str | bytes
 Buffer = bytes | bytearray | memoryview
 
@@ -121,6 +123,21 @@ def severs(op: Op, result: int) -> bool:
     if result < 0:
         return op.opcode not in _KEEPS_CHAIN
     return op.opcode in _WRITES and result < op.expect
+
+
+def quiet_result(op: Op) -> int | None:
+    """Return *op*'s result on success when it is known in advance, else None.
+
+    Only such ops may be submitted quiet (``IOSQE_CQE_SKIP_SUCCESS``), and all of them sever
+    their chain when they fail, so a failure always reports. fsync, linkat, unlinkat and
+    renameat2 are never quiet: their failure does not sever the chain, and the kernel then
+    skips their failed completion too (an EEXIST link would look like a success).
+    """
+    if op.opcode in _WRITES:
+        return op.expect
+    if op.opcode == abi.OP_CLOSE or (op.file_index and op.opcode in _OPENS):
+        return 0  # a close, or an open into a registered slot
+    return None
 
 
 def _path(path: Path) -> bytes:

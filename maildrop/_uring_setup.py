@@ -12,12 +12,16 @@ import ctypes
 import errno
 import mmap
 import os
+import platform
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from . import _uring_abi as abi
 from ._errors import MaildropError
 
-__all__ = ["Availability", "UringUnavailableError", "check_ops", "create", "discard"]
+__all__ = ["Availability", "UringUnavailableError", "check_ops", "create", "discard", "probe"]
 
 #: 0: io_uring for everyone, 1: only for CAP_SYS_ADMIN or the io_uring_group, 2: for nobody.
 SYSCTL = "/proc/sys/kernel/io_uring_disabled"
@@ -114,3 +118,26 @@ def check_ops(fd: int) -> bool:
             errno.ENOSYS, f"the kernel's io_uring lacks {', '.join(missing)}"
         )
     return abi.OP_OPENAT2 in supported
+
+
+class _Probe(Protocol):
+    has_openat2: bool
+
+    def close(self) -> None: ...
+
+
+def probe(open_ring: Callable[[], _Probe]) -> Availability:
+    """Return whether a ring opened by *open_ring* works here, and if not why."""
+    if sys.platform != "linux":
+        return Availability(f"io_uring needs Linux, this is {sys.platform}")
+    machine = platform.machine()
+    if machine != "x86_64":
+        return Availability(
+            f"the ring driver relies on x86-64 memory ordering and has no barriers for {machine}"
+        )
+    try:
+        ring = open_ring()
+    except UringUnavailableError as exc:
+        return Availability(str(exc))
+    ring.close()
+    return Availability(None, openat2=ring.has_openat2)

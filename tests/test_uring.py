@@ -18,7 +18,7 @@ import pytest
 from maildrop import _uring_abi as abi
 from maildrop import _uring_ops as ops
 from maildrop import _uring_setup as setup
-from maildrop._uring import Ring, UringUnavailableError, _probe, availability
+from maildrop._uring import Ring, UringUnavailableError, availability
 from maildrop._uring_hooks import Script, TraceEntry, kill_self
 
 from .conftest import open_fds
@@ -425,10 +425,12 @@ async def test_a_cancelled_waiter_leaves_its_chain_to_finish(ring: Ring, dfd: in
 def test_availability_says_why_not(monkeypatch: pytest.MonkeyPatch) -> None:
     """Another OS or architecture is refused with a reason; this machine's answer is cached."""
     monkeypatch.setattr(sys, "platform", "darwin")
-    assert _probe().reason == "io_uring needs Linux, this is darwin"
+    assert (
+        setup.probe(lambda: Ring.open(2, slots=0)).reason == "io_uring needs Linux, this is darwin"
+    )
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setattr("platform.machine", lambda: "aarch64")
-    assert "no barriers for aarch64" in str(_probe().reason)
+    assert "no barriers for aarch64" in str(setup.probe(lambda: Ring.open(2, slots=0)).reason)
     assert availability() is AVAILABLE
 
 
@@ -457,7 +459,7 @@ def test_a_refused_setup_is_reported(
         Ring.open()
     assert words in str(info.value)
     assert info.value.errno == code
-    assert _probe().reason == str(info.value)
+    assert setup.probe(lambda: Ring.open(2, slots=0)).reason == str(info.value)
 
 
 def test_an_interrupted_system_call_is_retried(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -528,3 +530,34 @@ async def test_odd_corners_of_the_loop_path(ring: Ring) -> None:
     assert abandoned.cancelled()
     ring.close()
     ring._flush()  # a flush scheduled before close() finds the ring closed
+
+
+@needs_uring
+def test_quiet_ops_report_only_failures(ring: Ring, dfd: int, tmp_path: Path) -> None:
+    """Quiet ops' successes are inferred; a quiet failure ends the chain without more reports."""
+    slot = ring.take_slot()
+    before = ring.completions
+    chain = [
+        ops.openat(dfd, "a", NEW, slot=slot),
+        ops.write(slot, b"abc", fixed=True),
+        ops.close(slot, fixed=True),
+    ]
+    assert ring.run(chain) == [0, 3, 0]
+    assert ring.completions - before == 1  # only the last op reported
+    before = ring.completions
+    assert ring.run([*chain[:1], ops.write(slot, b"x", fixed=True), ops.nop()]) == [
+        -errno.EEXIST,
+        -errno.ECANCELED,
+        -errno.ECANCELED,
+    ]
+    assert ring.completions - before == 1  # the quiet open's failure, nothing after it
+    before = ring.completions
+    loud = ops.linkat(dfd, "a", dfd, "b")
+    loud.file_index = 1  # refused when prepared (EINVAL), which severs even a linkat
+    assert ring.run([loud, ops.close(slot, fixed=True), ops.nop()]) == [
+        -errno.EINVAL,
+        -errno.ECANCELED,
+        -errno.ECANCELED,
+    ]
+    assert ring.completions - before == 3  # a loud op's failure: every op reports
+    assert (tmp_path / "a").read_bytes() == b"abc"
