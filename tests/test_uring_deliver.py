@@ -276,3 +276,32 @@ async def test_a_cancel_landing_after_the_chain_completed_still_cleans_up(
     assert listing(maildir)["tmp"] == []
     assert len(listing(maildir)["new"]) == 1
     assert len(md.ring._free_slots) == 32
+
+
+async def test_a_cancelled_delivery_whose_write_failed_removes_its_tmp_file(
+    md: UringMaildir, maildir: Path
+) -> None:
+    """A cancelled delivery whose chain stopped at a failed write is cleaned up by the orphan."""
+    md.ring.hooks = Script(inject={1: -errno.ENOSPC})
+    task = asyncio.create_task(md.deliver(MSG))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await _settled(md.ring)
+    assert listing(maildir) == {"tmp": [], "new": [], "cur": []}
+    assert len(md.ring._free_slots) == 32
+
+
+async def test_a_cancelled_group_waiter_is_skipped_and_the_next_fsync_still_runs(
+    md: UringMaildir,
+) -> None:
+    """A waiter cancelled before its fsync completes is skipped; later waiters get theirs."""
+    first = asyncio.create_task(md.group.wait())
+    second = asyncio.create_task(md.group.wait())
+    await asyncio.sleep(0)  # first started an fsync; second waits for the next one
+    first.cancel()
+    async with asyncio.timeout(5):
+        await second
+    assert first.cancelled()
+    assert (md.group.syncs, md.group.covered) == (2, 2)
