@@ -34,13 +34,19 @@ from maildrop._uring_deliver import UringMaildir
 from . import _contenders as c
 
 CONCURRENCY = {"md1": 1, "md16": 16, "md64": 64, "ur1": 1, "ur16": 16, "ur64": 64}
-NAMES = ["raw", "md1", "ur1", "md16", "ur16", "md64", "ur64"]
+CONCURRENCY.update(ur16w=16, ur64w=64)
+NAMES = ["raw", "md1", "ur1", "md16", "ur16", "ur16w", "md64", "ur64", "ur64w"]
+#: The ``w`` contenders run on a second ring allowed this many bounded io-wq workers.
+WORKERS = 64
 #: Per ur run: io_uring_enter calls and loop wake-ups per delivery, deliveries per fsync(new/).
-PER_DELIVERY: dict[int, list[tuple[float, float, float]]] = {}
+PER_DELIVERY: dict[str, list[tuple[float, float, float]]] = {}
 RATIOS = [("ur1", "raw"), ("ur1", "md1"), ("ur16", "md16"), ("ur64", "md64"), ("md1", "raw")]
+RATIOS += [("ur16w", "md16"), ("ur64w", "md64")]
 
 
-async def _uring_many(ring: Ring, path: Path, msg: bytes, n: int, concurrency: int) -> float:
+async def _uring_many(
+    name: str, ring: Ring, path: Path, msg: bytes, n: int, concurrency: int
+) -> float:
     c.make_dirs(path)
     md = UringMaildir.open(ring, path)
     enters, wakeups = ring.enters, ring.wakeups
@@ -48,7 +54,7 @@ async def _uring_many(ring: Ring, path: Path, msg: bytes, n: int, concurrency: i
     await c.concurrently(n, concurrency, lambda: md.deliver(msg))
     seconds = time.perf_counter() - t0
     md.close()
-    PER_DELIVERY.setdefault(concurrency, []).append(
+    PER_DELIVERY.setdefault(name, []).append(
         (
             (ring.enters - enters) / n,
             (ring.wakeups - wakeups) / n,
@@ -64,8 +70,10 @@ def _check(path: Path, n: int) -> None:
         raise SystemExit(f"{path}: {len(new)} in new/ (want {n}), {len(tmp)} left in tmp/")
 
 
-async def _one(name: str, ring: Ring, path: Path, msg: bytes, n: int) -> tuple[float, float]:
-    """Run contender *name* once; return (deliveries per second, CPU µs per delivery)."""
+async def _one(
+    name: str, rings: dict[bool, Ring], path: Path, msg: bytes, n: int
+) -> tuple[float, float]:
+    """Run contender *name* once; return (deliveries per second, CPU us per delivery)."""
     cpu = time.process_time()
     run: Callable[[], Awaitable[float]]
     if name == "raw":
@@ -75,7 +83,8 @@ async def _one(name: str, ring: Ring, path: Path, msg: bytes, n: int) -> tuple[f
         if name.startswith("md"):
             run = lambda: c.maildrop_many(path, msg, n, conc)  # noqa: E731
         else:
-            run = lambda: _uring_many(ring, path, msg, n, conc)  # noqa: E731
+            ring = rings[name.endswith("w")]
+            run = lambda: _uring_many(name, ring, path, msg, n, conc)  # noqa: E731
         seconds = await run()
     cpu = time.process_time() - cpu
     _check(path, n + name.startswith("md"))  # maildrop_many creates its maildir with one more
@@ -85,8 +94,9 @@ async def _one(name: str, ring: Ring, path: Path, msg: bytes, n: int) -> tuple[f
 async def _main(args: argparse.Namespace) -> None:
     msg = c.message(args.size)
     root = Path(tempfile.mkdtemp(prefix="uring-proto-", dir=args.dir))
-    ring = Ring.open(256, slots=1024)
-    ring.attach(asyncio.get_running_loop())
+    rings = {False: Ring.open(256, slots=1024), True: Ring.open(256, slots=1024, workers=WORKERS)}
+    for ring in rings.values():
+        ring.attach(asyncio.get_running_loop())
     speed: dict[str, list[float]] = {k: [] for k in NAMES}
     cpu: dict[str, list[float]] = {k: [] for k in NAMES}
     ratios: dict[tuple[str, str], list[float]] = {k: [] for k in RATIOS}
@@ -95,7 +105,7 @@ async def _main(args: argparse.Namespace) -> None:
             order = NAMES[r % len(NAMES) :] + NAMES[: r % len(NAMES)]
             this: dict[str, float] = {}
             for name in order:
-                rate, us = await _one(name, ring, root / f"{name}-{r}", msg, args.n)
+                rate, us = await _one(name, rings, root / f"{name}-{r}", msg, args.n)
                 this[name] = rate
                 speed[name].append(rate)
                 cpu[name].append(us)
@@ -103,7 +113,8 @@ async def _main(args: argparse.Namespace) -> None:
                 ratios[(a, b)].append(this[a] / this[b])
             print(f"round {r + 1}: " + "  ".join(f"{k} {this[k]:.0f}" for k in NAMES), flush=True)
     finally:
-        ring.close()
+        for ring in rings.values():
+            ring.close()
         if not args.keep:
             shutil.rmtree(root)
     _report(args, speed, cpu, ratios)
@@ -126,10 +137,10 @@ def _report(
         print(f"{a + '/' + b:<12} {med(values):>6.2f}x  {rounds}")
     for a, b in (("ur16", "md16"), ("ur64", "md64")):
         print(f"CPU {a}/{b}: {med(cpu[a]) / med(cpu[b]):.2f}x")
-    for conc, runs in sorted(PER_DELIVERY.items()):
+    for name, runs in PER_DELIVERY.items():
         enters, wakeups, grouped = (med(r[i] for r in runs) for i in range(3))
         print(
-            f"ur{conc}: {enters:.2f} io_uring_enter and {wakeups:.2f} loop wake-ups per"
+            f"{name}: {enters:.2f} io_uring_enter and {wakeups:.2f} loop wake-ups per"
             f" delivery, {grouped:.1f} deliveries per shared fsync(new/)"
         )
 

@@ -74,8 +74,8 @@ class _Chain:
         self.quiet = [False] * len(ops)  # IOSQE_CQE_SKIP_SUCCESS: no completion on success
         self.uds = [0] * len(ops)
         self.injected: dict[int, int] = {}
-        self.start = 0  # the first op of the part in the kernel
-        self.next = 0  # the first op not yet written to the submission queue
+        # The first op of the part in the kernel, and the first not yet written to the queue.
+        self.start = self.next = 0
 
 
 class Ring:
@@ -86,8 +86,7 @@ class Ring:
     """
 
     def __init__(self, fd: int, params: abi.Params, maps: tuple[mmap.mmap, ...], efd: int) -> None:
-        self._fd, self._efd = fd, efd
-        self._maps = maps
+        self._fd, self._efd, self._maps = fd, efd, maps
         sq, cq, self._sqes = maps
         so, co = params.sq_off, params.cq_off
         self._sq_entries, self.max_inflight = params.sq_entries, params.cq_entries
@@ -100,8 +99,7 @@ class Ring:
         self._cq_mask = ctypes.c_uint32.from_buffer(cq, co.ring_mask).value
         self._cq, self._cqes = cq, co.cqes
         self._tail, self._cq_head = self._sq_ktail.value, self._cq_khead.value
-        self._unsubmitted = self._seq = 0
-        self._next_ud = 1
+        self._unsubmitted, self._seq, self._next_ud = 0, 0, 1
         self._pending: deque[_Chain] = deque()
         self._inflight: dict[int, tuple[_Chain, int]] = {}
         self._fd_users: Counter[int] = Counter()
@@ -109,17 +107,19 @@ class Ring:
         self._free_slots: list[int] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
-        self._closed = self._forked = False
+        self._closed = self._forked = self.has_openat2 = False
         self.hooks: Hooks | None = None
-        self.has_openat2 = False
         #: io_uring_enter calls, eventfd wake-ups, completions reaped (for the benchmarks).
         self.enters = self.wakeups = self.completions = 0
         self._quiet_ok = bool(params.features & abi.FEAT_CQE_SKIP)
         _RINGS.add(self)
 
     @classmethod
-    def open(cls, entries: int = 256, *, slots: int = 1024, hooks: Hooks | None = None) -> Ring:
-        """Set up a ring with *entries* submission slots and *slots* direct-descriptor slots.
+    def open(
+        cls, entries: int = 256, *, slots: int = 1024, workers: int = 0, hooks: Hooks | None = None
+    ) -> Ring:
+        """Set up a ring of *entries* submission and *slots* direct-descriptor slots, with at
+        most *workers* bounded io-wq workers (0: the kernel's default).
 
         Raises:
             UringUnavailableError: the kernel, its settings or a seccomp filter forbid it, or
@@ -133,6 +133,8 @@ class Ring:
             raise
         try:
             ring.has_openat2 = setup.check_ops(fd)
+            if workers:
+                setup.max_workers(fd, workers)
             abi.register(fd, abi.REGISTER_EVENTFD, ctypes.c_int(ring._efd), 1)
             if slots:
                 abi.register(fd, abi.REGISTER_FILES, (ctypes.c_int * slots)(*[-1] * slots), slots)
@@ -142,8 +144,6 @@ class Ring:
             raise
         ring.hooks = hooks
         return ring
-
-    # -- lifetimes ------------------------------------------------------------------------
 
     def take_slot(self) -> int:
         """Return a free direct-descriptor slot (give it back with :meth:`give_slot`)."""

@@ -12,6 +12,7 @@ import ctypes
 import errno
 import os
 import struct
+from typing import Any
 
 # System call numbers of the generic table (x86-64 shares them).
 SYS_SETUP = 425
@@ -70,6 +71,7 @@ OFF_SQES = 0x10000000
 REGISTER_FILES = 2
 REGISTER_EVENTFD = 4
 REGISTER_PROBE = 8
+REGISTER_IOWQ_MAX_WORKERS = 19
 PROBE_OP_SUPPORTED = 1
 
 # Flags of the operations themselves.
@@ -161,8 +163,8 @@ def enter(fd: int, to_submit: int, min_complete: int, flags: int) -> int:
     return call(SYS_ENTER, ctypes.c_int(fd), *args, None, ctypes.c_size_t(0))
 
 
-def register(fd: int, opcode: int, arg: ctypes.Array[ctypes.c_int] | ctypes.c_int, nr: int) -> int:
-    """Register *arg* (an fd array, an eventfd, a probe buffer) with the ring."""
+def register(fd: int, opcode: int, arg: ctypes.Array[Any] | ctypes.c_int, nr: int) -> int:
+    """Register *arg* (an fd array, an eventfd, a probe buffer, limits) with the ring."""
     return call(
         SYS_REGISTER, ctypes.c_int(fd), ctypes.c_uint(opcode), ctypes.byref(arg), ctypes.c_uint(nr)
     )

@@ -21,7 +21,15 @@ from typing import Protocol
 from . import _uring_abi as abi
 from ._errors import MaildropError
 
-__all__ = ["Availability", "UringUnavailableError", "check_ops", "create", "discard", "probe"]
+__all__ = [
+    "Availability",
+    "UringUnavailableError",
+    "check_ops",
+    "create",
+    "discard",
+    "max_workers",
+    "probe",
+]
 
 #: 0: io_uring for everyone, 1: only for CAP_SYS_ADMIN or the io_uring_group, 2: for nobody.
 SYSCTL = "/proc/sys/kernel/io_uring_disabled"
@@ -141,3 +149,14 @@ def probe(open_ring: Callable[[], _Probe]) -> Availability:
         return Availability(str(exc))
     ring.close()
     return Availability(None, openat2=ring.has_openat2)
+
+
+def max_workers(fd: int, bounded: int, unbounded: int = 0) -> tuple[int, int]:
+    """Set ring *fd*'s io-wq worker limits (0 keeps one); return the previous limits.
+
+    Bounded workers run regular-file I/O (a write with ``RWF_SYNC``, an fsync): the kernel's
+    default allows a few per CPU, which caps how many synced writes are in flight at once.
+    """
+    limits = (ctypes.c_uint32 * 2)(bounded, unbounded)
+    abi.register(fd, abi.REGISTER_IOWQ_MAX_WORKERS, limits, 2)
+    return limits[0], limits[1]

@@ -561,3 +561,10 @@ def test_quiet_ops_report_only_failures(ring: Ring, dfd: int, tmp_path: Path) ->
     ]
     assert ring.completions - before == 3  # a loud op's failure: every op reports
     assert (tmp_path / "a").read_bytes() == b"abc"
+
+
+@needs_uring
+def test_the_io_wq_worker_limit_can_be_raised() -> None:
+    """workers= sets the ring's bounded io-wq worker limit."""
+    with Ring.open(4, slots=0, workers=48) as r:
+        assert setup.max_workers(r._fd, 0)[0] == 48  # 0 changes nothing: it reads the limits
