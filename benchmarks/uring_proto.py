@@ -145,8 +145,8 @@ def _report(
         )
 
 
-def main() -> None:
-    """Parse the options and run the comparison."""
+def main(argv: list[str] | None = None) -> int:
+    """Parse the options, run the comparison and return the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("-n", type=int, default=1000, help="deliveries per run")
@@ -154,14 +154,15 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where the maildirs go (default: /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the maildirs")
     parser.add_argument("--smoke", action="store_true", help="toy sizes, one round")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.smoke:
         args.rounds, args.n = 1, 20
     state = availability()
     if not state.ok:
         raise SystemExit(f"io_uring is not available here: {state.reason}")
     asyncio.run(_main(args))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
