@@ -16,7 +16,7 @@ thread. Per message:
    (group commit): one fsync started after a link completed covers it and every other link
    completed before it started. The caller returns only after that fsync.
 
-All six go in one chain: one submission and one wake-up per message. A failed linkat does NOT
+All six go in one chain, one submission per message. A failed linkat does NOT
 sever a chain, so 4 removes the tmp file whether or not 3 published it: the delivery checks
 3's result, and on ``EEXIST`` delivers again under a new name from the bytes it still holds
 (a failed link never leaves a half-done delivery behind). The file has no ``/proc/self/fd``

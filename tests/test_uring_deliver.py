@@ -62,6 +62,16 @@ async def _settled(ring: Ring) -> None:
             await asyncio.sleep(0.001)
 
 
+async def _cancel_mid_chain(md: UringMaildir) -> None:
+    """Start a delivery, cancel it once its chain is queued, and wait for the ring to settle."""
+    task = asyncio.create_task(md.deliver(MSG))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await _settled(md.ring)
+
+
 def _names(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
     it = itertools.chain(names, (f"fresh{i}" for i in itertools.count()))
     monkeypatch.setattr(_uring_deliver, "new_name", lambda: next(it))
@@ -202,12 +212,7 @@ async def test_a_cancelled_delivery_whose_open_failed_frees_its_slot(
     """A cancelled delivery whose openat failed gives its slot back and touches nothing."""
     (maildir / "tmp" / "busy").write_bytes(b"other")
     _names(monkeypatch, "busy")
-    task = asyncio.create_task(md.deliver(MSG))
-    await asyncio.sleep(0)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await _settled(md.ring)
+    await _cancel_mid_chain(md)
     assert listing(maildir) == {"tmp": ["busy"], "new": [], "cur": []}
     assert len(md.ring._free_slots) == 32
 
@@ -283,12 +288,7 @@ async def test_a_cancelled_delivery_whose_write_failed_removes_its_tmp_file(
 ) -> None:
     """A cancelled delivery whose chain stopped at a failed write is cleaned up by the orphan."""
     md.ring.hooks = Script(inject={1: -errno.ENOSPC})
-    task = asyncio.create_task(md.deliver(MSG))
-    await asyncio.sleep(0)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await _settled(md.ring)
+    await _cancel_mid_chain(md)
     assert listing(maildir) == {"tmp": [], "new": [], "cur": []}
     assert len(md.ring._free_slots) == 32
 
