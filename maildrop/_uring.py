@@ -396,4 +396,5 @@ def _forget_inherited() -> None:  # pragma: no cover - runs in forked children (
         ring._forget()
 
 
-os.register_at_fork(after_in_child=_forget_inherited)
+if hasattr(os, "register_at_fork"):  # pragma: no branch - only Windows lacks it (no fork)
+    os.register_at_fork(after_in_child=_forget_inherited)

@@ -133,9 +133,17 @@ class Params(ctypes.Structure):
     ]
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
+def _load_syscall() -> Any:
+    """Return libc's ``syscall()``, or None where there is none (Windows, odd C libraries)."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, TypeError, AttributeError):
+        return None
+    function.restype = ctypes.c_long
+    return function
+
+
+_syscall = _load_syscall()
 
 
 def call(number: int, *args: object) -> int:
@@ -143,6 +151,8 @@ def call(number: int, *args: object) -> int:
 
     ``EINTR`` is retried: none of the three calls has done anything when it reports it.
     """
+    if _syscall is None:
+        raise OSError(errno.ENOSYS, "this C library has no syscall()")
     while True:
         result: int = _syscall(number, *args)
         if result >= 0:

@@ -568,3 +568,18 @@ def test_the_io_wq_worker_limit_can_be_raised() -> None:
     """workers= sets the ring's bounded io-wq worker limit."""
     with Ring.open(4, slots=0, workers=48) as r:
         assert setup.max_workers(r._fd, 0)[0] == 48  # 0 changes nothing: it reads the limits
+
+
+def test_a_c_library_without_syscall_makes_io_uring_unavailable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where libc has no syscall() (or ctypes cannot load it), io_uring is reported missing."""
+
+    def no_libc(*args: object, **kwargs: object) -> object:
+        raise OSError("no C library here")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_libc)
+    assert abi._load_syscall() is None
+    monkeypatch.setattr(abi, "_syscall", None)
+    with pytest.raises(UringUnavailableError, match="has no io_uring or a seccomp filter"):
+        Ring.open(4)
