@@ -19,6 +19,7 @@ from maildrop import _uring_abi as abi
 from maildrop import _uring_ops as ops
 from maildrop import _uring_setup as setup
 from maildrop._uring import Ring, UringUnavailableError, availability
+from maildrop._uring_deliver import UringMaildir
 from maildrop._uring_hooks import Script, TraceEntry, kill_self
 
 from .conftest import open_fds
@@ -583,3 +584,27 @@ def test_a_c_library_without_syscall_makes_io_uring_unavailable(
     monkeypatch.setattr(abi, "_syscall", None)
     with pytest.raises(UringUnavailableError, match="has no io_uring or a seccomp filter"):
         Ring.open(4)
+
+
+@needs_uring
+@pytest.mark.parametrize(("stop_after", "tmp", "new"), [(1, 1, 0), (2, 1, 1), (3, 0, 1)])
+def test_sigkill_after_a_delivery_op_leaves_only_what_the_protocol_allows(
+    tmp_path: Path, stop_after: int, tmp: int, new: int
+) -> None:
+    """Killed after the write, the link or the unlink: the message is whole wherever it is."""
+    for sub in ("tmp", "new", "cur"):
+        (tmp_path / sub).mkdir()
+    message = b"Subject: kill\n\n" + b"x" * 3000
+
+    async def deliver() -> None:
+        ring = Ring.open(8, slots=2, hooks=Script(stop_after=stop_after))
+        ring.attach(asyncio.get_running_loop())
+        await UringMaildir.open(ring, tmp_path).deliver(message)
+
+    status = _fork(lambda: asyncio.run(deliver()))
+    assert os.WIFSIGNALED(status)
+    found = {sub: os.listdir(tmp_path / sub) for sub in ("tmp", "new")}
+    assert (len(found["tmp"]), len(found["new"])) == (tmp, new)
+    for sub, names in found.items():
+        for name in names:
+            assert (tmp_path / sub / name).read_bytes() == message

@@ -305,3 +305,18 @@ async def test_a_cancelled_group_waiter_is_skipped_and_the_next_fsync_still_runs
         await second
     assert first.cancelled()
     assert (md.group.syncs, md.group.covered) == (2, 2)
+
+
+async def test_the_trace_shows_the_protocol_order(md: UringMaildir) -> None:
+    """The driver's trace of a lone delivery: sync-write < link < unlink < close < fsync(new/)."""
+    script = Script()
+    md.ring.hooks = script
+    await md.deliver(MSG)
+    assert [(e.name, e.result) for e in script.trace] == [
+        ("openat2", 0),
+        ("write", len(MSG)),
+        ("linkat", 0),
+        ("unlinkat", 0),
+        ("close", 0),
+        ("fsync", 0),
+    ]
