@@ -1,0 +1,400 @@
+"""maildrop's io_uring driver: one ring over the kernel ABI, its queues and its safety rules.
+
+It owns every lifetime (why our own driver: README, "io_uring"): an ``Op`` holds its paths
+and buffers, the ring holds each op until its completion is reaped, so callers may drop theirs
+at once. Only ``ctypes`` and ``mmap``: no compiler, no dependency.
+
+Rules, each applied where the comment names it (checked on kernel 6.18, see tests/test_uring.py):
+
+- Memory ordering: the ring's head and tail are shared with the kernel. x86-64 keeps stores in
+  order and loads in order, so writing an entry then its tail (and reading a tail then its
+  entries) needs no fence; the driver refuses every other architecture (:func:`availability`).
+- Chains (``IOSQE_IO_LINK``): a failing fsync, linkat, unlinkat, renameat2 or statx does NOT
+  sever a chain; a failing or short write, openat or close does (a short write is a positive
+  result: compare it with the length). Callers check every result and never put an op after
+  one of the non-severing ones unless it may run when that one failed.
+- Quiet ops (``IOSQE_CQE_SKIP_SUCCESS``) post no completion on success, and after one fails
+  none is posted for the rest of its chain: counting completions cannot find a chain's end.
+  Only ops whose success value is known and whose failure severs are made quiet
+  (``quiet_result``); fsync/linkat/unlinkat/renameat2 never (their failure would be skipped
+  too: an EEXIST link would look like a success), nor a chain's last op. A chain ends at its
+  last op's completion or a quiet op's (``_complete``); every result is then known.
+- Submission space for a whole chain is reserved before any of it is written, and ops in
+  flight never exceed the completion ring's size; an overflow is still flushed after every
+  drain (``reap``), or the eventfd would stop firing with completions parked in the kernel.
+- No ``IORING_SETUP_DEFER_TASKRUN`` (``_uring_setup.create``): it starves the eventfd.
+- Fork: the rings are mapped ``MADV_DONTFORK`` and a child forgets every ring it inherited
+  (``os.register_at_fork``) without touching it, so it can never reap the parent's completions.
+- A process fd used by an op in flight (a directory fd) is closed only after the op completes
+  (:meth:`Ring.close_fd`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import functools
+import mmap
+import os
+import weakref
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+
+from . import _uring_abi as abi
+from . import _uring_setup as setup
+from ._uring_hooks import Hooks
+from ._uring_ops import Op, nop, quiet_result, severs
+from ._uring_setup import Availability, UringUnavailableError
+
+__all__ = ["Availability", "Ring", "UringUnavailableError", "availability"]
+
+_U32 = 0xFFFF_FFFF
+_RINGS: weakref.WeakSet[Ring] = weakref.WeakSet()
+Done = Callable[[list[int]], None]
+_NOP = nop()
+_LINK_QUIET = abi.IOSQE_IO_LINK | abi.IOSQE_CQE_SKIP_SUCCESS
+
+
+@functools.cache
+def availability() -> Availability:
+    """Return whether io_uring works in this process (probed once: opens a tiny ring)."""
+    return setup.probe(lambda: Ring.open(entries=2, slots=0))
+
+
+class _Chain:
+    __slots__ = ("done", "injected", "next", "ops", "quiet", "reported", "results", "start", "uds")
+
+    def __init__(self, ops: list[Op], done: Done) -> None:
+        self.ops = ops
+        self.done = done
+        self.results: list[int] = [-errno.ECANCELED] * len(ops)
+        self.reported = [False] * len(ops)
+        self.quiet = [False] * len(ops)  # IOSQE_CQE_SKIP_SUCCESS: no completion on success
+        self.uds = [0] * len(ops)
+        self.injected: dict[int, int] = {}
+        # The first op of the part in the kernel, and the first not yet written to the queue.
+        self.start = self.next = 0
+
+
+class Ring:
+    """One io_uring instance: queue ops and chains, submit once per loop turn, reap on eventfd.
+
+    Open it with :meth:`open`; :meth:`attach` it to an asyncio loop to use :meth:`submit`, or
+    drive it synchronously with :meth:`run`. Not thread-safe: one thread (the loop's) uses it.
+    """
+
+    def __init__(self, fd: int, params: abi.Params, maps: tuple[mmap.mmap, ...], efd: int) -> None:
+        self._fd, self._efd, self._maps = fd, efd, maps
+        sq, cq, self._sqes = maps
+        so, co = params.sq_off, params.cq_off
+        self._sq_entries, self.max_inflight = params.sq_entries, params.cq_entries
+        self._sq_khead = ctypes.c_uint32.from_buffer(sq, so.head)
+        self._sq_ktail = ctypes.c_uint32.from_buffer(sq, so.tail)
+        self._sq_flags = ctypes.c_uint32.from_buffer(sq, so.flags)
+        self._sq_mask = ctypes.c_uint32.from_buffer(sq, so.ring_mask).value
+        self._cq_khead = ctypes.c_uint32.from_buffer(cq, co.head)
+        self._cq_ktail = ctypes.c_uint32.from_buffer(cq, co.tail)
+        self._cq_mask = ctypes.c_uint32.from_buffer(cq, co.ring_mask).value
+        self._cq, self._cqes = cq, co.cqes
+        self._tail, self._cq_head = self._sq_ktail.value, self._cq_khead.value
+        self._unsubmitted, self._seq, self._next_ud = 0, 0, 1
+        self._pending: deque[_Chain] = deque()
+        self._inflight: dict[int, tuple[_Chain, int]] = {}
+        self._fd_users: Counter[int] = Counter()
+        self._close_later: set[int] = set()
+        self._free_slots: list[int] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._flush_scheduled = False
+        self._closed = self._forked = self.has_openat2 = False
+        self.hooks: Hooks | None = None
+        #: io_uring_enter calls, eventfd wake-ups, completions reaped (for the benchmarks).
+        self.enters = self.wakeups = self.completions = 0
+        self._quiet_ok = bool(params.features & abi.FEAT_CQE_SKIP)
+        _RINGS.add(self)
+
+    @classmethod
+    def open(
+        cls, entries: int = 256, *, slots: int = 1024, workers: int = 0, hooks: Hooks | None = None
+    ) -> Ring:
+        """Set up a ring of *entries* submission and *slots* direct-descriptor slots, with at
+        most *workers* bounded io-wq workers (0: the kernel's default).
+
+        Raises:
+            UringUnavailableError: the kernel, its settings or a seccomp filter forbid it, or
+                it lacks an op the driver needs.
+        """
+        fd, params, maps = setup.create(entries)
+        try:
+            ring = cls(fd, params, maps, os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+        except BaseException:
+            setup.discard(fd, maps)
+            raise
+        try:
+            ring.has_openat2 = setup.check_ops(fd)
+            if workers:
+                setup.max_workers(fd, workers)
+            abi.register(fd, abi.REGISTER_EVENTFD, ctypes.c_int(ring._efd), 1)
+            if slots:
+                abi.register(fd, abi.REGISTER_FILES, (ctypes.c_int * slots)(*[-1] * slots), slots)
+                ring._free_slots = list(range(slots - 1, -1, -1))
+        except BaseException:
+            ring.close()
+            raise
+        ring.hooks = hooks
+        return ring
+
+    def take_slot(self) -> int:
+        """Return a free direct-descriptor slot (give it back with :meth:`give_slot`)."""
+        if not self._free_slots:
+            raise OSError(errno.EMFILE, "every direct-descriptor slot of the ring is in use")
+        return self._free_slots.pop()
+
+    def give_slot(self, slot: int) -> None:
+        """Return *slot* to the free list (it must be empty: never opened, or closed)."""
+        self._free_slots.append(slot)
+
+    def close_fd(self, fd: int) -> None:
+        """Close process fd *fd* now, or once the last op in flight that uses it completes."""
+        if self._fd_users[fd]:
+            self._close_later.add(fd)
+        else:
+            os.close(fd)
+
+    def _release(self, op: Op) -> None:
+        for fd in op.fds:
+            self._fd_users[fd] -= 1
+            if not self._fd_users[fd]:
+                del self._fd_users[fd]
+                if fd in self._close_later:
+                    self._close_later.discard(fd)
+                    os.close(fd)
+
+    # -- submission -----------------------------------------------------------------------
+    def queue(self, ops: Sequence[Op], done: Done) -> None:
+        """Queue *ops* as one chain; call ``done(results)`` once every op has a result.
+
+        Each result is the op's completion (``-errno`` on failure); an op that did not run
+        because an earlier one severed the chain reports ``-ECANCELED``.
+        """
+        if self._closed:
+            why = "was inherited across fork" if self._forked else "is closed"
+            raise RuntimeError(f"this io_uring ring {why}; open a new one")
+        if not 0 < len(ops) <= min(self._sq_entries, self.max_inflight):
+            raise ValueError(f"a chain holds 1 to {self._sq_entries} ops, not {len(ops)}")
+        for op in ops:
+            self._fd_users.update(op.fds)
+        self._pending.append(_Chain(list(ops), done))
+        self._kick()
+
+    def _kick(self) -> None:
+        # One io_uring_enter per loop iteration: every chain queued in this turn goes together.
+        if self._loop is not None and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._closed:
+            self._fill()
+            self._enter(0)
+            self.reap()  # completions that are already there save a wake-up through the eventfd
+
+    def _fill(self) -> None:
+        while self._pending:
+            chain = self._pending[0]
+            count = len(chain.ops) - chain.next
+            free = self._sq_entries - ((self._tail - self._sq_khead.value) & _U32)
+            if count > free or len(self._inflight) + count > self.max_inflight:
+                return  # the whole rest of the chain, or nothing: see the module's rules
+            self._write(chain)  # a hook that raises there leaves the chain queued
+            self._pending.popleft()
+
+    def _write(self, chain: _Chain) -> None:
+        last, i, tail = len(chain.ops) - 1, chain.next, self._tail
+        chain.start = i
+        while True:
+            op = chain.ops[i]
+            op.seq = self._seq
+            inject = None if self.hooks is None else self.hooks.before_submit(op)
+            self._seq += 1
+            if inject is not None and op.opcode == abi.OP_WRITE and 0 <= inject < op.length:
+                op.length = inject  # a real short write: the kernel severs the chain itself
+            elif inject is not None:
+                chain.injected[i] = inject
+                if inject < 0:
+                    op = _NOP  # an injected failure does nothing: a nop takes the op's place
+            # With hooks, each op goes alone after its predecessor completed (_complete applies
+            # the kernel's severing rules), so "stop before op N" means ops before it are done.
+            link = i < last and self.hooks is None
+            quiet = link and self._quiet_ok and quiet_result(op) is not None
+            ud, self._next_ud = self._next_ud, self._next_ud + 1
+            self._inflight[ud] = (chain, i)
+            chain.uds[i], chain.quiet[i] = ud, quiet
+            fields = op.pack(_LINK_QUIET if quiet else abi.IOSQE_IO_LINK if link else 0, ud)
+            abi.SQE.pack_into(self._sqes, (tail & self._sq_mask) * abi.SQE.size, *fields)
+            tail, i = tail + 1, i + 1
+            if not link:
+                break
+        self._unsubmitted += i - chain.next
+        chain.next, self._tail = i, tail
+        self._sq_ktail.value = tail & _U32  # after the entries: x86-64 keeps stores in order
+
+    def _enter(self, wait: int) -> None:
+        if not self._unsubmitted and not wait:
+            return
+        flags = abi.ENTER_GETEVENTS if wait else 0
+        self.enters += 1
+        self._unsubmitted -= abi.enter(self._fd, self._unsubmitted, wait, flags)
+
+    # -- completion -----------------------------------------------------------------------
+
+    def reap(self) -> int:
+        """Handle every completion in the ring; return how many there were."""
+        handled = 0
+        while True:
+            head, tail = self._cq_head, self._cq_ktail.value
+            while head != tail:
+                offset = self._cqes + (head & self._cq_mask) * abi.CQE.size
+                ud, result, _ = abi.CQE.unpack_from(self._cq, offset)
+                head = (head + 1) & _U32
+                self._cq_head = self._cq_khead.value = head  # before the callback: it may raise
+                self._complete(ud, result)
+                handled += 1
+            if not self._sq_flags.value & abi.SQ_CQ_OVERFLOW:
+                break
+            abi.enter(self._fd, 0, 0, abi.ENTER_GETEVENTS)  # move parked completions into the ring
+        if self._pending:
+            self._kick()
+        self.completions += handled
+        return handled
+
+    def _complete(self, ud: int, result: int) -> None:
+        chain, i = self._inflight.pop(ud)
+        op = chain.ops[i]
+        if i in chain.injected and result != -errno.ECANCELED:
+            result = chain.injected[i]
+        chain.results[i], chain.reported[i] = result, True
+        self._release(op)
+        # A chain's completions arrive in chain order. The part in the kernel ends with its
+        # last op, or with a quiet op that reports: it failed (or wrote short), and the kernel
+        # then cancels the rest without completions. A quiet op reporting ECANCELED was
+        # cancelled by an earlier failure of a reporting op, after which every op reports.
+        if i == chain.next - 1 or (chain.quiet[i] and result != -errno.ECANCELED):
+            self._end_part(chain, i)
+        if self.hooks is not None:  # last: a hook that raises leaves the ring consistent
+            self.hooks.after_reap(op, result)
+
+    def _end_part(self, chain: _Chain, stop: int) -> None:
+        for j in range(chain.start, chain.next):
+            if not chain.reported[j]:  # quiet: succeeded before *stop*, silenced after it
+                del self._inflight[chain.uds[j]]
+                self._release(chain.ops[j])
+                success = quiet_result(chain.ops[j])
+                chain.results[j] = (
+                    success if j < stop and success is not None else -errno.ECANCELED
+                )
+        if chain.next < len(chain.ops):  # the rest of the chain waits for this op (hooks)
+            if not severs(chain.ops[stop], chain.results[stop]):
+                self._pending.appendleft(chain)
+                self._kick()
+                return
+            for rest in chain.ops[chain.next :]:
+                self._release(rest)
+        chain.done(chain.results)
+
+    # -- driving it -----------------------------------------------------------------------
+
+    def run(self, ops: Sequence[Op]) -> list[int]:
+        """Submit *ops* as a chain and block until it is done; return the results."""
+        box: list[list[int]] = []
+        self.queue(ops, box.append)
+        while not box:
+            self._fill()
+            self._enter(1)
+            self.reap()
+        return box[0]
+
+    def drain(self) -> None:
+        """Submit everything queued and block until every op has completed."""
+        while self._pending or self._inflight:
+            self._fill()
+            self._enter(1)
+            self.reap()
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Reap on *loop* (an eventfd reader) and flush submissions once per loop iteration."""
+        self._loop = loop
+        loop.add_reader(self._efd, self._on_eventfd)
+
+    def _on_eventfd(self) -> None:
+        self.wakeups += 1
+        # BlockingIOError: a flush already reaped what this wake-up announced.
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self._efd)
+        self.reap()
+
+    def submit(
+        self, ops: Sequence[Op], *, orphaned: Done | None = None
+    ) -> asyncio.Future[list[int]]:
+        """Queue *ops* as a chain; return a future of their results (see :meth:`queue`).
+
+        Cancelling the future releases the waiter only: the chain runs to its end, its
+        completions are still reaped (its paths, buffers and fds released) and *orphaned*, if
+        given, is called with the results so the caller's cleanup can follow.
+        """
+        if self._loop is None:
+            raise RuntimeError("attach() the ring to an event loop before submit()")
+        future: asyncio.Future[list[int]] = self._loop.create_future()
+
+        def done(results: list[int]) -> None:
+            if not future.cancelled():
+                future.set_result(results)
+            elif orphaned is not None:
+                orphaned(results)
+
+        self.queue(ops, done)
+        return future
+
+    def close(self) -> None:
+        """Run every queued op and wait for every op in flight (blocking), then unmap.
+
+        The kernel may still read an op's buffers until it completes: nothing is freed before.
+        """
+        if self._closed:
+            return
+        self.drain()
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._efd)
+        self._drop()
+
+    def _drop(self) -> None:
+        self._closed = True
+        del self._sq_khead, self._sq_ktail, self._sq_flags, self._cq_khead, self._cq_ktail
+        for m in self._maps:
+            m.close()
+        for fd in (self._fd, self._efd):
+            os.close(fd)
+        _RINGS.discard(self)
+
+    def _forget(self) -> None:  # pragma: no cover - runs in forked children (os._exit)
+        # In a forked child: the maps are absent (MADV_DONTFORK), so touch nothing; no
+        # remove_reader either, the epoll set is shared with the parent.
+        self._forked = True
+        self._drop()
+
+    def __enter__(self) -> Ring:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _forget_inherited() -> None:  # pragma: no cover - runs in forked children (os._exit)
+    for ring in list(_RINGS):
+        ring._forget()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - only Windows lacks it (no fork)
+    os.register_at_fork(after_in_child=_forget_inherited)
