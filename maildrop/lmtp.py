@@ -10,7 +10,7 @@ BINARYMIME, CHUNKING and the exact ``SIZE``.
 unknown or invalid ones with ``550 5.1.1``), honours Maildir++ quotas and maps every
 failure with :func:`maildrop.outcome`, so a full disk is ``452 4.3.1`` and a local problem
 is never a permanent ``5xx``. It is also an aiosmtpd handler, for people who run aiosmtpd
-themselves (``pip install 'maildrop[server]'``); aiosmtpd holds each message in memory.
+themselves (``pip install '.[server]'`` from a checkout); aiosmtpd holds each message in memory.
 """
 
 from __future__ import annotations
