@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
-from maildrop import DEFAULT_SYSCALLS, MaildirNotFoundError, NotAMaildirError
+from maildrop import DEFAULT_SYSCALLS, Maildir, MaildirNotFoundError, NotAMaildirError
 from maildrop._dirs import Dirs, Layout, parent_of
 
-from .conftest import open_fds
+from .conftest import open_fds, wait_for
 
 
 def dirs_for(root: Path, folder: str | None = None, **kwargs: Any) -> Dirs:
@@ -157,3 +159,43 @@ def test_parent_of_names_the_directory_of_a_failed_call(name: str, where: str) -
         "root/tmp": "/r/tmp",
     }[where]
     assert parent_of(lay, name) == expected
+
+
+# -- regressions --------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_concurrent_first_delivery_waits_until_the_new_maildir_is_durable(
+    tmp_path: Path,
+) -> None:
+    """A delivery into a maildir that another delivery just created waits for its parent fsync."""
+    parent = os.stat(tmp_path).st_ino
+    entered, gate = threading.Event(), threading.Event()
+    synced = threading.Event()
+
+    def fsync_dir(fd: int) -> None:
+        if os.fstat(fd).st_ino == parent:  # makes the new maildir's own entry durable
+            entered.set()
+            gate.wait(5)
+            os.fsync(fd)
+            synced.set()
+            return
+        os.fsync(fd)
+
+    md = Maildir(tmp_path / "m", syscalls=DEFAULT_SYSCALLS.replace(fsync_dir=fsync_dir))
+    seen: dict[str, bool] = {}
+
+    async def second() -> None:
+        await md.deliver(b"second")
+        seen["durable"] = synced.is_set()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(md.deliver, b"first")  # mkdir Maildir, then blocks in its fsync
+            await wait_for(entered)
+            tg.start_soon(second)  # finds the maildir made: must not return before the fsync
+            await anyio.sleep(0.3)
+            gate.set()
+    finally:
+        gate.set()
+    assert seen["durable"]

@@ -135,7 +135,7 @@ async def test_read_source_reads_in_a_thread_of_its_own_lane() -> None:
     assert calls[0][1] != threading.get_ident()
 
 
-# -- moved from the review's regression tests --------------------------------------------
+# -- regressions --------------------------------------------------------------------------
 
 
 def test_worker_threads_do_not_outlive_their_event_loop(tmp_path: Path) -> None:
