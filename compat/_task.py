@@ -37,6 +37,7 @@ from maildrop import DEFAULT_SYSCALLS, DeliverySession, Maildir, MaildropError, 
 
 from . import _twisted
 from ._hooks import PathT, hook_table, join
+from ._lifecycle import Event, Flow, FlowEvent, Lifecycle, Phase, ProducerFlow
 
 __all__ = ["DeliveryAborted", "MaildirMailbox", "MaildirMailboxAppendMessageTask"]
 
@@ -122,12 +123,9 @@ class MaildirMailboxAppendMessageTask:
         self._queued = 0
         self._inflight = 0
         self._wake: asyncio.Future[None] | None = None
-        self._eof = False
-        self._paused = False
-        self._prod_waiting = False
-        self._decided = False
-        self._scheduled = False
-        self._error: Any = None
+        self._life = Lifecycle()
+        self._flow = ProducerFlow()
+        self._error: Any = None  # why it was abandoned (the first reason wins)
         self._pending: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
@@ -153,7 +151,7 @@ class MaildirMailboxAppendMessageTask:
         ``moveFileToNew()`` fails ``defer``, as it would from the ``FileSender``.
         """
         self.createTempFile()
-        if self._decided:
+        if self._life.decided:
             return
         own = self._own_msg
         if own is not None and self.msg is own and own.tell() == 0:
@@ -174,7 +172,7 @@ class MaildirMailboxAppendMessageTask:
         Fails ``defer`` at once when there is no asyncio event loop to run on (for instance
         under a Twisted reactor that is not ``asyncioreactor``).
         """
-        if self._session is not None or self._decided:
+        if self._life.phase is not Phase.IDLE:
             return
         try:
             loop = self._find_loop()
@@ -188,6 +186,7 @@ class MaildirMailboxAppendMessageTask:
             return
         self._loop = loop
         self._session = md.open_delivery()
+        self._life.on(Event.START)
         self._pump = loop.create_task(self._run())
         self._pump.add_done_callback(self._pump_done)
 
@@ -216,10 +215,10 @@ class MaildirMailboxAppendMessageTask:
         """
         self.openCall = None
         producer = self.myproducer
-        if producer is None or self._decided or self._loop is None:
+        if producer is None or self._life.decided or self._loop is None:
             return
         if self._backlog() > self.highWaterMark:
-            self._prod_waiting = True
+            self._flow.on(FlowEvent.HOLD)
             return
         self.openCall = _twisted.call_soon(self._loop, self.prodProducer)
         try:
@@ -235,7 +234,7 @@ class MaildirMailboxAppendMessageTask:
 
     def write(self, data: bytes) -> None:
         """Queue *data* for the engine; never blocks. Errors go to ``defer``, not the caller."""
-        if self._decided:
+        if self._life.decided:
             return
         if not isinstance(data, bytes):
             if not isinstance(data, bytearray | memoryview):
@@ -245,9 +244,9 @@ class MaildirMailboxAppendMessageTask:
                 return
             data = bytes(data)  # the caller may reuse its buffer
         self.createTempFile()
-        if self._decided or not data:
+        if self._life.decided or not data:
             return
-        if self._eof:
+        if self._life.phase is Phase.ENDED:
             # The pump may already be committing: these bytes would silently be left out.
             self._abandon(RuntimeError("write() after the message ended (moveFileToNew)"))
             return
@@ -256,11 +255,11 @@ class MaildirMailboxAppendMessageTask:
         self._wake_pump()
         if (
             self.streaming
-            and not self._paused
+            and self._flow.state is Flow.FLOWING
             and self._backlog() > self.highWaterMark
             and self.myproducer is not None
         ):
-            self._paused = True
+            self._flow.on(FlowEvent.PAUSE)
             self.myproducer.pauseProducing()
 
     def fail(self, err: Any = None) -> None:
@@ -284,11 +283,12 @@ class MaildirMailboxAppendMessageTask:
 
         Asynchronous: it ends the message and the engine commits it off the loop.
         """
-        if self._decided or self._eof:
+        if self._life.phase not in (Phase.IDLE, Phase.OPEN):
             return
         self.createTempFile()
-        self._eof = True
-        self._wake_pump()
+        if self._life.phase is Phase.OPEN:
+            self._life.on(Event.END)
+            self._wake_pump()
 
     # -- the engine side -------------------------------------------------------------------
 
@@ -327,14 +327,11 @@ class MaildirMailboxAppendMessageTask:
     def _drained(self) -> None:
         if self._backlog() > self.lowWaterMark:
             return
-        if self._paused:
-            self._paused = False
-            if self.myproducer is not None:
-                self.myproducer.resumeProducing()
-        if self._prod_waiting:
-            self._prod_waiting = False
-            if self.myproducer is not None and self._loop is not None:
-                self.openCall = _twisted.call_soon(self._loop, self.prodProducer)
+        held = self._flow.on(FlowEvent.DRAIN)
+        if held is Flow.PAUSED and self.myproducer is not None:
+            self.myproducer.resumeProducing()
+        if held is Flow.WAITING and self.myproducer is not None and self._loop is not None:
+            self.openCall = _twisted.call_soon(self._loop, self.prodProducer)
 
     async def _run(self) -> None:
         session = self._session
@@ -349,7 +346,7 @@ class MaildirMailboxAppendMessageTask:
                     await session.write(data)
                     self._inflight = 0
                     self._drained()
-                elif self._eof:
+                elif self._life.phase is Phase.ENDED:
                     break
                 else:
                     self._wake = loop.create_future()
@@ -358,10 +355,10 @@ class MaildirMailboxAppendMessageTask:
             delivery = await session.commit()
         except BaseException as exc:  # CancelledError too: _abandon cancels this task
             await session.abort()  # a no-op when the engine already cleaned up
-            err = self._error if self._decided and self._error is not None else exc
+            err = self._error if self._life.decided and self._error is not None else exc
             self._decide(err, now=True)
             return
-        if self._decided:  # abandoned after the link: the message stays, the errback fires
+        if self._life.decided:  # abandoned after the link: the message stays, errback fires
             assert self._error is not None
             self._decide(self._error, now=True)
             return
@@ -371,7 +368,7 @@ class MaildirMailboxAppendMessageTask:
     def _pump_done(self, pump: asyncio.Task[None]) -> None:
         # A pump cancelled before its first step never ran its except clause; it had
         # opened nothing either, so there is nothing to clean up.
-        if not self._scheduled:
+        if not self._life.scheduled:
             err = self._error
             if err is None:
                 err = _twisted.cancelled_error() if pump.cancelled() else pump.exception()
@@ -382,11 +379,12 @@ class MaildirMailboxAppendMessageTask:
     ) -> None:
         """Fire ``defer`` with the outcome: at once from the pump's last step (*now*), else on
         the next loop turn (never inside a caller's ``write()``/``fail()``/... call)."""
-        self._decided = self._scheduled = True
+        self._life.on(Event.DECIDE)
         self._release_producer()
 
         def fire() -> None:
             self._pending = None
+            self._life.on(Event.FIRE)
             d = self.defer
             if d.called:  # cancelled meanwhile
                 return
@@ -410,9 +408,9 @@ class MaildirMailboxAppendMessageTask:
             self._pending()
 
     def _abandon(self, err: Any) -> None:
-        if self._decided:
+        if self._life.decided:
             return
-        self._decided = True
+        self._life.on(Event.ABANDON)
         self._error = err
         self._release_producer()
         pump = self._pump
@@ -427,13 +425,10 @@ class MaildirMailboxAppendMessageTask:
             call.cancel()
         producer, self.myproducer = self.myproducer, None
         self.streaming = None
-        self._prod_waiting = False
-        if self._paused:
-            # Only undo what this task did; a stopped consumer does not stop the producer
-            # (Twisted's never did, and e.g. a transport would drop its SMTP client).
-            self._paused = False
-            if producer is not None:
-                producer.resumeProducing()
+        # Only undo what this task did; a stopped consumer does not stop the producer
+        # (Twisted's never did, and e.g. a transport would drop its SMTP client).
+        if self._flow.on(FlowEvent.RELEASE) is Flow.PAUSED and producer is not None:
+            producer.resumeProducing()
 
     def _cancel(self, d: Any) -> None:
         # Deferred.cancel(): fire a result that is already decided, else abandon; Twisted
