@@ -26,7 +26,6 @@ fds; ``link()`` instead of ``rename()``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import os
 import sys
@@ -36,10 +35,11 @@ from typing import Any
 from maildrop import DEFAULT_SYSCALLS, DeliverySession, Maildir, MaildropError, Syscalls
 
 from . import _twisted
-from ._hooks import PathT, hook_table, join
+from ._feed import Feed
+from ._hooks import hook_table, join
 from ._lifecycle import Event, Flow, FlowEvent, Lifecycle, Phase, ProducerFlow
 
-__all__ = ["DeliveryAborted", "MaildirMailbox", "MaildirMailboxAppendMessageTask"]
+__all__ = ["DeliveryAborted", "MaildirMailboxAppendMessageTask"]
 
 
 class DeliveryAborted(MaildropError):
@@ -119,10 +119,7 @@ class MaildirMailboxAppendMessageTask:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._session: DeliverySession | None = None
         self._pump: asyncio.Task[None] | None = None
-        self._queue: list[bytes] = []
-        self._queued = 0
-        self._inflight = 0
-        self._wake: asyncio.Future[None] | None = None
+        self._feed = Feed()
         self._life = Lifecycle()
         self._flow = ProducerFlow()
         self._error: Any = None  # why it was abandoned (the first reason wins)
@@ -175,7 +172,7 @@ class MaildirMailboxAppendMessageTask:
         if self._life.phase is not Phase.IDLE:
             return
         try:
-            loop = self._find_loop()
+            loop = _twisted.find_loop("compat.MaildirMailboxAppendMessageTask")
             path = self.mbox.path
             md = Maildir(
                 os.fsdecode(path) if isinstance(path, bytes) else path,
@@ -217,7 +214,7 @@ class MaildirMailboxAppendMessageTask:
         producer = self.myproducer
         if producer is None or self._life.decided or self._loop is None:
             return
-        if self._backlog() > self.highWaterMark:
+        if self._feed.backlog > self.highWaterMark:
             self._flow.on(FlowEvent.HOLD)
             return
         self.openCall = _twisted.call_soon(self._loop, self.prodProducer)
@@ -250,13 +247,11 @@ class MaildirMailboxAppendMessageTask:
             # The pump may already be committing: these bytes would silently be left out.
             self._abandon(RuntimeError("write() after the message ended (moveFileToNew)"))
             return
-        self._queue.append(data)
-        self._queued += len(data)
-        self._wake_pump()
+        self._feed.push(data)
         if (
             self.streaming
             and self._flow.state is Flow.FLOWING
-            and self._backlog() > self.highWaterMark
+            and self._feed.backlog > self.highWaterMark
             and self.myproducer is not None
         ):
             self._flow.on(FlowEvent.PAUSE)
@@ -288,44 +283,15 @@ class MaildirMailboxAppendMessageTask:
         self.createTempFile()
         if self._life.phase is Phase.OPEN:
             self._life.on(Event.END)
-            self._wake_pump()
+            self._feed.wake()
 
     # -- the engine side -------------------------------------------------------------------
 
-    def _find_loop(self) -> asyncio.AbstractEventLoop:
-        with contextlib.suppress(RuntimeError):
-            return asyncio.get_running_loop()
-        reactor = _twisted.installed_reactor()
-        loop = getattr(reactor, "_asyncioEventloop", None)
-        if isinstance(loop, asyncio.AbstractEventLoop) and not loop.is_closed():
-            return loop
-        if reactor is not None:
-            raise RuntimeError(
-                f"compat.MaildirMailboxAppendMessageTask runs on asyncio, but the installed "
-                f"Twisted reactor is {type(reactor).__module__}.{type(reactor).__name__}: "
-                "install twisted.internet.asyncioreactor first thing in the program "
-                "(from twisted.internet import asyncioreactor; asyncioreactor.install())"
-            )
-        raise RuntimeError(
-            "compat.MaildirMailboxAppendMessageTask needs a running asyncio event loop: "
-            "start it from asyncio code, or install twisted.internet.asyncioreactor"
-        )
-
-    def _wake_pump(self) -> None:
-        wake = self._wake
-        if wake is not None and not wake.done():
-            wake.set_result(None)
-
-    def _take(self) -> bytes:
-        chunks, self._queue, self._queued = self._queue, [], 0
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-    def _backlog(self) -> int:
-        """Bytes queued for the engine: waiting here, or in a write batch not yet done."""
-        return self._queued + self._inflight
+    def _ended(self) -> bool:
+        return self._life.phase is Phase.ENDED
 
     def _drained(self) -> None:
-        if self._backlog() > self.lowWaterMark:
+        if self._feed.backlog > self.lowWaterMark:
             return
         held = self._flow.on(FlowEvent.DRAIN)
         if held is Flow.PAUSED and self.myproducer is not None:
@@ -339,20 +305,7 @@ class MaildirMailboxAppendMessageTask:
         assert session is not None
         assert loop is not None
         try:
-            while True:
-                if self._queue:
-                    data = self._take()
-                    self._inflight = len(data)
-                    await session.write(data)
-                    self._inflight = 0
-                    self._drained()
-                elif self._life.phase is Phase.ENDED:
-                    break
-                else:
-                    self._wake = loop.create_future()
-                    await self._wake
-                    self._wake = None
-            delivery = await session.commit()
+            delivery = await self._feed.run(session, loop, self._ended, self._drained)
         except BaseException as exc:  # CancelledError too: _abandon cancels this task
             await session.abort()  # a no-op when the engine already cleaned up
             err = self._error if self._life.decided and self._error is not None else exc
@@ -440,27 +393,3 @@ class MaildirMailboxAppendMessageTask:
 
 
 _twisted.declare_consumer(MaildirMailboxAppendMessageTask)
-
-
-class MaildirMailbox:
-    """A maildir mailbox to append to: the part of Twisted's ``MaildirMailbox`` the task uses.
-
-    Creating one does no I/O; the maildir is created on first delivery. ``list`` holds the
-    paths of the messages appended through this object (Twisted's lists the existing ones).
-    """
-
-    AppendFactory: type[MaildirMailboxAppendMessageTask] = MaildirMailboxAppendMessageTask
-
-    def __init__(self, path: PathT) -> None:
-        self.path = path
-        self.list: list[str | bytes] = []
-
-    def __repr__(self) -> str:
-        return f"compat.MaildirMailbox({self.path!r})"
-
-    def appendMessage(self, msg: bytes | Any) -> Any:
-        """Add *msg* (bytes or a binary file) and return ``defer`` of the task doing it."""
-        task = self.AppendFactory(self, msg)
-        result = task.defer
-        task.startUp()
-        return result
