@@ -579,6 +579,22 @@ def test_as_future_needs_a_running_loop() -> None:
         compat.as_future(d)
 
 
+@pytest.mark.asyncio
+async def test_write_copies_a_mutable_buffer(maildir_path: Path) -> None:
+    """write() of a bytearray or memoryview keeps the bytes as they were at the call."""
+    task = Task(compat.MaildirMailbox(str(maildir_path)), io.BytesIO())
+    buf = bytearray(b"Subject: buffer\n\n")
+    task.write(buf)
+    buf[:] = b"X" * len(buf)  # the caller reuses its buffer at once
+    view = memoryview(bytearray(b"body\n"))
+    task.write(view)
+    view[:] = b"YYYY\n"
+    task.moveFileToNew()
+    assert await compat.as_future(task.defer) is None
+    (name,) = listing(maildir_path)["new"]
+    assert (maildir_path / "new" / name).read_bytes() == b"Subject: buffer\n\nbody\n"
+
+
 # -- the task's lifecycle under random calls ----------------------------------------------
 
 
