@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from typing import TypeVar
+from typing import ClassVar, Generic, TypeVar
 
 __all__ = [
     "FLOW_TRANSITIONS",
@@ -86,42 +86,50 @@ S = TypeVar("S", bound=enum.Enum)
 E = TypeVar("E", bound=enum.Enum)
 
 
-def _step(table: Mapping[tuple[S, E], S], state: S, event: E) -> S:
-    try:
-        return table[state, event]
-    except KeyError:
-        raise InvalidTransition(f"no transition for {event.name} in {state.name}") from None
+class _Machine(Generic[S, E]):
+    """A state moved by a transition table (the subclass gives the table and the start)."""
 
+    __slots__ = ("state",)
+    TABLE: ClassVar[Mapping[tuple[S, E], S]]  # set per subclass
 
-class Lifecycle:
-    """One append task's phase; :meth:`on` moves it by :data:`TRANSITIONS`."""
-
-    __slots__ = ("phase",)
-
-    def __init__(self) -> None:
-        self.phase = Phase.IDLE
+    def __init__(self, start: S) -> None:
+        self.state = start
 
     def __repr__(self) -> str:
-        return f"<Lifecycle {self.phase.name}>"
+        return f"<{type(self).__name__} {self.state.name}>"
 
-    def on(self, event: Event) -> Phase:
-        """Apply *event* and return the new phase.
+    def on(self, event: E) -> S:
+        """Apply *event*; return the state it left (what the caller may have to undo).
 
         Raises:
-            InvalidTransition: *event* is not allowed in the current phase.
+            InvalidTransition: *event* is not allowed in the current state.
         """
-        self.phase = _step(TRANSITIONS, self.phase, event)
-        return self.phase
+        before = self.state
+        try:
+            self.state = self.TABLE[before, event]
+        except KeyError:
+            raise InvalidTransition(f"no transition for {event.name} in {before.name}") from None
+        return before
+
+
+class Lifecycle(_Machine[Phase, Event]):
+    """One append task's phase, moved by :data:`TRANSITIONS`."""
+
+    __slots__ = ()
+    TABLE = TRANSITIONS
+
+    def __init__(self) -> None:
+        super().__init__(Phase.IDLE)
 
     @property
     def decided(self) -> bool:
         """Whether the outcome is settled (abandoned, decided or fired): the task is over."""
-        return self.phase in _DECIDED
+        return self.state in _DECIDED
 
     @property
     def scheduled(self) -> bool:
         """Whether ``defer``'s firing is scheduled or done."""
-        return self.phase in _SCHEDULED
+        return self.state in _SCHEDULED
 
 
 class Flow(enum.Enum):
@@ -157,23 +165,11 @@ FLOW_TRANSITIONS: Mapping[tuple[Flow, FlowEvent], Flow] = {
 }
 
 
-class ProducerFlow:
-    """The task's flow control state; :meth:`on` returns the state it left."""
+class ProducerFlow(_Machine[Flow, FlowEvent]):
+    """The task's flow control state, moved by :data:`FLOW_TRANSITIONS`."""
 
-    __slots__ = ("state",)
+    __slots__ = ()
+    TABLE = FLOW_TRANSITIONS
 
     def __init__(self) -> None:
-        self.state = Flow.FLOWING
-
-    def __repr__(self) -> str:
-        return f"<ProducerFlow {self.state.name}>"
-
-    def on(self, event: FlowEvent) -> Flow:
-        """Apply *event*; return the previous state (what the caller must undo).
-
-        Raises:
-            InvalidTransition: *event* is not allowed in the current state.
-        """
-        before = self.state
-        self.state = _step(FLOW_TRANSITIONS, before, event)
-        return before
+        super().__init__(Flow.FLOWING)

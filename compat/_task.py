@@ -169,7 +169,7 @@ class MaildirMailboxAppendMessageTask:
         Fails ``defer`` at once when there is no asyncio event loop to run on (for instance
         under a Twisted reactor that is not ``asyncioreactor``).
         """
-        if self._life.phase is not Phase.IDLE:
+        if self._life.state is not Phase.IDLE:
             return
         try:
             loop = _twisted.find_loop("compat.MaildirMailboxAppendMessageTask")
@@ -243,7 +243,7 @@ class MaildirMailboxAppendMessageTask:
         self.createTempFile()
         if self._life.decided or not data:
             return
-        if self._life.phase is Phase.ENDED:
+        if self._life.state is Phase.ENDED:
             # The pump may already be committing: these bytes would silently be left out.
             self._abandon(RuntimeError("write() after the message ended (moveFileToNew)"))
             return
@@ -278,17 +278,17 @@ class MaildirMailboxAppendMessageTask:
 
         Asynchronous: it ends the message and the engine commits it off the loop.
         """
-        if self._life.phase not in (Phase.IDLE, Phase.OPEN):
+        if self._life.state not in (Phase.IDLE, Phase.OPEN):
             return
         self.createTempFile()
-        if self._life.phase is Phase.OPEN:
+        if self._life.state is Phase.OPEN:
             self._life.on(Event.END)
             self._feed.wake()
 
     # -- the engine side -------------------------------------------------------------------
 
     def _ended(self) -> bool:
-        return self._life.phase is Phase.ENDED
+        return self._life.state is Phase.ENDED
 
     def _drained(self) -> None:
         if self._feed.backlog > self.lowWaterMark:

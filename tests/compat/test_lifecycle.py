@@ -57,14 +57,15 @@ class LifecycleMachine(RuleBasedStateMachine):
     @rule(event=st.sampled_from(Event))
     def happen(self, event: Event) -> None:
         """An allowed event moves the phase; any other raises and changes nothing."""
-        before = self.life.phase
+        before = self.life.state
         if self.allowed(event):
-            assert self.life.on(event) is TRANSITIONS[before, event]
+            assert self.life.on(event) is before
+            assert self.life.state is TRANSITIONS[before, event]
             self.apply(event)
         else:
             with pytest.raises(InvalidTransition, match=f"no transition for {event.name}"):
                 self.life.on(event)
-            assert self.life.phase is before
+            assert self.life.state is before
 
     @invariant()
     def phase_matches_the_flags(self) -> None:
@@ -81,7 +82,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             expected = Phase.OPEN
         else:
             expected = Phase.IDLE
-        assert self.life.phase is expected
+        assert self.life.state is expected
         assert self.life.decided == (self.abandoned or self.decided)
         assert self.life.scheduled == self.decided
 

@@ -65,34 +65,6 @@ def test_stand_in_file_sender_stopped_fails_its_deferred() -> None:
 
 
 @pytest.mark.asyncio
-async def test_loop_call_runs_once_and_refuses_a_late_cancel() -> None:
-    """call_soon runs fn on the next loop turn; cancel() refuses a call that already ran."""
-    loop = asyncio.get_running_loop()
-    ran: list[int] = []
-    call = _twisted.call_soon(loop, lambda: ran.append(1))
-    assert call.active()
-    await asyncio.sleep(0)
-    assert ran == [1]
-    assert not call.active()
-    with pytest.raises(Exception, match="the call already ran"):
-        call.cancel()
-
-
-@pytest.mark.asyncio
-async def test_loop_call_cancelled_never_runs_and_refuses_a_second_cancel() -> None:
-    """A cancelled call never runs; cancelling it again is refused."""
-    loop = asyncio.get_running_loop()
-    ran: list[int] = []
-    call = _twisted.call_soon(loop, lambda: ran.append(1))
-    call.cancel()
-    assert not call.active()
-    await asyncio.sleep(0.01)
-    assert ran == []
-    with pytest.raises(Exception, match="the call was already cancelled"):
-        call.cancel()
-
-
-@pytest.mark.asyncio
 async def test_find_loop_returns_the_running_loop() -> None:
     """Inside asyncio code the running loop is the one."""
     assert _twisted.find_loop("x") is asyncio.get_running_loop()
