@@ -17,7 +17,7 @@ from .conftest import settle, wait_for
 
 pytestmark = pytest.mark.anyio
 
-MSG = b"From: a@example.org\nTo: b@example.org\nSubject: review\n\nhello\n"
+MSG = b"From: a@example.org\nTo: b@example.org\nSubject: pool\n\nhello\n"
 
 
 async def test_run_sync_runs_in_a_worker_and_returns_or_raises() -> None:

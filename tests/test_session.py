@@ -18,7 +18,7 @@ from .conftest import listing, settle, wait_for
 
 pytestmark = pytest.mark.anyio
 
-MSG = b"From: a@example.org\nTo: b@example.org\nSubject: review\n\nhello\n"
+MSG = b"From: a@example.org\nTo: b@example.org\nSubject: session\n\nhello\n"
 
 
 async def test_small_writes_are_batched_until_commit(maildir_path: Path) -> None:

@@ -599,9 +599,11 @@ async def test_write_copies_a_mutable_buffer(maildir_path: Path) -> None:
 
 
 class TaskMachine(RuleBasedStateMachine):
-    """Random write/end/fail/stop/cancel calls on a real task: defer fires exactly once, a
-    success holds exactly the bytes written, a failure leaves no tmp file and at most the
-    complete message (when abandoned after its link)."""
+    """Random calls on a real task: defer fires once, with the bytes written or nothing left.
+
+    A success holds exactly the bytes written; a failure leaves no tmp file and at most the
+    complete message (when abandoned after its link).
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -615,8 +617,7 @@ class TaskMachine(RuleBasedStateMachine):
         self.ended = self.abandoned = False
 
     def call(self, fn: Callable[[], object]) -> bool:
-        """Run *fn* on the loop (the task finds its loop there), then let the loop turn once;
-        return whether defer had not fired yet when *fn* ran."""
+        """Run *fn* on the loop, turn it once; return whether defer was unfired at the call."""
         undecided = []
 
         async def go() -> None:

@@ -33,8 +33,7 @@ class Consumer:
 
 
 def test_stand_in_file_sender_sends_a_file_in_chunks_and_fires_with_the_last_byte() -> None:
-    """Without Twisted the FileSender registers as a pull producer, sends CHUNK_SIZE pieces
-    through the transform, unregisters at EOF and fires with the last byte sent."""
+    """The stand-in FileSender sends transformed chunks, then fires with the last byte."""
     sender = _twisted._FileSender()
     sender.CHUNK_SIZE = 4
     consumer = Consumer()
