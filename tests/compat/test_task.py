@@ -25,6 +25,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from zope.interface.verify import verifyObject
 
 import compat
+from compat import _twisted
 from maildrop import DEFAULT_SYSCALLS
 
 from ..conftest import listing, open_fds
@@ -593,6 +594,21 @@ async def test_write_copies_a_mutable_buffer(maildir_path: Path) -> None:
     assert await compat.as_future(task.defer) is None
     (name,) = listing(maildir_path)["new"]
     assert (maildir_path / "new" / name).read_bytes() == b"Subject: buffer\n\nbody\n"
+
+
+def test_a_pump_cancelled_by_the_loop_s_shutdown_fails_defer(tmp_path: Path) -> None:
+    """asyncio.run() ending under a started task cancels its pump: defer fails, nothing stays."""
+    outcomes: list[Any] = []
+
+    async def main() -> None:
+        task = Task(compat.MaildirMailbox(str(tmp_path / "Maildir")), io.BytesIO())
+        task.defer.addBoth(outcomes.append)
+        task.write(b"Subject: left behind\n\n")  # the pump waits for the end, forever
+
+    asyncio.run(main())
+    (failure,) = outcomes
+    assert isinstance(failure.value, asyncio.CancelledError | type(_twisted.cancelled_error()))
+    assert not (tmp_path / "Maildir" / "new").exists() or not listing(tmp_path / "Maildir")["new"]
 
 
 # -- the task's lifecycle under random calls ----------------------------------------------
