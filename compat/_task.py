@@ -16,6 +16,8 @@ decided once, on the loop's (reactor's) thread: the pump fires ``defer`` in its 
 (as Twisted's task fires it inside ``moveFileToNew()``); a failure decided outside the pump
 (``fail()`` before the pump ran) fires on the next loop turn, never inside the caller's
 call. A small durable append takes four loop turns (maildrop's own ``deliver()``: three).
+Which steps are allowed when is :mod:`compat._lifecycle`'s transition tables (one phase and
+one flow-control state instead of flags).
 
 The hooks: an overridden ``osopen``/``oswrite``/``osclose``/``osrename`` is always called,
 with the original positional arguments and full paths, from a maildrop worker thread; hooks
