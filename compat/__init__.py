@@ -10,7 +10,8 @@ installs a Twisted reactor.
 """
 
 from ._deferred import AlreadyCalledError, Deferred, Failure, as_future
-from ._task import DeliveryAborted, MaildirMailbox, MaildirMailboxAppendMessageTask
+from ._mailbox import MaildirMailbox
+from ._task import DeliveryAborted, MaildirMailboxAppendMessageTask
 from ._twisted import HAVE_TWISTED, IConsumer
 
 __all__ = [

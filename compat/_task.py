@@ -16,6 +16,8 @@ decided once, on the loop's (reactor's) thread: the pump fires ``defer`` in its 
 (as Twisted's task fires it inside ``moveFileToNew()``); a failure decided outside the pump
 (``fail()`` before the pump ran) fires on the next loop turn, never inside the caller's
 call. A small durable append takes four loop turns (maildrop's own ``deliver()``: three).
+Which steps are allowed when is :mod:`compat._lifecycle`'s transition tables (one phase and
+one flow-control state instead of flags).
 
 The hooks: an overridden ``osopen``/``oswrite``/``osclose``/``osrename`` is always called,
 with the original positional arguments and full paths, from a maildrop worker thread; hooks
@@ -26,7 +28,6 @@ fds; ``link()`` instead of ``rename()``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import os
 import sys
@@ -36,9 +37,11 @@ from typing import Any
 from maildrop import DEFAULT_SYSCALLS, DeliverySession, Maildir, MaildropError, Syscalls
 
 from . import _twisted
-from ._hooks import PathT, hook_table, join
+from ._feed import Feed
+from ._hooks import hook_table, join
+from ._lifecycle import Event, Flow, FlowEvent, Lifecycle, Phase, ProducerFlow
 
-__all__ = ["DeliveryAborted", "MaildirMailbox", "MaildirMailboxAppendMessageTask"]
+__all__ = ["DeliveryAborted", "MaildirMailboxAppendMessageTask"]
 
 
 class DeliveryAborted(MaildropError):
@@ -118,16 +121,10 @@ class MaildirMailboxAppendMessageTask:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._session: DeliverySession | None = None
         self._pump: asyncio.Task[None] | None = None
-        self._queue: list[bytes] = []
-        self._queued = 0
-        self._inflight = 0
-        self._wake: asyncio.Future[None] | None = None
-        self._eof = False
-        self._paused = False
-        self._prod_waiting = False
-        self._decided = False
-        self._scheduled = False
-        self._error: Any = None
+        self._feed = Feed()
+        self._life = Lifecycle()
+        self._flow = ProducerFlow()
+        self._error: Any = None  # why it was abandoned (the first reason wins)
         self._pending: Callable[[], None] | None = None
 
     def __repr__(self) -> str:
@@ -153,7 +150,7 @@ class MaildirMailboxAppendMessageTask:
         ``moveFileToNew()`` fails ``defer``, as it would from the ``FileSender``.
         """
         self.createTempFile()
-        if self._decided:
+        if self._life.decided:
             return
         own = self._own_msg
         if own is not None and self.msg is own and own.tell() == 0:
@@ -174,10 +171,10 @@ class MaildirMailboxAppendMessageTask:
         Fails ``defer`` at once when there is no asyncio event loop to run on (for instance
         under a Twisted reactor that is not ``asyncioreactor``).
         """
-        if self._session is not None or self._decided:
+        if self._life.state is not Phase.IDLE:
             return
         try:
-            loop = self._find_loop()
+            loop = _twisted.find_loop("compat.MaildirMailboxAppendMessageTask")
             path = self.mbox.path
             md = Maildir(
                 os.fsdecode(path) if isinstance(path, bytes) else path,
@@ -188,6 +185,7 @@ class MaildirMailboxAppendMessageTask:
             return
         self._loop = loop
         self._session = md.open_delivery()
+        self._life.on(Event.START)
         self._pump = loop.create_task(self._run())
         self._pump.add_done_callback(self._pump_done)
 
@@ -216,10 +214,10 @@ class MaildirMailboxAppendMessageTask:
         """
         self.openCall = None
         producer = self.myproducer
-        if producer is None or self._decided or self._loop is None:
+        if producer is None or self._life.decided or self._loop is None:
             return
-        if self._backlog() > self.highWaterMark:
-            self._prod_waiting = True
+        if self._feed.backlog > self.highWaterMark:
+            self._flow.on(FlowEvent.HOLD)
             return
         self.openCall = _twisted.call_soon(self._loop, self.prodProducer)
         try:
@@ -235,7 +233,7 @@ class MaildirMailboxAppendMessageTask:
 
     def write(self, data: bytes) -> None:
         """Queue *data* for the engine; never blocks. Errors go to ``defer``, not the caller."""
-        if self._decided:
+        if self._life.decided:
             return
         if not isinstance(data, bytes):
             if not isinstance(data, bytearray | memoryview):
@@ -245,22 +243,20 @@ class MaildirMailboxAppendMessageTask:
                 return
             data = bytes(data)  # the caller may reuse its buffer
         self.createTempFile()
-        if self._decided or not data:
+        if self._life.decided or not data:
             return
-        if self._eof:
+        if self._life.state is Phase.ENDED:
             # The pump may already be committing: these bytes would silently be left out.
             self._abandon(RuntimeError("write() after the message ended (moveFileToNew)"))
             return
-        self._queue.append(data)
-        self._queued += len(data)
-        self._wake_pump()
+        self._feed.push(data)
         if (
             self.streaming
-            and not self._paused
-            and self._backlog() > self.highWaterMark
+            and self._flow.state is Flow.FLOWING
+            and self._feed.backlog > self.highWaterMark
             and self.myproducer is not None
         ):
-            self._paused = True
+            self._flow.on(FlowEvent.PAUSE)
             self.myproducer.pauseProducing()
 
     def fail(self, err: Any = None) -> None:
@@ -284,57 +280,26 @@ class MaildirMailboxAppendMessageTask:
 
         Asynchronous: it ends the message and the engine commits it off the loop.
         """
-        if self._decided or self._eof:
+        if self._life.state not in (Phase.IDLE, Phase.OPEN):
             return
         self.createTempFile()
-        self._eof = True
-        self._wake_pump()
+        if self._life.state is Phase.OPEN:
+            self._life.on(Event.END)
+            self._feed.wake()
 
     # -- the engine side -------------------------------------------------------------------
 
-    def _find_loop(self) -> asyncio.AbstractEventLoop:
-        with contextlib.suppress(RuntimeError):
-            return asyncio.get_running_loop()
-        reactor = _twisted.installed_reactor()
-        loop = getattr(reactor, "_asyncioEventloop", None)
-        if isinstance(loop, asyncio.AbstractEventLoop) and not loop.is_closed():
-            return loop
-        if reactor is not None:
-            raise RuntimeError(
-                f"compat.MaildirMailboxAppendMessageTask runs on asyncio, but the installed "
-                f"Twisted reactor is {type(reactor).__module__}.{type(reactor).__name__}: "
-                "install twisted.internet.asyncioreactor first thing in the program "
-                "(from twisted.internet import asyncioreactor; asyncioreactor.install())"
-            )
-        raise RuntimeError(
-            "compat.MaildirMailboxAppendMessageTask needs a running asyncio event loop: "
-            "start it from asyncio code, or install twisted.internet.asyncioreactor"
-        )
-
-    def _wake_pump(self) -> None:
-        wake = self._wake
-        if wake is not None and not wake.done():
-            wake.set_result(None)
-
-    def _take(self) -> bytes:
-        chunks, self._queue, self._queued = self._queue, [], 0
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-    def _backlog(self) -> int:
-        """Bytes queued for the engine: waiting here, or in a write batch not yet done."""
-        return self._queued + self._inflight
+    def _ended(self) -> bool:
+        return self._life.state is Phase.ENDED
 
     def _drained(self) -> None:
-        if self._backlog() > self.lowWaterMark:
+        if self._feed.backlog > self.lowWaterMark:
             return
-        if self._paused:
-            self._paused = False
-            if self.myproducer is not None:
-                self.myproducer.resumeProducing()
-        if self._prod_waiting:
-            self._prod_waiting = False
-            if self.myproducer is not None and self._loop is not None:
-                self.openCall = _twisted.call_soon(self._loop, self.prodProducer)
+        held = self._flow.on(FlowEvent.DRAIN)
+        if held is Flow.PAUSED and self.myproducer is not None:
+            self.myproducer.resumeProducing()
+        if held is Flow.WAITING and self.myproducer is not None and self._loop is not None:
+            self.openCall = _twisted.call_soon(self._loop, self.prodProducer)
 
     async def _run(self) -> None:
         session = self._session
@@ -342,26 +307,13 @@ class MaildirMailboxAppendMessageTask:
         assert session is not None
         assert loop is not None
         try:
-            while True:
-                if self._queue:
-                    data = self._take()
-                    self._inflight = len(data)
-                    await session.write(data)
-                    self._inflight = 0
-                    self._drained()
-                elif self._eof:
-                    break
-                else:
-                    self._wake = loop.create_future()
-                    await self._wake
-                    self._wake = None
-            delivery = await session.commit()
+            delivery = await self._feed.run(session, loop, self._ended, self._drained)
         except BaseException as exc:  # CancelledError too: _abandon cancels this task
             await session.abort()  # a no-op when the engine already cleaned up
-            err = self._error if self._decided and self._error is not None else exc
+            err = self._error if self._life.decided and self._error is not None else exc
             self._decide(err, now=True)
             return
-        if self._decided:  # abandoned after the link: the message stays, the errback fires
+        if self._life.decided:  # abandoned after the link: the message stays, errback fires
             assert self._error is not None
             self._decide(self._error, now=True)
             return
@@ -371,7 +323,7 @@ class MaildirMailboxAppendMessageTask:
     def _pump_done(self, pump: asyncio.Task[None]) -> None:
         # A pump cancelled before its first step never ran its except clause; it had
         # opened nothing either, so there is nothing to clean up.
-        if not self._scheduled:
+        if not self._life.scheduled:
             err = self._error
             if err is None:
                 err = _twisted.cancelled_error() if pump.cancelled() else pump.exception()
@@ -382,11 +334,12 @@ class MaildirMailboxAppendMessageTask:
     ) -> None:
         """Fire ``defer`` with the outcome: at once from the pump's last step (*now*), else on
         the next loop turn (never inside a caller's ``write()``/``fail()``/... call)."""
-        self._decided = self._scheduled = True
+        self._life.on(Event.DECIDE)
         self._release_producer()
 
         def fire() -> None:
             self._pending = None
+            self._life.on(Event.FIRE)
             d = self.defer
             if d.called:  # cancelled meanwhile
                 return
@@ -410,9 +363,9 @@ class MaildirMailboxAppendMessageTask:
             self._pending()
 
     def _abandon(self, err: Any) -> None:
-        if self._decided:
+        if self._life.decided:
             return
-        self._decided = True
+        self._life.on(Event.ABANDON)
         self._error = err
         self._release_producer()
         pump = self._pump
@@ -427,13 +380,10 @@ class MaildirMailboxAppendMessageTask:
             call.cancel()
         producer, self.myproducer = self.myproducer, None
         self.streaming = None
-        self._prod_waiting = False
-        if self._paused:
-            # Only undo what this task did; a stopped consumer does not stop the producer
-            # (Twisted's never did, and e.g. a transport would drop its SMTP client).
-            self._paused = False
-            if producer is not None:
-                producer.resumeProducing()
+        # Only undo what this task did; a stopped consumer does not stop the producer
+        # (Twisted's never did, and e.g. a transport would drop its SMTP client).
+        if self._flow.on(FlowEvent.RELEASE) is Flow.PAUSED and producer is not None:
+            producer.resumeProducing()
 
     def _cancel(self, d: Any) -> None:
         # Deferred.cancel(): fire a result that is already decided, else abandon; Twisted
@@ -445,27 +395,3 @@ class MaildirMailboxAppendMessageTask:
 
 
 _twisted.declare_consumer(MaildirMailboxAppendMessageTask)
-
-
-class MaildirMailbox:
-    """A maildir mailbox to append to: the part of Twisted's ``MaildirMailbox`` the task uses.
-
-    Creating one does no I/O; the maildir is created on first delivery. ``list`` holds the
-    paths of the messages appended through this object (Twisted's lists the existing ones).
-    """
-
-    AppendFactory: type[MaildirMailboxAppendMessageTask] = MaildirMailboxAppendMessageTask
-
-    def __init__(self, path: PathT) -> None:
-        self.path = path
-        self.list: list[str | bytes] = []
-
-    def __repr__(self) -> str:
-        return f"compat.MaildirMailbox({self.path!r})"
-
-    def appendMessage(self, msg: bytes | Any) -> Any:
-        """Add *msg* (bytes or a binary file) and return ``defer`` of the task doing it."""
-        task = self.AppendFactory(self, msg)
-        result = task.defer
-        task.startUp()
-        return result

@@ -24,6 +24,7 @@ __all__ = [
     "cancelled_error",
     "declare_consumer",
     "file_sender",
+    "find_loop",
     "installed_reactor",
     "new_deferred",
 ]
@@ -193,3 +194,31 @@ def call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> Any:
     append's loop time; the returned object has ``IDelayedCall``'s ``active``/``cancel``.
     """
     return _LoopCall(loop, fn)
+
+
+def find_loop(what: str) -> asyncio.AbstractEventLoop:
+    """Return the asyncio loop *what* runs on: the running one, else asyncioreactor's.
+
+    Raises:
+        RuntimeError: there is none (no running loop, and no reactor or another kind of
+            reactor installed); the message says what to install.
+    """
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    reactor = installed_reactor()
+    loop = getattr(reactor, "_asyncioEventloop", None)
+    if isinstance(loop, asyncio.AbstractEventLoop) and not loop.is_closed():
+        return loop
+    if reactor is not None:
+        raise RuntimeError(
+            f"{what} runs on asyncio, but the installed "
+            f"Twisted reactor is {type(reactor).__module__}.{type(reactor).__name__}: "
+            "install twisted.internet.asyncioreactor first thing in the program "
+            "(from twisted.internet import asyncioreactor; asyncioreactor.install())"
+        )
+    raise RuntimeError(
+        f"{what} needs a running asyncio event loop: "
+        "start it from asyncio code, or install twisted.internet.asyncioreactor"
+    )

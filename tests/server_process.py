@@ -8,7 +8,6 @@ filesystem would.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -19,8 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
+from .subprocess_coverage import measured_env
+
 PY = [sys.executable, "-m", "maildrop"]
-ROOT = Path(__file__).resolve().parent.parent
 
 #: ``python -c STUCK_FSYNC MARKER ARGV...``: maildrop, with every file fsync blocked forever.
 STUCK_FSYNC = """
@@ -63,9 +63,7 @@ class ServerProcess:
         own_group: bool = False,
     ) -> None:
         cmd = [sys.executable, "-c", code, *pre, *argv] if code else [*PY, *argv]
-        env = dict(os.environ)
-        if "coverage" in sys.modules and sys.modules["coverage"].Coverage.current() is not None:
-            env["COVERAGE_PROCESS_START"] = str(ROOT / "pyproject.toml")  # measure it too
+        env = measured_env()
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,

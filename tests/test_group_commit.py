@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -193,3 +194,47 @@ async def test_a_failed_shared_fsync_unlinks_every_covered_message(maildir_path:
     assert len(listing(maildir_path)["new"]) == 3  # "warm", "first" and one covered
     assert listing(maildir_path)["tmp"] == []
     assert open_fds() == before
+
+
+# -- regressions --------------------------------------------------------------------------
+
+
+async def test_group_commit_returns_only_after_a_covering_dir_fsync(
+    tmp_path: Path,
+) -> None:
+    """Every concurrent commit returns after a directory fsync that began after its link."""
+    lock = threading.Lock()
+    clock = [0]
+    links: dict[str, int] = {}
+    syncs: list[tuple[int, int]] = []
+
+    def tick() -> int:
+        with lock:
+            clock[0] += 1
+            return clock[0]
+
+    def link(src: str, dst: str, **kw: Any) -> None:
+        os.link(src, dst, **kw)
+        links[dst] = tick()
+
+    def fsync_dir(fd: int) -> None:
+        start = tick()
+        time.sleep(0.002)
+        os.fsync(fd)
+        syncs.append((start, tick()))
+
+    md = Maildir(tmp_path / "m", syscalls=DEFAULT_SYSCALLS.replace(link=link, fsync_dir=fsync_dir))
+    await md.deliver(b"warm")  # the maildir exists: only new/ is fsynced below
+    returned: dict[str, int] = {}
+
+    async def one(i: int) -> None:
+        d = await md.deliver(b"message %d\n" % i)
+        returned[d.name] = tick()
+
+    async with anyio.create_task_group() as tg:
+        for i in range(24):
+            tg.start_soon(one, i)
+    assert len(returned) == 24
+    for name, at in returned.items():
+        linked = links[name]
+        assert any(linked < s and e < at for s, e in syncs), name

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from maildrop import (
     deliver_many,
 )
 
-from .conftest import Faults, listing, settle
+from .conftest import Faults, HeldCall, listing, open_fds, settle, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -460,3 +461,96 @@ def test_a_thousand_targets_fit_in_256_fds(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
     assert proc.stdout.strip() == b"1000"
+
+
+# -- regressions --------------------------------------------------------------------------
+
+
+async def test_deliver_many_cancelled_while_staging_leaks_no_fds(tmp_path: Path) -> None:
+    """Cancelling deliver_many while its staging file is fsynced leaves no fd open."""
+    fsync = HeldCall(os.fsync, timeout=5)
+    await Maildir(tmp_path / "a").deliver(b"warm")
+    await Maildir(tmp_path / "b").deliver(b"warm")
+    first = Maildir(tmp_path / "a", syscalls=DEFAULT_SYSCALLS.replace(fsync=fsync))
+    second = Maildir(tmp_path / "b")
+    before = open_fds()
+    scopes: list[anyio.CancelScope] = []
+
+    async def run() -> None:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            await deliver_many(MSG, [first, second])
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await wait_for(fsync.entered)
+            scopes[0].cancel()
+            await anyio.sleep(0.05)
+            fsync.release.set()
+    finally:
+        fsync.release.set()
+    await settle(
+        lambda: listing(tmp_path / "a")["tmp"] == [] and open_fds() <= before, "the cleanup"
+    )
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])  # asyncio's pool runs queued jobs anyway
+async def test_deliver_many_cancelled_while_a_dir_fsync_waits_for_a_thread(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    """A cancel that lands while a target's directory fsync waits for a thread leaks no fd."""
+    from maildrop._pool import THREADS, _anyio_limiter, run_sync
+
+    hold, gate, blocked = threading.Event(), threading.Event(), threading.Event()
+
+    def block(real: Any) -> Any:
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            blocked.set()
+            gate.wait(5)
+            return real(*args, **kwargs)
+
+        return inner
+
+    table = DEFAULT_SYSCALLS.replace(fsync_dir=block(os.fsync), unlink=block(os.unlink))
+    for name in ("a", "b"):
+        await Maildir(tmp_path / name).deliver(b"warm")
+    mds = [Maildir(tmp_path / name, syscalls=table) for name in ("a", "b")]
+    before = open_fds()
+    scopes: list[anyio.CancelScope] = []
+
+    async def run() -> None:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            await deliver_many(MSG, mds)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for _ in range(THREADS - 1):  # every thread token but one is busy elsewhere
+                tg.start_soon(run_sync, hold.wait, 5)
+            with anyio.fail_after(5):
+                while _anyio_limiter().borrowed_tokens < THREADS - 1:  # noqa: ASYNC110
+                    await anyio.sleep(0.002)
+            tg.start_soon(run)
+            await wait_for(blocked)  # the last token is stuck; a _sync task waits for one
+            scopes[0].cancel()
+            await anyio.sleep(0.05)
+            gate.set()
+            hold.set()
+    finally:
+        gate.set()
+        hold.set()
+    await settle(lambda: open_fds() <= before, "the workers' cleanup")
+
+
+async def test_deliver_many_raises_a_source_oserror(tmp_path: Path) -> None:
+    """An OSError raised by the source propagates from deliver_many as the same object."""
+    boom = ConnectionResetError(errno.ECONNRESET, "peer went away")
+
+    async def src() -> AsyncIterator[bytes]:
+        yield MSG
+        raise boom
+
+    with pytest.raises(ConnectionResetError) as info:
+        await deliver_many(src(), [Maildir(tmp_path / "a"), Maildir(tmp_path / "b")])
+    assert info.value is boom

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import signal
@@ -164,9 +163,12 @@ def stuck_in_kernel(pids: list[int]) -> bool:
     """Whether a thread of one of *pids* sleeps uninterruptibly (state D)."""
     for pid in pids:
         for task in Path(f"/proc/{pid}/task").iterdir():
-            with contextlib.suppress(FileNotFoundError):  # the thread just ended
-                if (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "D":
-                    return True
+            try:
+                state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except FileNotFoundError:  # the thread just ended
+                continue
+            if state == "D":
+                return True
     return False
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -90,3 +93,73 @@ async def test_pipe_source_with_a_header_and_a_size_limit(
     with open(r, "rb") as f, pytest.raises(MessageTooLargeError):
         await Maildir(tmp_path / "m", max_size=100).deliver(f)
     assert len(listing(tmp_path / "m")["new"]) == 1
+
+
+# -- regressions --------------------------------------------------------------------------
+
+
+async def test_compressed_file_source_delivers_what_read_returns(
+    tmp_path: Path, maildir_path: Path
+) -> None:
+    """A file object that decodes on read() delivers its decoded bytes, not its fd's bytes."""
+    import gzip
+
+    packed = tmp_path / "msg.gz"
+    with gzip.open(packed, "wb") as g:
+        g.write(MSG)
+    with gzip.open(packed, "rb") as f:
+        d = await Maildir(maildir_path).deliver(f)
+    assert d.path.read_bytes() == MSG
+
+
+async def test_nonblocking_file_without_data_is_not_the_end(maildir_path: Path) -> None:
+    """A non-blocking file with no data available yet is never delivered truncated."""
+    r, w = os.pipe()
+    try:
+        os.write(w, b"Subject: part one\n\n")
+        os.set_blocking(r, False)
+        with (
+            open(r, "rb", closefd=False) as f,
+            pytest.raises(BlockingIOError, match="non-blocking and had no data"),
+        ):
+            await Maildir(maildir_path).deliver(f)
+    finally:
+        os.close(r)
+        os.close(w)
+    assert listing(maildir_path)["new"] == []
+
+
+async def test_str_chunks_never_get_through(maildir_path: Path) -> None:
+    """str from any source kind is refused with TypeError and leaves nothing behind."""
+
+    class AsyncReader:
+        async def read(self, n: int) -> Any:
+            return "text"
+
+    async def agen() -> AsyncIterator[Any]:
+        yield b"ok"
+        yield "text"
+
+    class SyncReader:
+        def read(self, n: int = -1) -> Any:
+            return "text"
+
+    md = Maildir(maildir_path)
+    for source in (AsyncReader(), agen(), SyncReader()):
+        with pytest.raises(TypeError, match="not str"):
+            await md.deliver(source)
+    assert listing(maildir_path) == {"tmp": [], "new": [], "cur": []}
+
+
+async def test_source_oserror_propagates_from_deliver(maildir_path: Path) -> None:
+    """deliver() raises the source's OSError as the same object and leaves nothing."""
+    boom = ConnectionResetError(errno.ECONNRESET, "peer went away")
+
+    async def src() -> AsyncIterator[bytes]:
+        yield b"x" * (2 * 1024 * 1024)  # a batch is in flight when the source fails
+        raise boom
+
+    with pytest.raises(ConnectionResetError) as info:
+        await Maildir(maildir_path).deliver(src())
+    assert info.value is boom
+    assert listing(maildir_path) == {"tmp": [], "new": [], "cur": []}

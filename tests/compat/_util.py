@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from ..subprocess_coverage import measured_env
+
 HERE = Path(__file__).parent
 HAVE_TWISTED = importlib.util.find_spec("twisted") is not None
 
@@ -25,6 +27,7 @@ def start(script: str, *args: str, cwd: Path) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=measured_env(),
     )
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..subprocess_coverage import measured_env
 from ._util import finish, needs_twisted, start
 
 IMPORT_ONLY = """
@@ -67,7 +68,12 @@ print(json.dumps(out))
 
 def _python(code: str, *args: str, cwd: Path) -> dict[str, object]:
     proc = subprocess.run(
-        [sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", code, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=measured_env(),
     )
     assert proc.returncode == 0, proc.stderr
     result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])

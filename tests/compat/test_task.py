@@ -10,16 +10,22 @@ import asyncio
 import errno
 import io
 import os
+import shutil
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from zope.interface.verify import verifyObject
 
 import compat
+from compat import _twisted
 from maildrop import DEFAULT_SYSCALLS
 
 from ..conftest import listing, open_fds
@@ -572,3 +578,137 @@ def test_as_future_needs_a_running_loop() -> None:
     d = compat.Deferred[None]()
     with pytest.raises(RuntimeError, match="running asyncio event loop"):
         compat.as_future(d)
+
+
+@pytest.mark.asyncio
+async def test_write_copies_a_mutable_buffer(maildir_path: Path) -> None:
+    """write() of a bytearray or memoryview keeps the bytes as they were at the call."""
+    task = Task(compat.MaildirMailbox(str(maildir_path)), io.BytesIO())
+    buf = bytearray(b"Subject: buffer\n\n")
+    task.write(buf)
+    buf[:] = b"X" * len(buf)  # the caller reuses its buffer at once
+    view = memoryview(bytearray(b"body\n"))
+    task.write(view)
+    view[:] = b"YYYY\n"
+    task.moveFileToNew()
+    assert await compat.as_future(task.defer) is None
+    (name,) = listing(maildir_path)["new"]
+    assert (maildir_path / "new" / name).read_bytes() == b"Subject: buffer\n\nbody\n"
+
+
+def test_a_pump_cancelled_by_the_loop_s_shutdown_fails_defer(tmp_path: Path) -> None:
+    """asyncio.run() ending under a started task cancels its pump: defer fails, nothing stays."""
+    outcomes: list[Any] = []
+
+    async def main() -> None:
+        task = Task(compat.MaildirMailbox(str(tmp_path / "Maildir")), io.BytesIO())
+        task.defer.addBoth(outcomes.append)
+        task.write(b"Subject: left behind\n\n")  # the pump waits for the end, forever
+
+    asyncio.run(main())
+    (failure,) = outcomes
+    assert isinstance(failure.value, asyncio.CancelledError | type(_twisted.cancelled_error()))
+    assert not (tmp_path / "Maildir" / "new").exists() or not listing(tmp_path / "Maildir")["new"]
+
+
+# -- the task's lifecycle under random calls ----------------------------------------------
+
+
+class TaskMachine(RuleBasedStateMachine):
+    """Random calls on a real task: defer fires once, with the bytes written or nothing left.
+
+    A success holds exactly the bytes written; a failure leaves no tmp file and at most the
+    complete message (when abandoned after its link).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="compat-machine-"))
+        self.loop = asyncio.new_event_loop()
+        self.mbox = compat.MaildirMailbox(str(self.dir / "Maildir"))
+        self.task = Task(self.mbox, io.BytesIO())
+        self.outcomes: list[Any] = []
+        self.task.defer.addCallbacks(self.outcomes.append, self.outcomes.append)
+        self.written = b""
+        self.ended = self.abandoned = False
+
+    def call(self, fn: Callable[[], object]) -> bool:
+        """Run *fn* on the loop, turn it once; return whether defer was unfired at the call."""
+        undecided = []
+
+        async def go() -> None:
+            undecided.append(not self.outcomes)
+            fn()
+            await asyncio.sleep(0)
+
+        self.loop.run_until_complete(go())
+        return undecided[0]
+
+    @rule(data=st.binary(max_size=64))
+    def write(self, data: bytes) -> None:
+        """write() before the end and the outcome counts; after the end it abandons."""
+        if not self.call(lambda: self.task.write(data)) or self.abandoned:
+            return
+        if self.ended and data:
+            self.abandoned = True
+        elif not self.ended:
+            self.written += data
+
+    @rule()
+    def end(self) -> None:
+        """moveFileToNew() ends the message (a second call does nothing)."""
+        self.call(self.task.moveFileToNew)
+        self.ended = True
+
+    @rule(how=st.sampled_from(["fail", "stopProducing", "cancel"]))
+    def abandon(self, how: str) -> None:
+        """fail(), stopProducing() or cancelling defer abandon an undecided delivery."""
+        fn = self.task.defer.cancel if how == "cancel" else getattr(self.task, how)
+        self.abandoned = self.call(fn) or self.abandoned
+
+    @rule(turns=st.integers(1, 5))
+    def spin(self, turns: int) -> None:
+        """Let the loop (and the engine's workers) make progress."""
+        self.loop.run_until_complete(asyncio.sleep(0.001 * turns))
+
+    @invariant()
+    def fires_at_most_once(self) -> None:
+        """defer has at most one outcome."""
+        assert len(self.outcomes) <= 1
+
+    def teardown(self) -> None:
+        """End the message if nobody did, wait for the outcome, then check the disk."""
+        try:
+            if not self.ended and not self.abandoned:
+                self.end()
+            self.loop.run_until_complete(self.settled())
+            self.check()
+        finally:
+            self.loop.close()
+            shutil.rmtree(self.dir)
+
+    async def settled(self) -> None:
+        """Wait until defer fired, the pump ended and the engine removed every tmp file."""
+        tmp = self.dir / "Maildir" / "tmp"
+        pump = self.task._pump
+        await until(lambda: bool(self.outcomes) and (pump is None or pump.done()))
+        await until(lambda: not tmp.exists() or not any(tmp.iterdir()))
+
+    def check(self) -> None:
+        """The outcome and the disk agree with the calls made."""
+        new = self.dir / "Maildir" / "new"
+        files = sorted(new.iterdir()) if new.exists() else []
+        (outcome,) = self.outcomes
+        if outcome is None:  # delivered
+            assert not self.abandoned
+            assert [p.read_bytes() for p in files] == [self.written]
+            assert self.mbox.list == [str(files[0])]
+            return
+        assert self.abandoned or not self.written, outcome
+        assert len(files) <= 1  # abandoned after the link: the complete message stays
+        assert [p.read_bytes() for p in files] in ([], [self.written])
+        assert self.mbox.list == []
+
+
+TestTaskMachine = TaskMachine.TestCase
+TestTaskMachine.settings = settings(max_examples=40, stateful_step_count=12, deadline=None)

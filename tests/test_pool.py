@@ -1,0 +1,151 @@
+"""Worker threads: hops that return results, cancelled callers released, jobs nobody awaits."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+from maildrop import Maildir
+from maildrop._pool import THREADS, read_source, run_each, run_sync, running_loop, spawn, submit
+
+from .conftest import settle, wait_for
+
+pytestmark = pytest.mark.anyio
+
+MSG = b"From: a@example.org\nTo: b@example.org\nSubject: pool\n\nhello\n"
+
+
+async def test_run_sync_runs_in_a_worker_and_returns_or_raises() -> None:
+    """run_sync returns fn's result from another thread and raises fn's exception as is."""
+    here = threading.get_ident()
+    assert await run_sync(lambda x: (x * 2, threading.get_ident()), 21) != (42, here)
+    assert (await run_sync(lambda x: x * 2, 21)) == 42
+    boom = ValueError("boom from the worker")
+
+    def fail() -> None:
+        raise boom
+
+    with pytest.raises(ValueError, match="boom from the worker") as info:
+        await run_sync(fail)
+    assert info.value is boom
+
+
+async def test_cancelled_run_sync_releases_the_caller_and_the_call_finishes() -> None:
+    """A cancelled caller leaves while fn is blocked; fn still runs to its end."""
+    entered, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def blocked() -> None:
+        entered.set()
+        release.wait(5)
+        finished.set()
+
+    try:
+        with anyio.move_on_after(5) as outer:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run_sync, blocked)
+                await wait_for(entered)
+                tg.cancel_scope.cancel()
+        assert not outer.cancelled_caught  # released at once, not by the 5 s bound
+        assert not finished.is_set()
+    finally:
+        release.set()
+    await settle(finished.is_set, "the abandoned call")
+
+
+async def test_run_each_runs_the_items_concurrently() -> None:
+    """run_each runs every item, and at the same time: three items meet at a barrier."""
+    assert THREADS >= 3
+    barrier = threading.Barrier(3, timeout=5)
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        barrier.wait()  # breaks (BrokenBarrierError) unless all three run at once
+        with lock:
+            seen.append(i)
+
+    await run_each(one, [1, 2, 3])
+    assert sorted(seen) == [1, 2, 3]
+
+
+async def test_run_each_raises_an_item_s_exception(anyio_backend: str) -> None:
+    """An exception of one item propagates from run_each (on trio inside an ExceptionGroup)."""
+
+    def one(i: int) -> None:
+        if i == 2:
+            raise OSError(5, "item two failed")
+
+    with pytest.raises((OSError, ExceptionGroup)) as info:
+        await run_each(one, [1, 2, 3])
+    if anyio_backend == "trio":  # the items run in a task group there
+        assert info.group_contains(OSError, match="item two failed")
+    else:
+        info.match("item two failed")
+
+
+async def test_submit_queues_on_asyncio_and_declines_elsewhere(anyio_backend: str) -> None:
+    """submit returns a future of fn's result on asyncio; off asyncio it queues nothing."""
+    ran = threading.Event()
+    fut = submit(ran.set)
+    if anyio_backend == "asyncio":
+        assert running_loop() is not None
+        assert fut is not None
+        assert await fut is None
+        assert ran.is_set()
+    else:
+        assert running_loop() is None
+        assert fut is None
+        await anyio.sleep(0.05)
+        assert not ran.is_set()
+
+
+@pytest.mark.parametrize("fails", [False, True])
+async def test_spawn_reports_to_done_on_the_loop_thread(fails: bool) -> None:
+    """spawn runs fn with nobody waiting; done gets None or fn's exception, on the loop."""
+    loop_thread = threading.get_ident()
+    reported: list[tuple[BaseException | None, int]] = []
+    boom = RuntimeError("spawned job failed")
+
+    def job() -> None:
+        if fails:
+            raise boom
+
+    spawn(job, done=lambda err: reported.append((err, threading.get_ident())))
+    with anyio.fail_after(5):
+        while not reported:  # noqa: ASYNC110 - done runs as a loop callback
+            await anyio.sleep(0.005)
+    assert reported == [(boom if fails else None, loop_thread)]
+
+
+async def test_read_source_reads_in_a_thread_of_its_own_lane() -> None:
+    """read_source calls read(n) in another thread and returns what it read."""
+    calls: list[tuple[int, int]] = []
+
+    def read(n: int) -> bytes:
+        calls.append((n, threading.get_ident()))
+        return b"x" * n
+
+    assert await read_source(read, 7) == b"xxxxxxx"
+    assert calls[0][0] == 7
+    assert calls[0][1] != threading.get_ident()
+
+
+# -- regressions --------------------------------------------------------------------------
+
+
+def test_worker_threads_do_not_outlive_their_event_loop(tmp_path: Path) -> None:
+    """Many short asyncio.run() calls do not pile up idle worker threads of closed loops."""
+    md = Maildir(tmp_path / "m", fsync=False)
+    asyncio.run(md.deliver(b"warm"))
+    base = threading.active_count()
+    for _ in range(20):
+        asyncio.run(md.deliver(MSG))
+    deadline = time.monotonic() + 2.0
+    while threading.active_count() > base + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() <= base + 2
