@@ -15,7 +15,7 @@ import errno
 import anyio
 
 from ._backend import current
-from ._handoff import hand_back, take_over
+from ._handoff import run_owned
 from ._loops import per_loop
 from ._writer import TmpFile
 
@@ -111,18 +111,10 @@ def _sync_and_close(covered: list[TmpFile]) -> None:
     fsync nothing is closed: each delivery then removes its own link, which needs its fds.
     """
     for t in covered:
-        if take_over(t):
-            try:
-                t.sync_dest()
-            finally:
-                hand_back(t)
+        if run_owned(t, t.sync_dest):
             break
     for t in covered:
-        if take_over(t):
-            try:
-                t.close_dirs()
-            finally:
-                hand_back(t)
+        run_owned(t, t.close_dirs)
 
 
 def group(key: _Key) -> GroupCommit:

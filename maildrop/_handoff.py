@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from ._state import Owner, abort_owner
 from ._writer import Aborted, TmpFile
 
-__all__ = ["abort", "as_step", "cleanup", "hand_back", "owner", "take_over"]
+__all__ = ["abort", "as_step", "cleanup", "hand_back", "owner", "run_owned", "take_over"]
 
 T = TypeVar("T")
 
@@ -52,10 +52,27 @@ def hand_back(tmp: TmpFile, *, failed: bool = False) -> None:
             tmp.running = False
 
 
+def run_owned(tmp: TmpFile, fn: Callable[[], object]) -> bool:
+    """Call *fn* as the owner of *tmp*'s files; False (not called) if gone or owned already.
+
+    An aborted delivery's files are cleaned up once *fn* returns.
+    """
+    if not take_over(tmp):
+        return False
+    try:
+        fn()
+    finally:
+        hand_back(tmp)
+    return True
+
+
 def cleanup(tmp: TmpFile) -> None:
     """Remove an aborted delivery's files unless another owner is still at it (a worker)."""
-    if take_over(tmp):
-        hand_back(tmp)
+    run_owned(tmp, _nothing)
+
+
+def _nothing() -> None:
+    pass
 
 
 def abort(tmp: TmpFile, *, keep_published: bool) -> Owner:
