@@ -148,7 +148,7 @@ class DeliverySession:
             if self._buffered >= self._batch:
                 await self._flush()
         except BaseException as exc:
-            await self._fail(exc)
+            await self._abort_on(exc)
             raise
 
     def write_from(self, file: IO[bytes]) -> None:
@@ -214,7 +214,7 @@ class DeliverySession:
             self._advance(Event.SYNC)
             return self._delivered(final)
         except BaseException as exc:
-            await self._fail(exc)
+            await self._abort_on(exc)
             raise
         finally:
             if gc is not None:
@@ -247,7 +247,7 @@ class DeliverySession:
             await self._run(self._stage_step, self._take())
             self._advance(Event.STAGE)
         except BaseException as exc:
-            await self._fail(exc)
+            await self._abort_on(exc)
             raise
 
     def _stage_step(self, chunks: list[bytes | memoryview]) -> None:
@@ -267,7 +267,7 @@ class DeliverySession:
         try:
             return await self._run(fn, self._tmp, *args)
         except BaseException as exc:
-            await self._fail(exc)
+            await self._abort_on(exc)
             raise
 
     async def abort(self) -> None:
@@ -283,11 +283,11 @@ class DeliverySession:
         its worker thread.
         """
         if self._phase is Phase.ABORTED:
-            await self._cleaned()
+            await self._wait_cleanup()
         elif self._phase is not Phase.DURABLE:
             await self._abort(Cause.REQUESTED)
 
-    async def _fail(self, exc: BaseException) -> None:
+    async def _abort_on(self, exc: BaseException) -> None:
         self._error = exc  # what the engine itself raised (deliver_many tells it apart)
         if self.closed:
             return
@@ -315,9 +315,9 @@ class DeliverySession:
             ended = self._cleanup_done = anyio.Event()
             current().spawn(_handoff.cleanup, self._tmp, done=lambda _: ended.set())
         if wait:
-            await self._cleaned()
+            await self._wait_cleanup()
 
-    async def _cleaned(self) -> None:
+    async def _wait_cleanup(self) -> None:
         """Wait until the delivery's files are cleaned up (by whichever thread owns them)."""
         if self._cleanup_done is not None:
             await self._cleanup_done.wait()  # usually the job did it; else the owner below
