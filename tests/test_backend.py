@@ -106,12 +106,12 @@ async def test_a_failing_staged_step_aborts_the_delivery(
 
 @pytest.mark.anyio
 async def test_writing_during_a_commit_is_refused(tmp_path: Path, anyio_backend: str) -> None:
-    """Bytes written while commit() runs would be left out: write() refuses them."""
+    """Bytes written once commit() began would be left out: write() refuses them."""
     session: DeliverySession = Maildir(tmp_path / "m").open_delivery()
     await session.write(b"x")
     async with anyio.create_task_group() as tg:
         tg.start_soon(session.commit)
-        await anyio.lowlevel.checkpoint()
+        await anyio.wait_all_tasks_blocked()  # the commit is running (or done: refused too)
         with pytest.raises(RuntimeError, match="cannot write: this delivery was already committ"):
             await session.write(b"late")
     assert session.closed
