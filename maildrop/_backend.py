@@ -11,9 +11,14 @@ The steps are plain functions that do their disk calls through the syscall table
 (``_sys``), so they run the same in any backend. Today's backends run them in threads:
 :class:`PoolBackend` on asyncio (maildrop's own pool, ``_pool``) and :class:`AnyioBackend`
 elsewhere (anyio worker threads, on trio). Both release a cancelled caller at once and let
-the step run to completion; both run the step in a copy of the caller's ``contextvars``. A
-backend that submits the steps' syscalls to the kernel itself (io_uring) implements the
-same five methods.
+the step run to completion; both run the step in a copy of the caller's ``contextvars``.
+
+A backend that submits the steps' syscalls to the kernel itself (io_uring) implements the
+same five methods: ``run`` and ``spawn`` recognise the engine's own steps (the ``Steps``
+methods, the group-commit fsync, the cleanup) and submit their syscalls as a chain, whose
+completion plays the part of the worker's return (it owns the files until then, and cleans
+up after an abort); any other callable, and every step when the syscall table is not the
+default one, still goes to a thread.
 """
 
 from __future__ import annotations
