@@ -52,25 +52,16 @@ class SessionMachine(RuleBasedStateMachine):
             with pytest.raises(RuntimeError, match="cannot write"):
                 self.run(self.session.write(data))
 
-    @rule()
-    def commit(self) -> None:
-        """commit() makes the message durable once; later calls are refused."""
+    @rule(action=st.sampled_from(["commit", "stage"]))
+    def finish(self, action: str) -> None:
+        """commit() makes the message durable, stage() keeps it in tmp/: once, while writing."""
+        call = getattr(self.session, action)
         if self.model is Phase.WRITING:
-            self.run(self.session.commit())
-            self.model = Phase.DURABLE
+            self.run(call())
+            self.model = Phase.DURABLE if action == "commit" else Phase.STAGED
         else:
-            with pytest.raises(RuntimeError, match="cannot commit"):
-                self.run(self.session.commit())
-
-    @rule()
-    def stage(self) -> None:
-        """stage() keeps the message in tmp/; it is allowed once, while writing."""
-        if self.model is Phase.WRITING:
-            self.run(self.session.stage())
-            self.model = Phase.STAGED
-        else:
-            with pytest.raises(RuntimeError, match="cannot stage"):
-                self.run(self.session.stage())
+            with pytest.raises(RuntimeError, match=f"cannot {action}"):
+                self.run(call())
 
     @rule()
     def abort(self) -> None:
