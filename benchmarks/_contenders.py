@@ -27,7 +27,7 @@ import aiofiles
 import aiofiles.os
 
 from maildrop import Maildir
-from maildrop._pool import run_sync
+from maildrop._backend import current
 from maildrop._session import STATS
 
 KIB = 1024
@@ -221,9 +221,10 @@ async def raw_pool_many(path: Path, msg: bytes, n: int) -> float:
     make_dirs(path)
     p = str(path)
     chunks = [msg]
+    backend = current()
     t0 = time.perf_counter()
     for _ in range(n):
-        await run_sync(raw_one, p, chunks, True)
+        await backend.run(raw_one, p, chunks, True)
     return time.perf_counter() - t0
 
 

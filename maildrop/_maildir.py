@@ -116,6 +116,7 @@ class Maildir:
         return_path: str | None = None,
         delivered_to: str | None = None,
         crlf_to_lf: bool = False,
+        pipeline: bool = False,
     ) -> DeliverySession:
         """Return a session to feed a message into chunk by chunk.
 
@@ -129,6 +130,10 @@ class Maildir:
         (SMTP wire format to the maildir convention), and then every line ends in LF. Both
         are applied while streaming; sizes, ``max_size`` and the quota count the bytes
         written.
+
+        With *pipeline*, ``write()`` may return while a worker still writes its batch (at
+        most one batch in flight; its error comes from the next call): for a caller that
+        drives a source itself. Without it, ``write()`` returns once its batch is on disk.
 
         Raises:
             ValueError: a flag is not one of ``DFPRST``, or a header value contains CR, LF
@@ -145,6 +150,7 @@ class Maildir:
             max_size=self._max_size,
             transform=transform,
             quota=None if self._quota is None else QuotaGuard(self._quota, self._layout),
+            pipeline=pipeline,
         )
 
     async def deliver(
@@ -181,7 +187,7 @@ class Maildir:
         """
         session = self.open_delivery(
             flags=flags, return_path=return_path, delivered_to=delivered_to,
-            crlf_to_lf=crlf_to_lf,
+            crlf_to_lf=crlf_to_lf, pipeline=True,
         )  # fmt: skip
         async with session:
             await feed(session, source)

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
+from ._backend import current
 from ._errors import MessageTooLargeError
 from ._maildir import Maildir
 from ._naming import format_flags, published_name
-from ._pool import run_each, run_sync
 from ._quota_io import QuotaGuard
 from ._session import Delivery, DeliverySession
 from ._sources import Source, feed
@@ -46,56 +46,42 @@ class _NeedsCopy(Exception):
     """This target cannot get a link to the staged file: it gets a copy instead."""
 
 
-class _Staging(DeliverySession):
-    """A delivery session that stops after the fsync: the file stays in ``tmp/``."""
+def _open_reader(staged: TmpFile) -> IO[bytes] | OSError:
+    """Reopen the staged inode for reading (the session's fd is write-only); an error is
+    one target's result, not the end of the staging file."""
+    try:
+        fd = staged.sys.open(f"/proc/self/fd/{staged.fd}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        return exc
+    return os.fdopen(fd, "rb")
 
-    async def stage(self) -> None:
-        """Write the rest of the message and fsync the staging file (in a worker)."""
-        self._check_open("stage")
-        try:
-            await self._drain()  # a batch may still be in flight (pipelined writes)
-            await self._hop(self._stage_step, self._take())
-        except BaseException as exc:
-            await self._fail(exc)
-            raise
 
-    def _stage_step(self, chunks: list[bytes | memoryview]) -> None:
-        self._write_rest(chunks)
-        if self._layout.fsync:
-            self._tmp.sys.fsync(self._tmp.fd)
+async def _link_into(
+    session: DeliverySession, jobs: list[tuple[int, Maildir]], flags: str | None
+) -> _Links:
+    """Link the staged file into every job's maildir in one step.
 
-    async def link_into(self, jobs: list[tuple[int, Maildir]], flags: str | None) -> _Links:
-        """Link the staged file into every job's maildir in one worker call.
+    Each linked target keeps its directory fds open for its directory fsync. If the caller
+    is cancelled meanwhile, whoever ends last of the worker and the caller closes them
+    (see :class:`_Handover`).
+    """
+    handover = _Handover()
+    try:
+        await session.run_staged(_link_all, jobs, flags, handover)
+    except BaseException:
+        handover.abandon()
+        raise
+    return handover.links
 
-        Each linked target keeps its directory fds open for its directory fsync. If the
-        caller is cancelled meanwhile, whoever ends last of the worker and the caller
-        closes them (see :class:`_Handover`).
-        """
-        handover = _Handover()
-        try:
-            await self._hop(_link_all, self._tmp, jobs, flags, handover)
-        except BaseException as exc:
-            handover.abandon()
-            await self._fail(exc)
-            raise
-        return handover.links
 
-    async def copy_to(self, md: Maildir, flags: str | None) -> Delivery | Exception:
-        """Deliver a copy of the staged file into *md* through its ordinary path."""
-        reader = await self._hop(self._open_reader)
-        if isinstance(reader, OSError):
-            return reader
-        return await _copy(reader, md, flags)
-
-    def _open_reader(self) -> IO[bytes] | OSError:
-        # The staged inode, reopened for reading (the session's fd is write-only); an
-        # error is this target's result, not the end of the staging file.
-        tmp = self._tmp
-        try:
-            fd = tmp.sys.open(f"/proc/self/fd/{tmp.fd}", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            return exc
-        return os.fdopen(fd, "rb")
+async def _copy_to(
+    session: DeliverySession, md: Maildir, flags: str | None
+) -> Delivery | Exception:
+    """Deliver a copy of the staged file into *md* through its ordinary path."""
+    reader = await session.run_staged(_open_reader)
+    if isinstance(reader, OSError):
+        return reader
+    return await _copy(reader, md, flags)
 
 
 _Links = list[tuple[int, "_Linked | Exception"]]
@@ -220,7 +206,7 @@ async def _sync_links(links: _Links) -> None:
     one over closes its fds itself.
     """
     try:
-        await run_each(_sync_into, [res for _, res in links if isinstance(res, _Linked)])
+        await current().run_each(_sync_into, [res for _, res in links if isinstance(res, _Linked)])
     finally:
         _dispose(links)
 
@@ -289,7 +275,7 @@ async def deliver_many(
     for first, md in enumerate(mds):
         if not rewindable:
             try:
-                await run_sync(_probe, md._layout)
+                await current().run(_probe, md._layout)
             except OSError as exc:
                 results[first] = exc
                 continue
@@ -299,7 +285,7 @@ async def deliver_many(
                 await feed(session, source)
                 await session.stage()
             except (OSError, MessageTooLargeError) as exc:
-                if exc is not session._error:
+                if exc is not session.error:
                     raise  # the source's own exception, as the same object
                 if rewindable and not isinstance(exc, MessageTooLargeError):
                     results[first] = exc
@@ -322,18 +308,18 @@ def _maildirs(targets: Sequence[Maildir]) -> list[Maildir]:
 
 def _staging_in(
     md: Maildir, mds: list[Maildir], return_path: str | None, crlf_to_lf: bool
-) -> _Staging:
+) -> DeliverySession:
     """Return a staging session in *md* that suits every target of *mds*: the largest
     ``max_size`` (each target checks its own), fsync if any target fsyncs."""
     limits = [m._max_size for m in mds]
     max_size = None if None in limits else max((m for m in limits if m is not None), default=0)
     layout = replace(md._layout, fsync=any(m._layout.fsync for m in mds))
     transform = make_transform(return_path=return_path, delivered_to=None, crlf_to_lf=crlf_to_lf)
-    return _Staging(layout, max_size=max_size, transform=transform)
+    return DeliverySession(layout, max_size=max_size, transform=transform, pipeline=True)
 
 
 async def _fan_out(
-    session: _Staging,
+    session: DeliverySession,
     mds: list[Maildir],
     first: int,
     flags: str | None,
@@ -348,7 +334,7 @@ async def _fan_out(
     copies: list[int] = []
     for start in range(first, len(mds), _SLICE):
         jobs = [(i, mds[i]) for i in range(start, min(start + _SLICE, len(mds)))]
-        links = await session.link_into(jobs, flags)
+        links = await _link_into(session, jobs, flags)
         await _sync_links(links)
         for i, res in links:
             if isinstance(res, _NeedsCopy):
@@ -356,7 +342,7 @@ async def _fan_out(
             else:
                 results[i] = res.result if isinstance(res, _Linked) else res
     for i in copies:
-        results[i] = await session.copy_to(mds[i], flags)
+        results[i] = await _copy_to(session, mds[i], flags)
 
 
 async def _copy(file: IO[bytes], md: Maildir, flags: str | None) -> Delivery | Exception:

@@ -1,33 +1,29 @@
-"""Worker threads for the blocking half of deliveries.
+"""Worker threads for the blocking half of deliveries (the thread backends of ``_backend``).
 
-On asyncio, maildrop runs its own pool: jobs go into one queue that idle workers block on, and
-results come back in batches. A worker hands results back through an ``eventfd`` that the loop
-watches (``add_reader``): the loop wakes, reads it and resolves the futures in the same
-iteration. Measured on the 2-vCPU dev VM, a sequential idle hop costs ~50 µs that way, against
-~73 µs with ``call_soon_threadsafe`` (a socket write, two ``recv`` calls, one more iteration)
-and ~123 µs through ``anyio.to_thread.run_sync`` (a checkpoint and the limiter's iteration);
-a plain semaphore handoff between two threads, no event loop at all, costs ~43 µs. A small
-durable delivery is one hop, so these differences are 5-15% of its time. Under load the
-queue matters more than the hop: a worker that finishes a job takes the next queued one at
-once, without sleeping and without a round trip through the event loop, and a worker only
-wakes the loop when no earlier completion is still waiting to be collected. At 64 concurrent
-2 KiB deliveries that halved the context switches per delivery. A loop without ``add_reader``
-(Windows' proactor) is woken with ``call_soon_threadsafe``. On every other backend (trio)
-hops go through ``anyio.to_thread.run_sync`` with maildrop's own ``CapacityLimiter``.
+On asyncio, maildrop runs its own pool (:class:`Pool`): jobs go into one queue that idle
+workers block on, and results come back in batches. A worker hands results back through an
+``eventfd`` that the loop watches (``add_reader``): the loop wakes, reads it and resolves the
+futures in the same iteration, which is cheaper than ``call_soon_threadsafe`` (a socket
+write, two ``recv`` calls, one more iteration) and than ``anyio.to_thread.run_sync`` (a
+checkpoint and the limiter's iteration); ``benchmarks/README.md`` has the figures. Under load
+the queue matters more than the hop: a worker that finishes a job takes the next queued one
+at once, without sleeping and without a round trip through the event loop, and a worker only
+wakes the loop when no earlier completion is still waiting to be collected. A loop without
+``add_reader`` (Windows' proactor) is woken with ``call_soon_threadsafe``. On every other
+backend (trio) steps go through ``anyio.to_thread.run_sync`` with maildrop's own
+``CapacityLimiter`` (:func:`anyio_limiter`).
 
-Both paths abandon a cancelled caller at once; the worker still runs the call (even one that
-was still queued, on asyncio) to completion (``_session`` makes the worker clean up after a
-cancelled delivery). Jobs that belong to no caller (a cleanup handed over by a cancelled
-delivery, a group-commit fsync that several deliveries wait for) are started with
-:func:`spawn`, which on trio runs them from a system task, out of every caller's cancel
-scope. Reads of sources that may block forever (pipes) never use these workers: they go
-through :func:`read_source`, a bounded lane of their own.
+Every job runs in a copy of its submitter's ``contextvars``, and to completion even when its
+caller was cancelled (on asyncio even one that was still queued). Reads of sources that may
+block forever (pipes) never use these workers: they get a lane of their own
+(:func:`source_limiter`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
 import queue
 import threading
@@ -42,12 +38,11 @@ from anyio.lowlevel import RunVar
 __all__ = [
     "SOURCE_THREADS",
     "THREADS",
-    "read_source",
-    "run_each",
+    "Pool",
+    "anyio_limiter",
+    "retrieve",
     "run_sync",
-    "running_loop",
-    "spawn",
-    "submit",
+    "source_limiter",
 ]
 
 T = TypeVar("T")
@@ -55,11 +50,7 @@ T = TypeVar("T")
 #: Worker threads per event loop: 4 per CPU, at least 8, at most 64. Enough to keep the
 #: fsyncs of concurrent deliveries in flight (deliveries/s = fsyncs in flight / fsync
 #: latency), and no more: every worker comes back from each syscall wanting the GIL, and the
-#: event loop's thread queues behind them. On the 2-vCPU dev VM, 64 concurrent durable 2 KiB
-#: deliveries (interleaved runs, after the directory fds were closed in workers): on ext4
-#: without a journal 8 workers gave 1.74x the raw rate with loop stalls <= 2.7 ms, 16 gave
-#: 1.53x and 5-7 ms, 32 gave 1.68x and up to 14 ms; on a journaled ext4 (where fsyncs batch in
-#: the journal) 8 gave 3.06x, 16 3.16x and 32 3.06x, with the same stall ordering.
+#: event loop's thread queues behind them (``benchmarks/README.md`` has the measurements).
 THREADS = min(64, max(8, 4 * (os.cpu_count() or 1)))
 #: Seconds a worker waits for work before it exits.
 IDLE_SECONDS = 10.0
@@ -73,13 +64,12 @@ SOURCE_THREADS = 32
 
 _limiter: RunVar[anyio.CapacityLimiter] = RunVar("maildrop_limiter")
 _source_limiter: RunVar[anyio.CapacityLimiter] = RunVar("maildrop_source_limiter")
-# One pool per asyncio loop; weak keys, so a closed loop (and its pool) can be collected.
-_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pool] = weakref.WeakKeyDictionary()
 
-_Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
+_Job = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]", contextvars.Context]
 
 
-def _anyio_limiter(var: RunVar[anyio.CapacityLimiter] = _limiter) -> anyio.CapacityLimiter:
+def anyio_limiter(var: RunVar[anyio.CapacityLimiter] = _limiter) -> anyio.CapacityLimiter:
+    """Return the running loop's limiter of anyio worker threads for steps."""
     # Made lazily: a CapacityLimiter binds to the event loop that first uses it.
     try:
         return var.get()
@@ -89,116 +79,26 @@ def _anyio_limiter(var: RunVar[anyio.CapacityLimiter] = _limiter) -> anyio.Capac
         return lim
 
 
-def running_loop() -> asyncio.AbstractEventLoop | None:
-    """The running asyncio loop of this thread, or None (under trio, or outside a loop)."""
-    # anyio >= 4.12 no longer depends on sniffio: ask asyncio itself. Under trio there is no
-    # running asyncio loop in this thread.
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
+_anyio_limiter = anyio_limiter  # the name the tests use
 
 
-def _pool(loop: asyncio.AbstractEventLoop | None = None) -> _Pool:
-    loop = loop or asyncio.get_running_loop()
-    pool = _pools.get(loop)
-    if pool is None:
-        pool = _pools[loop] = _Pool(loop)
-    return pool
+def source_limiter() -> anyio.CapacityLimiter:
+    """Return the running loop's limiter of source-reading threads."""
+    return anyio_limiter(_source_limiter)
 
 
 async def run_sync(fn: Callable[..., T], *args: Any) -> T:
-    """Run ``fn(*args)`` in a worker thread and return its result.
+    """Run ``fn(*args)`` in a worker of the running loop's backend and return its result.
 
     **Cancellation:** the caller is released at once; *fn* still runs to completion.
     """
-    loop = running_loop()
-    if loop is not None:
-        return await _pool(loop).submit(loop, fn, args)
-    return await anyio.to_thread.run_sync(
-        fn, *args, abandon_on_cancel=True, limiter=_anyio_limiter()
-    )
+    from ._backend import current  # _backend is built on this module
+
+    return await current().run(fn, *args)
 
 
-async def read_source(read: Callable[[int], T], n: int) -> T:
-    """Call a source's blocking ``read(n)`` in the source lane (see :data:`SOURCE_THREADS`).
-
-    **Cancellation:** the caller is released at once; the read finishes (or blocks) in its
-    thread and its data is dropped.
-    """
-    return await anyio.to_thread.run_sync(
-        read, n, abandon_on_cancel=True, limiter=_anyio_limiter(_source_limiter)
-    )
-
-
-async def run_each(fn: Callable[[T], object], items: list[T]) -> None:
-    """Run ``fn(item)`` for every item in worker threads, concurrently; wait for all.
-
-    **Cancellation:** the caller is released at once; calls already taken by a worker run
-    to completion (on asyncio queued ones too, on trio they never start).
-    """
-    loop = running_loop()
-    if loop is None:
-        async with anyio.create_task_group() as tg:
-            for item in items:
-                tg.start_soon(run_sync, fn, item)
-        return
-    pool = _pool(loop)
-    futs = [pool.submit(loop, fn, (item,)) for item in items]
-    for fut in futs:
-        fut.add_done_callback(_retrieve)
-    for fut in futs:
-        await fut  # one wake-up collects every result that finished meanwhile
-
-
-def submit(fn: Callable[..., T], *args: Any) -> asyncio.Future[T] | None:
-    """Queue ``fn(*args)`` for a worker and return its future, without waiting.
-
-    Returns None (queues nothing) off asyncio; the caller then uses :func:`run_sync`. An
-    exception of *fn* that nobody awaits is not reported as "never retrieved".
-    """
-    loop = running_loop()
-    if loop is None:
-        return None
-    fut = _pool(loop).submit(loop, fn, args)
-    fut.add_done_callback(_retrieve)
-    return fut
-
-
-def spawn(
-    fn: Callable[..., Any], *args: Any, done: Callable[[BaseException | None], None]
-) -> None:
-    """Run ``fn(*args)`` in a worker with nobody waiting for it; then ``done(error)`` on the loop.
-
-    The job does not belong to the calling task: cancelling the caller neither waits for it
-    nor stops it, so a caller that hands its files over to a job (cleanup, a shared directory
-    fsync) can leave at once. *done* gets None or the job's exception, on the event loop's
-    thread, unless the event loop ended first.
-    """
-    loop = running_loop()
-    if loop is not None:
-        fut = _pool(loop).submit(loop, fn, args)
-        fut.add_done_callback(lambda f: done(None if f.cancelled() else f.exception()))
-        return
-    # Off asyncio anyio runs on trio, where a system task is the one kind of task that no
-    # caller's cancel scope reaches.
-    import trio
-
-    trio.lowlevel.spawn_system_task(_detached, fn, args, done)
-
-
-async def _detached(
-    fn: Callable[..., Any], args: tuple[Any, ...], done: Callable[[BaseException | None], None]
-) -> None:
-    try:
-        await run_sync(fn, *args)
-    except Exception as exc:  # handed to *done*, never raised into trio's system nursery
-        done(exc)
-        return
-    done(None)
-
-
-def _retrieve(fut: asyncio.Future[Any]) -> None:
+def retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark the outcome of *fut* as seen, so an error nobody awaits is not logged."""
     if not fut.cancelled():
         fut.exception()
 
@@ -243,7 +143,7 @@ class _Wakeup:
             os.close(fd)
 
 
-class _Pool:
+class Pool:
     """The worker threads of one asyncio event loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -259,17 +159,15 @@ class _Pool:
         self.collecting = False  # the loop was woken and has not collected yet
         self.wakeup = _Wakeup(loop, self._collect)
 
-    def submit(
-        self, loop: asyncio.AbstractEventLoop, fn: Callable[..., T], args: tuple[Any, ...]
-    ) -> asyncio.Future[T]:
-        """Queue ``fn(*args)``; start a worker if none is free and the cap allows."""
-        fut: asyncio.Future[T] = loop.create_future()
+    def submit(self, fn: Callable[..., T], args: tuple[Any, ...]) -> asyncio.Future[T]:
+        """Queue ``fn(*args)`` (on the loop); start a worker if none is free and the cap allows."""
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         with self.lock:
             self.queued += 1
             spawn = self.queued > self.idle and self.threads < THREADS
             if spawn:
                 self.threads += 1
-        self.jobs.put((fn, args, fut))
+        self.jobs.put((fn, args, fut, contextvars.copy_context()))
         if spawn:
             threading.Thread(target=self._main, name="maildrop worker", daemon=True).start()
         return fut
@@ -280,7 +178,7 @@ class _Pool:
             with self.lock:
                 self.idle += 1
             try:
-                fn, args, fut = self.jobs.get(timeout=POLL_SECONDS)
+                fn, args, fut, ctx = self.jobs.get(timeout=POLL_SECONDS)
             except queue.Empty:
                 # Exit once idle for IDLE_SECONDS, or at once when the loop is gone (one
                 # asyncio.run() per message must not pile up a thread per run).
@@ -304,14 +202,14 @@ class _Pool:
             result: Any = None
             error: BaseException | None = None
             try:
-                result = fn(*args)
+                result = ctx.run(fn, *args)
             except BaseException as exc:
                 error = exc
             with self.lock:
                 self.results.append((fut, result, error))
                 poke = not self.collecting
                 self.collecting = True
-            del fn, args, fut, result, error
+            del fn, args, fut, ctx, result, error
             idle_since = time.monotonic()
             if poke:
                 loop = self.loop_ref()

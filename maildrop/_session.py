@@ -1,19 +1,15 @@
-"""The async half of a delivery: a push session, its worker-thread hops and group commit.
+"""The async half of a delivery: a push session and its steps on the engine's backend.
 
-A :class:`DeliverySession` buffers what the caller writes and hands it to a worker thread in
-batches (one hop per small message, ~1 MiB per hop for large ones). ``commit()`` publishes the
-message and returns only after a directory fsync that covers it. Concurrent deliveries into
-the same directory share that fsync (group commit): one ``fsync(new/)`` covers every link that
-completed before it started. A delivery with nothing else in flight does it inside its own
-hop instead, so a lone message costs exactly one thread hop.
+A :class:`DeliverySession` buffers what the caller writes and hands it to the backend
+(``_backend``) in batches (one step per small message, ~1 MiB per step for large ones).
+``commit()`` publishes the message and returns only after a directory fsync that covers it,
+shared with concurrent deliveries into the same directory (``_group_commit``). The request's
+phase is one :class:`~maildrop._state.Phase`; who owns its files is ``_handoff``'s business.
 """
 
 from __future__ import annotations
 
-import asyncio
-import errno
-import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -21,10 +17,12 @@ from typing import IO, Any, TypeVar
 
 import anyio
 import anyio.lowlevel
-from anyio.lowlevel import RunVar
 
-from ._pool import run_sync, running_loop, spawn, submit
+from . import _handoff
+from ._backend import current
+from ._group_commit import STATS, group, release
 from ._quota_io import QuotaGuard
+from ._state import Cause, Event, LocalProtocolError, Owner, Phase, advance, keeps_link
 from ._steps import BATCH, Steps, as_chunk
 from ._transform import Transform
 from ._writer import Aborted, Layout, TmpFile
@@ -32,14 +30,6 @@ from ._writer import Aborted, Layout, TmpFile
 __all__ = ["BATCH", "STATS", "Delivery", "DeliverySession", "as_chunk"]
 
 T = TypeVar("T")
-
-#: Process-wide counters (read by the benchmarks): deliveries committed, directory fsyncs.
-STATS = {"deliveries": 0, "dir_fsyncs": 0}
-
-_dirsyncs: RunVar[dict[tuple[str, str], _DirSync]] = RunVar("maildrop_dirsyncs")
-_dirsyncs_asyncio: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[tuple[str, str], _DirSync]
-] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,155 +42,6 @@ class Delivery:
     """The file's basename."""
     size: int
     """Bytes written."""
-
-
-class _DirSync:
-    """Group-commit bookkeeping for one destination directory on one event loop.
-
-    Links are numbered in the order the loop sees them complete; a directory fsync started
-    when ``linked`` was N covers links 1..N. The fsync runs as a job of its own, not as part
-    of the delivery that started it: a delivery cancelled (or aborted) while it waits must
-    not take the fsync that the other deliveries wait for down with it.
-    """
-
-    def __init__(self, key: tuple[str, str]) -> None:
-        self.key = key
-        self.inflight = 0  # deliveries between commit() entry and return
-        self.linked = 0  # links completed (as seen by the loop)
-        self.synced = 0  # every link numbered <= this is durable
-        self.failed = 0  # every link numbered <= this saw a failed fsync
-        self.error: OSError | None = None
-        self.running: anyio.Event | None = None  # set when the fsync in flight ends
-        # Linked deliveries waiting for a directory fsync: the one that covers them closes
-        # their directory fds in its worker (see _sync_and_close).
-        self.waiting: list[TmpFile] = []
-
-    async def wait_durable(self, seq: int) -> None:
-        while self.synced < seq:
-            if self.failed >= seq and self.error is not None:
-                err = self.error
-                raise OSError(err.errno, f"fsync of the maildir failed: {err.strerror}")
-            if self.running is None:
-                self._start()
-            else:
-                await self.running.wait()
-
-    def _start(self) -> None:
-        target = self.linked
-        covered, self.waiting = self.waiting, []
-        done = self.running = anyio.Event()
-        STATS["dir_fsyncs"] += 1
-
-        def finish(error: BaseException | None) -> None:
-            if error is None:
-                self.synced = max(self.synced, target)
-            else:
-                if not isinstance(error, OSError):  # pragma: no cover - a bug, not the disk
-                    error = OSError(errno.EIO, f"the directory fsync failed: {error!r}")
-                self.failed, self.error = max(self.failed, target), error
-            self.running = None
-            done.set()
-            _release_dirsync(self.key, self)
-
-        # The job belongs to no delivery: a waiter cancelled meanwhile leaves at once, the
-        # others are woken when it ends.
-        spawn(_sync_and_close, covered, done=finish)
-
-
-def _sync_and_close(covered: list[TmpFile]) -> None:
-    """Fsync the destination directory of the deliveries in *covered*, then close their
-    directory fds (runs in a worker).
-
-    The fsync goes through the fd of the first delivery this worker can take over (see
-    :func:`_take_over`), so a cancelled delivery's cleanup cannot close the fd under it; a
-    delivery cleaned up already is skipped. If none is left, every one of them was either
-    made durable by an earlier fsync or gave up: nothing to do.
-
-    The fds are closed here, not on the event loop: ``os.close`` releases the GIL, and a
-    loop thread that gives the GIL to a busy worker waits to get it back. After a failed
-    fsync nothing is closed: each delivery then removes its own link, which needs its fds.
-    """
-    for t in covered:
-        if _take_over(t):
-            try:
-                t.sync_dest()
-            finally:
-                _hand_back(t)
-            break
-    for t in covered:
-        if _take_over(t):
-            try:
-                t.close_dirs()
-            finally:
-                _hand_back(t)
-
-
-def _take_over(tmp: TmpFile) -> bool:
-    """Make the calling thread the owner of *tmp*'s files; False if gone or owned already.
-
-    One owner at a time touches a delivery's files: a worker running one of its steps, the
-    group-commit job, or a cleanup job. ``tmp.lock`` only guards these flags and is never
-    held during I/O, so the event loop can always hand an abort over without waiting.
-    """
-    with tmp.lock:
-        if tmp.cleaned or tmp.running:
-            return False
-        tmp.running = True
-        return True
-
-
-def _hand_back(tmp: TmpFile, *, failed: bool = False) -> None:
-    """End this thread's ownership of *tmp*; first clean up if it failed or was aborted."""
-    with tmp.lock:
-        if failed:
-            # What a failed step published is not a delivered message: it goes too.
-            tmp.aborted, tmp.keep_published = True, False
-        if not tmp.aborted:
-            tmp.running = False
-            return
-    try:
-        tmp.cleanup()
-    finally:
-        with tmp.lock:
-            tmp.running = False
-
-
-def _cleanup(tmp: TmpFile) -> None:
-    """Remove an aborted delivery's files unless another owner is still at it (a worker)."""
-    if _take_over(tmp):
-        _hand_back(tmp)
-
-
-def _dirsync_table() -> dict[tuple[str, str], _DirSync]:
-    # Per event loop: a weak dict on asyncio (a RunVar lookup costs a few µs per delivery),
-    # a RunVar elsewhere (trio).
-    loop = running_loop()
-    if loop is None:
-        try:
-            return _dirsyncs.get()
-        except LookupError:
-            fresh: dict[tuple[str, str], _DirSync] = {}
-            _dirsyncs.set(fresh)
-            return fresh
-    table = _dirsyncs_asyncio.get(loop)
-    if table is None:
-        table = _dirsyncs_asyncio[loop] = {}
-    return table
-
-
-def _dirsync(key: tuple[str, str]) -> _DirSync:
-    table = _dirsync_table()
-    ds = table.get(key)
-    if ds is None:
-        ds = table[key] = _DirSync(key)
-    return ds
-
-
-def _release_dirsync(key: tuple[str, str], ds: _DirSync) -> None:
-    if ds.inflight == 0 and ds.running is None:
-        table = _dirsync_table()
-        if table.get(key) is ds:
-            del table[key]
 
 
 class DeliverySession:
@@ -222,6 +63,7 @@ class DeliverySession:
         batch_size: int = BATCH,
         transform: Transform | None = None,
         quota: QuotaGuard | None = None,
+        pipeline: bool = False,
     ) -> None:
         self._layout = layout
         self._tmp = TmpFile(layout, "new" if flags is None else "cur")
@@ -240,16 +82,14 @@ class DeliverySession:
         self._buf: list[bytes | memoryview] = []
         self._buffered = 0
         self._size = 0
-        self._file: IO[bytes] | None = None
-        self._state = "open"  # open -> committed | aborted
-        self._result: Delivery | None = None
-        self._committing = False
+        self._phase = Phase.WRITING
         self._error: BaseException | None = None  # set when the engine itself failed
-        # The batch a worker is writing while the caller gathers the next (asyncio only).
-        # Only pull sources (``_sources.feed``) turn pipelining on: a push caller (compat,
-        # servers) keeps "write() returns once its batch is on disk" for its flow control.
-        self._pipeline = False
-        self._pending: asyncio.Future[None] | None = None
+        # With pipelining a step writes one batch while the caller gathers the next (where
+        # the backend can run a step behind its caller). Only callers that drive a source
+        # themselves ask for it: a push caller (compat, servers) keeps "write() returns
+        # once its batch is on disk" for its flow control.
+        self._pipeline = pipeline
+        self._pending: Awaitable[None] | None = None
         self._cleanup_done: anyio.Event | None = None  # set when a spawned cleanup ended
 
     @property
@@ -260,7 +100,12 @@ class DeliverySession:
     @property
     def closed(self) -> bool:
         """Whether the session was committed or aborted."""
-        return self._state != "open"
+        return self._phase in (Phase.DURABLE, Phase.ABORTED)
+
+    @property
+    def error(self) -> BaseException | None:
+        """The exception the engine raised for this delivery (not a source's own), if any."""
+        return self._error
 
     async def __aenter__(self) -> DeliverySession:
         return self
@@ -271,12 +116,14 @@ class DeliverySession:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._state == "open":
-            await self._abort(keep_published=False, wait=not _is_cancel(exc))
+        if not self.closed:
+            await self._abort(Cause.FAILED, wait=not _is_cancel(exc))
 
-    def _check_open(self, what: str) -> None:
-        if self._state != "open":
-            raise RuntimeError(f"cannot {what}: this delivery was already {self._state}")
+    def _require(self, phase: Phase, what: str) -> None:
+        """Raise ``RuntimeError`` (``LocalProtocolError``) unless the request is in *phase*."""
+        if self._phase is not phase:
+            now = _PAST.get(self._phase, self._phase.value)
+            raise LocalProtocolError(f"cannot {what}: this delivery was already {now}")
 
     async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Add *data* to the message; it is written off the event loop in batches.
@@ -289,7 +136,7 @@ class DeliverySession:
         **Cancellation:** the delivery is aborted; the tmp file is removed once any write
         already running in a worker thread has finished.
         """
-        self._check_open("write")
+        self._require(Phase.WRITING, "write")
         try:
             chunk = self._steps.accept(data, self._size)
             n = len(chunk)
@@ -301,8 +148,16 @@ class DeliverySession:
             if self._buffered >= self._batch:
                 await self._flush()
         except BaseException as exc:
-            await self._fail(exc)
+            await self._abort_on(exc)
             raise
+
+    def write_from(self, file: IO[bytes]) -> None:
+        """Take the rest of the message from the regular (or in-memory) *file*.
+
+        It is read, or copied with ``copy_file_range``, in the step that publishes the
+        message; nothing is read before ``commit()`` (or :meth:`stage`).
+        """
+        self._steps.file = file
 
     def _take(self) -> list[bytes | memoryview]:
         chunks, self._buf, self._buffered = self._buf, [], 0
@@ -310,13 +165,13 @@ class DeliverySession:
 
     async def _flush(self) -> None:
         chunks = self._take()
-        # Pipelining: a worker writes this batch while the caller produces the next one
-        # (at most one batch in flight, so memory stays at ~2 batches). Off asyncio, and
-        # for push callers (see _pipeline), the batch is written before write() returns.
+        # At most one batch in flight, so memory stays at ~2 batches.
         await self._drain()
-        pending = submit(self._job(self._write_step, chunks)) if self._pipeline else None
+        pending = None
+        if self._pipeline:
+            pending = current().submit(_handoff.as_step(self._tmp, self._steps.write, chunks))
         if pending is None:
-            await self._hop(self._write_step, chunks)
+            await self._run(self._steps.write, chunks)
             return
         self._pending = pending
         # Let other tasks run even when the source never suspends (an in-memory iterator).
@@ -327,18 +182,6 @@ class DeliverySession:
         pending, self._pending = self._pending, None
         if pending is not None:
             await pending
-
-    def _write_step(self, chunks: list[bytes | memoryview]) -> None:
-        self._steps.write(chunks)
-
-    def _write_rest(self, chunks: list[bytes | memoryview]) -> None:
-        self._steps.write_rest(chunks)
-
-    def _finish_step(self, chunks: list[bytes | memoryview], alone: bool) -> str:
-        return self._steps.finish(chunks, alone)
-
-    def _attach_file(self, f: IO[bytes]) -> None:
-        self._file = self._steps.file = f
 
     async def commit(self) -> Delivery:
         """Publish the message and return once it is durable.
@@ -352,44 +195,80 @@ class DeliverySession:
         durable by the next directory fsync (a retried SMTP transaction may then deliver
         it twice, which beats losing it).
         """
-        self._check_open("commit")
-        self._committing = True
+        self._require(Phase.WRITING, "commit")
+        self._phase = advance(self._phase, Event.COMMIT)
+        gc = None
         try:
             await self._drain()
-        except BaseException as exc:
-            await self._fail(exc)
-            raise
-        key = (self._layout.path, self._tmp.subdir)
-        ds = _dirsync(key)
-        ds.inflight += 1
-        try:
-            # Without fsync there is no directory fsync to share: finish in one hop.
+            gc = group((self._layout.path, self._tmp.subdir))
+            # Without fsync there is no directory fsync to share: finish in one step.
             fsync = self._layout.fsync
-            alone = not fsync or (ds.inflight == 1 and ds.running is None)
-            chunks = self._take()
-            final = await self._hop(self._finish_step, chunks, alone)
-            self._check_not_aborted()
+            alone = not fsync or gc.alone()
+            final = await self._run(self._steps.finish, self._take(), alone)
             if alone:
                 STATS["dir_fsyncs"] += fsync
             else:
-                ds.linked += 1
-                ds.waiting.append(self._tmp)
-                await ds.wait_durable(ds.linked)
-                self._check_not_aborted()
-                # The fsync that covered this delivery closed its directory fds already.
-            STATS["deliveries"] += 1
-            self._state = "committed"
-            if self._file is not None or self._transform is not None:
-                self._size = self._tmp.size
-            path = Path(self._layout.path, self._tmp.subdir, final)
-            self._result = Delivery(path=path, name=final, size=self._tmp.size)
-            return self._result
+                self._advance(Event.LINK)
+                # The fsync that covers this delivery closes its directory fds.
+                await gc.wait_durable(gc.add(self._tmp))
+            self._advance(Event.SYNC)
+            return self._delivered(final)
         except BaseException as exc:
-            await self._fail(exc)
+            await self._abort_on(exc)
             raise
         finally:
-            ds.inflight -= 1
-            _release_dirsync(key, ds)
+            if gc is not None:
+                gc.inflight -= 1
+                release(gc)
+
+    def _advance(self, event: Event) -> None:
+        if self._phase is Phase.ABORTED:
+            raise RuntimeError("this delivery was aborted (abort() was called during commit())")
+        self._phase = advance(self._phase, event)
+
+    def _delivered(self, final: str) -> Delivery:
+        STATS["deliveries"] += 1
+        if self._steps.file is not None or self._transform is not None:
+            self._size = self._tmp.size
+        path = Path(self._layout.path, self._tmp.subdir, final)
+        return Delivery(path=path, name=final, size=self._tmp.size)
+
+    async def stage(self) -> None:
+        """Write the rest of the message and fsync it, leaving it in ``tmp/`` (``deliver_many``).
+
+        Raises:
+            OSError: a step failed (the delivery is aborted).
+
+        **Cancellation:** the delivery is aborted and cleaned up.
+        """
+        self._require(Phase.WRITING, "stage")
+        try:
+            await self._drain()
+            await self._run(self._stage_step, self._take())
+            self._advance(Event.STAGE)
+        except BaseException as exc:
+            await self._abort_on(exc)
+            raise
+
+    def _stage_step(self, chunks: list[bytes | memoryview]) -> None:
+        self._steps.write_rest(chunks)
+        if self._layout.fsync:
+            self._tmp.sys.fsync(self._tmp.fd)
+
+    async def run_staged(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(staged, *args)`` as a step that owns the staged message's files.
+
+        *staged* is the session's :class:`~maildrop._writer.TmpFile`; an exception of *fn*
+        aborts the delivery (its files are removed) and is raised.
+
+        **Cancellation:** as for :meth:`stage`.
+        """
+        self._require(Phase.STAGED, "run a step on the staged message")
+        try:
+            return await self._run(fn, self._tmp, *args)
+        except BaseException as exc:
+            await self._abort_on(exc)
+            raise
 
     async def abort(self) -> None:
         """Abandon the message and remove everything it created.
@@ -403,51 +282,42 @@ class DeliverySession:
         **Cancellation:** the caller is released at once; the cleanup still completes in
         its worker thread.
         """
-        if self._state == "open":
-            await self._abort(keep_published=self._committing)
-        elif self._state == "aborted":
-            await self._cleaned()
+        if self._phase is Phase.ABORTED:
+            await self._wait_cleanup()
+        elif self._phase is not Phase.DURABLE:
+            await self._abort(Cause.REQUESTED)
 
-    async def _fail(self, exc: BaseException) -> None:
+    async def _abort_on(self, exc: BaseException) -> None:
         self._error = exc  # what the engine itself raised (deliver_many tells it apart)
-        if self._state != "open":
+        if self.closed:
             return
-        # Cancellation after the link keeps the message (it is complete); errors remove it.
         # A cancelled caller never waits for the cleanup (see _abort).
         cancelled = _is_cancel(exc)
-        await self._abort(keep_published=cancelled, wait=not cancelled)
+        await self._abort(Cause.CANCELLED if cancelled else Cause.FAILED, wait=not cancelled)
 
-    def _check_not_aborted(self) -> None:
-        if self._state == "aborted":
-            raise RuntimeError("this delivery was aborted (abort() was called during commit())")
+    async def _abort(self, cause: Cause, *, wait: bool = True) -> None:
+        """Abort the request and hand its files to whoever cleans them up; with *wait*, see
+        the cleanup done.
 
-    async def _abort(self, *, keep_published: bool, wait: bool = True) -> None:
-        """Hand the delivery's files to whoever cleans them up; with *wait*, see it done.
-
-        A worker that owns the files (inside a step, or the shared directory fsync) cleans
-        up when its call returns; otherwise a cleanup job is spawned. Neither is waited for
-        by a cancelled caller: a worker blocked in a syscall (a frozen filesystem) must not
-        hold up cancellation, timeouts or shutdown. Waiting is itself cancellable.
+        Neither a worker that owns the files nor a spawned cleanup job is waited for by a
+        cancelled caller: a worker blocked in a syscall (a frozen filesystem) must not hold
+        up cancellation, timeouts or shutdown. Waiting is itself cancellable.
         """
-        self._state = "aborted"
+        keep = keeps_link(self._phase, cause)
+        self._phase = advance(self._phase, Event.ABORT)
         self._buf = []
         if self._quota is not None:
             self._quota.release()
-        tmp = self._tmp
-        with tmp.lock:
-            if not tmp.aborted:  # the first reason stands (a failed step removes its link)
-                tmp.aborted, tmp.keep_published = True, keep_published
-            idle = not tmp.running and not tmp.cleaned
-            if idle and not tmp.dir_fds:
-                tmp.cleaned = True  # nothing was ever opened: no I/O needed
-                return
-        if idle:
+        then = _handoff.abort(self._tmp, keep_published=keep)
+        if then is Owner.CLEANED:
+            return
+        if then is Owner.CLEANUP:
             ended = self._cleanup_done = anyio.Event()
-            spawn(_cleanup, tmp, done=lambda _: ended.set())
+            current().spawn(_handoff.cleanup, self._tmp, done=lambda _: ended.set())
         if wait:
-            await self._cleaned()
+            await self._wait_cleanup()
 
-    async def _cleaned(self) -> None:
+    async def _wait_cleanup(self) -> None:
         """Wait until the delivery's files are cleaned up (by whichever thread owns them)."""
         if self._cleanup_done is not None:
             await self._cleanup_done.wait()  # usually the job did it; else the owner below
@@ -457,34 +327,19 @@ class DeliverySession:
         while not self._tmp.cleaned:  # noqa: ASYNC110 - a worker's flag
             await anyio.sleep(0.001)
 
-    async def _hop(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run *fn* in a worker thread that owns the tmp file for the call's duration."""
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run the step ``fn(*args)`` on the backend, owning the files for its duration."""
         # A cancelled caller returns at once; the worker finishes its call and, seeing
         # `aborted`, cleans up (see _abort).
         try:
-            return await run_sync(self._job(fn, *args))
+            return await current().run(_handoff.as_step(self._tmp, fn, *args))
         except Aborted:
             # Only another task's abort() gets here (a cancelled caller has left already).
             raise RuntimeError("this delivery was aborted while a worker was writing it") from None
 
-    def _job(self, fn: Callable[..., T], *args: Any) -> Callable[[], T]:
-        """Wrap *fn* for a worker: refuse an aborted delivery, clean up after a failure."""
-        tmp = self._tmp
 
-        def run() -> T:
-            with tmp.lock:
-                if tmp.aborted:
-                    raise Aborted
-                tmp.running = True
-            ok = False
-            try:
-                result = fn(*args)
-                ok = True
-                return result
-            finally:
-                _hand_back(tmp, failed=not ok)
-
-        return run
+#: How an error message names a phase the request has passed into.
+_PAST = {Phase.DURABLE: "committed", Phase.LINKED: "committing"}
 
 
 def _is_cancel(exc: BaseException | None) -> bool:

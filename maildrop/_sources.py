@@ -2,7 +2,7 @@
 
 Supported: bytes-like objects; synchronous binary files (regular files are read, or copied
 with ``copy_file_range``, in the worker that writes the message; pipes, sockets and terminals
-are read in the source lane of ``_pool``, so a source that blocks holds no delivery worker);
+are read in the backend's source lane, so a source that blocks holds no delivery worker);
 objects with an async ``read(n)``
 (aiofiles and anyio files, ``asyncio.StreamReader``); async iterables of bytes-like chunks,
 which includes anyio's ``ByteReceiveStream``.
@@ -19,7 +19,7 @@ from typing import IO, Any, cast
 
 from anyio.abc import ByteReceiveStream
 
-from ._pool import read_source
+from ._backend import current
 from ._session import DeliverySession
 from ._steps import BATCH, WOULD_BLOCK
 
@@ -44,10 +44,11 @@ _WHAT = (
 
 
 async def feed(session: DeliverySession, source: object) -> None:
-    """Write all of *source* into *session* (without committing it)."""
-    # The engine drives the source itself: let a worker write each batch while the next
-    # one is read (see DeliverySession._flush).
-    session._pipeline = True
+    """Write all of *source* into *session* (without committing it).
+
+    The session should be opened with ``pipeline=True``: the engine drives the source
+    itself, so a step can write each batch while the next one is read.
+    """
     if isinstance(source, bytes | bytearray | memoryview):
         await session.write(source)
         return
@@ -86,7 +87,7 @@ async def feed(session: DeliverySession, source: object) -> None:
     if read is not None and callable(read):
         if _may_block(source):
             while True:
-                data = await read_source(read, BATCH)
+                data = await current().read_source(read, BATCH)
                 if data is None:  # a non-blocking file without data now: not the end
                     raise BlockingIOError(*WOULD_BLOCK)
                 if not data:
@@ -94,7 +95,7 @@ async def feed(session: DeliverySession, source: object) -> None:
                 await session.write(data)
         # A regular file or an in-memory one: read (or copy_file_range) it in the worker
         # thread, in the same hop that publishes the message.
-        session._attach_file(cast(IO[bytes], source))
+        session.write_from(cast(IO[bytes], source))
         return
     raise TypeError(f"cannot deliver a {type(source).__name__}; pass {_WHAT}")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from maildrop import DEFAULT_SYSCALLS, Maildir, _pool
+from maildrop import DEFAULT_SYSCALLS, Maildir, _backend, _pool
 from maildrop._session import BATCH
 
 from .conftest import Faults, listing, open_fds, settle
@@ -108,8 +108,7 @@ async def test_native_cancel_while_a_batch_is_in_flight(tmp_path: Path) -> None:
 async def test_abort_while_the_first_batch_waits_for_its_worker(tmp_path: Path) -> None:
     """Aborting before the worker picked up the first batch leaves nothing and opens nothing."""
     md = tmp_path / "m"
-    session = Maildir(md).open_delivery()
-    session._pipeline = True  # as feed() sets it for pull sources
+    session = Maildir(md).open_delivery(pipeline=True)
     await session.write(b"a" * BATCH)  # submitted; the session aborts before it can run
     await session.abort()
     await asyncio.sleep(0.05)
@@ -123,7 +122,7 @@ async def test_jobs_queue_when_every_worker_is_busy(monkeypatch: pytest.MonkeyPa
     release = threading.Event()
     busy = asyncio.ensure_future(_pool.run_sync(release.wait))
     await asyncio.sleep(0.01)
-    queued = _pool.submit(lambda: 42)
+    queued = _backend.current().submit(lambda: 42)
     assert queued is not None
     await asyncio.sleep(0.01)
     assert not queued.done()
@@ -154,7 +153,7 @@ async def test_a_cancelled_caller_is_released_and_the_call_still_runs() -> None:
 async def test_idle_workers_retire(monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker with nothing to do for IDLE_SECONDS exits; the next job starts a new one."""
     monkeypatch.setattr(_pool, "IDLE_SECONDS", 0.05)
-    pool = _pool._pool()
+    pool = _backend.current().pool
     await _pool.run_sync(lambda: None)
     deadline = time.monotonic() + 5
     while pool.threads and time.monotonic() < deadline:  # noqa: ASYNC110 - thread state
@@ -166,7 +165,7 @@ async def test_idle_workers_retire(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.asyncio
 async def test_an_unawaited_failed_batch_is_not_reported(tmp_path: Path) -> None:
     """A background batch's exception nobody awaits is retrieved (no 'never retrieved' log)."""
-    fut = _pool.submit(_raise)
+    fut = _backend.current().submit(_raise)
     assert fut is not None
     while not fut.done():  # noqa: ASYNC110 - polling a future on purpose
         await asyncio.sleep(0.001)
@@ -181,7 +180,7 @@ def _raise() -> None:
 @pytest.mark.anyio
 async def test_submit_is_asyncio_only(anyio_backend: str) -> None:
     """Off asyncio submit() declines, and batches are written before write() returns."""
-    got = _pool.submit(lambda: None)
+    got = _backend.current().submit(lambda: None)
     if anyio_backend == "trio":
         assert got is None
     else:
@@ -195,7 +194,7 @@ def test_a_worker_outliving_its_loop_exits() -> None:
     loop = asyncio.new_event_loop()
 
     async def start() -> tuple[Any, Any]:
-        return _pool.submit(release.wait), _pool._pool()
+        return _backend.current().submit(release.wait), _backend.current().pool
 
     _, pool = loop.run_until_complete(start())
     wakeup = pool.wakeup
@@ -256,7 +255,7 @@ def test_a_loop_without_add_reader_is_woken_with_call_soon_threadsafe() -> None:
     fds = _eventfds()
     try:
         assert loop.run_until_complete(_pool.run_sync(lambda: 6)) == 6
-        assert _pool._pool(loop).wakeup.fd == -1
+        assert _backend.current(loop).pool.wakeup.fd == -1
         assert _eventfds() == fds  # the eventfd it could not use was closed
     finally:
         loop.close()

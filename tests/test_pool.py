@@ -1,4 +1,5 @@
-"""Worker threads: hops that return results, cancelled callers released, jobs nobody awaits."""
+"""Worker threads and the backend over them: hops that return results, cancelled callers
+released, jobs nobody awaits, the source lane."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import anyio
 import pytest
 
 from maildrop import Maildir
-from maildrop._pool import THREADS, read_source, run_each, run_sync, running_loop, spawn, submit
+from maildrop._backend import current
+from maildrop._loops import running_loop
+from maildrop._pool import THREADS, run_sync
 
 from .conftest import settle, wait_for
 
@@ -69,7 +72,7 @@ async def test_run_each_runs_the_items_concurrently() -> None:
         with lock:
             seen.append(i)
 
-    await run_each(one, [1, 2, 3])
+    await current().run_each(one, [1, 2, 3])
     assert sorted(seen) == [1, 2, 3]
 
 
@@ -81,7 +84,7 @@ async def test_run_each_raises_an_item_s_exception(anyio_backend: str) -> None:
             raise OSError(5, "item two failed")
 
     with pytest.raises((OSError, ExceptionGroup)) as info:
-        await run_each(one, [1, 2, 3])
+        await current().run_each(one, [1, 2, 3])
     if anyio_backend == "trio":  # the items run in a task group there
         assert info.group_contains(OSError, match="item two failed")
     else:
@@ -91,7 +94,7 @@ async def test_run_each_raises_an_item_s_exception(anyio_backend: str) -> None:
 async def test_submit_queues_on_asyncio_and_declines_elsewhere(anyio_backend: str) -> None:
     """submit returns a future of fn's result on asyncio; off asyncio it queues nothing."""
     ran = threading.Event()
-    fut = submit(ran.set)
+    fut = current().submit(ran.set)
     if anyio_backend == "asyncio":
         assert running_loop() is not None
         assert fut is not None
@@ -115,7 +118,7 @@ async def test_spawn_reports_to_done_on_the_loop_thread(fails: bool) -> None:
         if fails:
             raise boom
 
-    spawn(job, done=lambda err: reported.append((err, threading.get_ident())))
+    current().spawn(job, done=lambda err: reported.append((err, threading.get_ident())))
     with anyio.fail_after(5):
         while not reported:  # noqa: ASYNC110 - done runs as a loop callback
             await anyio.sleep(0.005)
@@ -130,7 +133,7 @@ async def test_read_source_reads_in_a_thread_of_its_own_lane() -> None:
         calls.append((n, threading.get_ident()))
         return b"x" * n
 
-    assert await read_source(read, 7) == b"xxxxxxx"
+    assert await current().read_source(read, 7) == b"xxxxxxx"
     assert calls[0][0] == 7
     assert calls[0][1] != threading.get_ident()
 

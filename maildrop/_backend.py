@@ -1,0 +1,160 @@
+"""The engine's backend: how the worker-side steps of a delivery get run.
+
+The session (``_session``), group commit (``_group_commit``), ``deliver_many`` and the
+sources talk to one small object per event loop, got with :func:`current`, and never branch
+on the event loop themselves. A backend does five things (:class:`Backend`): run a
+worker-side step and wait for it, queue one without waiting (pipelined writes), spawn a job
+nobody waits for (a cleanup, a shared directory fsync), run a step for many items at once
+(``deliver_many``'s directory fsyncs), and read a blocking source in a lane of its own.
+
+The steps are plain functions that do their disk calls through the syscall table
+(``_sys``), so they run the same in any backend. Today's backends run them in threads:
+:class:`PoolBackend` on asyncio (maildrop's own pool, ``_pool``) and :class:`AnyioBackend`
+elsewhere (anyio worker threads, on trio). Both release a cancelled caller at once and let
+the step run to completion; both run the step in a copy of the caller's ``contextvars``.
+
+A backend that submits the steps' syscalls to the kernel itself (io_uring) implements the
+same five methods: ``run`` and ``spawn`` recognise the engine's own steps (the ``Steps``
+methods, the group-commit fsync, the cleanup) and submit their syscalls as a chain, whose
+completion plays the part of the worker's return (it owns the files until then, and cleans
+up after an abort); any other callable, and every step when the syscall table is not the
+default one, still goes to a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import anyio
+
+from ._loops import per_loop
+from ._pool import Pool, anyio_limiter, retrieve, source_limiter
+
+__all__ = ["AnyioBackend", "Backend", "Done", "PoolBackend", "current"]
+
+T = TypeVar("T")
+
+#: Called on the event loop's thread with None or the exception of a spawned job.
+Done = Callable[[BaseException | None], None]
+
+
+class Backend(Protocol):
+    """What the engine needs from whatever runs its worker-side steps."""
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run the step ``fn(*args)`` and return its result.
+
+        **Cancellation:** the caller is released at once; the step still runs to completion.
+        """
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Awaitable[T] | None:
+        """Queue ``fn(*args)`` and return an awaitable of its result, or None (queue nothing)
+        where the backend cannot run a step behind its caller's back; an error nobody
+        awaits is not reported."""
+
+    def spawn(self, fn: Callable[..., Any], *args: Any, done: Done) -> None:
+        """Run ``fn(*args)`` for nobody in particular, then ``done(error)`` on the loop.
+
+        No caller's cancellation reaches the job: a caller that hands its files over to
+        it (a cleanup, a shared directory fsync) can leave at once.
+        """
+
+    async def run_each(self, fn: Callable[[T], object], items: list[T]) -> None:
+        """Run ``fn(item)`` for every item concurrently and wait for all.
+
+        **Cancellation:** the caller is released at once; calls already started finish.
+        """
+
+    async def read_source(self, read: Callable[[int], T], n: int) -> T:
+        """Call a blocking source's ``read(n)`` where it holds none of the steps' workers.
+
+        **Cancellation:** the caller is released at once; the read's data is dropped.
+        """
+
+
+class _SourceLane:
+    async def read_source(self, read: Callable[[int], T], n: int) -> T:
+        """Call ``read(n)`` in the source lane (``_pool.SOURCE_THREADS`` threads)."""
+        return await anyio.to_thread.run_sync(
+            read, n, abandon_on_cancel=True, limiter=source_limiter()
+        )
+
+
+class PoolBackend(_SourceLane):
+    """Steps in maildrop's own worker pool (asyncio)."""
+
+    __slots__ = ("pool",)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.pool = Pool(loop)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` in a worker (see :meth:`Backend.run`)."""
+        return await self.pool.submit(fn, args)
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Queue ``fn(*args)`` for a worker (see :meth:`Backend.submit`)."""
+        fut = self.pool.submit(fn, args)
+        fut.add_done_callback(retrieve)
+        return fut
+
+    def spawn(self, fn: Callable[..., Any], *args: Any, done: Done) -> None:
+        """Queue ``fn(*args)``, owned by no task (see :meth:`Backend.spawn`)."""
+        fut = self.pool.submit(fn, args)
+        fut.add_done_callback(lambda f: done(None if f.cancelled() else f.exception()))
+
+    async def run_each(self, fn: Callable[[T], object], items: list[T]) -> None:
+        """Queue ``fn(item)`` for every item; wait for all (see :meth:`Backend.run_each`)."""
+        futs = [self.submit(fn, item) for item in items]
+        for fut in futs:
+            await fut  # one wake-up collects every result that finished meanwhile
+
+
+class AnyioBackend(_SourceLane):
+    """Steps in anyio's worker threads, with maildrop's own capacity limiter (trio)."""
+
+    __slots__ = ()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` in a worker thread (see :meth:`Backend.run`)."""
+        return await anyio.to_thread.run_sync(
+            fn, *args, abandon_on_cancel=True, limiter=anyio_limiter()
+        )
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> None:
+        """Decline: a step is run only while its caller awaits it (see :meth:`Backend.submit`)."""
+        return None
+
+    def spawn(self, fn: Callable[..., Any], *args: Any, done: Done) -> None:
+        """Run ``fn(*args)`` from a trio system task (see :meth:`Backend.spawn`)."""
+        # A system task is the one kind of task that no caller's cancel scope reaches.
+        import trio
+
+        trio.lowlevel.spawn_system_task(
+            self._detached, fn, args, done, context=contextvars.copy_context()
+        )
+
+    async def _detached(self, fn: Callable[..., Any], args: tuple[Any, ...], done: Done) -> None:
+        try:
+            await self.run(fn, *args)
+        except Exception as exc:  # handed to *done*, never raised into trio's system nursery
+            done(exc)
+            return
+        done(None)
+
+    async def run_each(self, fn: Callable[[T], object], items: list[T]) -> None:
+        """Run ``fn(item)`` for every item in a task group (see :meth:`Backend.run_each`)."""
+        async with anyio.create_task_group() as tg:
+            for item in items:
+                tg.start_soon(self.run, fn, item)
+
+
+def _make(loop: asyncio.AbstractEventLoop | None) -> Backend:
+    return AnyioBackend() if loop is None else PoolBackend(loop)
+
+
+#: The running event loop's backend (``current(loop)`` for *loop*'s, from outside it).
+current = per_loop("maildrop_backend", _make)
