@@ -13,7 +13,6 @@ end; the published names are links to it.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import threading
 from collections.abc import Sequence
@@ -29,15 +28,10 @@ from ._quota_io import QuotaGuard
 from ._session import Delivery, DeliverySession
 from ._sources import Source, feed
 from ._transform import make_transform
-from ._writer import Aborted, Layout, TmpFile, new_name
+from ._writer import LINK_REFUSED, Aborted, Layout, TmpFile, link_file, reopen, under_free_name
 
 __all__ = ["deliver_many"]
 
-# link() errnos after which a copy can still work.
-_COPY_ERRNOS = frozenset(
-    {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
-)
-_NAME_TRIES = 100
 #: Targets linked per worker call; each holds 3-4 directory fds until its directory fsync.
 _SLICE = 32
 
@@ -90,9 +84,8 @@ class _Staging(DeliverySession):
     def _open_reader(self) -> IO[bytes] | OSError:
         # The staged inode, reopened for reading (the session's fd is write-only); an
         # error is this target's result, not the end of the staging file.
-        tmp = self._tmp
         try:
-            fd = tmp.sys.open(f"/proc/self/fd/{tmp.fd}", os.O_RDONLY | os.O_CLOEXEC)
+            fd = reopen(self._tmp)
         except OSError as exc:
             return exc
         return os.fdopen(fd, "rb")
@@ -156,7 +149,6 @@ def _link_one(staged: TmpFile, md: Maildir, flags: str | None) -> _Linked:
     if md._max_size is not None and size > md._max_size:
         raise MessageTooLargeError(md._max_size)
     layout = md._layout
-    sys = layout.syscalls
     target = TmpFile(layout, "new" if flags is None else "cur")
     guard = None if md._quota is None else QuotaGuard(md._quota, layout)
     linked = False
@@ -166,26 +158,13 @@ def _link_one(staged: TmpFile, md: Maildir, flags: str | None) -> _Linked:
             guard.check(target.dir_fds[0], size)
             guard.tmp = target
             target.size = size
-        name = ""
+        stamp = size if md._size_stamp else None
         with guard if guard is not None else contextlib.nullcontext():
-            for _ in range(_NAME_TRIES):
-                name = published_name(
-                    new_name(), size=size if md._size_stamp else None, flags=flags
-                )
-                try:
-                    sys.link(
-                        f"/proc/self/fd/{staged.fd}", name, dst_dir_fd=target.dest_fd,
-                        follow_symlinks=True,
-                    )  # fmt: skip
-                except FileExistsError:
-                    continue
-                except OSError as exc:
-                    if exc.errno not in _COPY_ERRNOS:
-                        raise
-                    raise _NeedsCopy from None  # delivered as a copy later
-                break
-            else:
-                raise FileExistsError(errno.EEXIST, f"could not find a free name in {md.path}")
+            name = under_free_name(
+                lambda name: _link_or_copy(staged, target, name),
+                lambda base: published_name(base, size=stamp, flags=flags),
+                str(md.path / target.subdir),
+            )
         linked = True
         path = Path(layout.path, target.subdir, name)
         return _Linked(Delivery(path=path, name=name, size=size), target)
@@ -194,6 +173,15 @@ def _link_one(staged: TmpFile, md: Maildir, flags: str | None) -> _Linked:
             guard.release()
         if not linked:
             target.close_dirs()
+
+
+def _link_or_copy(staged: TmpFile, target: TmpFile, name: str) -> None:
+    try:
+        link_file(staged, target, name)
+    except OSError as exc:
+        if exc.errno not in LINK_REFUSED:
+            raise
+        raise _NeedsCopy from None  # delivered as a copy later
 
 
 def _sync_one(linked: _Linked) -> Delivery:

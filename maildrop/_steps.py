@@ -14,7 +14,7 @@ import io
 import os
 
 from ._errors import MessageTooLargeError
-from ._writer import Aborted, TmpFile
+from ._writer import UNSUPPORTED, Aborted, TmpFile
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -28,14 +28,14 @@ __all__ = ["BATCH", "WOULD_BLOCK", "Steps", "as_chunk"]
 #: Bytes buffered before a hop writes them (large messages are written in batches this big).
 BATCH = 1 << 20
 
-# copy_file_range errnos that mean "not between these two files": fall back to read/write.
 #: Why a non-blocking source that had no data is refused (it is not the end of the message).
 WOULD_BLOCK = (
     errno.EAGAIN,
     "the source file is non-blocking and had no data; pass a blocking file or an async source",
 )
 
-_NO_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS})
+# copy_file_range errnos that mean "not between these two files": fall back to read/write.
+_NO_COPY = UNSUPPORTED | {errno.EXDEV, errno.EINVAL}
 
 
 def as_chunk(data: object) -> bytes | memoryview:

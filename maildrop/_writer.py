@@ -35,7 +35,7 @@ from ._naming import published_name, unique_name
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from contextlib import AbstractContextManager
 
     from ._sys import Syscalls
@@ -43,18 +43,29 @@ if TYPE_CHECKING:
 __all__ = [
     "DIR_FLAGS",
     "FILE_FLAGS",
+    "LINK_REFUSED",
     "LIVE_TMP",
+    "NO_LINKS",
+    "UNSUPPORTED",
     "Aborted",
     "Layout",
     "TmpFile",
+    "link_file",
     "new_name",
+    "reopen",
+    "under_free_name",
     "write_all",
 ]
 
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
+# Without /proc the written file is linked and reopened by its name in tmp/ instead of its fd.
 _PROC_FD = os.path.isdir("/proc/self/fd")
-# link() errnos that mean "this filesystem has no hard links", not "this link failed".
-_NO_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
+#: Errnos that mean "this filesystem cannot do that at all", not "this call failed".
+UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
+#: link() errnos that mean "this filesystem has no hard links".
+NO_LINKS = UNSUPPORTED | {errno.EPERM}
+#: link() errnos after which a copy of the file can still be delivered.
+LINK_REFUSED = NO_LINKS | {errno.EXDEV, errno.EMLINK}
 _NAME_TRIES = 100
 
 _counter_lock = _thread.allocate_lock()
@@ -108,6 +119,58 @@ def write_all(sys: Syscalls, fd: int, chunks: Sequence[bytes | memoryview]) -> i
     return done
 
 
+def under_free_name(
+    place: Callable[[str], None],
+    name_for: Callable[[str], str],
+    where: str,
+    first: str | None = None,
+) -> str:
+    """Call ``place(name_for(base))`` until it does not raise ``FileExistsError``; return
+    the name placed. *base* is *first*, then (or without it) a fresh unique name each try.
+    Nothing is ever clobbered: after ``_NAME_TRIES`` taken names it raises
+    ``FileExistsError`` naming *where*.
+    """
+    base = new_name() if first is None else first
+    for _ in range(_NAME_TRIES):
+        name = name_for(base)
+        try:
+            place(name)
+        except FileExistsError:
+            base = new_name()
+            continue
+        return name
+    raise FileExistsError(errno.EEXIST, f"could not find a free name in {where}/")
+
+
+def link_file(src: TmpFile, dest: Dirs, name: str) -> None:
+    """Hard-link the file *src* wrote as *name* into *dest*'s destination directory.
+
+    The link is made from ``/proc/self/fd/N``, so it is exactly the inode *src* wrote even
+    if its name in ``tmp/`` was swapped; without ``/proc``, from that name (never
+    following a symlink). *dest*'s syscall table makes the call. Raises the link's
+    ``OSError`` (``FileExistsError`` for a taken name, an errno of :data:`LINK_REFUSED`
+    where only a copy can work).
+    """
+    if _PROC_FD:
+        dest.sys.link(
+            f"/proc/self/fd/{src.fd}", name, dst_dir_fd=dest.dest_fd, follow_symlinks=True
+        )
+    else:
+        dest.sys.link(
+            src.tmp_name, name, src_dir_fd=src.tmp_fd, dst_dir_fd=dest.dest_fd,
+            follow_symlinks=False,
+        )  # fmt: skip
+
+
+def reopen(src: TmpFile) -> int:
+    """Open the file *src* wrote again, read-only (its own fd is write-only); return the fd."""
+    if _PROC_FD:
+        return src.sys.open(f"/proc/self/fd/{src.fd}", os.O_RDONLY | os.O_CLOEXEC)
+    return src.sys.open(
+        src.tmp_name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=src.tmp_fd
+    )
+
+
 class _NoGuard:
     """No link guard (``contextlib.nullcontext`` without importing contextlib)."""
 
@@ -119,6 +182,10 @@ class _NoGuard:
 
 
 _NO_GUARD = _NoGuard()
+
+
+def _same(name: str) -> str:
+    return name
 
 
 class Aborted(Exception):
@@ -150,21 +217,18 @@ class TmpFile(Dirs):
 
     def create(self) -> None:
         """Create the tmp file under a fresh unique name."""
-        for _ in range(_NAME_TRIES):
-            name = new_name()
-            LIVE_TMP.add(name)  # before the file exists, so a sweep never sees it unowned
-            try:
-                self.fd = self.sys.open(name, FILE_FLAGS, 0o600, dir_fd=self.tmp_fd)
-            except BaseException as exc:
-                LIVE_TMP.discard(name)
-                if isinstance(exc, FileExistsError):
-                    continue
-                raise
-            self.tmp_name = name
-            if self.owner is not None:
-                self.sys.fchown(self.fd, *self.owner)
-            return
-        raise FileExistsError(errno.EEXIST, "could not find a free name in tmp/")
+        under_free_name(self._create_as, _same, "tmp")
+        if self.owner is not None:
+            self.sys.fchown(self.fd, *self.owner)
+
+    def _create_as(self, name: str) -> None:
+        LIVE_TMP.add(name)  # before the file exists, so a sweep never sees it unowned
+        try:
+            self.fd = self.sys.open(name, FILE_FLAGS, 0o600, dir_fd=self.tmp_fd)
+        except BaseException:
+            LIVE_TMP.discard(name)
+            raise
+        self.tmp_name = name
 
     def write(self, chunks: Sequence[bytes | memoryview]) -> None:
         """Write every byte of *chunks*, looping on short writes."""
@@ -190,22 +254,14 @@ class TmpFile(Dirs):
         if self.aborted:
             # Cancelled while this call was writing or syncing: never publish after that.
             raise Aborted
-        base = self.tmp_name
-        assert base is not None
         size = self.size if size_stamp else None
         with self.link_guard:
-            for _ in range(_NAME_TRIES):
-                final = published_name(base, size=size, flags=flags)
-                try:
-                    self._link(final)
-                except FileExistsError:
-                    base = new_name()
-                    continue
-                break
-            else:
-                raise FileExistsError(
-                    errno.EEXIST, f"could not find a free name in {self.subdir}/"
-                )
+            final = under_free_name(
+                self._link,
+                lambda base: published_name(base, size=size, flags=flags),
+                self.subdir,
+                first=self.tmp_name,
+            )
         fd, self.fd = self.fd, -1
         self.sys.close(fd)
         if self.tmp_name is not None:
@@ -221,20 +277,10 @@ class TmpFile(Dirs):
         return final
 
     def _link(self, final: str) -> None:
-        assert self.tmp_name is not None
         try:
-            if _PROC_FD:
-                self.sys.link(
-                    f"/proc/self/fd/{self.fd}", final, dst_dir_fd=self.dest_fd,
-                    follow_symlinks=True,
-                )  # fmt: skip
-            else:  # pragma: no cover - Linux without /proc
-                self.sys.link(
-                    self.tmp_name, final, src_dir_fd=self.tmp_fd, dst_dir_fd=self.dest_fd,
-                    follow_symlinks=False,
-                )  # fmt: skip
+            link_file(self, self, final)
         except OSError as exc:
-            if exc.errno not in _NO_LINKS:
+            if exc.errno not in NO_LINKS:
                 raise
             self._rename_without_links(final)
             return

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+import maildrop._writer
 from maildrop import DEFAULT_SYSCALLS, Maildir, Quota
 from maildrop._writer import Layout, TmpFile
 
@@ -148,3 +149,24 @@ def test_locate_names_the_file_being_written() -> None:
     exc = OSError(errno.EIO, "Input/output error")
     tmp.locate(exc)
     assert exc.filename == "/m/new/1.M2.h"
+
+
+@pytest.mark.anyio
+async def test_without_proc_the_tmp_name_is_linked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without /proc the message is linked from its name in tmp/ (no symlink followed)."""
+    monkeypatch.setattr(maildrop._writer, "_PROC_FD", False)
+    calls: list[tuple[Any, dict[str, Any]]] = []
+
+    def link(src: Any, dst: Any, **kw: Any) -> None:
+        calls.append((src, kw))
+        os.link(src, dst, **kw)
+
+    d = await Maildir(tmp_path / "m", syscalls=DEFAULT_SYSCALLS.replace(link=link)).deliver(MSG)
+    assert d.path.read_bytes() == MSG
+    ((src, kw),) = calls
+    assert "/" not in src
+    assert d.name.startswith(src)
+    assert kw["follow_symlinks"] is False
+    assert listing(tmp_path / "m")["tmp"] == []
