@@ -12,7 +12,7 @@ import time
 from . import cli
 from ._errors import EX_TEMPFAIL, MaildirNotFoundError
 from ._sweep import sweep_tmp
-from ._writer import Layout
+from ._writer import Settings
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ def clean_tmp(args: Namespace) -> int:
     total = failed = 0
     for d in _tmp_dirs(path):
         try:
-            removed = sweep_tmp(Layout(d, None, False, True, cli._syscalls()), cutoff)
+            removed = sweep_tmp(Settings(d, None, False, True, cli._syscalls()), cutoff)
         except OSError as exc:
             failed += 1
             cli._say(f"maildrop clean-tmp: skipped {d}: {cli.describe(exc)}")

@@ -78,7 +78,7 @@ def _to_ascii(ch: str) -> bool:
 
 def where(md: Maildir) -> str:
     """Return the directory of *md* as a string (``str(md.path)`` without a ``Path``)."""
-    return md._layout.path
+    return md._settings.path
 
 
 def _ascii(text: str) -> str:

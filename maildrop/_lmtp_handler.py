@@ -319,12 +319,12 @@ def _exists(path: str) -> bool:
 
 def _quota_refusal(md: Maildir, quota: Quota) -> QuotaExceededError | None:
     """Check (in a worker) whether *md* is full; drop the reservation the check makes."""
-    layout = md._layout
+    settings = md._settings
     try:
-        fd = layout.syscalls.open(layout.path, DIR_FLAGS)
+        fd = settings.syscalls.open(settings.path, DIR_FLAGS)
     except OSError:
         return None
-    guard = QuotaGuard(quota, layout)
+    guard = QuotaGuard(quota, settings)
     try:
         guard.check(fd, 0)
     except QuotaExceededError as exc:
@@ -333,5 +333,5 @@ def _quota_refusal(md: Maildir, quota: Quota) -> QuotaExceededError | None:
         return None
     finally:
         guard.release()
-        layout.syscalls.close_dir(fd)
+        settings.syscalls.close_dir(fd)
     return None

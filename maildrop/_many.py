@@ -16,7 +16,7 @@ import contextlib
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -25,10 +25,11 @@ from ._maildir import Maildir
 from ._naming import format_flags, published_name
 from ._pool import run_each, run_sync
 from ._quota_io import QuotaGuard
+from ._record import replace
 from ._session import Delivery, DeliverySession
 from ._sources import Source, feed
 from ._transform import make_transform
-from ._writer import LINK_REFUSED, Aborted, Layout, TmpFile, link_file, reopen, under_free_name
+from ._writer import LINK_REFUSED, Aborted, Settings, TmpFile, link_file, reopen, under_free_name
 
 __all__ = ["deliver_many"]
 
@@ -55,7 +56,7 @@ class _Staging(DeliverySession):
 
     def _stage_step(self, chunks: list[bytes | memoryview]) -> None:
         self._write_rest(chunks)
-        if self._layout.fsync:
+        if self._settings.fsync:
             self._tmp.sys.fsync(self._tmp.fd)
 
     async def link_into(self, jobs: list[tuple[int, Maildir]], flags: str | None) -> _Links:
@@ -146,11 +147,11 @@ def _dispose(links: _Links) -> None:
 def _link_one(staged: TmpFile, md: Maildir, flags: str | None) -> _Linked:
     """Link the staged file into *md* (runs in a worker); the fsync comes later."""
     size = staged.size
-    if md._max_size is not None and size > md._max_size:
-        raise MessageTooLargeError(md._max_size)
-    layout = md._layout
-    target = TmpFile(layout, "new" if flags is None else "cur")
-    guard = None if md._quota is None else QuotaGuard(md._quota, layout)
+    cfg = md._settings
+    if cfg.max_size is not None and size > cfg.max_size:
+        raise MessageTooLargeError(cfg.max_size)
+    target = TmpFile(cfg, "new" if flags is None else "cur")
+    guard = None if cfg.quota is None else QuotaGuard(cfg.quota, cfg)
     linked = False
     try:
         target.open_dirs()
@@ -158,7 +159,7 @@ def _link_one(staged: TmpFile, md: Maildir, flags: str | None) -> _Linked:
             guard.check(target.dir_fds[0], size)
             guard.tmp = target
             target.size = size
-        stamp = size if md._size_stamp else None
+        stamp = size if cfg.size_stamp else None
         with guard if guard is not None else contextlib.nullcontext():
             name = under_free_name(
                 lambda name: _link_or_copy(staged, target, name),
@@ -166,7 +167,7 @@ def _link_one(staged: TmpFile, md: Maildir, flags: str | None) -> _Linked:
                 str(md.path / target.subdir),
             )
         linked = True
-        path = Path(layout.path, target.subdir, name)
+        path = Path(cfg.path, target.subdir, name)
         return _Linked(Delivery(path=path, name=name, size=size), target)
     finally:
         if guard is not None:
@@ -232,8 +233,8 @@ def _link_all(
     handover.give(out)
 
 
-def _probe(layout: Layout) -> None:
-    tmp = TmpFile(layout, "new")
+def _probe(settings: Settings) -> None:
+    tmp = TmpFile(settings, "new")
     try:
         tmp.open_dirs()
     finally:
@@ -277,7 +278,7 @@ async def deliver_many(
     for first, md in enumerate(mds):
         if not rewindable:
             try:
-                await run_sync(_probe, md._layout)
+                await run_sync(_probe, md._settings)
             except OSError as exc:
                 results[first] = exc
                 continue
@@ -313,11 +314,11 @@ def _staging_in(
 ) -> _Staging:
     """Return a staging session in *md* that suits every target of *mds*: the largest
     ``max_size`` (each target checks its own), fsync if any target fsyncs."""
-    limits = [m._max_size for m in mds]
+    limits = [m._settings.max_size for m in mds]
     max_size = None if None in limits else max((m for m in limits if m is not None), default=0)
-    layout = replace(md._layout, fsync=any(m._layout.fsync for m in mds))
+    settings = replace(md._settings, fsync=any(m._settings.fsync for m in mds))
     transform = make_transform(return_path=return_path, delivered_to=None, crlf_to_lf=crlf_to_lf)
-    return _Staging(layout, max_size=max_size, transform=transform)
+    return _Staging(settings, max_size=max_size, transform=transform)
 
 
 async def _fan_out(

@@ -27,7 +27,7 @@ from ._pool import run_sync, running_loop, spawn, submit
 from ._quota_io import QuotaGuard
 from ._steps import BATCH, Steps, as_chunk
 from ._transform import Transform
-from ._writer import Aborted, Layout, TmpFile
+from ._writer import Aborted, Settings, TmpFile
 
 __all__ = ["BATCH", "STATS", "Delivery", "DeliverySession", "as_chunk"]
 
@@ -214,7 +214,7 @@ class DeliverySession:
 
     def __init__(
         self,
-        layout: Layout,
+        settings: Settings,
         *,
         flags: str | None = None,
         size_stamp: bool = False,
@@ -223,8 +223,8 @@ class DeliverySession:
         transform: Transform | None = None,
         quota: QuotaGuard | None = None,
     ) -> None:
-        self._layout = layout
-        self._tmp = TmpFile(layout, "new" if flags is None else "cur")
+        self._settings = settings
+        self._tmp = TmpFile(settings, "new" if flags is None else "cur")
         # Header stamps / CRLF conversion (``_transform``) and Maildir++ quota (``_quota_io``).
         self._transform = transform
         self._quota = quota
@@ -359,12 +359,12 @@ class DeliverySession:
         except BaseException as exc:
             await self._fail(exc)
             raise
-        key = (self._layout.path, self._tmp.subdir)
+        key = (self._settings.path, self._tmp.subdir)
         ds = _dirsync(key)
         ds.inflight += 1
         try:
             # Without fsync there is no directory fsync to share: finish in one hop.
-            fsync = self._layout.fsync
+            fsync = self._settings.fsync
             alone = not fsync or (ds.inflight == 1 and ds.running is None)
             chunks = self._take()
             final = await self._hop(self._finish_step, chunks, alone)
@@ -381,7 +381,7 @@ class DeliverySession:
             self._state = "committed"
             if self._file is not None or self._transform is not None:
                 self._size = self._tmp.size
-            path = Path(self._layout.path, self._tmp.subdir, final)
+            path = Path(self._settings.path, self._tmp.subdir, final)
             self._result = Delivery(path=path, name=final, size=self._tmp.size)
             return self._result
         except BaseException as exc:

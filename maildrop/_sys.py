@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from ._record import record
+from ._record import record, replace
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ class Syscalls:
         unknown = set(changes).difference(self.__match_args__)
         if unknown:
             raise TypeError(f"Syscalls has no entry {min(unknown)!r}")
-        return Syscalls(**{n: changes.get(n, getattr(self, n)) for n in self.__match_args__})
+        return replace(self, **changes)
 
 
 #: The table every :class:`~maildrop.Maildir` uses unless given another.

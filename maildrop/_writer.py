@@ -30,7 +30,7 @@ import errno
 import os
 import time
 
-from ._dirs import DIR_FLAGS, FILE_FLAGS, Dirs, Layout, parent_of
+from ._dirs import DIR_FLAGS, FILE_FLAGS, Dirs, Settings, parent_of
 from ._naming import published_name, unique_name
 
 TYPE_CHECKING = False
@@ -48,7 +48,7 @@ __all__ = [
     "NO_LINKS",
     "UNSUPPORTED",
     "Aborted",
-    "Layout",
+    "Settings",
     "TmpFile",
     "link_file",
     "new_name",
@@ -199,8 +199,8 @@ class TmpFile(Dirs):
     ``lock``/``running``/``aborted`` fields are how the event loop hands over cleanup.
     """
 
-    def __init__(self, layout: Layout, subdir: str) -> None:
-        super().__init__(layout, subdir)
+    def __init__(self, settings: Settings, subdir: str) -> None:
+        super().__init__(settings, subdir)
         self.lock = _thread.allocate_lock()
         self.running = False
         self.aborted = False
@@ -249,7 +249,7 @@ class TmpFile(Dirs):
 
     def publish(self, *, size_stamp: bool, flags: str | None, sync_dir: bool) -> str:
         """Fsync, link into the destination without clobbering, close, unlink tmp."""
-        if self.layout.fsync:
+        if self.settings.fsync:
             self.sys.fsync(self.fd)
         if self.aborted:
             # Cancelled while this call was writing or syncing: never publish after that.
@@ -304,7 +304,7 @@ class TmpFile(Dirs):
 
     def sync_dest(self) -> None:
         """Fsync the destination directory, making the published name durable."""
-        if self.layout.fsync:
+        if self.settings.fsync:
             self.sys.fsync_dir(self.dest_fd)
             # xfs answers 0 to fsync(dir) once the filesystem was shut down (I/O error,
             # or a simulated power cut) although the link it had not logged yet is gone;
@@ -320,19 +320,19 @@ class TmpFile(Dirs):
         The steps work relative to directory fds, so the kernel's error names only a
         basename (or nothing, for a write or fsync); an operator needs the directory.
         """
-        lay = self.layout
+        cfg = self.settings
         name, other = exc.filename, exc.filename2
         if isinstance(name, str) and name.startswith("/proc/self/fd/") and isinstance(other, str):
-            exc.filename, exc.filename2 = os.path.join(lay.path, self.subdir, other), None
+            exc.filename, exc.filename2 = os.path.join(cfg.path, self.subdir, other), None
         elif name is None:
             if self.tmp_name is not None:
-                exc.filename = os.path.join(lay.path, "tmp", self.tmp_name)
+                exc.filename = os.path.join(cfg.path, "tmp", self.tmp_name)
             elif self.final_name is not None:
-                exc.filename = os.path.join(lay.path, self.subdir, self.final_name)
+                exc.filename = os.path.join(cfg.path, self.subdir, self.final_name)
             else:
-                exc.filename = lay.path
+                exc.filename = cfg.path
         elif isinstance(name, str) and not os.path.isabs(name):
-            exc.filename = os.path.join(parent_of(lay, name), name)
+            exc.filename = os.path.join(parent_of(cfg, name), name)
 
     def cleanup(self) -> None:
         """Remove everything this delivery created (but a kept publish) and close all fds.

@@ -332,7 +332,7 @@ def _quota(args: _Args, root: str) -> Quota | None:
 def _deliver(args: _Args) -> int:
     from ._errors import MaildirNotFoundError
     from ._mda import deliver_fd
-    from ._writer import Layout
+    from ._writer import Settings
 
     fd = _stdin_fd()
     try:
@@ -352,7 +352,7 @@ def _deliver(args: _Args) -> int:
             raise MaildirNotFoundError(
                 f"no folder {folder!r} in {root} (create it first, or pass --create-folder)"
             )
-    layout = Layout(root, dirname, True, not args.no_fsync, _syscalls())
+    settings = Settings(root, dirname, True, not args.no_fsync, _syscalls())
     quota = _quota(args, root)
     transform = None
     if args.return_path is not None or args.delivered_to is not None or args.crlf_to_lf:
@@ -367,7 +367,7 @@ def _deliver(args: _Args) -> int:
     if quota is not None:
         from ._quota_io import QuotaGuard
 
-        guard = QuotaGuard(quota, layout)
-    path = deliver_fd(layout, fd, max_size=args.max_size, transform=transform, quota=guard)
+        guard = QuotaGuard(quota, settings)
+    path = deliver_fd(settings, fd, max_size=args.max_size, transform=transform, quota=guard)
     print(path, flush=True)
     return 0

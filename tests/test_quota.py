@@ -625,7 +625,7 @@ def test_released_guard_reserves_nothing(tmp_path: Path) -> None:
     from maildrop._quota_io import QuotaGuard
 
     md = Maildir(tmp_path, quota=Quota(bytes=100))
-    guard = QuotaGuard(Quota(bytes=100), md._layout)
+    guard = QuotaGuard(Quota(bytes=100), md._settings)
     for sub in ("tmp", "new", "cur"):
         (tmp_path / sub).mkdir()
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
