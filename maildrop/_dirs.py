@@ -105,7 +105,7 @@ def parent_of(cfg: Settings, name: str) -> str:
 
 
 class Dirs:
-    """The directory fds of one delivery (``TmpFile`` adds the message file to them)."""
+    """The directory fds of one delivery (``DeliveryFiles`` adds the message file to them)."""
 
     def __init__(self, settings: Settings, subdir: str) -> None:
         self.settings = settings
@@ -117,6 +117,11 @@ class Dirs:
         # (uid, gid) that files and directories maildrop creates are given: set when this
         # process runs as root and the maildir belongs to another user (see _adopt_owner).
         self.owner: tuple[int, int] | None = None
+
+    @property
+    def root_fd(self) -> int:
+        """The fd of the maildir's root (the top maildir, also for a folder: its quota)."""
+        return self.dir_fds[0]
 
     # -- opening ----------------------------------------------------------------------------
 

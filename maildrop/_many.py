@@ -29,7 +29,15 @@ from ._record import replace
 from ._session import Delivery, DeliverySession
 from ._sources import Source, feed
 from ._transform import make_transform
-from ._writer import LINK_REFUSED, Aborted, Settings, TmpFile, link_file, reopen, under_free_name
+from ._writer import (
+    LINK_REFUSED,
+    Aborted,
+    DeliveryFiles,
+    Settings,
+    link_file,
+    reopen,
+    under_free_name,
+)
 
 __all__ = ["deliver_many"]
 
@@ -122,7 +130,7 @@ class _Handover:
 @dataclass(slots=True)
 class _Linked:
     delivery: Delivery
-    target: TmpFile  # its directory fds stay open until the fsync
+    target: DeliveryFiles  # its directory fds stay open until the fsync
     # Who closes the fds: the worker that fsyncs (claim) or the loop that gave up (abandon).
     lock: threading.Lock = field(default_factory=threading.Lock)
     owner: str = ""
@@ -144,19 +152,19 @@ def _dispose(links: _Links) -> None:
             res.target.close_dirs()  # closing a directory fd never blocks
 
 
-def _link_one(staged: TmpFile, md: Maildir, flags: str | None) -> _Linked:
+def _link_one(staged: DeliveryFiles, md: Maildir, flags: str | None) -> _Linked:
     """Link the staged file into *md* (runs in a worker); the fsync comes later."""
     size = staged.size
     cfg = md._settings
     if cfg.max_size is not None and size > cfg.max_size:
         raise MessageTooLargeError(cfg.max_size)
-    target = TmpFile(cfg, "new" if flags is None else "cur")
+    target = DeliveryFiles(cfg, "new" if flags is None else "cur")
     guard = None if cfg.quota is None else QuotaGuard(cfg.quota, cfg)
     linked = False
     try:
         target.open_dirs()
         if guard is not None:
-            guard.check(target.dir_fds[0], size)
+            guard.check(target.root_fd, size)
             guard.tmp = target
             target.size = size
         stamp = size if cfg.size_stamp else None
@@ -176,7 +184,7 @@ def _link_one(staged: TmpFile, md: Maildir, flags: str | None) -> _Linked:
             target.close_dirs()
 
 
-def _link_or_copy(staged: TmpFile, target: TmpFile, name: str) -> None:
+def _link_or_copy(staged: DeliveryFiles, target: DeliveryFiles, name: str) -> None:
     try:
         link_file(staged, target, name)
     except OSError as exc:
@@ -222,7 +230,7 @@ def _sync_into(linked: _Linked) -> None:
 
 
 def _link_all(
-    staged: TmpFile, jobs: list[tuple[int, Maildir]], flags: str | None, handover: _Handover
+    staged: DeliveryFiles, jobs: list[tuple[int, Maildir]], flags: str | None, handover: _Handover
 ) -> None:
     out: _Links = []
     for i, md in jobs:
@@ -234,7 +242,7 @@ def _link_all(
 
 
 def _probe(settings: Settings) -> None:
-    tmp = TmpFile(settings, "new")
+    tmp = DeliveryFiles(settings, "new")
     try:
         tmp.open_dirs()
     finally:

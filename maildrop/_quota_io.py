@@ -37,7 +37,7 @@ from ._quota import (
 )
 from ._record import record
 from ._sys import Syscalls
-from ._writer import DIR_FLAGS, FILE_FLAGS, LIVE_TMP, Settings, TmpFile, new_name, write_all
+from ._writer import DIR_FLAGS, FILE_FLAGS, LIVE_TMP, DeliveryFiles, Settings, new_name, write_all
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -244,7 +244,7 @@ class QuotaGuard:
     """One delivery's quota: its checks while streaming and its line after the link.
 
     ``check()`` runs in the worker before each batch is written; the guard is also the
-    ``TmpFile.link_guard`` around the link; ``release()`` drops the reservation of a
+    ``DeliveryFiles.ledger_lock`` around the link; ``release()`` drops the reservation of a
     delivery that did not publish (callable from the event loop: no I/O, no long lock).
     """
 
@@ -252,7 +252,7 @@ class QuotaGuard:
         self.quota = quota
         self.settings = settings
         self.ledger = _ledger(settings.root)
-        self.tmp: TmpFile | None = None
+        self.tmp: DeliveryFiles | None = None
         self.active = True
         self.reserved_bytes = 0
         self.reserved_messages = 0
@@ -359,7 +359,7 @@ class QuotaGuard:
             self.ledger.pending_messages -= self.reserved_messages
             self.reserved_bytes = self.reserved_messages = 0
 
-    # -- around the link (TmpFile.link_guard) ------------------------------------------------
+    # -- around the link (DeliveryFiles.ledger_lock) ------------------------------------
 
     def __enter__(self) -> None:
         if self.active:
@@ -376,7 +376,7 @@ class QuotaGuard:
             return
         try:
             if exc_type is None and self.tmp is not None:
-                self.append(self.tmp.dir_fds[0], self.tmp.size)
+                self.append(self.tmp.root_fd, self.tmp.size)
                 self.release()  # the line now counts the message
         finally:
             self._locked = False

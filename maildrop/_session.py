@@ -27,7 +27,7 @@ from ._pool import run_sync, running_loop, spawn, submit
 from ._quota_io import QuotaGuard
 from ._steps import BATCH, Steps, as_chunk
 from ._transform import Transform
-from ._writer import Aborted, Settings, TmpFile
+from ._writer import Aborted, DeliveryFiles, Settings
 
 __all__ = ["BATCH", "STATS", "Delivery", "DeliverySession", "as_chunk"]
 
@@ -73,7 +73,7 @@ class _DirSync:
         self.running: anyio.Event | None = None  # set when the fsync in flight ends
         # Linked deliveries waiting for a directory fsync: the one that covers them closes
         # their directory fds in its worker (see _sync_and_close).
-        self.waiting: list[TmpFile] = []
+        self.waiting: list[DeliveryFiles] = []
 
     async def wait_durable(self, seq: int) -> None:
         while self.synced < seq:
@@ -107,7 +107,7 @@ class _DirSync:
         spawn(_sync_and_close, covered, done=finish)
 
 
-def _sync_and_close(covered: list[TmpFile]) -> None:
+def _sync_and_close(covered: list[DeliveryFiles]) -> None:
     """Fsync the destination directory of the deliveries in *covered*, then close their
     directory fds (runs in a worker).
 
@@ -135,7 +135,7 @@ def _sync_and_close(covered: list[TmpFile]) -> None:
                 _hand_back(t)
 
 
-def _take_over(tmp: TmpFile) -> bool:
+def _take_over(tmp: DeliveryFiles) -> bool:
     """Make the calling thread the owner of *tmp*'s files; False if gone or owned already.
 
     One owner at a time touches a delivery's files: a worker running one of its steps, the
@@ -149,7 +149,7 @@ def _take_over(tmp: TmpFile) -> bool:
         return True
 
 
-def _hand_back(tmp: TmpFile, *, failed: bool = False) -> None:
+def _hand_back(tmp: DeliveryFiles, *, failed: bool = False) -> None:
     """End this thread's ownership of *tmp*; first clean up if it failed or was aborted."""
     with tmp.lock:
         if failed:
@@ -165,7 +165,7 @@ def _hand_back(tmp: TmpFile, *, failed: bool = False) -> None:
             tmp.running = False
 
 
-def _cleanup(tmp: TmpFile) -> None:
+def _cleanup(tmp: DeliveryFiles) -> None:
     """Remove an aborted delivery's files unless another owner is still at it (a worker)."""
     if _take_over(tmp):
         _hand_back(tmp)
@@ -224,13 +224,13 @@ class DeliverySession:
         quota: QuotaGuard | None = None,
     ) -> None:
         self._settings = settings
-        self._tmp = TmpFile(settings, "new" if flags is None else "cur")
+        self._tmp = DeliveryFiles(settings, "new" if flags is None else "cur")
         # Header stamps / CRLF conversion (``_transform``) and Maildir++ quota (``_quota_io``).
         self._transform = transform
         self._quota = quota
         if quota is not None:
             quota.tmp = self._tmp
-            self._tmp.link_guard = quota
+            self._tmp.ledger_lock = quota
         # The worker-side half: writing, copying, publishing (shared with the MDA path).
         self._steps = Steps(
             self._tmp, flags=flags, size_stamp=size_stamp, max_size=max_size,
@@ -334,8 +334,8 @@ class DeliverySession:
     def _write_rest(self, chunks: list[bytes | memoryview]) -> None:
         self._steps.write_rest(chunks)
 
-    def _finish_step(self, chunks: list[bytes | memoryview], alone: bool) -> str:
-        return self._steps.finish(chunks, alone)
+    def _finish_step(self, chunks: list[bytes | memoryview], sync_new: bool) -> str:
+        return self._steps.finish(chunks, sync_new)
 
     def _attach_file(self, f: IO[bytes]) -> None:
         self._file = self._steps.file = f
@@ -365,11 +365,11 @@ class DeliverySession:
         try:
             # Without fsync there is no directory fsync to share: finish in one hop.
             fsync = self._settings.fsync
-            alone = not fsync or (ds.inflight == 1 and ds.running is None)
+            sync_new = not fsync or (ds.inflight == 1 and ds.running is None)
             chunks = self._take()
-            final = await self._hop(self._finish_step, chunks, alone)
+            final = await self._hop(self._finish_step, chunks, sync_new)
             self._check_not_aborted()
-            if alone:
+            if sync_new:
                 STATS["dir_fsyncs"] += fsync
             else:
                 ds.linked += 1

@@ -50,7 +50,7 @@ class Syscalls:
     mkdir: Callable[..., None] = os.mkdir
     stat: Callable[..., os.stat_result] = os.stat
     copy_file_range: Callable[[int, int, int, int | None], int] = _copy_file_range
-    #: ``os.fstat`` of the destination directory after its fsync (see ``TmpFile.sync_dest``).
+    #: ``os.fstat`` of the destination directory after its fsync (see ``DeliveryFiles.sync_dest``).
     fstat: Callable[[int], os.stat_result] = os.fstat
     read: Callable[[int, int], bytes] = os.read
     listdir: Callable[[int], list[str]] = os.listdir

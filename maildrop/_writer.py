@@ -18,7 +18,7 @@ Why the steps are ordered the way they are (the one long explanation of the engi
   after an existence check: documented, and narrower than the stdlib's plain rename.
 * ``new/`` is fsynced after the link; only then is the message durable. Callers share that
   fsync when several deliveries are in flight (group commit, see ``_session``).
-* A :class:`TmpFile` is owned by at most one thread at a time. Whatever fails inside a worker
+* A :class:`DeliveryFiles` is owned by at most one thread at a time. Whatever fails inside a worker
   call is cleaned up by that worker before the exception leaves it, so the event loop never
   unlinks a file that a still-running write or fsync is using.
 """
@@ -48,8 +48,8 @@ __all__ = [
     "NO_LINKS",
     "UNSUPPORTED",
     "Aborted",
+    "DeliveryFiles",
     "Settings",
-    "TmpFile",
     "link_file",
     "new_name",
     "reopen",
@@ -142,7 +142,7 @@ def under_free_name(
     raise FileExistsError(errno.EEXIST, f"could not find a free name in {where}/")
 
 
-def link_file(src: TmpFile, dest: Dirs, name: str) -> None:
+def link_file(src: DeliveryFiles, dest: Dirs, name: str) -> None:
     """Hard-link the file *src* wrote as *name* into *dest*'s destination directory.
 
     The link is made from ``/proc/self/fd/N``, so it is exactly the inode *src* wrote even
@@ -162,7 +162,7 @@ def link_file(src: TmpFile, dest: Dirs, name: str) -> None:
         )  # fmt: skip
 
 
-def reopen(src: TmpFile) -> int:
+def reopen(src: DeliveryFiles) -> int:
     """Open the file *src* wrote again, read-only (its own fd is write-only); return the fd."""
     if _PROC_FD:
         return src.sys.open(f"/proc/self/fd/{src.fd}", os.O_RDONLY | os.O_CLOEXEC)
@@ -171,8 +171,8 @@ def reopen(src: TmpFile) -> int:
     )
 
 
-class _NoGuard:
-    """No link guard (``contextlib.nullcontext`` without importing contextlib)."""
+class _NoLock:
+    """No quota ledger to lock (``contextlib.nullcontext`` without importing contextlib)."""
 
     def __enter__(self) -> None:
         return None
@@ -181,7 +181,7 @@ class _NoGuard:
         return None
 
 
-_NO_GUARD = _NoGuard()
+_NO_LOCK = _NoLock()
 
 
 def _same(name: str) -> str:
@@ -192,8 +192,8 @@ class Aborted(Exception):
     """The delivery was abandoned (cancelled) while a worker call was running."""
 
 
-class TmpFile(Dirs):
-    """One message being written: its directory fds, tmp file and published name.
+class DeliveryFiles(Dirs):
+    """The disk state of one delivery: its directory fds, tmp file and published name.
 
     Only worker threads call its methods, one at a time (``_session`` guarantees it); the
     ``lock``/``running``/``aborted`` fields are how the event loop hands over cleanup.
@@ -210,8 +210,9 @@ class TmpFile(Dirs):
         self.tmp_name: str | None = None
         self.final_name: str | None = None
         self.size = 0
-        # Held around the link into the destination (quota bookkeeping, see _quota_io).
-        self.link_guard: AbstractContextManager[object] = _NO_GUARD
+        # The quota ledger's lock, held around the link into the destination so the
+        # maildirsize update matches the links made (see _quota_io); a no-op without quota.
+        self.ledger_lock: AbstractContextManager[object] = _NO_LOCK
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -255,7 +256,7 @@ class TmpFile(Dirs):
             # Cancelled while this call was writing or syncing: never publish after that.
             raise Aborted
         size = self.size if size_stamp else None
-        with self.link_guard:
+        with self.ledger_lock:
             final = under_free_name(
                 self._link,
                 lambda base: published_name(base, size=size, flags=flags),

@@ -13,7 +13,7 @@ import pytest
 
 import maildrop._writer
 from maildrop import DEFAULT_SYSCALLS, Maildir, Quota
-from maildrop._writer import Settings, TmpFile
+from maildrop._writer import DeliveryFiles, Settings
 
 from .conftest import listing
 
@@ -130,7 +130,7 @@ def test_locate_names_the_absolute_path(
     filename: str | None, filename2: str | None, expected: str
 ) -> None:
     """A kernel error on a relative name (or none) is given the path it concerns."""
-    tmp = TmpFile(Settings("/m", ".F", True, True, DEFAULT_SYSCALLS), "new")
+    tmp = DeliveryFiles(Settings("/m", ".F", True, True, DEFAULT_SYSCALLS), "new")
     exc = OSError(errno.EACCES, "Permission denied", filename, None, filename2)
     tmp.locate(exc)
     assert exc.filename == expected
@@ -140,7 +140,7 @@ def test_locate_names_the_absolute_path(
 
 def test_locate_names_the_file_being_written() -> None:
     """A write error (no name) names the tmp file, or the published one after the link."""
-    tmp = TmpFile(Settings("/m", None, True, True, DEFAULT_SYSCALLS), "new")
+    tmp = DeliveryFiles(Settings("/m", None, True, True, DEFAULT_SYSCALLS), "new")
     tmp.tmp_name = "1.M2.h"
     exc = OSError(errno.ENOSPC, "No space left on device")
     tmp.locate(exc)
