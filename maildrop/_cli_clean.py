@@ -11,6 +11,7 @@ import time
 
 from . import cli
 from ._errors import EX_TEMPFAIL, MaildirNotFoundError
+from ._folders import folder_entries
 from ._sweep import sweep_tmp
 from ._writer import Settings
 
@@ -27,9 +28,8 @@ def _tmp_dirs(path: str) -> list[str]:
         raise MaildirNotFoundError(f"no maildir at {path} (it has no tmp/ directory)")
     return [path] + [
         os.path.join(path, entry)
-        for entry in sorted(os.listdir(path))
-        if entry.startswith(".") and entry not in (".", "..")
-        and os.path.isdir(os.path.join(path, entry, "tmp"))
+        for entry in folder_entries(os.listdir(path))
+        if os.path.isdir(os.path.join(path, entry, "tmp"))
     ]  # fmt: skip
 
 

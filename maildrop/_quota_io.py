@@ -23,6 +23,7 @@ import stat
 import time
 
 from ._errors import QuotaExceededError
+from ._folders import folder_entries
 from ._quota import (
     MAX_FILE,
     RECALC_AGE,
@@ -147,9 +148,7 @@ def _open_dir(sys: Syscalls, name: str, dir_fd: int) -> int | None:
 
 
 def _folders(sys: Syscalls, root_fd: int) -> list[str]:
-    return sorted(
-        n for n in sys.listdir(root_fd) if n.startswith(".") and n not in (".", "..", _TRASH)
-    )
+    return [n for n in folder_entries(sys.listdir(root_fd)) if n != _TRASH]
 
 
 def _scan(sys: Syscalls, root_fd: int, *, count: bool) -> tuple[int, int, int]:
