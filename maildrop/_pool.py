@@ -3,15 +3,13 @@
 On asyncio, maildrop runs its own pool: jobs go into one queue that idle workers block on, and
 results come back in batches. A worker hands results back through an ``eventfd`` that the loop
 watches (``add_reader``): the loop wakes, reads it and resolves the futures in the same
-iteration. Measured on the 2-vCPU dev VM, a sequential idle hop costs ~50 µs that way, against
-~73 µs with ``call_soon_threadsafe`` (a socket write, two ``recv`` calls, one more iteration)
-and ~123 µs through ``anyio.to_thread.run_sync`` (a checkpoint and the limiter's iteration);
-a plain semaphore handoff between two threads, no event loop at all, costs ~43 µs. A small
-durable delivery is one hop, so these differences are 5-15% of its time. Under load the
-queue matters more than the hop: a worker that finishes a job takes the next queued one at
-once, without sleeping and without a round trip through the event loop, and a worker only
-wakes the loop when no earlier completion is still waiting to be collected. At 64 concurrent
-2 KiB deliveries that halved the context switches per delivery. A loop without ``add_reader``
+iteration, which makes a hop cheaper than ``call_soon_threadsafe`` (a socket write, two
+``recv`` calls, one more iteration) or ``anyio.to_thread.run_sync`` (a checkpoint and the
+limiter's iteration); a small durable delivery is one hop. Under load the queue matters more
+than the hop: a worker that finishes a job takes the next queued one at once, without
+sleeping and without a round trip through the event loop, and a worker only wakes the loop
+when no earlier completion is still waiting to be collected. (The measured costs are in
+benchmarks/README.md, "Figures behind the engine's choices".) A loop without ``add_reader``
 (Windows' proactor) is woken with ``call_soon_threadsafe``. On every other backend (trio)
 hops go through ``anyio.to_thread.run_sync`` with maildrop's own ``CapacityLimiter``.
 
@@ -55,11 +53,7 @@ T = TypeVar("T")
 #: Worker threads per event loop: 4 per CPU, at least 8, at most 64. Enough to keep the
 #: fsyncs of concurrent deliveries in flight (deliveries/s = fsyncs in flight / fsync
 #: latency), and no more: every worker comes back from each syscall wanting the GIL, and the
-#: event loop's thread queues behind them. On the 2-vCPU dev VM, 64 concurrent durable 2 KiB
-#: deliveries (interleaved runs, after the directory fds were closed in workers): on ext4
-#: without a journal 8 workers gave 1.74x the raw rate with loop stalls <= 2.7 ms, 16 gave
-#: 1.53x and 5-7 ms, 32 gave 1.68x and up to 14 ms; on a journaled ext4 (where fsyncs batch in
-#: the journal) 8 gave 3.06x, 16 3.16x and 32 3.06x, with the same stall ordering.
+#: event loop's thread queues behind them (the figures: benchmarks/README.md).
 THREADS = min(64, max(8, 4 * (os.cpu_count() or 1)))
 #: Seconds a worker waits for work before it exits.
 IDLE_SECONDS = 10.0
@@ -91,7 +85,7 @@ def _anyio_limiter(var: RunVar[anyio.CapacityLimiter] = _limiter) -> anyio.Capac
 
 def running_loop() -> asyncio.AbstractEventLoop | None:
     """The running asyncio loop of this thread, or None (under trio, or outside a loop)."""
-    # anyio >= 4.12 no longer depends on sniffio: ask asyncio itself. Under trio there is no
+    # Ask asyncio itself (anyio does not always bring sniffio). Under trio there is no
     # running asyncio loop in this thread.
     try:
         return asyncio.get_running_loop()
