@@ -27,7 +27,7 @@ from ._maildir import Maildir
 from ._pool import run_sync
 from ._quota import Quota
 from ._quota_io import QuotaGuard
-from ._sys import DEFAULT_SYSCALLS, Syscalls
+from ._sys import DEFAULT_SYSCALLS, Syscalls, stat_or_none
 from ._writer import DIR_FLAGS
 
 __all__ = ["SHUTTING_DOWN", "MaildirHandler", "mailbox_name"]
@@ -138,7 +138,7 @@ class MaildirHandler:
                 return None
             raise
         if stat.S_ISLNK(mode):
-            target = _stat(self.syscalls, path)
+            target = stat_or_none(self.syscalls, path)
             if target is None or not stat.S_ISDIR(target.st_mode):
                 return None
             # The maildir is opened without following a last symlink: pass where it leads
@@ -243,7 +243,7 @@ class MaildirHandler:
 
     def _has_quota_file(self, md: Maildir) -> bool:
         # One stat on the loop (as in lookup) spares a thread hop when there is no quota.
-        return _stat(md.syscalls, os.path.join(where(md), "maildirsize")) is not None
+        return stat_or_none(md.syscalls, os.path.join(where(md), "maildirsize")) is not None
 
     # -- aiosmtpd hooks ------------------------------------------------------------------
 
@@ -316,14 +316,6 @@ def _refused(address: str, exc: Exception | None) -> str:
         reply = outcome(exc).reply
         log.warning("refused to=<%s> reply=%r error=%r", address, reply, exc)
     return reply
-
-
-def _stat(sys: Syscalls, path: str) -> os.stat_result | None:
-    """Return ``stat(path)`` through the table *sys*, or None where it fails (``exists``)."""
-    try:
-        return sys.stat(path)
-    except (OSError, ValueError):
-        return None
 
 
 def _quota_refusal(md: Maildir, quota: Quota) -> QuotaExceededError | None:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from typing import Any
 
-__all__ = ["DEFAULT_SYSCALLS", "Syscalls"]
+__all__ = ["DEFAULT_SYSCALLS", "Syscalls", "stat_or_none"]
 
 _Buffer = bytes | bytearray | memoryview
 
@@ -69,3 +69,14 @@ class Syscalls:
 
 #: The table every :class:`~maildrop.Maildir` uses unless given another.
 DEFAULT_SYSCALLS = Syscalls()
+
+
+def stat_or_none(
+    sys: Syscalls, path: str, *, follow_symlinks: bool = True
+) -> os.stat_result | None:
+    """Return *path*'s ``stat`` through the table *sys*, or None where that fails (what
+    ``os.path.exists``/``isdir`` treat as "not there")."""
+    try:
+        return sys.stat(path, follow_symlinks=follow_symlinks)
+    except (OSError, ValueError):
+        return None

@@ -294,6 +294,13 @@ def _syscalls() -> Syscalls:
     return DEFAULT_SYSCALLS
 
 
+def _is_dir(path: str) -> bool:
+    from ._sys import stat_or_none
+
+    st = stat_or_none(_syscalls(), path)
+    return st is not None and (st.st_mode & 0o170000) == 0o040000  # S_ISDIR, no stat module
+
+
 def inbox_folder(name: str | None) -> str | None:
     """Return the Maildir++ folder that *name* means; None for the maildir itself.
 
@@ -318,7 +325,7 @@ def _quota(args: _Args, root: str) -> Quota | None:
         # (start-up time). One created meanwhile counts from the next delivery on, which
         # is as exact as Maildir++ is between processes anyway.
         try:
-            os.lstat(os.path.join(root, "maildirsize"))
+            _syscalls().stat(os.path.join(root, "maildirsize"), follow_symlinks=False)
         except FileNotFoundError:
             return None
         except OSError:
@@ -348,7 +355,7 @@ def _deliver(args: _Args) -> int:
         from ._folders import folder_dirname
 
         dirname = folder_dirname(folder)
-        if not args.create_folder and not os.path.isdir(os.path.join(root, dirname)):
+        if not args.create_folder and not _is_dir(os.path.join(root, dirname)):
             raise MaildirNotFoundError(
                 f"no folder {folder!r} in {root} (create it first, or pass --create-folder)"
             )
