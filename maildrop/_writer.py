@@ -13,9 +13,12 @@ Why the steps are ordered the way they are (the one long explanation of the engi
 * Publishing uses ``link()``, which refuses an existing target, never ``rename()``, which
   silently replaces one. The link is made from ``/proc/self/fd/N`` (``linkat`` with
   ``AT_SYMLINK_FOLLOW``) so it publishes exactly the file this delivery wrote, even if someone
-  swapped the name in ``tmp/``. The fd is closed only after the link; a close error still
-  fails the delivery (and removes the link). Filesystems without hard links get a rename
-  after an existence check: documented, and narrower than the stdlib's plain rename.
+  swapped the name in ``tmp/`` (without ``/proc``, from that name, never following a
+  symlink). A taken name is retried under a fresh one. Single and multi-target delivery
+  (``_many``) publish through the same functions (:func:`under_free_name`,
+  :func:`link_file`). The fd is closed only after the link; a close error still fails the
+  delivery (and removes the link). Filesystems without hard links get a rename after an
+  existence check: documented, and narrower than the stdlib's plain rename.
 * ``new/`` is fsynced after the link; only then is the message durable. Callers share that
   fsync when several deliveries are in flight (group commit, see ``_session``).
 * A :class:`DeliveryFiles` is owned by at most one thread at a time. Whatever fails inside a worker
