@@ -11,7 +11,7 @@ import time
 
 from . import cli
 from ._errors import EX_TEMPFAIL, MaildirNotFoundError
-from ._folders import folder_entries
+from ._quota import folder_entries
 from ._sweep import sweep_tmp
 from ._writer import Settings
 

@@ -11,11 +11,7 @@ import base64
 
 from ._errors import InvalidFolderNameError
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from collections.abc import Iterable
-
-__all__ = ["NAME_MAX", "encode_folder_name", "folder_dirname", "folder_entries", "has_control"]
+__all__ = ["NAME_MAX", "encode_folder_name", "folder_dirname", "has_control"]
 
 _RESERVED = frozenset({"tmp", "new", "cur"})
 #: ``NAME_MAX`` on every filesystem a maildir lives on: the longest directory entry, in bytes.
@@ -27,11 +23,6 @@ _CONTROL = frozenset(map(chr, (*range(0x20), *range(0x7F, 0xA0))))
 def has_control(text: str) -> bool:
     """Return whether *text* contains a control character (NUL, C0, DEL or C1)."""
     return not _CONTROL.isdisjoint(text)
-
-
-def folder_entries(names: Iterable[str]) -> list[str]:
-    """Return the Maildir++ folder directories (``.Name``) among a maildir's *names*, sorted."""
-    return sorted(n for n in names if n.startswith(".") and n not in (".", ".."))
 
 
 def encode_folder_name(name: str) -> str:

@@ -23,13 +23,13 @@ import stat
 import time
 
 from ._errors import QuotaExceededError
-from ._folders import folder_entries
 from ._quota import (
     MAX_FILE,
     RECALC_AGE,
     Quota,
     QuotaFile,
     counts_toward_quota,
+    folder_entries,
     format_delta,
     format_maildirsize,
     over_quota,

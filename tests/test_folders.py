@@ -12,7 +12,6 @@ from maildrop import InvalidFolderNameError
 from maildrop._folders import (
     encode_folder_name,
     folder_dirname,
-    folder_entries,
     has_control,
 )
 from maildrop._lmtp_deliver import mailbox_name
@@ -44,12 +43,6 @@ def test_folder_and_mailbox_names_share_their_rules(name: str) -> None:
     with pytest.raises(InvalidFolderNameError):
         folder_dirname(name)
     assert mailbox_name(f"{name}@example.org") is None
-
-
-def test_folder_entries() -> None:
-    """The Maildir++ folders of a listing are its dot entries but '.' and '..', sorted."""
-    names = ["new", ".b", "..", ".", "cur", ".Trash", ".a", "maildirsize"]
-    assert folder_entries(names) == [".Trash", ".a", ".b"]
 
 
 def test_non_str_names_are_refused() -> None:
