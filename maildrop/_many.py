@@ -17,6 +17,7 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO
 
@@ -169,11 +170,17 @@ def _link_one(staged: DeliveryFiles, md: Maildir, flags: str | None) -> _Linked:
             target.size = size
         stamp = size if cfg.size_stamp else None
         with guard if guard is not None else contextlib.nullcontext():
-            name = under_free_name(
-                lambda name: _link_or_copy(staged, target, name),
-                lambda base: published_name(base, size=stamp, flags=flags),
-                str(md.path / target.subdir),
-            )
+            try:
+                name = under_free_name(
+                    partial(link_file, staged, target),
+                    partial(published_name, size=stamp, flags=flags),
+                    target,
+                    target.subdir,
+                )
+            except OSError as exc:
+                if exc.errno not in LINK_REFUSED:
+                    raise
+                raise _NeedsCopy from None  # delivered as a copy later
         linked = True
         path = Path(cfg.path, target.subdir, name)
         return _Linked(Delivery(path=path, name=name, size=size), target)
@@ -182,15 +189,6 @@ def _link_one(staged: DeliveryFiles, md: Maildir, flags: str | None) -> _Linked:
             guard.release()
         if not linked:
             target.close_dirs()
-
-
-def _link_or_copy(staged: DeliveryFiles, target: DeliveryFiles, name: str) -> None:
-    try:
-        link_file(staged, target, name)
-    except OSError as exc:
-        if exc.errno not in LINK_REFUSED:
-            raise
-        raise _NeedsCopy from None  # delivered as a copy later
 
 
 def _sync_one(linked: _Linked) -> Delivery:

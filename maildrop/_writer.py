@@ -125,13 +125,14 @@ def write_all(sys: Syscalls, fd: int, chunks: Sequence[bytes | memoryview]) -> i
 def under_free_name(
     place: Callable[[str], None],
     name_for: Callable[[str], str],
-    where: str,
+    dirs: Dirs,
+    sub: str,
     first: str | None = None,
 ) -> str:
     """Call ``place(name_for(base))`` until it does not raise ``FileExistsError``; return
     the name placed. *base* is *first*, then (or without it) a fresh unique name each try.
     Nothing is ever clobbered: after ``_NAME_TRIES`` taken names it raises
-    ``FileExistsError`` naming *where*.
+    ``FileExistsError`` naming the directory *sub* of *dirs*' maildir.
     """
     base = new_name() if first is None else first
     for _ in range(_NAME_TRIES):
@@ -142,6 +143,7 @@ def under_free_name(
             base = new_name()
             continue
         return name
+    where = os.path.join(dirs.settings.path, sub)
     raise FileExistsError(errno.EEXIST, f"could not find a free name in {where}/")
 
 
@@ -221,7 +223,7 @@ class DeliveryFiles(Dirs):
 
     def create(self) -> None:
         """Create the tmp file under a fresh unique name."""
-        under_free_name(self._create_as, _same, "tmp")
+        under_free_name(self._create_as, _same, self, "tmp")
         if self.owner is not None:
             self.sys.fchown(self.fd, *self.owner)
 
@@ -263,6 +265,7 @@ class DeliveryFiles(Dirs):
             final = under_free_name(
                 self._link,
                 lambda base: published_name(base, size=size, flags=flags),
+                self,
                 self.subdir,
                 first=self.tmp_name,
             )

@@ -390,7 +390,7 @@ async def test_no_free_name(tmp_path: Path) -> None:
     full = Maildir(tmp_path / "full", syscalls=DEFAULT_SYSCALLS.replace(link=link))
     res = await deliver_many(MSG, [Maildir(tmp_path / "ok"), full])
     assert isinstance(res[1], FileExistsError)
-    assert "free name" in str(res[1])
+    assert f"free name in {tmp_path / 'full' / 'new'}/" in str(res[1])
 
 
 async def test_quota_target_link_failure(tmp_path: Path, faults: Faults) -> None:
