@@ -17,7 +17,7 @@ public face down::
     _loops         per_loop(): one value per running event loop
     _pool          the thread backends' workers (asyncio pool, anyio limiters)
     _steps         worker side: accept/write/copy/finish (shared with _mda)
-    _writer        worker side: TmpFile, the publish protocol; _dirs opens directories
+    _writer        worker side: DeliveryFiles, the publish protocol; _dirs opens directories
     _sys           the syscall table: every disk call of the delivery path
     _mda           ``maildrop deliver``: the same steps in the calling thread
 

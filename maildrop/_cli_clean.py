@@ -11,8 +11,9 @@ import time
 
 from . import cli
 from ._errors import EX_TEMPFAIL, MaildirNotFoundError
+from ._quota import folder_entries
 from ._sweep import sweep_tmp
-from ._writer import Layout
+from ._writer import Settings
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -27,9 +28,8 @@ def _tmp_dirs(path: str) -> list[str]:
         raise MaildirNotFoundError(f"no maildir at {path} (it has no tmp/ directory)")
     return [path] + [
         os.path.join(path, entry)
-        for entry in sorted(os.listdir(path))
-        if entry.startswith(".") and entry not in (".", "..")
-        and os.path.isdir(os.path.join(path, entry, "tmp"))
+        for entry in folder_entries(os.listdir(path))
+        if os.path.isdir(os.path.join(path, entry, "tmp"))
     ]  # fmt: skip
 
 
@@ -40,7 +40,7 @@ def clean_tmp(args: Namespace) -> int:
     total = failed = 0
     for d in _tmp_dirs(path):
         try:
-            removed = sweep_tmp(Layout(d, None, False, True, cli._syscalls()), cutoff)
+            removed = sweep_tmp(Settings(d, None, False, True, cli._syscalls()), cutoff)
         except OSError as exc:
             failed += 1
             cli._say(f"maildrop clean-tmp: skipped {d}: {cli.describe(exc)}")

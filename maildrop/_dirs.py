@@ -20,7 +20,9 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import threading
 
-__all__ = ["DIR_FLAGS", "FILE_FLAGS", "Dirs", "Layout", "parent_of"]
+    from ._quota import Quota
+
+__all__ = ["DIR_FLAGS", "FILE_FLAGS", "Dirs", "Settings", "parent_of"]
 
 #: How every directory of a maildir is opened (a symlink is refused, not followed).
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -67,14 +69,23 @@ class _Creating:  # a plain class, not @contextmanager: contextlib costs start-u
 
 
 @record(frozen=True, slots=True)
-class Layout:
-    """Where a maildir is: its root path and, for a Maildir++ folder, the folder's dirname."""
+class Settings:
+    """Everything a :class:`~maildrop.Maildir` was configured with, frozen.
+
+    Where the maildir is (its *root* and, for a Maildir++ folder, the folder's dirname) and
+    the delivery policy (create it, fsync, the syscall table, the size limit, the size
+    stamp, the quota). A folder's settings are its parent's with another *folder*
+    (``_record.replace``).
+    """
 
     root: str
     folder: str | None
     create: bool
     fsync: bool
     syscalls: Syscalls
+    max_size: int | None = None
+    size_stamp: bool = False
+    quota: Quota | None = None
 
     @property
     def path(self) -> str:
@@ -82,23 +93,23 @@ class Layout:
         return self.root if self.folder is None else os.path.join(self.root, self.folder)
 
 
-def parent_of(lay: Layout, name: str) -> str:
+def parent_of(cfg: Settings, name: str) -> str:
     """Return the directory that the relative *name* of a failed call lives in."""
-    if name in (lay.folder, "maildirsize"):
-        return lay.root
+    if name in (cfg.folder, "maildirsize"):
+        return cfg.root
     if name.endswith("_maildirsize"):
-        return os.path.join(lay.root, "tmp")
+        return os.path.join(cfg.root, "tmp")
     if name in ("tmp", "new", "cur", "maildirfolder"):
-        return lay.path
-    return os.path.join(lay.path, "tmp")
+        return cfg.path
+    return os.path.join(cfg.path, "tmp")
 
 
 class Dirs:
-    """The directory fds of one delivery (``TmpFile`` adds the message file to them)."""
+    """The directory fds of one delivery (``DeliveryFiles`` adds the message file to them)."""
 
-    def __init__(self, layout: Layout, subdir: str) -> None:
-        self.layout = layout
-        self.sys = layout.syscalls
+    def __init__(self, settings: Settings, subdir: str) -> None:
+        self.settings = settings
+        self.sys = settings.syscalls
         self.subdir = subdir  # "new" or "cur"
         self.dir_fds: list[int] = []
         self.tmp_fd = -1
@@ -107,22 +118,27 @@ class Dirs:
         # process runs as root and the maildir belongs to another user (see _adopt_owner).
         self.owner: tuple[int, int] | None = None
 
+    @property
+    def root_fd(self) -> int:
+        """The fd of the maildir's root (the top maildir, also for a folder: its quota)."""
+        return self.dir_fds[0]
+
     # -- opening ----------------------------------------------------------------------------
 
     def open_dirs(self) -> None:
         """Open (creating if allowed) the maildir's ``tmp/`` and destination directories."""
-        lay = self.layout
-        root = self._open_root(lay.root, None)
+        cfg = self.settings
+        root = self._open_root(cfg.root, None)
         if self.owner is None and os.geteuid() == 0:
             self._adopt_owner(self.sys.stat(root))
-        if lay.folder is not None:
+        if cfg.folder is not None:
             try:
-                root = self._open_dir(lay.folder, root)
+                root = self._open_dir(cfg.folder, root)
             except FileNotFoundError:
-                self._refuse_missing(lay.path)
+                self._refuse_missing(cfg.path)
                 # A folder's parent must be a whole maildir, or Maildir++ readers skip it.
                 self._open_sub(root, "tmp")
-                root = self._open_root(lay.folder, root)
+                root = self._open_root(cfg.folder, root)
                 self._mark_folder(root)
         self.tmp_fd = self._open_sub(root, "tmp")
         self.dest_fd = self._open_sub(root, self.subdir)
@@ -139,7 +155,7 @@ class Dirs:
             self.sys.chown(name, *self.owner, dir_fd=dir_fd, follow_symlinks=False)
 
     def _refuse_missing(self, path: str) -> None:
-        if not self.layout.create:
+        if not self.settings.create:
             raise MaildirNotFoundError(
                 errno.ENOENT, f"no maildir at {path!r}; create it or pass create=True"
             )
@@ -150,7 +166,7 @@ class Dirs:
         except (NotADirectoryError, OSError) as exc:
             if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
                 raise
-            parent = self.layout.root if name == self.layout.folder else self.layout.path
+            parent = self.settings.root if name == self.settings.folder else self.settings.path
             shown = name if dir_fd is None else os.path.join(parent, name)
             raise NotAMaildirError(exc.errno, shown, self._is_link(name, dir_fd)) from None
         self.dir_fds.append(fd)
@@ -164,11 +180,11 @@ class Dirs:
         return (st.st_mode & 0o170000) == 0o120000  # S_ISLNK without importing stat
 
     def _open_root(self, name: str, dir_fd: int | None) -> int:
-        where = (self.layout.root,) if dir_fd is None else (self.layout.root, name)
+        where = (self.settings.root,) if dir_fd is None else (self.settings.root, name)
         try:
             fd = self._open_dir(name, dir_fd)
         except FileNotFoundError:
-            self._refuse_missing(self.layout.path)
+            self._refuse_missing(self.settings.path)
         else:
             self._wait_synced(*where)
             return fd
@@ -180,7 +196,8 @@ class Dirs:
             except FileNotFoundError:
                 raise MaildirNotFoundError(
                     errno.ENOENT,
-                    f"cannot create maildir {self.layout.path!r}: its parent directory is missing",
+                    f"cannot create maildir {self.settings.path!r}: "
+                    "its parent directory is missing",
                 ) from None
             else:
                 if dir_fd is None and os.geteuid() == 0:
@@ -197,7 +214,7 @@ class Dirs:
         # fsynced its parent: a message acknowledged before that fsync could vanish with
         # the directory in a power loss. (Other processes are not covered: see DESIGN.md.)
         # The path parts are joined only then: the usual case pays for no string.
-        if _unsynced and self.layout.fsync:
+        if _unsynced and self.settings.fsync:
             key = os.path.join(*where)
             cond = _cond()
             with cond:
@@ -205,7 +222,7 @@ class Dirs:
                     cond.wait()
 
     def _sync_parent(self, name: str, dir_fd: int | None) -> None:
-        if not self.layout.fsync:
+        if not self.settings.fsync:
             return
         if dir_fd is not None:
             self.sys.fsync_dir(dir_fd)
@@ -221,11 +238,11 @@ class Dirs:
         try:
             fd = self._open_dir(name, root)
         except FileNotFoundError:
-            self._refuse_missing(self.layout.path)
+            self._refuse_missing(self.settings.path)
         else:
-            self._wait_synced(self.layout.path, name)
+            self._wait_synced(self.settings.path, name)
             return fd
-        with _Creating(*(os.path.join(self.layout.path, sub) for sub in _SUBDIRS)):
+        with _Creating(*(os.path.join(self.settings.path, sub) for sub in _SUBDIRS)):
             made = False
             for sub in _SUBDIRS:
                 try:
@@ -234,9 +251,9 @@ class Dirs:
                 except FileExistsError:
                     continue
                 self._give_dir(sub, root)
-            if made and self.layout.fsync:
+            if made and self.settings.fsync:
                 self.sys.fsync_dir(root)
-        self._wait_synced(self.layout.path, name)
+        self._wait_synced(self.settings.path, name)
         return self._open_dir(name, root)
 
     def _mark_folder(self, folder_fd: int) -> None:

@@ -11,11 +11,18 @@ import base64
 
 from ._errors import InvalidFolderNameError
 
-__all__ = ["encode_folder_name", "folder_dirname"]
+__all__ = ["NAME_MAX", "encode_folder_name", "folder_dirname", "has_control"]
 
 _RESERVED = frozenset({"tmp", "new", "cur"})
-# NAME_MAX on every filesystem a maildir lives on.
-_NAME_MAX = 255
+#: ``NAME_MAX`` on every filesystem a maildir lives on: the longest directory entry, in bytes.
+NAME_MAX = 255
+# C0 (with NUL), DEL and C1: Unicode's control characters (category Cc).
+_CONTROL = frozenset(map(chr, (*range(0x20), *range(0x7F, 0xA0))))
+
+
+def has_control(text: str) -> bool:
+    """Return whether *text* contains a control character (NUL, C0, DEL or C1)."""
+    return not _CONTROL.isdisjoint(text)
 
 
 def encode_folder_name(name: str) -> str:
@@ -57,9 +64,9 @@ def folder_dirname(name: str) -> str:
     if problem is not None:
         raise InvalidFolderNameError(f"invalid folder name {name!r}: {problem}")
     dirname = "." + encode_folder_name(name)
-    if len(dirname.encode("utf-8")) > _NAME_MAX:
+    if len(dirname.encode("utf-8")) > NAME_MAX:
         raise InvalidFolderNameError(
-            f"invalid folder name {name!r}: longer than {_NAME_MAX} bytes once encoded"
+            f"invalid folder name {name!r}: longer than {NAME_MAX} bytes once encoded"
         )
     return dirname
 
@@ -69,7 +76,7 @@ def _problem(name: str) -> str | None:
         return "it is empty"
     if "/" in name:
         return "'/' is not allowed (use '.' to separate levels, e.g. 'Lists.python')"
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
+    if has_control(name):
         return "control characters (including NUL) are not allowed"
     if name.startswith("~"):
         return "a leading '~' is not allowed"

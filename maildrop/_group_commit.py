@@ -17,7 +17,7 @@ import anyio
 from ._backend import current
 from ._handoff import run_owned
 from ._loops import per_loop
-from ._writer import TmpFile
+from ._writer import DeliveryFiles
 
 __all__ = ["STATS", "GroupCommit", "group", "release"]
 
@@ -52,13 +52,13 @@ class GroupCommit:
         self.running: anyio.Event | None = None  # set when the fsync in flight ends
         # Linked deliveries waiting for a directory fsync: the one that covers them closes
         # their directory fds in its worker (see _sync_and_close).
-        self.waiting: list[TmpFile] = []
+        self.waiting: list[DeliveryFiles] = []
 
     def alone(self) -> bool:
         """Whether the one delivery in flight may fsync the directory in its own step."""
         return self.inflight == 1 and self.running is None
 
-    def add(self, tmp: TmpFile) -> int:
+    def add(self, tmp: DeliveryFiles) -> int:
         """Count *tmp*'s completed link; return its number for :meth:`wait_durable`."""
         self.linked += 1
         self.waiting.append(tmp)
@@ -97,7 +97,7 @@ class GroupCommit:
         current().spawn(_sync_and_close, covered, done=finish)
 
 
-def _sync_and_close(covered: list[TmpFile]) -> None:
+def _sync_and_close(covered: list[DeliveryFiles]) -> None:
     """Fsync the destination directory of the deliveries in *covered*, then close their
     directory fds (runs in a worker).
 

@@ -13,21 +13,21 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ._state import Owner, abort_owner
-from ._writer import Aborted, TmpFile
+from ._writer import Aborted, DeliveryFiles
 
 __all__ = ["abort", "as_step", "cleanup", "hand_back", "owner", "run_owned", "take_over"]
 
 T = TypeVar("T")
 
 
-def owner(tmp: TmpFile) -> Owner:
+def owner(tmp: DeliveryFiles) -> Owner:
     """Return who owns *tmp*'s files now (call with ``tmp.lock`` held)."""
     if tmp.cleaned:
         return Owner.CLEANED
     return Owner.WORKER if tmp.running else Owner.CALLER
 
 
-def take_over(tmp: TmpFile) -> bool:
+def take_over(tmp: DeliveryFiles) -> bool:
     """Make the calling thread the owner of *tmp*'s files; False if gone or owned already."""
     with tmp.lock:
         if owner(tmp) is not Owner.CALLER:
@@ -36,7 +36,7 @@ def take_over(tmp: TmpFile) -> bool:
         return True
 
 
-def hand_back(tmp: TmpFile, *, failed: bool = False) -> None:
+def hand_back(tmp: DeliveryFiles, *, failed: bool = False) -> None:
     """End this thread's ownership of *tmp*; first clean up if it failed or was aborted."""
     with tmp.lock:
         if failed:
@@ -52,7 +52,7 @@ def hand_back(tmp: TmpFile, *, failed: bool = False) -> None:
             tmp.running = False
 
 
-def run_owned(tmp: TmpFile, fn: Callable[[], object]) -> bool:
+def run_owned(tmp: DeliveryFiles, fn: Callable[[], object]) -> bool:
     """Call *fn* as the owner of *tmp*'s files; False (not called) if gone or owned already.
 
     An aborted delivery's files are cleaned up once *fn* returns.
@@ -66,7 +66,7 @@ def run_owned(tmp: TmpFile, fn: Callable[[], object]) -> bool:
     return True
 
 
-def cleanup(tmp: TmpFile) -> None:
+def cleanup(tmp: DeliveryFiles) -> None:
     """Remove an aborted delivery's files unless another owner is still at it (a worker)."""
     run_owned(tmp, _nothing)
 
@@ -75,7 +75,7 @@ def _nothing() -> None:
     pass
 
 
-def abort(tmp: TmpFile, *, keep_published: bool) -> Owner:
+def abort(tmp: DeliveryFiles, *, keep_published: bool) -> Owner:
     """Mark *tmp* aborted (on the loop) and return who cleans it up (never blocks).
 
     ``Owner.CLEANUP``: the caller must spawn :func:`cleanup`. ``Owner.WORKER``: the worker
@@ -91,7 +91,7 @@ def abort(tmp: TmpFile, *, keep_published: bool) -> Owner:
         return then
 
 
-def as_step(tmp: TmpFile, fn: Callable[..., T], *args: Any) -> Callable[[], T]:
+def as_step(tmp: DeliveryFiles, fn: Callable[..., T], *args: Any) -> Callable[[], T]:
     """Wrap ``fn(*args)`` for a worker: own *tmp* during the call, refuse it once aborted,
     clean up after a failure."""
 

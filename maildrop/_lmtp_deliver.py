@@ -15,10 +15,10 @@ import unicodedata
 from collections.abc import AsyncIterator, Sequence
 
 from ._errors import MaildirNotFoundError, outcome
+from ._folders import NAME_MAX, has_control
 from ._maildir import Maildir
 from ._many import deliver_many
 from ._session import Delivery, DeliverySession
-from ._wire_parse import CONTROL
 
 __all__ = [
     "SHUTTING_DOWN",
@@ -32,8 +32,6 @@ __all__ = [
 
 log = logging.getLogger("maildrop.lmtp")
 
-#: ``NAME_MAX``: a mailbox is one directory entry under the root.
-_NAME_MAX = 255
 #: Bytes queued for :func:`deliver_many` before the sender waits.
 _FEED_LIMIT = 1 << 20
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
@@ -62,9 +60,10 @@ def mailbox_name(address: str, *, recipient_delimiter: str | None = "+") -> str 
         folded = unicodedata.normalize("NFC", unicodedata.normalize("NFC", local).casefold())
     if not folded or folded.startswith(".") or ".." in folded or "/" in folded:
         return None
-    if CONTROL.search(folded):
+    if has_control(folded):
         return None
-    if len(folded.encode("utf-8", "surrogateescape")) > _NAME_MAX:
+    # A mailbox is one directory entry under the root.
+    if len(folded.encode("utf-8", "surrogateescape")) > NAME_MAX:
         return None
     return folded
 
@@ -78,7 +77,7 @@ def _to_ascii(ch: str) -> bool:
 
 def where(md: Maildir) -> str:
     """Return the directory of *md* as a string (``str(md.path)`` without a ``Path``)."""
-    return md._layout.path
+    return md._settings.path
 
 
 def _ascii(text: str) -> str:

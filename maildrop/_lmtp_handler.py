@@ -27,7 +27,7 @@ from ._maildir import Maildir
 from ._pool import run_sync
 from ._quota import Quota
 from ._quota_io import QuotaGuard
-from ._sys import DEFAULT_SYSCALLS, Syscalls
+from ._sys import DEFAULT_SYSCALLS, Syscalls, stat_or_none
 from ._writer import DIR_FLAGS
 
 __all__ = ["SHUTTING_DOWN", "MaildirHandler", "mailbox_name"]
@@ -119,9 +119,10 @@ class MaildirHandler:
         """Return the maildir for *address* now, or ``None``; the default :meth:`resolve`.
 
         ``<root>/<mailbox_name(address)>`` must be a directory; a symlink there is followed
-        once, here. One ``lstat`` (two for a symlink) on the event loop costs less than a
-        thread hop; a root on a filesystem that can hang (NFS) wants :meth:`resolve`
-        overridden to run this in a thread.
+        once, here. The ``stat`` calls go through the handler's syscall table, on the event
+        loop: one ``lstat`` (two for a symlink) costs less than a thread hop; a root on a
+        filesystem that can hang (NFS) wants :meth:`resolve` overridden to run this in a
+        thread.
 
         Raises:
             OSError: the directory cannot be examined (a temporary refusal).
@@ -131,15 +132,18 @@ class MaildirHandler:
             return None
         path = os.path.join(self.root, name)
         try:
-            mode = os.lstat(path).st_mode
+            mode = self.syscalls.stat(path, follow_symlinks=False).st_mode
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):
                 return None
             raise
         if stat.S_ISLNK(mode):
-            path = os.path.realpath(path)
-            if not os.path.isdir(path):
+            target = stat_or_none(self.syscalls, path)
+            if target is None or not stat.S_ISDIR(target.st_mode):
                 return None
+            # The maildir is opened without following a last symlink: pass where it leads
+            # (realpath reads the links; it has no entry in the table).
+            path = os.path.realpath(path)
         elif not stat.S_ISDIR(mode):
             return None
         return self.maildir(path)
@@ -171,8 +175,7 @@ class MaildirHandler:
         quota = self.quota
         if quota is None:
             return
-        # One stat on the loop (as in lookup) spares a thread hop when there is no quota.
-        if quota.from_file and not _exists(os.path.join(where(md), "maildirsize")):
+        if quota.from_file and not self._has_quota_file(md):
             return
         error = await run_sync(_quota_refusal, md, quota)
         if error is not None:
@@ -234,11 +237,13 @@ class MaildirHandler:
         if md is None:
             return _refused(address, None), None
         quota = self.quota
-        if quota is not None and (
-            not quota.from_file or _exists(os.path.join(where(md), "maildirsize"))
-        ):
+        if quota is not None and (not quota.from_file or self._has_quota_file(md)):
             return None
         return "250 2.1.5 OK", md
+
+    def _has_quota_file(self, md: Maildir) -> bool:
+        # One stat on the loop (as in lookup) spares a thread hop when there is no quota.
+        return stat_or_none(md.syscalls, os.path.join(where(md), "maildirsize")) is not None
 
     # -- aiosmtpd hooks ------------------------------------------------------------------
 
@@ -313,18 +318,14 @@ def _refused(address: str, exc: Exception | None) -> str:
     return reply
 
 
-def _exists(path: str) -> bool:
-    return os.path.exists(path)
-
-
 def _quota_refusal(md: Maildir, quota: Quota) -> QuotaExceededError | None:
     """Check (in a worker) whether *md* is full; drop the reservation the check makes."""
-    layout = md._layout
+    settings = md._settings
     try:
-        fd = layout.syscalls.open(layout.path, DIR_FLAGS)
+        fd = settings.syscalls.open(settings.path, DIR_FLAGS)
     except OSError:
         return None
-    guard = QuotaGuard(quota, layout)
+    guard = QuotaGuard(quota, settings)
     try:
         guard.check(fd, 0)
     except QuotaExceededError as exc:
@@ -333,5 +334,5 @@ def _quota_refusal(md: Maildir, quota: Quota) -> QuotaExceededError | None:
         return None
     finally:
         guard.release()
-        layout.syscalls.close_dir(fd)
+        settings.syscalls.close_dir(fd)
     return None

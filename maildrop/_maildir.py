@@ -11,12 +11,13 @@ from ._naming import format_flags
 from ._pool import run_sync
 from ._quota import Quota
 from ._quota_io import QuotaGuard
+from ._record import replace
 from ._session import Delivery, DeliverySession
 from ._sources import Source, feed
 from ._sweep import TMP_MAX_AGE, sweep_tmp
 from ._sys import DEFAULT_SYSCALLS, Syscalls
 from ._transform import make_transform
-from ._writer import Layout
+from ._writer import Settings
 
 __all__ = ["Maildir", "deliver"]
 
@@ -63,31 +64,32 @@ class Maildir:
             raise TypeError(f"path must be a str or os.PathLike, not {type(path).__name__}")
         if not isinstance(syscalls, Syscalls):
             raise TypeError("syscalls must be a maildrop.Syscalls table")
-        self._layout = Layout(
+        max_size = _check_max_size(max_size)
+        if quota is not None and not isinstance(quota, Quota):
+            raise TypeError(f"quota must be a maildrop.Quota or None, not {quota!r}")
+        self._settings = Settings(
             root=os.path.abspath(os.fspath(path)),
             folder=None,
             create=bool(create),
             fsync=bool(fsync),
             syscalls=syscalls,
+            max_size=max_size,
+            size_stamp=bool(size_stamp),
+            quota=quota,
         )
-        self._max_size = _check_max_size(max_size)
-        self._size_stamp = bool(size_stamp)
-        if quota is not None and not isinstance(quota, Quota):
-            raise TypeError(f"quota must be a maildrop.Quota or None, not {quota!r}")
-        self._quota = quota
 
     @property
     def path(self) -> Path:
         """The maildir's directory."""
-        return Path(self._layout.path)
+        return Path(self._settings.path)
 
     @property
     def syscalls(self) -> Syscalls:
         """The syscall table this maildir uses."""
-        return self._layout.syscalls
+        return self._settings.syscalls
 
     def __repr__(self) -> str:
-        return f"Maildir({self._layout.path!r})"
+        return f"Maildir({self._settings.path!r})"
 
     def folder(self, name: str) -> Maildir:
         """Return the Maildir++ subfolder *name* (``"Lists.python"`` is ``.Lists.python``).
@@ -98,15 +100,12 @@ class Maildir:
         Raises:
             InvalidFolderNameError: *name* is empty, malformed or reserved.
         """
-        lay = self._layout
-        if lay.folder is not None:
-            name = f"{lay.folder[1:]}.{name}" if isinstance(name, str) else name
+        cfg = self._settings
+        if cfg.folder is not None:
+            name = f"{cfg.folder[1:]}.{name}" if isinstance(name, str) else name
         dirname = folder_dirname(name)
         sub = object.__new__(Maildir)
-        sub._layout = Layout(lay.root, dirname, lay.create, lay.fsync, lay.syscalls)
-        sub._max_size = self._max_size
-        sub._size_stamp = self._size_stamp
-        sub._quota = self._quota
+        sub._settings = replace(cfg, folder=dirname)
         return sub
 
     def open_delivery(
@@ -143,13 +142,14 @@ class Maildir:
         transform = make_transform(
             return_path=return_path, delivered_to=delivered_to, crlf_to_lf=crlf_to_lf
         )
+        cfg = self._settings
         return DeliverySession(
-            self._layout,
+            cfg,
             flags=flags,
-            size_stamp=self._size_stamp,
-            max_size=self._max_size,
+            size_stamp=cfg.size_stamp,
+            max_size=cfg.max_size,
             transform=transform,
-            quota=None if self._quota is None else QuotaGuard(self._quota, self._layout),
+            quota=None if cfg.quota is None else QuotaGuard(cfg.quota, cfg),
             pipeline=pipeline,
         )
 
@@ -212,7 +212,7 @@ class Maildir:
         if older_than < 0:
             raise ValueError(f"older_than must not be negative, not {older_than!r}")
         cutoff = (time.time() if now is None else now) - older_than
-        return await run_sync(sweep_tmp, self._layout, cutoff)
+        return await run_sync(sweep_tmp, self._settings, cutoff)
 
 
 async def deliver(

@@ -13,11 +13,11 @@ end; the published names are links to it.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import IO
 
@@ -26,18 +26,22 @@ from ._errors import MessageTooLargeError
 from ._maildir import Maildir
 from ._naming import format_flags, published_name
 from ._quota_io import QuotaGuard
+from ._record import replace
 from ._session import Delivery, DeliverySession
 from ._sources import Source, feed
 from ._transform import make_transform
-from ._writer import Aborted, Layout, TmpFile, new_name
+from ._writer import (
+    LINK_REFUSED,
+    Aborted,
+    DeliveryFiles,
+    Settings,
+    link_file,
+    reopen,
+    under_free_name,
+)
 
 __all__ = ["deliver_many"]
 
-# link() errnos after which a copy can still work.
-_COPY_ERRNOS = frozenset(
-    {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
-)
-_NAME_TRIES = 100
 #: Targets linked per worker call; each holds 3-4 directory fds until its directory fsync.
 _SLICE = 32
 
@@ -46,11 +50,11 @@ class _NeedsCopy(Exception):
     """This target cannot get a link to the staged file: it gets a copy instead."""
 
 
-def _open_reader(staged: TmpFile) -> IO[bytes] | OSError:
+def _open_reader(staged: DeliveryFiles) -> IO[bytes] | OSError:
     """Reopen the staged inode for reading (the session's fd is write-only); an error is
     one target's result, not the end of the staging file."""
     try:
-        fd = staged.sys.open(f"/proc/self/fd/{staged.fd}", os.O_RDONLY | os.O_CLOEXEC)
+        fd = reopen(staged)
     except OSError as exc:
         return exc
     return os.fdopen(fd, "rb")
@@ -114,7 +118,7 @@ class _Handover:
 @dataclass(slots=True)
 class _Linked:
     delivery: Delivery
-    target: TmpFile  # its directory fds stay open until the fsync
+    target: DeliveryFiles  # its directory fds stay open until the fsync
     # Who closes the fds: the worker that fsyncs (claim) or the loop that gave up (abandon).
     lock: threading.Lock = field(default_factory=threading.Lock)
     owner: str = ""
@@ -136,44 +140,36 @@ def _dispose(links: _Links) -> None:
             res.target.close_dirs()  # closing a directory fd never blocks
 
 
-def _link_one(staged: TmpFile, md: Maildir, flags: str | None) -> _Linked:
+def _link_one(staged: DeliveryFiles, md: Maildir, flags: str | None) -> _Linked:
     """Link the staged file into *md* (runs in a worker); the fsync comes later."""
     size = staged.size
-    if md._max_size is not None and size > md._max_size:
-        raise MessageTooLargeError(md._max_size)
-    layout = md._layout
-    sys = layout.syscalls
-    target = TmpFile(layout, "new" if flags is None else "cur")
-    guard = None if md._quota is None else QuotaGuard(md._quota, layout)
+    cfg = md._settings
+    if cfg.max_size is not None and size > cfg.max_size:
+        raise MessageTooLargeError(cfg.max_size)
+    target = DeliveryFiles(cfg, "new" if flags is None else "cur")
+    guard = None if cfg.quota is None else QuotaGuard(cfg.quota, cfg)
     linked = False
     try:
         target.open_dirs()
         if guard is not None:
-            guard.check(target.dir_fds[0], size)
+            guard.check(target.root_fd, size)
             guard.tmp = target
             target.size = size
-        name = ""
+        stamp = size if cfg.size_stamp else None
         with guard if guard is not None else contextlib.nullcontext():
-            for _ in range(_NAME_TRIES):
-                name = published_name(
-                    new_name(), size=size if md._size_stamp else None, flags=flags
+            try:
+                name = under_free_name(
+                    partial(link_file, staged, target),
+                    partial(published_name, size=stamp, flags=flags),
+                    target,
+                    target.subdir,
                 )
-                try:
-                    sys.link(
-                        f"/proc/self/fd/{staged.fd}", name, dst_dir_fd=target.dest_fd,
-                        follow_symlinks=True,
-                    )  # fmt: skip
-                except FileExistsError:
-                    continue
-                except OSError as exc:
-                    if exc.errno not in _COPY_ERRNOS:
-                        raise
-                    raise _NeedsCopy from None  # delivered as a copy later
-                break
-            else:
-                raise FileExistsError(errno.EEXIST, f"could not find a free name in {md.path}")
+            except OSError as exc:
+                if exc.errno not in LINK_REFUSED:
+                    raise
+                raise _NeedsCopy from None  # delivered as a copy later
         linked = True
-        path = Path(layout.path, target.subdir, name)
+        path = Path(cfg.path, target.subdir, name)
         return _Linked(Delivery(path=path, name=name, size=size), target)
     finally:
         if guard is not None:
@@ -219,7 +215,7 @@ def _sync_into(linked: _Linked) -> None:
 
 
 def _link_all(
-    staged: TmpFile, jobs: list[tuple[int, Maildir]], flags: str | None, handover: _Handover
+    staged: DeliveryFiles, jobs: list[tuple[int, Maildir]], flags: str | None, handover: _Handover
 ) -> None:
     out: _Links = []
     for i, md in jobs:
@@ -230,8 +226,8 @@ def _link_all(
     handover.give(out)
 
 
-def _probe(layout: Layout) -> None:
-    tmp = TmpFile(layout, "new")
+def _probe(settings: Settings) -> None:
+    tmp = DeliveryFiles(settings, "new")
     try:
         tmp.open_dirs()
     finally:
@@ -275,7 +271,7 @@ async def deliver_many(
     for first, md in enumerate(mds):
         if not rewindable:
             try:
-                await current().run(_probe, md._layout)
+                await current().run(_probe, md._settings)
             except OSError as exc:
                 results[first] = exc
                 continue
@@ -311,11 +307,11 @@ def _staging_in(
 ) -> DeliverySession:
     """Return a staging session in *md* that suits every target of *mds*: the largest
     ``max_size`` (each target checks its own), fsync if any target fsyncs."""
-    limits = [m._max_size for m in mds]
+    limits = [m._settings.max_size for m in mds]
     max_size = None if None in limits else max((m for m in limits if m is not None), default=0)
-    layout = replace(md._layout, fsync=any(m._layout.fsync for m in mds))
+    settings = replace(md._settings, fsync=any(m._settings.fsync for m in mds))
     transform = make_transform(return_path=return_path, delivered_to=None, crlf_to_lf=crlf_to_lf)
-    return DeliverySession(layout, max_size=max_size, transform=transform, pipeline=True)
+    return DeliverySession(settings, max_size=max_size, transform=transform, pipeline=True)
 
 
 async def _fan_out(

@@ -2,7 +2,7 @@
 
 An MTA starts the command once per message, so start-up is most of its cost: this path
 imports neither asyncio nor anyio nor the worker pool. It drives the same worker-side code as
-the async engine (``_steps.Steps`` over a ``_writer.TmpFile``, ``_quota_io.QuotaGuard``, the
+the async engine (``_steps.Steps`` over a ``_writer.DeliveryFiles``, ``_quota_io.QuotaGuard``, the
 transforms) straight from the calling thread: same names, same fsyncs, same link without
 overwrite, same quota file, same errors, and nothing left behind on failure.
 
@@ -20,7 +20,7 @@ import os
 
 from ._errors import EmptyMessageError, MaildropError
 from ._steps import BATCH, Steps
-from ._writer import Layout, TmpFile
+from ._writer import DeliveryFiles, Settings
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ class _Reader:
 
 
 def deliver_fd(
-    layout: Layout,
+    settings: Settings,
     fd: int,
     *,
     flags: str | None = None,
@@ -109,7 +109,7 @@ def deliver_fd(
     transform: Transform | None = None,
     quota: QuotaGuard | None = None,
 ) -> str:
-    """Deliver the message readable from *fd* into *layout*; return its durable path.
+    """Deliver the message readable from *fd* into *settings*; return its durable path.
 
     A leading mbox ``From `` line is dropped. A regular file is copied from its current
     offset (``copy_file_range`` when nothing transforms it); anything else is read to EOF.
@@ -120,14 +120,14 @@ def deliver_fd(
         MessageTooLargeError, QuotaExceededError, OSError: as ``Maildir.deliver``; the
             OSError names the absolute path it concerns.
     """
-    tmp = TmpFile(layout, "new" if flags is None else "cur")
+    tmp = DeliveryFiles(settings, "new" if flags is None else "cur")
     steps = Steps(
         tmp, flags=flags, size_stamp=size_stamp, max_size=max_size, transform=transform,
         quota=quota,
     )  # fmt: skip
     if quota is not None:
         quota.tmp = tmp
-        tmp.link_guard = quota
+        tmp.ledger_lock = quota
     regular = (os.fstat(fd).st_mode & 0o170000) == 0o100000  # S_ISREG
     reader = _Reader(fd)
     try:
@@ -147,7 +147,7 @@ def deliver_fd(
         for signum, handler in old:
             if handler is not None:  # None: a handler not set from Python, left alone
                 _signal.signal(signum, handler)
-    return os.path.join(layout.path, tmp.subdir, final)
+    return os.path.join(settings.path, tmp.subdir, final)
 
 
 def _from_file(steps: Steps, fd: int) -> str:

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 from ._record import record
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
 __all__ = [
     "MAX_DIGITS",
     "MAX_FILE",
@@ -20,6 +24,7 @@ __all__ = [
     "Quota",
     "QuotaFile",
     "counts_toward_quota",
+    "folder_entries",
     "format_delta",
     "format_maildirsize",
     "over_quota",
@@ -168,6 +173,15 @@ def over_quota(
     return (limit_bytes is not None and used_bytes > limit_bytes) or (
         limit_messages is not None and used_messages > limit_messages
     )
+
+
+def folder_entries(names: Iterable[str]) -> list[str]:
+    """Return the Maildir++ folder directories (``.Name``) among a maildir's *names*, sorted.
+
+    (Here rather than in ``_folders``: the quota scan needs it and this module is loaded
+    for it anyway; a ``maildrop deliver`` run pays for every module it imports.)
+    """
+    return sorted(n for n in names if n.startswith(".") and n not in (".", ".."))
 
 
 def size_from_name(name: str) -> int | None:

@@ -29,6 +29,7 @@ from ._quota import (
     Quota,
     QuotaFile,
     counts_toward_quota,
+    folder_entries,
     format_delta,
     format_maildirsize,
     over_quota,
@@ -37,7 +38,7 @@ from ._quota import (
 )
 from ._record import record
 from ._sys import Syscalls
-from ._writer import DIR_FLAGS, FILE_FLAGS, LIVE_TMP, Layout, TmpFile, new_name, write_all
+from ._writer import DIR_FLAGS, FILE_FLAGS, LIVE_TMP, DeliveryFiles, Settings, new_name, write_all
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ class UnusableQuotaFile(OSError):
         )
 
 
-def _open_file(sys: Syscalls, layout: Layout, root_fd: int, flags: int) -> int | None:
+def _open_file(sys: Syscalls, settings: Settings, root_fd: int, flags: int) -> int | None:
     """Open maildirsize with *flags* if it is a regular file with one link; None if missing."""
     try:
         fd = sys.open(NAME, flags | _OPEN_FLAGS, dir_fd=root_fd)
@@ -102,9 +103,9 @@ def _open_file(sys: Syscalls, layout: Layout, root_fd: int, flags: int) -> int |
         return None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise UnusableQuotaFile(layout.root, "a symbolic link", errno.ELOOP) from None
+            raise UnusableQuotaFile(settings.root, "a symbolic link", errno.ELOOP) from None
         if exc.errno in (errno.ENXIO, errno.EISDIR):  # a FIFO without reader, a directory
-            raise UnusableQuotaFile(layout.root, "a FIFO or a directory") from None
+            raise UnusableQuotaFile(settings.root, "a FIFO or a directory") from None
         raise
     try:
         st = sys.stat(fd)
@@ -115,11 +116,11 @@ def _open_file(sys: Syscalls, layout: Layout, root_fd: int, flags: int) -> int |
         return fd
     sys.close(fd)
     what = "hard-linked elsewhere" if stat.S_ISREG(st.st_mode) else "a FIFO, device or directory"
-    raise UnusableQuotaFile(layout.root, what)
+    raise UnusableQuotaFile(settings.root, what)
 
 
-def _read(sys: Syscalls, layout: Layout, root_fd: int) -> _Read | None:
-    fd = _open_file(sys, layout, root_fd, os.O_RDONLY)
+def _read(sys: Syscalls, settings: Settings, root_fd: int) -> _Read | None:
+    fd = _open_file(sys, settings, root_fd, os.O_RDONLY)
     if fd is None:
         return None
     try:
@@ -147,9 +148,7 @@ def _open_dir(sys: Syscalls, name: str, dir_fd: int) -> int | None:
 
 
 def _folders(sys: Syscalls, root_fd: int) -> list[str]:
-    return sorted(
-        n for n in sys.listdir(root_fd) if n.startswith(".") and n not in (".", "..", _TRASH)
-    )
+    return [n for n in folder_entries(sys.listdir(root_fd)) if n != _TRASH]
 
 
 def _scan(sys: Syscalls, root_fd: int, *, count: bool) -> tuple[int, int, int]:
@@ -189,9 +188,9 @@ def _scan(sys: Syscalls, root_fd: int, *, count: bool) -> tuple[int, int, int]:
     return latest, total, messages
 
 
-def _replace_file(layout: Layout, root_fd: int, content: bytes) -> None:
+def _replace_file(settings: Settings, root_fd: int, content: bytes) -> None:
     """Write *content* as the new maildirsize: in tmp/, fsynced, renamed, dir fsynced."""
-    sys = layout.syscalls
+    sys = settings.syscalls
     tmp_fd = sys.open("tmp", DIR_FLAGS, dir_fd=root_fd)
     name = new_name() + "_maildirsize"
     LIVE_TMP.add(name)
@@ -200,7 +199,7 @@ def _replace_file(layout: Layout, root_fd: int, content: bytes) -> None:
         try:
             try:
                 write_all(sys, fd, [content])
-                if layout.fsync:
+                if settings.fsync:
                     sys.fsync(fd)
             finally:
                 sys.close(fd)
@@ -209,7 +208,7 @@ def _replace_file(layout: Layout, root_fd: int, content: bytes) -> None:
             with contextlib.suppress(OSError):
                 sys.unlink(name, dir_fd=tmp_fd)
             raise
-        if layout.fsync:
+        if settings.fsync:
             sys.fsync_dir(root_fd)
     finally:
         LIVE_TMP.discard(name)
@@ -217,7 +216,7 @@ def _replace_file(layout: Layout, root_fd: int, content: bytes) -> None:
 
 
 def recalculate(
-    layout: Layout, root_fd: int, limit_bytes: int | None, limit_messages: int | None
+    settings: Settings, root_fd: int, limit_bytes: int | None, limit_messages: int | None
 ) -> QuotaFile:
     """Count the maildir++ and write a fresh ``maildirsize``; return what it says.
 
@@ -225,11 +224,11 @@ def recalculate(
     one changed meanwhile the count is repeated (up to 3 times, then the last count stays:
     removing the file, the spec's other option, would drop limits that only it records).
     """
-    sys = layout.syscalls
+    sys = settings.syscalls
     for _ in range(_RECALC_TRIES):
         latest, total, messages = _scan(sys, root_fd, count=True)
         content = format_maildirsize(limit_bytes, limit_messages, total, messages)
-        _replace_file(layout, root_fd, content)
+        _replace_file(settings, root_fd, content)
         if _scan(sys, root_fd, count=False)[0] <= latest:
             break
     return QuotaFile(limit_bytes, limit_messages, total, messages, 1)
@@ -244,15 +243,15 @@ class QuotaGuard:
     """One delivery's quota: its checks while streaming and its line after the link.
 
     ``check()`` runs in the worker before each batch is written; the guard is also the
-    ``TmpFile.link_guard`` around the link; ``release()`` drops the reservation of a
+    ``DeliveryFiles.ledger_lock`` around the link; ``release()`` drops the reservation of a
     delivery that did not publish (callable from the event loop: no I/O, no long lock).
     """
 
-    def __init__(self, quota: Quota, layout: Layout) -> None:
+    def __init__(self, quota: Quota, settings: Settings) -> None:
         self.quota = quota
-        self.layout = layout
-        self.ledger = _ledger(layout.root)
-        self.tmp: TmpFile | None = None
+        self.settings = settings
+        self.ledger = _ledger(settings.root)
+        self.tmp: DeliveryFiles | None = None
         self.active = True
         self.reserved_bytes = 0
         self.reserved_messages = 0
@@ -273,9 +272,9 @@ class QuotaGuard:
         return self.quota.bytes, self.quota.messages
 
     def _check(self, root_fd: int, size: int) -> None:
-        sys = self.layout.syscalls
+        sys = self.settings.syscalls
         try:
-            read = _read(sys, self.layout, root_fd)
+            read = _read(sys, self.settings, root_fd)
         except UnusableQuotaFile:
             if self.quota.from_file:
                 raise  # its limits are only in that file: a temporary error until fixed
@@ -311,12 +310,12 @@ class QuotaGuard:
             self.reserved_bytes, self.reserved_messages = size, 1
 
     def _recalculate(self, root_fd: int, limits: tuple[int | None, int | None]) -> QuotaFile:
-        info = recalculate(self.layout, root_fd, *limits)
+        info = recalculate(self.settings, root_fd, *limits)
         owner = None if self.tmp is None else self.tmp.owner
         if owner is not None:
             # Written by root into a user's maildir: give the file to the user, whose IMAP
             # server (Dovecot's quota) reads and rewrites it.
-            self.layout.syscalls.chown(NAME, *owner, dir_fd=root_fd, follow_symlinks=False)
+            self.settings.syscalls.chown(NAME, *owner, dir_fd=root_fd, follow_symlinks=False)
         return info
 
     def _others(self) -> tuple[int, int]:
@@ -345,7 +344,7 @@ class QuotaGuard:
         if info.limit_messages is not None:
             limits.append(_fill(used_m, info.limit_messages, "messages"))
         raise QuotaExceededError(
-            f"mailbox {self.layout.root!r} is over quota: {' and '.join(limits)} used; this "
+            f"mailbox {self.settings.root!r} is over quota: {' and '.join(limits)} used; this "
             f"message needs at least {size} bytes more (the owner must free space, or the "
             "quota be raised)",
             permanent=self.quota.permanent,
@@ -359,7 +358,7 @@ class QuotaGuard:
             self.ledger.pending_messages -= self.reserved_messages
             self.reserved_bytes = self.reserved_messages = 0
 
-    # -- around the link (TmpFile.link_guard) ------------------------------------------------
+    # -- around the link (DeliveryFiles.ledger_lock) ------------------------------------
 
     def __enter__(self) -> None:
         if self.active:
@@ -376,7 +375,7 @@ class QuotaGuard:
             return
         try:
             if exc_type is None and self.tmp is not None:
-                self.append(self.tmp.dir_fds[0], self.tmp.size)
+                self.append(self.tmp.root_fd, self.tmp.size)
                 self.release()  # the line now counts the message
         finally:
             self._locked = False
@@ -384,9 +383,9 @@ class QuotaGuard:
 
     def append(self, root_fd: int, size: int) -> None:
         """Append the line for one delivered message of *size* bytes (errors ignored)."""
-        sys = self.layout.syscalls
+        sys = self.settings.syscalls
         try:
-            fd = _open_file(sys, self.layout, root_fd, os.O_WRONLY | os.O_APPEND)
+            fd = _open_file(sys, self.settings, root_fd, os.O_WRONLY | os.O_APPEND)
         except OSError:
             return  # replaced by something unusable: the next check recalculates
         if fd is None:

@@ -5,8 +5,9 @@
 declared with ``@record`` instead. Type checkers read it as ``dataclasses.dataclass``; at run
 time it builds the same behaviour by hand: keyword or positional ``__init__`` with defaults,
 ``__post_init__``, ``__repr__``, ``__eq__``, ``__hash__``, ``__match_args__``, ``__slots__``
-and frozen fields. ``dataclasses.fields()``, ``replace()`` and ``is_dataclass()`` still work
-on a record: its ``__dataclass_fields__`` is built from a real dataclass on first use.
+and frozen fields; this module's ``replace()`` does what ``dataclasses.replace()`` does.
+``dataclasses.fields()``, ``replace()`` and ``is_dataclass()`` still work on a record: its
+``__dataclass_fields__`` is built from a real dataclass on first use.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from dataclasses import dataclass as record
+    from dataclasses import replace
 else:
 
     def record(cls=None, /, *, frozen=True, slots=True):
@@ -24,8 +26,15 @@ else:
             return _build
         return _build(cls)
 
+    def replace(obj, /, **changes):
+        """Return a copy of the record *obj* with the named fields changed."""
+        cls = type(obj)
+        return cls(
+            **{name: changes.pop(name, getattr(obj, name)) for name in _names(cls)}, **changes
+        )
 
-__all__ = ["FrozenRecordError", "record"]
+
+__all__ = ["FrozenRecordError", "record", "replace"]
 
 _MISSING = object()
 

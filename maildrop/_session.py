@@ -25,7 +25,7 @@ from ._quota_io import QuotaGuard
 from ._state import Cause, Event, LocalProtocolError, Owner, Phase, advance, keeps_link
 from ._steps import BATCH, Steps, as_chunk
 from ._transform import Transform
-from ._writer import Aborted, Layout, TmpFile
+from ._writer import Aborted, DeliveryFiles, Settings
 
 __all__ = ["BATCH", "STATS", "Delivery", "DeliverySession", "as_chunk"]
 
@@ -55,7 +55,7 @@ class DeliverySession:
 
     def __init__(
         self,
-        layout: Layout,
+        settings: Settings,
         *,
         flags: str | None = None,
         size_stamp: bool = False,
@@ -65,14 +65,14 @@ class DeliverySession:
         quota: QuotaGuard | None = None,
         pipeline: bool = False,
     ) -> None:
-        self._layout = layout
-        self._tmp = TmpFile(layout, "new" if flags is None else "cur")
+        self._settings = settings
+        self._tmp = DeliveryFiles(settings, "new" if flags is None else "cur")
         # Header stamps / CRLF conversion (``_transform``) and Maildir++ quota (``_quota_io``).
         self._transform = transform
         self._quota = quota
         if quota is not None:
             quota.tmp = self._tmp
-            self._tmp.link_guard = quota
+            self._tmp.ledger_lock = quota
         # The worker-side half: writing, copying, publishing (shared with the MDA path).
         self._steps = Steps(
             self._tmp, flags=flags, size_stamp=size_stamp, max_size=max_size,
@@ -200,12 +200,12 @@ class DeliverySession:
         gc = None
         try:
             await self._drain()
-            gc = group((self._layout.path, self._tmp.subdir))
+            gc = group((self._settings.path, self._tmp.subdir))
             # Without fsync there is no directory fsync to share: finish in one step.
-            fsync = self._layout.fsync
-            alone = not fsync or gc.alone()
-            final = await self._run(self._steps.finish, self._take(), alone)
-            if alone:
+            fsync = self._settings.fsync
+            sync_new = not fsync or gc.alone()
+            final = await self._run(self._steps.finish, self._take(), sync_new)
+            if sync_new:
                 STATS["dir_fsyncs"] += fsync
             else:
                 self._advance(Event.LINK)
@@ -230,7 +230,7 @@ class DeliverySession:
         STATS["deliveries"] += 1
         if self._steps.file is not None or self._transform is not None:
             self._size = self._tmp.size
-        path = Path(self._layout.path, self._tmp.subdir, final)
+        path = Path(self._settings.path, self._tmp.subdir, final)
         return Delivery(path=path, name=final, size=self._tmp.size)
 
     async def stage(self) -> None:
@@ -252,13 +252,13 @@ class DeliverySession:
 
     def _stage_step(self, chunks: list[bytes | memoryview]) -> None:
         self._steps.write_rest(chunks)
-        if self._layout.fsync:
+        if self._settings.fsync:
             self._tmp.sys.fsync(self._tmp.fd)
 
     async def run_staged(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(staged, *args)`` as a step that owns the staged message's files.
 
-        *staged* is the session's :class:`~maildrop._writer.TmpFile`; an exception of *fn*
+        *staged* is the session's :class:`~maildrop._writer.DeliveryFiles`; an exception of *fn*
         aborts the delivery (its files are removed) and is raised.
 
         **Cancellation:** as for :meth:`stage`.

@@ -1,6 +1,6 @@
 """The worker-side steps of one delivery: write, copy a file, publish.
 
-A :class:`Steps` drives one :class:`~maildrop._writer.TmpFile` from the message's bytes to
+A :class:`Steps` drives one :class:`~maildrop._writer.DeliveryFiles` from the message's bytes to
 its published name, checking ``max_size`` and the quota as the bytes arrive and running the
 streaming transform. It is plain synchronous code: the async session runs it in worker
 threads (one call at a time), and ``maildrop deliver`` runs it in its own thread, so both
@@ -14,7 +14,7 @@ import io
 import os
 
 from ._errors import MessageTooLargeError
-from ._writer import Aborted, TmpFile
+from ._writer import UNSUPPORTED, Aborted, DeliveryFiles
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -28,14 +28,14 @@ __all__ = ["BATCH", "WOULD_BLOCK", "Steps", "as_chunk"]
 #: Bytes buffered before a hop writes them (large messages are written in batches this big).
 BATCH = 1 << 20
 
-# copy_file_range errnos that mean "not between these two files": fall back to read/write.
 #: Why a non-blocking source that had no data is refused (it is not the end of the message).
 WOULD_BLOCK = (
     errno.EAGAIN,
     "the source file is non-blocking and had no data; pass a blocking file or an async source",
 )
 
-_NO_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS})
+# copy_file_range errnos that mean "not between these two files": fall back to read/write.
+_NO_COPY = UNSUPPORTED | {errno.EXDEV, errno.EINVAL}
 
 
 def as_chunk(data: object) -> bytes | memoryview:
@@ -65,7 +65,7 @@ class Steps:
 
     def __init__(
         self,
-        tmp: TmpFile,
+        tmp: DeliveryFiles,
         *,
         flags: str | None = None,
         size_stamp: bool = False,
@@ -106,11 +106,11 @@ class Steps:
         if not self.started:
             tmp.open_dirs()
             if self._quota is not None:
-                self._quota.check(tmp.dir_fds[0], sum(len(c) for c in chunks))
+                self._quota.check(tmp.root_fd, sum(len(c) for c in chunks))
             tmp.create()
             self.started = True
         elif self._quota is not None and chunks:
-            self._quota.check(tmp.dir_fds[0], tmp.size + sum(len(c) for c in chunks))
+            self._quota.check(tmp.root_fd, tmp.size + sum(len(c) for c in chunks))
         tmp.write(chunks)
 
     def write_rest(self, chunks: list[bytes | memoryview]) -> None:
@@ -125,12 +125,12 @@ class Steps:
             if tail:
                 self.write([tail])
 
-    def finish(self, chunks: list[bytes | memoryview], alone: bool) -> str:
-        """Write the rest and publish; *alone*: fsync the destination and close the
+    def finish(self, chunks: list[bytes | memoryview], sync_new: bool) -> str:
+        """Write the rest and publish; *sync_new*: fsync the destination and close the
         directories here (no group commit shares that fsync). Return the published name."""
         self.write_rest(chunks)
-        final = self.tmp.publish(size_stamp=self._size_stamp, flags=self._flags, sync_dir=alone)
-        if alone:
+        final = self.tmp.publish(size_stamp=self._size_stamp, flags=self._flags, sync_dir=sync_new)
+        if sync_new:
             self.tmp.close_dirs()
         return final
 
@@ -169,7 +169,7 @@ class Steps:
                 if limit is not None and tmp.size > limit:
                     raise MessageTooLargeError(limit)
                 if self._quota is not None:
-                    self._quota.check(tmp.dir_fds[0], tmp.size)
+                    self._quota.check(tmp.root_fd, tmp.size)
                 if n < budget:
                     break
             f.seek(offset)

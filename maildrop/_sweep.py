@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import stat
 
-from ._writer import DIR_FLAGS, LIVE_TMP, Layout
+from ._writer import DIR_FLAGS, LIVE_TMP, Settings
 
 __all__ = ["TMP_MAX_AGE", "sweep_tmp"]
 
@@ -20,15 +20,15 @@ __all__ = ["TMP_MAX_AGE", "sweep_tmp"]
 TMP_MAX_AGE = 36 * 3600
 
 
-def sweep_tmp(layout: Layout, cutoff: float) -> list[str]:
+def sweep_tmp(settings: Settings, cutoff: float) -> list[str]:
     """Remove the non-directory entries of ``tmp/`` last touched before *cutoff*; return them.
 
     A missing maildir or ``tmp/`` has nothing to sweep. Entries that vanish meanwhile are
     skipped; any other error is raised after the fds are closed.
     """
-    sys = layout.syscalls
+    sys = settings.syscalls
     try:
-        root = sys.open(layout.path, DIR_FLAGS)
+        root = sys.open(settings.path, DIR_FLAGS)
     except FileNotFoundError:
         return []
     try:
@@ -37,15 +37,15 @@ def sweep_tmp(layout: Layout, cutoff: float) -> list[str]:
         except FileNotFoundError:
             return []
         try:
-            return _sweep(layout, tmp, cutoff)
+            return _sweep(settings, tmp, cutoff)
         finally:
             sys.close_dir(tmp)
     finally:
         sys.close_dir(root)
 
 
-def _sweep(layout: Layout, tmp: int, cutoff: float) -> list[str]:
-    sys = layout.syscalls
+def _sweep(settings: Settings, tmp: int, cutoff: float) -> list[str]:
+    sys = settings.syscalls
     removed: list[str] = []
     for name in sorted(sys.listdir(tmp)):
         if name in LIVE_TMP:

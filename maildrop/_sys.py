@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import os
 
-from ._record import record
+from ._record import record, replace
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
     from typing import Any
 
-__all__ = ["DEFAULT_SYSCALLS", "Syscalls"]
+__all__ = ["DEFAULT_SYSCALLS", "Syscalls", "stat_or_none"]
 
 _Buffer = bytes | bytearray | memoryview
 
@@ -50,7 +50,7 @@ class Syscalls:
     mkdir: Callable[..., None] = os.mkdir
     stat: Callable[..., os.stat_result] = os.stat
     copy_file_range: Callable[[int, int, int, int | None], int] = _copy_file_range
-    #: ``os.fstat`` of the destination directory after its fsync (see ``TmpFile.sync_dest``).
+    #: ``os.fstat`` of the destination directory after its fsync (see ``DeliveryFiles.sync_dest``).
     fstat: Callable[[int], os.stat_result] = os.fstat
     read: Callable[[int, int], bytes] = os.read
     listdir: Callable[[int], list[str]] = os.listdir
@@ -64,8 +64,19 @@ class Syscalls:
         unknown = set(changes).difference(self.__match_args__)
         if unknown:
             raise TypeError(f"Syscalls has no entry {min(unknown)!r}")
-        return Syscalls(**{n: changes.get(n, getattr(self, n)) for n in self.__match_args__})
+        return replace(self, **changes)
 
 
 #: The table every :class:`~maildrop.Maildir` uses unless given another.
 DEFAULT_SYSCALLS = Syscalls()
+
+
+def stat_or_none(
+    sys: Syscalls, path: str, *, follow_symlinks: bool = True
+) -> os.stat_result | None:
+    """Return *path*'s ``stat`` through the table *sys*, or None where that fails (what
+    ``os.path.exists``/``isdir`` treat as "not there")."""
+    try:
+        return sys.stat(path, follow_symlinks=follow_symlinks)
+    except (OSError, ValueError):
+        return None

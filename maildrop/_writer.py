@@ -13,12 +13,15 @@ Why the steps are ordered the way they are (the one long explanation of the engi
 * Publishing uses ``link()``, which refuses an existing target, never ``rename()``, which
   silently replaces one. The link is made from ``/proc/self/fd/N`` (``linkat`` with
   ``AT_SYMLINK_FOLLOW``) so it publishes exactly the file this delivery wrote, even if someone
-  swapped the name in ``tmp/``. The fd is closed only after the link; a close error still
-  fails the delivery (and removes the link). Filesystems without hard links get a rename
-  after an existence check: documented, and narrower than the stdlib's plain rename.
+  swapped the name in ``tmp/`` (without ``/proc``, from that name, never following a
+  symlink). A taken name is retried under a fresh one. Single and multi-target delivery
+  (``_many``) publish through the same functions (:func:`under_free_name`,
+  :func:`link_file`). The fd is closed only after the link; a close error still fails the
+  delivery (and removes the link). Filesystems without hard links get a rename after an
+  existence check: documented, and narrower than the stdlib's plain rename.
 * ``new/`` is fsynced after the link; only then is the message durable. Callers share that
   fsync when several deliveries are in flight (group commit, see ``_session``).
-* A :class:`TmpFile` is owned by at most one thread at a time. Whatever fails inside a worker
+* A :class:`DeliveryFiles` is owned by at most one thread at a time. Whatever fails inside a worker
   call is cleaned up by that worker before the exception leaves it, so the event loop never
   unlinks a file that a still-running write or fsync is using.
 """
@@ -30,12 +33,12 @@ import errno
 import os
 import time
 
-from ._dirs import DIR_FLAGS, FILE_FLAGS, Dirs, Layout, parent_of
+from ._dirs import DIR_FLAGS, FILE_FLAGS, Dirs, Settings, parent_of
 from ._naming import published_name, unique_name
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from contextlib import AbstractContextManager
 
     from ._sys import Syscalls
@@ -43,18 +46,29 @@ if TYPE_CHECKING:
 __all__ = [
     "DIR_FLAGS",
     "FILE_FLAGS",
+    "LINK_REFUSED",
     "LIVE_TMP",
+    "NO_LINKS",
+    "UNSUPPORTED",
     "Aborted",
-    "Layout",
-    "TmpFile",
+    "DeliveryFiles",
+    "Settings",
+    "link_file",
     "new_name",
+    "reopen",
+    "under_free_name",
     "write_all",
 ]
 
 _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
+# Without /proc the written file is linked and reopened by its name in tmp/ instead of its fd.
 _PROC_FD = os.path.isdir("/proc/self/fd")
-# link() errnos that mean "this filesystem has no hard links", not "this link failed".
-_NO_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
+#: Errnos that mean "this filesystem cannot do that at all", not "this call failed".
+UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
+#: link() errnos that mean "this filesystem has no hard links".
+NO_LINKS = UNSUPPORTED | {errno.EPERM}
+#: link() errnos after which a copy of the file can still be delivered.
+LINK_REFUSED = NO_LINKS | {errno.EXDEV, errno.EMLINK}
 _NAME_TRIES = 100
 
 _counter_lock = _thread.allocate_lock()
@@ -108,8 +122,62 @@ def write_all(sys: Syscalls, fd: int, chunks: Sequence[bytes | memoryview]) -> i
     return done
 
 
-class _NoGuard:
-    """No link guard (``contextlib.nullcontext`` without importing contextlib)."""
+def under_free_name(
+    place: Callable[[str], None],
+    name_for: Callable[[str], str],
+    dirs: Dirs,
+    sub: str,
+    first: str | None = None,
+) -> str:
+    """Call ``place(name_for(base))`` until it does not raise ``FileExistsError``; return
+    the name placed. *base* is *first*, then (or without it) a fresh unique name each try.
+    Nothing is ever clobbered: after ``_NAME_TRIES`` taken names it raises
+    ``FileExistsError`` naming the directory *sub* of *dirs*' maildir.
+    """
+    base = new_name() if first is None else first
+    for _ in range(_NAME_TRIES):
+        name = name_for(base)
+        try:
+            place(name)
+        except FileExistsError:
+            base = new_name()
+            continue
+        return name
+    where = os.path.join(dirs.settings.path, sub)
+    raise FileExistsError(errno.EEXIST, f"could not find a free name in {where}/")
+
+
+def link_file(src: DeliveryFiles, dest: Dirs, name: str) -> None:
+    """Hard-link the file *src* wrote as *name* into *dest*'s destination directory.
+
+    The link is made from ``/proc/self/fd/N``, so it is exactly the inode *src* wrote even
+    if its name in ``tmp/`` was swapped; without ``/proc``, from that name (never
+    following a symlink). *dest*'s syscall table makes the call. Raises the link's
+    ``OSError`` (``FileExistsError`` for a taken name, an errno of :data:`LINK_REFUSED`
+    where only a copy can work).
+    """
+    if _PROC_FD:
+        dest.sys.link(
+            f"/proc/self/fd/{src.fd}", name, dst_dir_fd=dest.dest_fd, follow_symlinks=True
+        )
+    else:
+        dest.sys.link(
+            src.tmp_name, name, src_dir_fd=src.tmp_fd, dst_dir_fd=dest.dest_fd,
+            follow_symlinks=False,
+        )  # fmt: skip
+
+
+def reopen(src: DeliveryFiles) -> int:
+    """Open the file *src* wrote again, read-only (its own fd is write-only); return the fd."""
+    if _PROC_FD:
+        return src.sys.open(f"/proc/self/fd/{src.fd}", os.O_RDONLY | os.O_CLOEXEC)
+    return src.sys.open(
+        src.tmp_name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=src.tmp_fd
+    )
+
+
+class _NoLock:
+    """No quota ledger to lock (``contextlib.nullcontext`` without importing contextlib)."""
 
     def __enter__(self) -> None:
         return None
@@ -118,22 +186,26 @@ class _NoGuard:
         return None
 
 
-_NO_GUARD = _NoGuard()
+_NO_LOCK = _NoLock()
+
+
+def _same(name: str) -> str:
+    return name
 
 
 class Aborted(Exception):
     """The delivery was abandoned (cancelled) while a worker call was running."""
 
 
-class TmpFile(Dirs):
-    """One message being written: its directory fds, tmp file and published name.
+class DeliveryFiles(Dirs):
+    """The disk state of one delivery: its directory fds, tmp file and published name.
 
     Only worker threads call its methods, one at a time (``_session`` guarantees it); the
     ``lock``/``running``/``aborted`` fields are how the event loop hands over cleanup.
     """
 
-    def __init__(self, layout: Layout, subdir: str) -> None:
-        super().__init__(layout, subdir)
+    def __init__(self, settings: Settings, subdir: str) -> None:
+        super().__init__(settings, subdir)
         self.lock = _thread.allocate_lock()
         self.running = False
         self.aborted = False
@@ -143,28 +215,26 @@ class TmpFile(Dirs):
         self.tmp_name: str | None = None
         self.final_name: str | None = None
         self.size = 0
-        # Held around the link into the destination (quota bookkeeping, see _quota_io).
-        self.link_guard: AbstractContextManager[object] = _NO_GUARD
+        # The quota ledger's lock, held around the link into the destination so the
+        # maildirsize update matches the links made (see _quota_io); a no-op without quota.
+        self.ledger_lock: AbstractContextManager[object] = _NO_LOCK
 
     # -- writing ----------------------------------------------------------------------------
 
     def create(self) -> None:
         """Create the tmp file under a fresh unique name."""
-        for _ in range(_NAME_TRIES):
-            name = new_name()
-            LIVE_TMP.add(name)  # before the file exists, so a sweep never sees it unowned
-            try:
-                self.fd = self.sys.open(name, FILE_FLAGS, 0o600, dir_fd=self.tmp_fd)
-            except BaseException as exc:
-                LIVE_TMP.discard(name)
-                if isinstance(exc, FileExistsError):
-                    continue
-                raise
-            self.tmp_name = name
-            if self.owner is not None:
-                self.sys.fchown(self.fd, *self.owner)
-            return
-        raise FileExistsError(errno.EEXIST, "could not find a free name in tmp/")
+        under_free_name(self._create_as, _same, self, "tmp")
+        if self.owner is not None:
+            self.sys.fchown(self.fd, *self.owner)
+
+    def _create_as(self, name: str) -> None:
+        LIVE_TMP.add(name)  # before the file exists, so a sweep never sees it unowned
+        try:
+            self.fd = self.sys.open(name, FILE_FLAGS, 0o600, dir_fd=self.tmp_fd)
+        except BaseException:
+            LIVE_TMP.discard(name)
+            raise
+        self.tmp_name = name
 
     def write(self, chunks: Sequence[bytes | memoryview]) -> None:
         """Write every byte of *chunks*, looping on short writes."""
@@ -185,27 +255,20 @@ class TmpFile(Dirs):
 
     def publish(self, *, size_stamp: bool, flags: str | None, sync_dir: bool) -> str:
         """Fsync, link into the destination without clobbering, close, unlink tmp."""
-        if self.layout.fsync:
+        if self.settings.fsync:
             self.sys.fsync(self.fd)
         if self.aborted:
             # Cancelled while this call was writing or syncing: never publish after that.
             raise Aborted
-        base = self.tmp_name
-        assert base is not None
         size = self.size if size_stamp else None
-        with self.link_guard:
-            for _ in range(_NAME_TRIES):
-                final = published_name(base, size=size, flags=flags)
-                try:
-                    self._link(final)
-                except FileExistsError:
-                    base = new_name()
-                    continue
-                break
-            else:
-                raise FileExistsError(
-                    errno.EEXIST, f"could not find a free name in {self.subdir}/"
-                )
+        with self.ledger_lock:
+            final = under_free_name(
+                self._link,
+                lambda base: published_name(base, size=size, flags=flags),
+                self,
+                self.subdir,
+                first=self.tmp_name,
+            )
         fd, self.fd = self.fd, -1
         self.sys.close(fd)
         if self.tmp_name is not None:
@@ -221,20 +284,10 @@ class TmpFile(Dirs):
         return final
 
     def _link(self, final: str) -> None:
-        assert self.tmp_name is not None
         try:
-            if _PROC_FD:
-                self.sys.link(
-                    f"/proc/self/fd/{self.fd}", final, dst_dir_fd=self.dest_fd,
-                    follow_symlinks=True,
-                )  # fmt: skip
-            else:  # pragma: no cover - Linux without /proc
-                self.sys.link(
-                    self.tmp_name, final, src_dir_fd=self.tmp_fd, dst_dir_fd=self.dest_fd,
-                    follow_symlinks=False,
-                )  # fmt: skip
+            link_file(self, self, final)
         except OSError as exc:
-            if exc.errno not in _NO_LINKS:
+            if exc.errno not in NO_LINKS:
                 raise
             self._rename_without_links(final)
             return
@@ -258,7 +311,7 @@ class TmpFile(Dirs):
 
     def sync_dest(self) -> None:
         """Fsync the destination directory, making the published name durable."""
-        if self.layout.fsync:
+        if self.settings.fsync:
             self.sys.fsync_dir(self.dest_fd)
             # xfs answers 0 to fsync(dir) once the filesystem was shut down (I/O error,
             # or a simulated power cut) although the link it had not logged yet is gone;
@@ -274,19 +327,19 @@ class TmpFile(Dirs):
         The steps work relative to directory fds, so the kernel's error names only a
         basename (or nothing, for a write or fsync); an operator needs the directory.
         """
-        lay = self.layout
+        cfg = self.settings
         name, other = exc.filename, exc.filename2
         if isinstance(name, str) and name.startswith("/proc/self/fd/") and isinstance(other, str):
-            exc.filename, exc.filename2 = os.path.join(lay.path, self.subdir, other), None
+            exc.filename, exc.filename2 = os.path.join(cfg.path, self.subdir, other), None
         elif name is None:
             if self.tmp_name is not None:
-                exc.filename = os.path.join(lay.path, "tmp", self.tmp_name)
+                exc.filename = os.path.join(cfg.path, "tmp", self.tmp_name)
             elif self.final_name is not None:
-                exc.filename = os.path.join(lay.path, self.subdir, self.final_name)
+                exc.filename = os.path.join(cfg.path, self.subdir, self.final_name)
             else:
-                exc.filename = lay.path
+                exc.filename = cfg.path
         elif isinstance(name, str) and not os.path.isabs(name):
-            exc.filename = os.path.join(parent_of(lay, name), name)
+            exc.filename = os.path.join(parent_of(cfg, name), name)
 
     def cleanup(self) -> None:
         """Remove everything this delivery created (but a kept publish) and close all fds.

@@ -294,6 +294,13 @@ def _syscalls() -> Syscalls:
     return DEFAULT_SYSCALLS
 
 
+def _is_dir(path: str) -> bool:
+    from ._sys import stat_or_none
+
+    st = stat_or_none(_syscalls(), path)
+    return st is not None and (st.st_mode & 0o170000) == 0o040000  # S_ISDIR, no stat module
+
+
 def inbox_folder(name: str | None) -> str | None:
     """Return the Maildir++ folder that *name* means; None for the maildir itself.
 
@@ -318,7 +325,7 @@ def _quota(args: _Args, root: str) -> Quota | None:
         # (start-up time). One created meanwhile counts from the next delivery on, which
         # is as exact as Maildir++ is between processes anyway.
         try:
-            os.lstat(os.path.join(root, "maildirsize"))
+            _syscalls().stat(os.path.join(root, "maildirsize"), follow_symlinks=False)
         except FileNotFoundError:
             return None
         except OSError:
@@ -332,7 +339,7 @@ def _quota(args: _Args, root: str) -> Quota | None:
 def _deliver(args: _Args) -> int:
     from ._errors import MaildirNotFoundError
     from ._mda import deliver_fd
-    from ._writer import Layout
+    from ._writer import Settings
 
     fd = _stdin_fd()
     try:
@@ -348,11 +355,11 @@ def _deliver(args: _Args) -> int:
         from ._folders import folder_dirname
 
         dirname = folder_dirname(folder)
-        if not args.create_folder and not os.path.isdir(os.path.join(root, dirname)):
+        if not args.create_folder and not _is_dir(os.path.join(root, dirname)):
             raise MaildirNotFoundError(
                 f"no folder {folder!r} in {root} (create it first, or pass --create-folder)"
             )
-    layout = Layout(root, dirname, True, not args.no_fsync, _syscalls())
+    settings = Settings(root, dirname, True, not args.no_fsync, _syscalls())
     quota = _quota(args, root)
     transform = None
     if args.return_path is not None or args.delivered_to is not None or args.crlf_to_lf:
@@ -367,7 +374,7 @@ def _deliver(args: _Args) -> int:
     if quota is not None:
         from ._quota_io import QuotaGuard
 
-        guard = QuotaGuard(quota, layout)
-    path = deliver_fd(layout, fd, max_size=args.max_size, transform=transform, quota=guard)
+        guard = QuotaGuard(quota, settings)
+    path = deliver_fd(settings, fd, max_size=args.max_size, transform=transform, quota=guard)
     print(path, flush=True)
     return 0

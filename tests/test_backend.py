@@ -10,7 +10,7 @@ import pytest
 
 from maildrop import Maildir, _backend
 from maildrop._session import DeliverySession
-from maildrop._writer import TmpFile
+from maildrop._writer import DeliveryFiles
 
 _VAR: contextvars.ContextVar[str] = contextvars.ContextVar("_VAR", default="unset")
 
@@ -72,7 +72,7 @@ async def test_a_staged_message_runs_steps_on_its_file(tmp_path: Path, anyio_bac
         await session.stage()
         assert len(list((tmp_path / "m" / "tmp").iterdir())) == 1
 
-        def size(staged: TmpFile) -> int:
+        def size(staged: DeliveryFiles) -> int:
             return staged.size
 
         assert await session.run_staged(size) == 6
@@ -91,7 +91,7 @@ async def test_a_failing_staged_step_aborts_the_delivery(
     await session.write(b"x")
     await session.stage()
 
-    def boom(staged: TmpFile) -> None:
+    def boom(staged: DeliveryFiles) -> None:
         raise ValueError("step failed")
 
     with pytest.raises(ValueError, match="step failed"):

@@ -203,6 +203,30 @@ def test_deliver_into_folders(
     assert new_files(md / ".Spam") == [MSG, MSG]
 
 
+def test_deliver_looks_up_the_folder_and_maildirsize_through_the_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The folder check and the maildirsize probe stat through the syscall table: an EIO
+    there hides the folder (67), as a failing isdir() did."""
+    seen: list[str] = []
+
+    def stat(path: Any, **kw: Any) -> os.stat_result:
+        seen.append(os.path.basename(str(path)))
+        if str(path).endswith(".Spam"):
+            raise OSError(errno.EIO, "injected EIO")
+        return os.stat(path, **kw)
+
+    table = DEFAULT_SYSCALLS.replace(stat=stat)
+    monkeypatch.setattr(cli, "_syscalls", lambda: table)
+    md = tmp_path / "md"
+    for d in ("tmp", "new", "cur", ".Spam", ".Lists"):
+        (md / d).mkdir(parents=True)
+    assert run_main(monkeypatch, ["deliver", "--folder", "Lists", str(md)], MSG) == 0
+    assert seen[:2] == [".Lists", "maildirsize"]
+    assert run_main(monkeypatch, ["deliver", "--folder", "Spam", str(md)], MSG) == 67
+    assert "no folder 'Spam'" in one_line_error(capsys.readouterr().err)
+
+
 def test_deliver_too_large_is_65(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

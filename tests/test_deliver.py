@@ -15,6 +15,7 @@ import anyio.lowlevel
 import pytest
 
 from maildrop import (
+    DEFAULT_SYSCALLS,
     Delivery,
     InvalidFolderNameError,
     Maildir,
@@ -281,6 +282,27 @@ async def test_folder_of_folder(maildir_path: Path) -> None:
     d = await sub.deliver(MSG)
     assert d.path.parent == maildir_path / ".a.b" / "new"
     assert (maildir_path / "new").is_dir()
+
+
+async def test_a_folder_keeps_every_setting(maildir_path: Path) -> None:
+    """A folder delivers with its maildir's settings: size stamp, max_size, fsync, table."""
+    calls: list[str] = []
+
+    def fsync(fd: int) -> None:
+        calls.append("fsync")
+        os.fsync(fd)
+
+    table = DEFAULT_SYSCALLS.replace(fsync=fsync)
+    md = Maildir(maildir_path, size_stamp=True, max_size=10, fsync=False, syscalls=table)
+    sub = md.folder("a").folder("b")
+    assert sub.syscalls is table
+    d = await sub.deliver(b"tiny")
+    assert d.name.endswith(",S=4")
+    assert calls == []  # fsync=False is kept
+    with pytest.raises(MessageTooLargeError):
+        await sub.deliver(b"x" * 11)
+    assert Maildir(maildir_path).path == md.path  # the parent is unchanged
+    assert md._settings.folder is None
 
 
 async def test_invalid_folder_names_raise_before_io(maildir_path: Path) -> None:

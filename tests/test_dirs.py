@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from maildrop import DEFAULT_SYSCALLS, Maildir, MaildirNotFoundError, NotAMaildirError
-from maildrop._dirs import Dirs, Layout, parent_of
+from maildrop._dirs import Dirs, Settings, parent_of
 
 from .conftest import open_fds, wait_for
 
@@ -21,7 +21,7 @@ def dirs_for(root: Path, folder: str | None = None, **kwargs: Any) -> Dirs:
     """Dirs of a delivery into new/ of *root* (or its Maildir++ *folder*)."""
     opts: dict[str, Any] = {"create": True, "fsync": True, "syscalls": DEFAULT_SYSCALLS}
     opts.update(kwargs)
-    return Dirs(Layout(str(root), folder, **opts), "new")
+    return Dirs(Settings(str(root), folder, **opts), "new")
 
 
 def test_open_dirs_creates_a_private_maildir_and_close_dirs_closes_it(tmp_path: Path) -> None:
@@ -34,7 +34,7 @@ def test_open_dirs_creates_a_private_maildir_and_close_dirs_closes_it(tmp_path: 
         assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
     assert os.fstat(dirs.tmp_fd).st_ino == (md / "tmp").stat().st_ino
     assert os.fstat(dirs.dest_fd).st_ino == (md / "new").stat().st_ino
-    assert os.fstat(dirs.dir_fds[0]).st_ino == md.stat().st_ino
+    assert os.fstat(dirs.root_fd).st_ino == md.stat().st_ino
     dirs.close_dirs()
     assert (dirs.dir_fds, dirs.tmp_fd, dirs.dest_fd) == ([], -1, -1)
     assert open_fds() <= before
@@ -151,7 +151,7 @@ def test_a_subdirectory_that_is_a_symlink_or_a_file_is_refused(tmp_path: Path, l
 )
 def test_parent_of_names_the_directory_of_a_failed_call(name: str, where: str) -> None:
     """parent_of maps a relative name to the directory it lives in, for error messages."""
-    lay = Layout("/r", ".Sent", True, True, DEFAULT_SYSCALLS)
+    lay = Settings("/r", ".Sent", True, True, DEFAULT_SYSCALLS)
     expected = {
         "root": "/r",
         "path": "/r/.Sent",

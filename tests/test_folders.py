@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from maildrop import InvalidFolderNameError
-from maildrop._folders import encode_folder_name, folder_dirname
+from maildrop._folders import (
+    encode_folder_name,
+    folder_dirname,
+    has_control,
+)
+from maildrop._lmtp_deliver import mailbox_name
 
 BAD = [
     "", ".", "..", "a..b", ".x", "x.", "a/b", "../x", "a\0b", "~x", "tmp", "new", "cur",
-    "Lists.tmp", "a\nb", "x" * 300,
+    "Lists.tmp", "a\nb", "x" * 300, "a\x7fb", "a\x85b", "a\x9fb",
 ]  # fmt: skip
 
 
@@ -22,6 +29,20 @@ def test_bad_names_are_refused(name: str) -> None:
         folder_dirname(name)
     with pytest.raises(ValueError, match="folder name"):
         folder_dirname(name)
+
+
+@given(st.text(max_size=8))
+def test_control_characters_are_unicodes_cc(text: str) -> None:
+    """has_control() is true exactly when a character is of Unicode category Cc."""
+    assert has_control(text) == any(unicodedata.category(ch) == "Cc" for ch in text)
+
+
+@pytest.mark.parametrize("name", ["a\x85", "a\x00", "a\x7f", "x" * 256])
+def test_folder_and_mailbox_names_share_their_rules(name: str) -> None:
+    """A control character or an over-long entry refuses a folder and a mailbox alike."""
+    with pytest.raises(InvalidFolderNameError):
+        folder_dirname(name)
+    assert mailbox_name(f"{name}@example.org") is None
 
 
 def test_non_str_names_are_refused() -> None:

@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 
 from maildrop import DEFAULT_SYSCALLS
-from maildrop._dirs import Layout
+from maildrop._dirs import Settings
 from maildrop._handoff import abort, as_step, cleanup, owner, run_owned
 from maildrop._state import Owner
-from maildrop._writer import Aborted, TmpFile
+from maildrop._writer import Aborted, DeliveryFiles
 
 
-def _tmp(path: Path) -> TmpFile:
-    return TmpFile(Layout(str(path), None, True, True, DEFAULT_SYSCALLS), "new")
+def _tmp(path: Path) -> DeliveryFiles:
+    return DeliveryFiles(Settings(str(path), None, True, True, DEFAULT_SYSCALLS), "new")
 
 
 def test_aborting_what_never_opened_anything_needs_no_cleanup(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from maildrop import Maildir, Quota
+from maildrop import DEFAULT_SYSCALLS, Maildir, Quota
 from maildrop._lmtp_handler import _quota_refusal
 from maildrop.lmtp import MaildirHandler
 
@@ -97,22 +97,44 @@ async def test_lookup_refuses_files_and_dangling_links(tmp_path: Path) -> None:
     assert handler.lookup("a/b@x") is None
 
 
-async def test_unreadable_mailbox_is_451_at_rcpt(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An I/O error looking the mailbox up refuses the recipient temporarily."""
+async def test_unreadable_mailbox_is_451_at_rcpt(tmp_path: Path) -> None:
+    """An I/O error looking the mailbox up (through the syscall table) refuses the
+    recipient temporarily."""
 
-    def eio(path: Any) -> Any:
+    def eio(path: Any, **kw: Any) -> Any:
         raise OSError(5, "injected EIO")
 
-    async with serving(MaildirHandler(tmp_path)) as port:
+    handler = MaildirHandler(tmp_path, syscalls=DEFAULT_SYSCALLS.replace(stat=eio))
+    async with serving(handler) as port:
         c = await Client.connect(port)
         await c.command("MAIL FROM:<s@x>")
-        monkeypatch.setattr(os, "lstat", eio)
         reply = await c.command("RCPT TO:<a@x>")
-        monkeypatch.undo()
         await c.quit()
     assert reply.startswith("451 4.3.0")
+
+
+async def test_lookup_stats_through_the_syscall_table(tmp_path: Path) -> None:
+    """lookup() and the quota-file check make their stat calls through the table; a
+    symlinked mailbox is resolved to where it leads."""
+    users(tmp_path, "alice")
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "linked")
+    seen: list[tuple[str, bool]] = []
+
+    def stat(path: Any, **kw: Any) -> os.stat_result:
+        seen.append((os.path.basename(path), kw.get("follow_symlinks", True)))
+        return os.stat(path, **kw)
+
+    handler = MaildirHandler(tmp_path, syscalls=DEFAULT_SYSCALLS.replace(stat=stat))
+    md = handler.lookup("linked@x")
+    assert md is not None
+    assert md.path == tmp_path / "real"
+    assert seen == [("linked", False), ("linked", True)]
+    seen.clear()
+    now = handler.rcpt_reply_now("alice@x")
+    assert now is not None
+    assert now[0] == "250 2.1.5 OK"
+    assert seen == [("alice", False), ("maildirsize", True)]
 
 
 async def test_quota_refusal_leaves_other_problems_to_the_delivery(tmp_path: Path) -> None:

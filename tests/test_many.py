@@ -19,6 +19,7 @@ import anyio
 import pytest
 
 import maildrop
+import maildrop._writer
 from maildrop import (
     DEFAULT_SYSCALLS,
     Delivery,
@@ -390,7 +391,7 @@ async def test_no_free_name(tmp_path: Path) -> None:
     full = Maildir(tmp_path / "full", syscalls=DEFAULT_SYSCALLS.replace(link=link))
     res = await deliver_many(MSG, [Maildir(tmp_path / "ok"), full])
     assert isinstance(res[1], FileExistsError)
-    assert "free name" in str(res[1])
+    assert f"free name in {tmp_path / 'full' / 'new'}/" in str(res[1])
 
 
 async def test_quota_target_link_failure(tmp_path: Path, faults: Faults) -> None:
@@ -554,3 +555,61 @@ async def test_deliver_many_raises_a_source_oserror(tmp_path: Path) -> None:
     with pytest.raises(ConnectionResetError) as info:
         await deliver_many(src(), [Maildir(tmp_path / "a"), Maildir(tmp_path / "b")])
     assert info.value is boom
+
+
+async def test_without_proc_links_and_copies_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without /proc the staged file is linked, and reopened for a copy, by its tmp/ name."""
+    monkeypatch.setattr(maildrop._writer, "_PROC_FD", False)
+    seen: list[str] = []
+
+    def link(src: Any, dst: Any, **kw: Any) -> None:
+        seen.append(f"link {src}")
+        os.link(src, dst, **kw)
+
+    def open_(path: Any, flags: int, *args: Any, **kw: Any) -> int:
+        seen.append(f"open {path}")
+        return os.open(path, flags, *args, **kw)
+
+    refused = 0
+
+    def link_once_refused(*args: Any, **kw: Any) -> None:
+        nonlocal refused
+        refused += 1
+        if refused == 1:  # the fan-out's link; the copy's own delivery then links
+            raise OSError(errno.EXDEV, "other filesystem")
+        os.link(*args, **kw)
+
+    table = DEFAULT_SYSCALLS.replace(link=link, open=open_)
+    near = [Maildir(tmp_path / f"near{i}", syscalls=table) for i in range(2)]
+    far = Maildir(tmp_path / "far", syscalls=DEFAULT_SYSCALLS.replace(link=link_once_refused))
+    res = ok(await deliver_many(MSG, [*near, far]))
+    assert [d.path.read_bytes() for d in res] == [MSG] * 3
+    assert os.stat(res[0].path).st_ino == os.stat(res[1].path).st_ino
+    assert os.stat(res[2].path).st_ino != os.stat(res[0].path).st_ino
+    assert refused == 2
+    assert not [s for s in seen if "/proc/" in s]
+    staged = [s for s in seen if s.startswith("link ")]
+    assert len(staged) == 2
+    assert f"open {staged[0].removeprefix('link ')}" in seen  # reopened for the copy
+    assert [listing(tmp_path / n)["tmp"] for n in ("near0", "near1", "far")] == [[], [], []]
+
+
+async def test_without_proc_a_name_collision_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without /proc a taken name in a target is retried under a new one, never clobbered."""
+    monkeypatch.setattr(maildrop._writer, "_PROC_FD", False)
+    names: list[str] = []
+
+    def link(src: Any, dst: Any, **kw: Any) -> None:
+        names.append(dst)
+        if len(names) == 1:
+            raise FileExistsError(errno.EEXIST, "taken")
+        os.link(src, dst, **kw)
+
+    md = Maildir(tmp_path / "a", syscalls=DEFAULT_SYSCALLS.replace(link=link))
+    (d,) = ok(await deliver_many(MSG, [Maildir(tmp_path / "b"), md]))[1:]
+    assert d.name == names[1] != names[0]
+    assert d.path.read_bytes() == MSG

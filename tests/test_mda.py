@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from maildrop import DEFAULT_SYSCALLS
 from maildrop._errors import EmptyMessageError, MessageTooLargeError
 from maildrop._mda import Interrupted, _Reader, deliver_fd, from_line_length
-from maildrop._writer import Layout
+from maildrop._writer import Settings
 
 from .conftest import listing
 
@@ -126,10 +126,10 @@ def test_deliver_fd_cleans_up_when_too_large(tmp_path: Path) -> None:
         os.write(w, b"x" * (3 << 20))
         os._exit(0)
     os.close(w)
-    layout = Layout(str(md), None, True, True, DEFAULT_SYSCALLS)
+    settings = Settings(str(md), None, True, True, DEFAULT_SYSCALLS)
     try:
         with pytest.raises(MessageTooLargeError, match="max_size"):
-            deliver_fd(layout, r, max_size=(2 << 20) - 1)
+            deliver_fd(settings, r, max_size=(2 << 20) - 1)
     finally:
         os.close(r)
         os.waitpid(pid, 0)
@@ -149,7 +149,7 @@ def test_deliver_fd_names_the_path_of_a_disk_error(tmp_path: Path) -> None:
     os.close(w)
     try:
         with pytest.raises(OSError, match="Input/output") as info:
-            deliver_fd(Layout(str(md), None, True, True, table), r)
+            deliver_fd(Settings(str(md), None, True, True, table), r)
     finally:
         os.close(r)
     assert info.value.errno == errno.EIO
@@ -164,7 +164,7 @@ def test_deliver_fd_refuses_an_empty_file(tmp_path: Path) -> None:
     fd = os.open(src, os.O_RDONLY)
     try:
         with pytest.raises(EmptyMessageError, match="empty message"):
-            deliver_fd(Layout(str(tmp_path / "md"), None, True, True, DEFAULT_SYSCALLS), fd)
+            deliver_fd(Settings(str(tmp_path / "md"), None, True, True, DEFAULT_SYSCALLS), fd)
     finally:
         os.close(fd)
     assert not (tmp_path / "md").exists()
@@ -177,8 +177,8 @@ def test_deliver_fd_outside_the_main_thread(tmp_path: Path) -> None:
     os.write(w, MSG)
     os.close(w)
     result: list[str] = []
-    layout = Layout(str(md), None, True, True, DEFAULT_SYSCALLS)
-    t = threading.Thread(target=lambda: result.append(deliver_fd(layout, r)))
+    settings = Settings(str(md), None, True, True, DEFAULT_SYSCALLS)
+    t = threading.Thread(target=lambda: result.append(deliver_fd(settings, r)))
     t.start()
     t.join(30)
     os.close(r)
@@ -206,7 +206,7 @@ def test_sigterm_while_reading_in_process(tmp_path: Path) -> None:
     t.start()
     try:
         with pytest.raises(Interrupted, match="SIGTERM while reading"):
-            deliver_fd(Layout(str(md), None, True, True, DEFAULT_SYSCALLS), r)
+            deliver_fd(Settings(str(md), None, True, True, DEFAULT_SYSCALLS), r)
         assert signal.getsignal(signal.SIGTERM) is ignore  # deliver_fd put it back
     finally:
         t.join(30)

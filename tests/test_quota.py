@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from maildrop import DEFAULT_SYSCALLS, Maildir, Quota, QuotaExceededError, deliver, outcome
 from maildrop._quota import (
     counts_toward_quota,
+    folder_entries,
     format_delta,
     format_maildirsize,
     over_quota,
@@ -625,7 +626,7 @@ def test_released_guard_reserves_nothing(tmp_path: Path) -> None:
     from maildrop._quota_io import QuotaGuard
 
     md = Maildir(tmp_path, quota=Quota(bytes=100))
-    guard = QuotaGuard(Quota(bytes=100), md._layout)
+    guard = QuotaGuard(Quota(bytes=100), md._settings)
     for sub in ("tmp", "new", "cur"):
         (tmp_path / sub).mkdir()
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
@@ -648,3 +649,9 @@ async def test_link_failure_under_quota(maildir_path: Path, faults: Faults) -> N
         await md.deliver(MSG)
     await Maildir(maildir_path, quota=Quota(bytes=150)).deliver(MSG)
     assert usage(maildir_path)[2:] == (100, 1)
+
+
+def test_folder_entries() -> None:
+    """The Maildir++ folders of a listing are its dot entries but '.' and '..', sorted."""
+    names = ["new", ".b", "..", ".", "cur", ".Trash", ".a", "maildirsize"]
+    assert folder_entries(names) == [".Trash", ".a", ".b"]

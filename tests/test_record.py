@@ -9,8 +9,8 @@ import pickle
 import pytest
 
 from maildrop import Outcome, Quota, Syscalls
-from maildrop._record import FrozenRecordError, record
-from maildrop._writer import Layout
+from maildrop._record import FrozenRecordError, record, replace
+from maildrop._writer import Settings
 
 
 @record(frozen=True, slots=True)
@@ -66,11 +66,21 @@ def test_dataclasses_functions_work_on_records() -> None:
     assert dataclasses.is_dataclass(Syscalls)
     assert [f.name for f in dataclasses.fields(Point)] == ["x", "y"]
     assert dataclasses.replace(Point(1, 2), y=5) == Point(1, 5)
-    lay = Layout("/m", None, True, True, Syscalls())
-    assert dataclasses.replace(lay, fsync=False).fsync is False
+    cfg = Settings("/m", None, True, True, Syscalls())
+    assert dataclasses.replace(cfg, fsync=False).fsync is False
     assert "open" in [f.name for f in dataclasses.fields(Syscalls)]
     with pytest.raises(ValueError, match="positive int"):
         Quota(bytes=0)
+
+
+def test_replace_copies_with_changes() -> None:
+    """replace() keeps the other fields, leaves the original alone, refuses unknown names."""
+    p = Point(1, 2)
+    assert replace(p, y=5) == Point(1, 5)
+    assert replace(p) == p
+    assert p == Point(1, 2)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'z'"):
+        replace(p, z=3)
 
 
 def test_copy_and_pickle() -> None:

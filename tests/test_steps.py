@@ -11,9 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from maildrop import DEFAULT_SYSCALLS, MessageTooLargeError
-from maildrop._dirs import Layout
+from maildrop._dirs import Settings
 from maildrop._steps import Steps, as_chunk
-from maildrop._writer import TmpFile
+from maildrop._writer import DeliveryFiles
 
 from .conftest import listing
 
@@ -22,8 +22,8 @@ MSG = b"Subject: steps\n\nbody\n"
 
 def steps_for(path: Path, **kwargs: object) -> Steps:
     """Steps delivering into the maildir at *path* (created on the first write)."""
-    layout = Layout(str(path), None, True, True, DEFAULT_SYSCALLS)
-    return Steps(TmpFile(layout, "new"), **kwargs)  # type: ignore[arg-type]
+    layout = Settings(str(path), None, True, True, DEFAULT_SYSCALLS)
+    return Steps(DeliveryFiles(layout, "new"), **kwargs)  # type: ignore[arg-type]
 
 
 @given(st.binary(max_size=64), st.sampled_from(["bytes", "bytearray", "view", "view_of_ba"]))
@@ -77,10 +77,10 @@ def test_first_write_creates_the_maildir_and_finish_publishes(tmp_path: Path) ->
     steps.write([b"Subject: steps\n\n"])
     assert steps.started
     assert len(listing(md)["tmp"]) == 1
-    name = steps.finish([b"body\n"], alone=True)
+    name = steps.finish([b"body\n"], sync_new=True)
     assert (md / "new" / name).read_bytes() == MSG
     assert listing(md)["tmp"] == []
-    assert steps.tmp.dir_fds == []  # alone: the directories were closed here
+    assert steps.tmp.dir_fds == []  # sync_new: the directories were closed here
 
 
 def test_copy_file_copies_a_regular_file_from_its_offset(tmp_path: Path) -> None:
@@ -93,7 +93,7 @@ def test_copy_file_copies_a_regular_file_from_its_offset(tmp_path: Path) -> None
         steps.write([])
         steps.copy_file(f)
         assert f.tell() == len(b"skipped\n" + MSG)
-    name = steps.finish([], alone=True)
+    name = steps.finish([], sync_new=True)
     assert (tmp_path / "m" / "new" / name).read_bytes() == MSG
 
 
@@ -103,7 +103,7 @@ def test_copy_file_reads_a_file_object_without_a_descriptor(tmp_path: Path) -> N
     steps = steps_for(tmp_path / "m", batch=1024)
     steps.write([])
     steps.copy_file(io.BytesIO(data))
-    name = steps.finish([], alone=True)
+    name = steps.finish([], sync_new=True)
     assert (tmp_path / "m" / "new" / name).read_bytes() == data
 
 

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
+import maildrop._writer
 from maildrop import DEFAULT_SYSCALLS, Maildir, Quota
-from maildrop._writer import Layout, TmpFile
+from maildrop._writer import DeliveryFiles, Settings
 
 from .conftest import listing
 
@@ -129,7 +130,7 @@ def test_locate_names_the_absolute_path(
     filename: str | None, filename2: str | None, expected: str
 ) -> None:
     """A kernel error on a relative name (or none) is given the path it concerns."""
-    tmp = TmpFile(Layout("/m", ".F", True, True, DEFAULT_SYSCALLS), "new")
+    tmp = DeliveryFiles(Settings("/m", ".F", True, True, DEFAULT_SYSCALLS), "new")
     exc = OSError(errno.EACCES, "Permission denied", filename, None, filename2)
     tmp.locate(exc)
     assert exc.filename == expected
@@ -139,7 +140,7 @@ def test_locate_names_the_absolute_path(
 
 def test_locate_names_the_file_being_written() -> None:
     """A write error (no name) names the tmp file, or the published one after the link."""
-    tmp = TmpFile(Layout("/m", None, True, True, DEFAULT_SYSCALLS), "new")
+    tmp = DeliveryFiles(Settings("/m", None, True, True, DEFAULT_SYSCALLS), "new")
     tmp.tmp_name = "1.M2.h"
     exc = OSError(errno.ENOSPC, "No space left on device")
     tmp.locate(exc)
@@ -148,3 +149,24 @@ def test_locate_names_the_file_being_written() -> None:
     exc = OSError(errno.EIO, "Input/output error")
     tmp.locate(exc)
     assert exc.filename == "/m/new/1.M2.h"
+
+
+@pytest.mark.anyio
+async def test_without_proc_the_tmp_name_is_linked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without /proc the message is linked from its name in tmp/ (no symlink followed)."""
+    monkeypatch.setattr(maildrop._writer, "_PROC_FD", False)
+    calls: list[tuple[Any, dict[str, Any]]] = []
+
+    def link(src: Any, dst: Any, **kw: Any) -> None:
+        calls.append((src, kw))
+        os.link(src, dst, **kw)
+
+    d = await Maildir(tmp_path / "m", syscalls=DEFAULT_SYSCALLS.replace(link=link)).deliver(MSG)
+    assert d.path.read_bytes() == MSG
+    ((src, kw),) = calls
+    assert "/" not in src
+    assert d.name.startswith(src)
+    assert kw["follow_symlinks"] is False
+    assert listing(tmp_path / "m")["tmp"] == []
