@@ -3,10 +3,10 @@
 The public names are imported on first use (PEP 562), so that ``maildrop deliver`` and the
 worker-side modules load without asyncio, anyio or the worker pool.
 
-Module map of the delivery engine (``../shared/DESIGN.md`` gives the protocol), from the
-public face down::
+Module map (``../shared/DESIGN.md`` gives the protocol; this map is kept true by the code),
+from the public face down::
 
-    _maildir       Maildir, deliver(): settings, folders, open_delivery()
+    _maildir       Maildir, deliver(): settings (one frozen _dirs.Settings), folders, open_delivery()
     _many          deliver_many(): stage once, link into every target
     _sources       feed(): drive any supported source into a session
     _session       DeliverySession: buffers writes, runs steps, commit/stage/abort
@@ -17,15 +17,45 @@ public face down::
     _loops         per_loop(): one value per running event loop
     _pool          the thread backends' workers (asyncio pool, anyio limiters)
     _steps         worker side: accept/write/copy/finish (shared with _mda)
-    _writer        worker side: DeliveryFiles, the publish protocol; _dirs opens directories
+    _writer        worker side: DeliveryFiles, the one publish path (link, retry, fallbacks)
+    _dirs          worker side: opening and creating the maildir's directories, ownership
+    _quota_io      worker side: the Maildir++ maildirsize ledger (checked, updated, recalculated)
+    _sweep         worker side: stale tmp/ files
     _sys           the syscall table: every disk call of the delivery path
-    _mda           ``maildrop deliver``: the same steps in the calling thread
+    _record        a dataclass stand-in that keeps ``dataclasses`` off the start-up path
+    pure rules     _naming (names, flags), _folders (folder names), _quota (maildirsize text),
+                   _transform (header stamps, CRLF), _errors (errors and outcome())
+
+The doors::
+
+    cli            the ``maildrop`` command's dispatcher; ``deliver`` without argparse
+    _mda           ``maildrop deliver``: the same steps, synchronously, in the calling thread
+    _cli_clean     ``maildrop clean-tmp``
+    _cli_serve     ``maildrop lmtp``/``smtp`` options; _serve_proc binds and runs them,
+                   _supervisor forks and restarts --workers N, _listen binds sockets safely
+    lmtp           public face of the server: MaildirServer (_lmtp_server), MaildirHandler
+                   (_lmtp_handler, also an aiosmtpd handler), RetryMemory (_lmtp_retry)
+    _wire          pure: the LMTP/SMTP state machine (bytes in, events and replies out);
+                   _wire_data scans DATA/BDAT in whole buffers, _wire_parse reads arguments
+    _lmtp_protocol the asyncio.Protocol that feeds _wire; _lmtp_deliver streams into sessions
+    _uring*        an io_uring driver of our own (ctypes + mmap) and a prototype delivery on
+                   it; not yet a Backend (issue 14, phase 2)
 
 Which thread owns a delivery's files when: the caller's task while it buffers; a worker
 for the length of each step (it cleans up itself if the request was aborted meanwhile);
 the group-commit job while it fsyncs and closes the directory fds of the deliveries it
 covers; a spawned cleanup job after an abort that found no owner. Never the event loop
 while I/O is due: it hands over and returns at once.
+
+Where the code differs from DESIGN.md (to be folded in):
+
+- Exit statuses: besides 75/65/67/64, a file or symlink where a maildir (or its tmp/ new/
+  cur/) should be is permanent, 73 (EX_CANTCREAT, ``550 5.2.0``): retrying cannot fix it;
+  a closed standard input is 66 (EX_NOINPUT). 77 is never used.
+- The layout line "lmtp (handler and server)" is many modules now (above); the MDA is
+  ``_mda`` plus ``cli``'s argparse-free fast path.
+- ``--max-connections`` is per worker process (each process has its own event loop).
+- The io_uring backend is not wired in yet: every Maildir still runs on the thread backends.
 """
 
 from __future__ import annotations
