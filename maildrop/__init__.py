@@ -6,7 +6,7 @@ worker-side modules load without asyncio, anyio or the worker pool.
 Module map (``../shared/DESIGN.md`` gives the protocol; this map is kept true by the code),
 from the public face down::
 
-    _maildir       Maildir, deliver(): settings (one frozen _dirs.Settings), folders, open_delivery()
+    _maildir       Maildir, deliver(): one frozen _dirs.Settings, folders, open_delivery()
     _many          deliver_many(): stage once, link into every target
     _sources       feed(): drive any supported source into a session
     _session       DeliverySession: buffers writes, runs steps, commit/stage/abort
