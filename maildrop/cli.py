@@ -54,24 +54,26 @@ def _bad_value(message: str) -> Exception:
     return argparse.ArgumentTypeError(message)
 
 
+def _number_and_unit(text: str, pattern: str, what: str, hint: str) -> tuple[str, str]:
+    """Split *text* by *pattern* into its number and its (lower-case) unit."""
+    m = re.fullmatch(pattern, text.strip(), re.IGNORECASE)
+    if m is None:
+        raise _bad_value(f"invalid {what} {text!r}: {hint}")
+    return m[1], m[2].lower()
+
+
 def parse_size(text: str) -> int:
     """Parse a byte count: ``1048576``, ``512K``, ``10M``, ``1G`` (binary multiples)."""
-    m = re.fullmatch(_SIZE, text.strip(), re.IGNORECASE)
-    if m is None:
-        raise _bad_value(
-            f"invalid size {text!r}: use bytes, or a number with K, M or G (e.g. 10M)"
-        )
-    return int(m[1]) * _MULTIPLES[m[2].lower()]
+    hint = "use bytes, or a number with K, M or G (e.g. 10M)"
+    number, unit = _number_and_unit(text, _SIZE, "size", hint)
+    return int(number) * _MULTIPLES[unit]
 
 
 def parse_duration(text: str) -> float:
     """Parse a duration: ``36h``, ``90m``, ``2d``, ``1w``; a bare number is seconds."""
-    m = re.fullmatch(_DURATION, text.strip(), re.IGNORECASE)
-    if m is None:
-        raise _bad_value(
-            f"invalid duration {text!r}: use a number with s, m, h, d or w (e.g. 36h)"
-        )
-    return float(m[1]) * _UNITS[m[2].lower()]
+    hint = "use a number with s, m, h, d or w (e.g. 36h)"
+    number, unit = _number_and_unit(text, _DURATION, "duration", hint)
+    return float(number) * _UNITS[unit]
 
 
 def parse_quota(text: str) -> tuple[int | None, int | None]:
