@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 
 from maildrop._lmtp_deliver import Transaction
-from maildrop._lmtp_protocol import TurnBudget
 from maildrop._wire import MAX_LINE
 from maildrop.lmtp import MaildirHandler, MaildirServer, RetryMemory
 
@@ -298,22 +297,6 @@ async def test_shutdown_refuses_new_mail_with_421(tmp_path: Path) -> None:
         await c.close()
 
 
-async def test_turn_budget_defers_work_to_the_next_turn() -> None:
-    """Once a turn's budget is spent, the next taker waits for the following turn."""
-    budget = TurnBudget(per_turn=10)
-    order: list[str] = []
-
-    async def take(name: str) -> None:
-        await budget.take(10)
-        order.append(name)
-
-    async def other() -> None:
-        order.append("other")
-
-    await asyncio.gather(take("a"), take("b"), other())
-    assert order == ["a", "other", "b"]
-
-
 async def test_large_message_to_several_recipients_streams_once(tmp_path: Path) -> None:
     """A 5 MiB message for two maildirs streams through deliver_many, byte-exact."""
     users(tmp_path, "alice", "bob")
@@ -442,6 +425,32 @@ async def test_without_retry_memory_an_smtp_retry_reaches_everyone(tmp_path: Pat
     assert first.data[0].startswith("451")
     assert retry.data == ["250 2.0.0 OK"]
     assert len(messages(tmp_path / "alice")) == 2
+
+
+async def test_pipelined_commands_are_answered_in_one_write(tmp_path: Path) -> None:
+    """MAIL, two RCPTs and DATA in one packet get their four replies in one transport write."""
+    users(tmp_path, "alice", "bob")
+    server = MaildirServer(MaildirHandler(tmp_path), hostname="mx.test")
+    (address,) = await server.listen("127.0.0.1:0")
+    try:
+        reader, writer = await raw(int(address.rsplit(":", 1)[1]))
+        writer.write(b"LHLO c\r\n")
+        await replies(reader, 8)
+        (conn,) = server._conns
+        assert conn.transport is not None
+        writes: list[bytes] = []
+        real = conn.transport.write
+        conn.transport.write = lambda data: (writes.append(bytes(data)), real(data))[1]  # type: ignore[method-assign]
+        writer.write(b"MAIL FROM:<s@x>\r\nRCPT TO:<alice@x>\r\nRCPT TO:<bob@x>\r\nDATA\r\n")
+        got = await replies(reader, 4)
+        assert [r[:3] for r in got] == ["250", "250", "250", "354"]
+        assert len(writes) == 1
+        writer.write(b"x\r\n.\r\nQUIT\r\n")
+        assert [r[:3] for r in await replies(reader, 3)] == ["250", "250", "221"]
+        writer.close()
+    finally:
+        await server.shutdown(1)
+    assert len(messages(tmp_path / "alice")) == len(messages(tmp_path / "bob")) == 1
 
 
 async def test_a_burst_of_pipelined_commands_keeps_the_connection_reading(tmp_path: Path) -> None:
