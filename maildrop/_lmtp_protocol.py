@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ._lmtp_deliver import SHUTTING_DOWN, Failed, Transaction, reply_for, smtp_reply, where
 from ._lmtp_retry import digest
@@ -78,8 +78,8 @@ class Connection(asyncio.BufferedProtocol):
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Any loop's stream transport (uvloop's do not derive from asyncio.Transport).
+        transport = self.transport = cast("asyncio.Transport", transport)
         if not self.server._admit(self):
             transport.write(TOO_MANY)
             transport.close()
