@@ -57,16 +57,18 @@ def maildrop_server(scratch: Path, extra: Sequence[str]) -> Iterator[Server]:
 
 
 @contextlib.contextmanager
-def floor_server(scratch: Path) -> Iterator[Server]:
-    """Run :mod:`benchmarks._lmtp_floor` (the exchange alone, nothing stored)."""
-    root = scratch / "floor"
+def floor_server(scratch: Path, *, durable: bool = False) -> Iterator[Server]:
+    """Run :mod:`benchmarks._lmtp_floor`: the exchange alone, or with raw durable stores."""
+    name = "floordisk" if durable else "floor"
+    root = scratch / name
     root.mkdir()
     port = free_port()
     cmd = [sys.executable, "-m", "benchmarks._lmtp_floor", str(port)]
+    cmd += [str(root)] if durable else []
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, cwd=Path(__file__).parent.parent)
     try:
-        wait_for_greeting(port, "the floor server", proc)
-        yield Server("floor", proc.pid, port, root, os.getuid())
+        wait_for_greeting(port, f"the {name} server", proc)
+        yield Server(name, proc.pid, port, root, os.getuid())
     finally:
         stop(proc)
 

@@ -33,7 +33,12 @@ from tests.peers import apt_install, missing
 from ._contenders import KIB, message
 from ._lmtp_peers import Run, Server, dovecot_server, floor_server, maildrop_server, send, verify
 
-NAMES = {"maildrop": "maildrop lmtp", "dovecot": "Dovecot LMTP", "floor": "asyncio floor"}
+NAMES = {
+    "maildrop": "maildrop lmtp",
+    "dovecot": "Dovecot LMTP",
+    "floor": "asyncio floor",
+    "floordisk": "asyncio floor + raw durable store",
+}
 #: The issue's targets: maildrop's msg/s over Dovecot's, and CPU ms per message by size.
 RATIO_TARGET = 1.5
 CPU_TARGET_MS = {2 * KIB: 0.5, 100 * KIB: 1.0}
@@ -48,7 +53,7 @@ class Plan:
     sizes: tuple[int, ...] = (2 * KIB, 100 * KIB)
     sessions: tuple[int, ...] = (1, 8, 32)
     extra: tuple[str, ...] = ()
-    #: Also run :mod:`benchmarks._lmtp_floor`, the exchange alone (a CPU reference).
+    #: Also run :mod:`benchmarks._lmtp_floor`, bare and storing (CPU references).
     floor: bool = False
 
     def cells(self) -> list[tuple[int, int]]:
@@ -162,6 +167,7 @@ def benchmark(
             ]
             if plan.floor:
                 servers.append(stack.enter_context(floor_server(scratch)))
+                servers.append(stack.enter_context(floor_server(scratch, durable=True)))
             for line in measure(res, servers, scratch):
                 if echo:
                     print(line, file=sys.stderr, flush=True)
@@ -193,11 +199,15 @@ def table(res: Results) -> list[str]:
             f"| {ratio:.2f}x {'yes' if ratio >= RATIO_TARGET else 'NO'} | {md_cpu:.2f} "
             f"{'' if target is None else ('yes' if md_cpu <= target else 'NO')} "
             f"| {res.cpu_ms('dovecot', size, s):.2f} | {'' if target is None else target} |"
-            + (f" {res.cpu_ms('floor', size, s):.2f} |" if res.plan.floor else "")
+            + (
+                f" {res.cpu_ms('floor', size, s):.2f} | {res.cpu_ms('floordisk', size, s):.2f} |"
+                if res.plan.floor
+                else ""
+            )
         )
     if res.plan.floor:
-        out[0] += " asyncio floor CPU ms/msg |"
-        out[1] += "---:|"
+        out[0] += " asyncio floor CPU ms/msg | floor + raw durable store CPU ms/msg |"
+        out[1] += "---:|---:|"
     return out
 
 
@@ -248,7 +258,8 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Plan]:
     p.add_argument(
         "--floor",
         action="store_true",
-        help="also run a bare asyncio server speaking the same exchange (CPU reference)",
+        help="also run a bare asyncio server speaking the same exchange, without and with a "
+        "raw durable store per message (CPU references)",
     )
     p.add_argument("--no-install", action="store_true", help="never apt-get missing peers")
     a = p.parse_args(argv)
