@@ -119,7 +119,7 @@ def _add_limits(s: argparse.ArgumentParser, *, smtp: bool) -> None:
         metavar="N",
         type=_positive,
         default=512,
-        help="clients beyond N get 421 4.3.2 and are closed (default 512)",
+        help="clients beyond N (per worker process) get 421 4.3.2 and are closed (default 512)",
     )
     s.add_argument(
         "--max-recipients",

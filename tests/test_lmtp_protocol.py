@@ -417,14 +417,15 @@ async def test_reset_after_a_bdat_chunk_drops_the_message(tmp_path: Path, comman
 async def test_without_retry_memory_an_smtp_retry_reaches_everyone(tmp_path: Path) -> None:
     """SMTP without a RetryMemory (the library's default): the retry goes to all."""
     users(tmp_path, "alice", "bob")
-    (tmp_path / "bob" / "new").write_text("not a directory")
+    # Room for nothing more, but not over yet: RCPT passes, the end of data fails (452).
+    (tmp_path / "bob" / "maildirsize").write_bytes(b"1000S\n1000 0\n")
     async with serving(MaildirHandler(tmp_path), lmtp=False) as port:
         c = await Client.connect(port, lmtp=False)
         first = await c.send("s@x", ["alice@x", "bob@x"], MSG)
-        (tmp_path / "bob" / "new").unlink()
+        (tmp_path / "bob" / "maildirsize").unlink()
         retry = await c.send("s@x", ["alice@x", "bob@x"], MSG)
         await c.quit()
-    assert first.data[0].startswith("451")
+    assert first.data[0].startswith("452 4.2.2")
     assert retry.data == ["250 2.0.0 OK"]
     assert len(messages(tmp_path / "alice")) == 2
 
