@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from ._cli_serve import _announce, _serve_until_signal, _setup_logging
+from ._cli_serve import _announce, _quota, _serve_until_signal, _setup_logging
 from ._errors import outcome
 from ._listen import Listener, bind
 from ._supervisor import WorkerSide, cpu_count, supervise
@@ -40,6 +40,7 @@ def run_server(args: argparse.Namespace) -> int:
     args.root = os.path.realpath(os.path.expanduser(args.root))
     if not os.path.isdir(args.root):
         raise UsageError(f"--root {args.root!r} is not a directory")
+    _quota(args)  # a contradiction among the quota flags is a usage error before any fork
     workers = args.workers or cpu_count()
     if args.hostname is None:
         args.hostname = socket.getfqdn()  # once, not once per worker
