@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,23 @@ def maildrop_server(scratch: Path, extra: Sequence[str]) -> Iterator[Server]:
     root.mkdir()
     with maildrop_lmtp(root, scratch / "maildrop.log", extra) as (proc, port):
         yield Server("maildrop", proc.pid, port, root, os.getuid())
+
+
+@contextlib.contextmanager
+def floor_server(scratch: Path, *, durable: bool = False) -> Iterator[Server]:
+    """Run :mod:`benchmarks._lmtp_floor`: the exchange alone, or with raw durable stores."""
+    name = "floordisk" if durable else "floor"
+    root = scratch / name
+    root.mkdir()
+    port = free_port()
+    cmd = [sys.executable, "-m", "benchmarks._lmtp_floor", str(port)]
+    cmd += [str(root)] if durable else []
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, cwd=Path(__file__).parent.parent)
+    try:
+        wait_for_greeting(port, f"the {name} server", proc)
+        yield Server(name, proc.pid, port, root, os.getuid())
+    finally:
+        stop(proc)
 
 
 DOVECOT_CONF = """\

@@ -31,9 +31,14 @@ from pathlib import Path
 from tests.peers import apt_install, missing
 
 from ._contenders import KIB, message
-from ._lmtp_peers import Run, Server, dovecot_server, maildrop_server, send, verify
+from ._lmtp_peers import Run, Server, dovecot_server, floor_server, maildrop_server, send, verify
 
-NAMES = {"maildrop": "maildrop lmtp", "dovecot": "Dovecot LMTP"}
+NAMES = {
+    "maildrop": "maildrop lmtp",
+    "dovecot": "Dovecot LMTP",
+    "floor": "asyncio floor",
+    "floordisk": "asyncio floor + raw durable store",
+}
 #: The issue's targets: maildrop's msg/s over Dovecot's, and CPU ms per message by size.
 RATIO_TARGET = 1.5
 CPU_TARGET_MS = {2 * KIB: 0.5, 100 * KIB: 1.0}
@@ -48,6 +53,8 @@ class Plan:
     sizes: tuple[int, ...] = (2 * KIB, 100 * KIB)
     sessions: tuple[int, ...] = (1, 8, 32)
     extra: tuple[str, ...] = ()
+    #: Also run :mod:`benchmarks._lmtp_floor`, bare and storing (CPU references).
+    floor: bool = False
 
     def cells(self) -> list[tuple[int, int]]:
         """Return every (size, sessions) pair, in the order they run in."""
@@ -124,7 +131,8 @@ def measure(res: Results, servers: Sequence[Server], scratch: Path) -> Iterator[
                 md = server.mailbox(user)
                 path, body = files[size]
                 run = send(server, path, plan.count, sessions, user)
-                verify(md, plan.count, body, name)
+                if name != "floor":  # it stores nothing
+                    verify(md, plan.count, body, name)
                 res.add(name, size, sessions, run)
                 rate = plan.count / run.seconds
                 yield (
@@ -157,6 +165,9 @@ def benchmark(
                 stack.enter_context(maildrop_server(scratch, plan.extra)),
                 stack.enter_context(dovecot_server(scratch)),
             ]
+            if plan.floor:
+                servers.append(stack.enter_context(floor_server(scratch)))
+                servers.append(stack.enter_context(floor_server(scratch, durable=True)))
             for line in measure(res, servers, scratch):
                 if echo:
                     print(line, file=sys.stderr, flush=True)
@@ -188,7 +199,15 @@ def table(res: Results) -> list[str]:
             f"| {ratio:.2f}x {'yes' if ratio >= RATIO_TARGET else 'NO'} | {md_cpu:.2f} "
             f"{'' if target is None else ('yes' if md_cpu <= target else 'NO')} "
             f"| {res.cpu_ms('dovecot', size, s):.2f} | {'' if target is None else target} |"
+            + (
+                f" {res.cpu_ms('floor', size, s):.2f} | {res.cpu_ms('floordisk', size, s):.2f} |"
+                if res.plan.floor
+                else ""
+            )
         )
+    if res.plan.floor:
+        out[0] += " asyncio floor CPU ms/msg | floor + raw durable store CPU ms/msg |"
+        out[1] += "---:|---:|"
     return out
 
 
@@ -236,13 +255,21 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, Plan]:
         "--dir", type=Path, default=Path(tempfile.gettempdir()), help="where the maildirs go"
     )
     p.add_argument("--keep", action="store_true", help="keep the maildirs")
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="also run a bare asyncio server speaking the same exchange, without and with a "
+        "raw durable store per message (CPU references)",
+    )
     p.add_argument("--no-install", action="store_true", help="never apt-get missing peers")
     a = p.parse_args(argv)
     if a.smoke:
-        return a, Plan(SMOKE.rounds, SMOKE.count, SMOKE.sizes, SMOKE.sessions, tuple(extra))
+        return a, Plan(
+            SMOKE.rounds, SMOKE.count, SMOKE.sizes, SMOKE.sessions, tuple(extra), a.floor
+        )
     sizes = tuple(int(x) * KIB for x in a.sizes.split(","))
     sessions = tuple(int(x) for x in a.sessions.split(","))
-    return a, Plan(a.rounds, a.messages, sizes, sessions, tuple(extra))
+    return a, Plan(a.rounds, a.messages, sizes, sessions, tuple(extra), a.floor)
 
 
 def unavailable(install: bool) -> str | None:

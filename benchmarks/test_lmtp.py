@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -55,3 +56,21 @@ def test_smoke_run_measures_both_servers() -> None:
             assert res.rate(name, size, sessions) > 0
         assert res.ratio(size, sessions) > 0
     assert len(lmtp.table(res)) == 2 + len(lmtp.SMOKE.cells())
+
+
+def test_floor_flag_adds_the_bare_and_the_storing_floor() -> None:
+    """``--floor`` runs both floor servers; the storing one's messages pass verify()."""
+    why = lmtp.unavailable(install=False)
+    if why:
+        pytest.skip(why)
+    _, plan = lmtp.parse(["--smoke", "--floor"])
+    assert plan.floor
+    plan = dataclasses.replace(plan, sessions=(8,))
+    res = lmtp.benchmark(plan, Path(tempfile.gettempdir()), echo=False)
+    for size, sessions in plan.cells():
+        for name in ("floor", "floordisk"):
+            assert len(res.runs[name, size, sessions]) == plan.rounds
+            assert res.rate(name, size, sessions) > 0
+    head = lmtp.table(res)[0]
+    assert "asyncio floor CPU" in head
+    assert "raw durable store" in head

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._lmtp_flow import ACCEPT_RETRY, AcceptErrors
 from ._lmtp_retry import RetryMemory
 from ._quota import Quota
 from ._supervisor import cpu_count
@@ -119,8 +120,7 @@ def _add_limits(s: argparse.ArgumentParser, *, smtp: bool) -> None:
         metavar="N",
         type=_positive,
         default=512,
-        help="clients beyond N get 421 4.3.2 and are closed; the limit is per worker "
-        "process (default 512)",
+        help="clients beyond N (per worker process) get 421 4.3.2 and are closed (default 512)",
     )
     s.add_argument(
         "--max-recipients",
@@ -225,12 +225,18 @@ def _setup_logging() -> Callable[[], None]:
         lg.addHandler(handler)
         lg.setLevel(level)
         lg.propagate = False
+    # A line per delivery: skip what the format never shows (the caller's frame, the
+    # thread, the multiprocessing name), as the logging docs' "Optimization" section says.
+    flags = (logging._srcfile, logging.logThreads, logging.logMultiprocessing)
+    logging._srcfile = None
+    logging.logThreads = logging.logMultiprocessing = False
 
     def undo() -> None:
         for lg, level, propagate in saved:
             lg.removeHandler(handler)
             lg.setLevel(level)
             lg.propagate = propagate
+        logging._srcfile, logging.logThreads, logging.logMultiprocessing = flags
 
     return undo
 
@@ -301,36 +307,13 @@ async def serve(
     undo = _setup_logging()
     loop = asyncio.get_running_loop()
     saved = loop.get_exception_handler()
-    loop.set_exception_handler(_AcceptErrors())
+    loop.set_exception_handler(AcceptErrors())
     try:
         return await _serve(args, stop, ready, MaildirHandler, MaildirServer, listeners)
     finally:
-        loop.set_exception_handler(saved)
+        # asyncio may still re-arm a closed listener after an accept error (a second later).
+        loop.call_later(ACCEPT_RETRY, loop.set_exception_handler, saved)
         undo()
-
-
-class _AcceptErrors:
-    """Log asyncio's accept errors (EMFILE...) as one line, at most once a second.
-
-    asyncio retries a listener after such an error a second later; everything else goes
-    to the default handler.
-    """
-
-    def __init__(self) -> None:
-        self.last = -1.0
-
-    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        exc = context.get("exception")
-        if not isinstance(exc, OSError) or "accept" not in str(context.get("message")):
-            loop.default_exception_handler(context)
-            return
-        now = loop.time()
-        if now - self.last >= 1.0:
-            self.last = now
-            log.warning(
-                "cannot accept connections: %s (retrying); raise the file descriptor limit "
-                "(ulimit -n) or lower --max-connections", exc,
-            )  # fmt: skip
 
 
 def _quota(args: argparse.Namespace) -> Quota | None:

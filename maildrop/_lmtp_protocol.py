@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ._lmtp_deliver import SHUTTING_DOWN, Failed, Transaction, reply_for, smtp_reply, where
 from ._lmtp_retry import digest
@@ -25,69 +25,26 @@ if TYPE_CHECKING:
 
     from ._lmtp_server import MaildirServer
 
-__all__ = ["HIGH_WATER", "Connection", "TurnBudget"]
+__all__ = ["HIGH_WATER", "Connection"]
 
 log = logging.getLogger("maildrop.lmtp")
 
 #: Received bytes waiting in the core beyond which reading pauses.
 HIGH_WATER = 128 * 1024
-#: Message bytes all connections together may process in one turn of the event loop.
-TURN_BUDGET = 256 * 1024
 #: Fewer buffered message bytes than this are processed without asking the budget.
 SMALL = 16 * 1024
-
-
-class TurnBudget:
-    """Spread message processing over event-loop turns, so no turn runs long.
-
-    asyncio runs every callback that is ready in one turn: 50 busy connections each
-    scanning a buffer would hold the loop for all 50. A connection takes from this budget
-    before it processes message bytes and waits for the next turn when it is spent.
-    """
-
-    def __init__(self, per_turn: int = TURN_BUDGET) -> None:
-        self.per_turn = per_turn
-        self.left = per_turn
-        self._reset_soon = False
-        self._waiters: list[asyncio.Future[None]] = []
-
-    async def take(self, n: int) -> None:
-        """Wait until this turn has budget left, then spend *n* bytes of it.
-
-        **Cancellation:** nothing was spent.
-        """
-        loop = asyncio.get_running_loop()
-        while self.left <= 0:
-            fut = loop.create_future()
-            self._waiters.append(fut)
-            self._schedule(loop)
-            await fut
-        self.left -= n
-        self._schedule(loop)
-
-    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
-        if not self._reset_soon:
-            self._reset_soon = True
-            loop.call_soon(self._reset)
-
-    def _reset(self) -> None:
-        self._reset_soon = False
-        self.left = self.per_turn
-        waiters, self._waiters = self._waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
 
 
 TOO_MANY = b"421 4.3.2 Too many connections, try again later\r\n"
 LINE_TOO_LONG = f"451 4.6.0 Line longer than {MAX_LINE} bytes; message not delivered"
 
 
-class Connection(asyncio.Protocol):
+class Connection(asyncio.BufferedProtocol):
     """One client of a :class:`~maildrop.lmtp.MaildirServer`."""
 
     def __init__(self, server: MaildirServer) -> None:
         self.server = server
+        self._rbuf = server.read_buffer.view
         self.handler = server.handler
         self.conv = Conversation(
             server.hostname or "localhost", lmtp=server.lmtp, max_size=self.handler.max_size,
@@ -121,8 +78,8 @@ class Connection(asyncio.Protocol):
     # -- asyncio.Protocol ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # Any loop's stream transport (uvloop's do not derive from asyncio.Transport).
+        transport = self.transport = cast("asyncio.Transport", transport)
         if not self.server._admit(self):
             transport.write(TOO_MANY)
             transport.close()
@@ -132,7 +89,14 @@ class Connection(asyncio.Protocol):
         self._task = self._loop.create_task(self._serve())
         self._timer = self._loop.call_later(self.server.timeout, self._tick)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._rbuf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._rbuf[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        """Take *data* (copied into the core at once: *data* may be reused afterwards)."""
         if self._lost or self.transport is None:
             return
         self._last_byte = self._loop.time()
@@ -168,26 +132,37 @@ class Connection(asyncio.Protocol):
 
     def _answer_now(self) -> object:
         """Answer the commands that need no waiting right here, without waking the task
-        (most of a transaction); return the first event that needs the task."""
+        (most of a transaction); return the first event that needs the task.
+
+        The replies to a pipelined batch (RFC 2920: MAIL, RCPTs, DATA in one packet) go out
+        in one write, before anything the task answers later.
+        """
         conv = self.conv
-        while not conv.in_data:
-            ev = conv.next_event()
-            if isinstance(ev, Reply) and self._txn is None:
-                self._last_command = self._loop.time()
-                self._send(ev.data)
-                if ev.close:  # QUIT: the task ends when the connection is lost
-                    assert self.transport is not None
-                    self.transport.close()
-                    return NEED_DATA
-            elif isinstance(ev, Mail):
-                self._last_command = self._loop.time()
-                self._send(conv.answer(self._mail(ev)))
-            elif isinstance(ev, Rcpt) and (now := self.handler.rcpt_reply_now(ev.address)):
-                self._last_command = self._loop.time()
-                self._send(conv.answer(self._accept(ev.address, *now)))
-            else:
-                return ev
-        return NEED_DATA
+        out: list[bytes] = []
+        try:
+            while not conv.in_data:
+                ev = conv.next_event()
+                if isinstance(ev, Reply) and self._txn is None:
+                    self._last_command = self._loop.time()
+                    out.append(ev.data)
+                    if ev.close:  # QUIT: the task ends when the connection is lost
+                        self._send(b"".join(out))
+                        out.clear()
+                        assert self.transport is not None
+                        self.transport.close()
+                        return NEED_DATA
+                elif isinstance(ev, Mail):
+                    self._last_command = self._loop.time()
+                    out.append(conv.answer(self._mail(ev)))
+                elif isinstance(ev, Rcpt) and (now := self.handler.rcpt_reply_now(ev.address)):
+                    self._last_command = self._loop.time()
+                    out.append(conv.answer(self._accept(ev.address, *now)))
+                else:
+                    return ev
+            return NEED_DATA
+        finally:
+            if out:
+                self._send(b"".join(out))
 
     def eof_received(self) -> bool:
         self._eof = True

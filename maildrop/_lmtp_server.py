@@ -13,8 +13,9 @@ from typing import Any
 import anyio
 
 from ._listen import BACKLOG, Listener, bind, describe, parse_hostport
+from ._lmtp_flow import ReadBuffer, TurnBudget
 from ._lmtp_handler import MaildirHandler
-from ._lmtp_protocol import Connection, TurnBudget
+from ._lmtp_protocol import Connection
 from ._lmtp_retry import RetryMemory
 
 __all__ = ["MaildirServer", "parse_hostport"]
@@ -73,6 +74,7 @@ class MaildirServer:
         self._changes = asyncio.Event()
         self._refused = 0
         self.budget = TurnBudget()
+        self.read_buffer = ReadBuffer()
 
     def _admit(self, conn: Connection) -> bool:
         if len(self._conns) >= self.max_connections:

@@ -40,7 +40,7 @@ def run_server(args: argparse.Namespace) -> int:
     args.root = os.path.realpath(os.path.expanduser(args.root))
     if not os.path.isdir(args.root):
         raise UsageError(f"--root {args.root!r} is not a directory")
-    _quota(args)  # contradicting options are a usage error here, not in every worker
+    _quota(args)  # a contradiction among the quota flags is a usage error before any fork
     workers = args.workers or cpu_count()
     if args.hostname is None:
         args.hostname = socket.getfqdn()  # once, not once per worker

@@ -15,7 +15,9 @@ what to write, so a message is never buffered whole:
 
 from __future__ import annotations
 
-__all__ = ["PEEK", "Transform", "header_lines", "make_transform"]
+import re
+
+__all__ = ["PEEK", "Transform", "crlf_to_lf", "header_lines", "make_transform"]
 
 #: Bytes held back at most while looking for the message's first line ending.
 PEEK = 4096
@@ -56,6 +58,19 @@ def header_lines(return_path: str | None, delivered_to: str | None) -> list[byte
     return lines
 
 
+_LONE_CR = re.compile(rb"\r(?!\n)")
+
+
+def crlf_to_lf(raw: bytes) -> bytes:
+    """Return *raw* with every CRLF turned into LF; a CR not followed by LF stays."""
+    # When every CR starts a CRLF (mail as SMTP carries it), deleting the CRs is the same,
+    # and one search plus translate() take about half the time of replace(), which counts
+    # the matches and then copies the bytes between them one match at a time.
+    if _LONE_CR.search(raw) is None:
+        return raw.translate(None, b"\r")
+    return raw.replace(b"\r\n", b"\n")
+
+
 class Transform:
     """The state of one message's transforms; feed it chunks in order, then ``finish()``."""
 
@@ -90,7 +105,7 @@ class Transform:
             if raw.endswith(b"\r"):
                 raw = raw[:-1]
                 self._cr = True
-            data = raw.replace(b"\r\n", b"\n")
+            data = crlf_to_lf(raw)
         if self._prefix:
             prefix, self._prefix = self._prefix, b""
             return prefix + data

@@ -167,7 +167,7 @@ class Conversation:
         """Return the ``220`` greeting."""
         return _line(f"220 {self.hostname} maildrop {self.proto} ready")
 
-    def receive(self, data: bytes) -> None:
+    def receive(self, data: bytes | memoryview) -> None:
         """Add received bytes (``b""`` is not special: closing is the driver's business)."""
         self._buf += data
 

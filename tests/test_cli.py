@@ -767,21 +767,3 @@ async def test_cancelled_serve_closes_its_listeners(tmp_path: Path) -> None:
         await task
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
-
-
-def test_accept_errors_are_one_line_once_a_second(caplog: pytest.LogCaptureFixture) -> None:
-    """EMFILE from accept logs one warning per second; other errors go to asyncio."""
-    loop = asyncio.new_event_loop()
-    try:
-        handler = _cli_serve._AcceptErrors()
-        emfile = OSError(errno.EMFILE, "Too many open files")
-        for _ in range(3):
-            handler(loop, {"message": "socket.accept() out of system resource",
-                           "exception": emfile})  # fmt: skip
-        handler(loop, {"message": "something else", "exception": ValueError("x")})
-    finally:
-        loop.close()
-    accept = [r for r in caplog.records if "cannot accept connections" in r.getMessage()]
-    assert len(accept) == 1
-    assert "Too many open files" in accept[0].getMessage()
-    assert any("something else" in r.getMessage() for r in caplog.records)

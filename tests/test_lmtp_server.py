@@ -27,7 +27,7 @@ def _limit_fds() -> None:
 
 @contextlib.asynccontextmanager
 async def server_process(root: Path, *args: str) -> AsyncIterator[tuple[int, Path]]:
-    """Run a one-process ``maildrop lmtp`` with RLIMIT_NOFILE 1024; yield its port and log file."""
+    """Run ``maildrop lmtp`` in one process with RLIMIT_NOFILE 1024; yield its port and log."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < FLOOD + 200:
         pytest.skip(f"this process may open only {hard} files; the test needs {FLOOD + 200}")
@@ -36,7 +36,7 @@ async def server_process(root: Path, *args: str) -> AsyncIterator[tuple[int, Pat
     with log.open("w") as err:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "maildrop", "lmtp", "--listen", "127.0.0.1:0",
-            "--root", str(root), "--workers", "1", *args,
+            "--root", str(root), "--workers", "1", *args,  # the limits are per process
             stderr=err,
             preexec_fn=_limit_fds,
         )  # fmt: skip

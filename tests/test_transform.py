@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from maildrop import DEFAULT_SYSCALLS, Maildir, MessageTooLargeError, deliver
-from maildrop._transform import PEEK, Transform, header_lines, make_transform
+from maildrop._transform import PEEK, Transform, crlf_to_lf, header_lines, make_transform
 
 from .conftest import listing
 
@@ -45,6 +45,17 @@ def test_crlf_conversion_ignores_chunk_boundaries(data: bytes, cuts: list[int]) 
     """Split anywhere, the output equals converting the whole message at once."""
     t = Transform([], crlf_to_lf=True)
     assert run(t, split(data, cuts)) == data.replace(b"\r\n", b"\n")
+
+
+@given(st.binary(max_size=300) | MESSAGES)
+def test_crlf_to_lf_is_replace(data: bytes) -> None:
+    """The fast path (no lone CR) and the fallback both equal replacing every CRLF."""
+    assert crlf_to_lf(data) == data.replace(b"\r\n", b"\n")
+
+
+def test_crlf_to_lf_keeps_a_lone_cr() -> None:
+    """A CR not followed by LF is data and stays; the CRLFs around it still convert."""
+    assert crlf_to_lf(b"a\r\nb\rc\r\n\r") == b"a\nb\rc\n\r"
 
 
 @given(
