@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import logging
 import time
 import unicodedata
@@ -240,11 +241,18 @@ class Transaction:
         finally:
             await self.abort()
         return [
-            MaildirNotFoundError(address)
-            if md is None
-            else self._results.get(where(md), _Skipped())
+            MaildirNotFoundError(address) if md is None else self._result(where(md), skip)
             for address, md in zip(self.rcpts, self.targets, strict=True)
         ]
+
+    def _result(self, key: str, skip: frozenset[str]) -> Delivery | Exception:
+        """The result for the maildir *key*: skipped only when the caller said so; a maildir
+        that has none (its delivery was aborted) failed, and must never read as delivered."""
+        if key in skip:
+            return _Skipped()
+        return self._results.get(key) or OSError(
+            errno.EIO, "the delivery was aborted before it was committed"
+        )
 
     async def abort(self) -> None:
         """Remove every delivery not yet committed.

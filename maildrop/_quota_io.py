@@ -188,8 +188,13 @@ def _scan(sys: Syscalls, root_fd: int, *, count: bool) -> tuple[int, int, int]:
     return latest, total, messages
 
 
-def _replace_file(settings: Settings, root_fd: int, content: bytes) -> None:
-    """Write *content* as the new maildirsize: in tmp/, fsynced, renamed, dir fsynced."""
+def _replace_file(
+    settings: Settings, root_fd: int, content: bytes, owner: tuple[int, int] | None
+) -> None:
+    """Write *content* as the new maildirsize: in tmp/, fsynced, renamed, dir fsynced.
+
+    *owner* (uid, gid) gets the file through its fd before it is renamed into place: a
+    chown by name afterwards could be made to hit another file linked there meanwhile."""
     sys = settings.syscalls
     tmp_fd = sys.open("tmp", DIR_FLAGS, dir_fd=root_fd)
     name = new_name() + "_maildirsize"
@@ -199,6 +204,8 @@ def _replace_file(settings: Settings, root_fd: int, content: bytes) -> None:
         try:
             try:
                 write_all(sys, fd, [content])
+                if owner is not None:
+                    sys.fchown(fd, *owner)
                 if settings.fsync:
                     sys.fsync(fd)
             finally:
@@ -216,7 +223,11 @@ def _replace_file(settings: Settings, root_fd: int, content: bytes) -> None:
 
 
 def recalculate(
-    settings: Settings, root_fd: int, limit_bytes: int | None, limit_messages: int | None
+    settings: Settings,
+    root_fd: int,
+    limit_bytes: int | None,
+    limit_messages: int | None,
+    owner: tuple[int, int] | None = None,
 ) -> QuotaFile:
     """Count the maildir++ and write a fresh ``maildirsize``; return what it says.
 
@@ -228,7 +239,7 @@ def recalculate(
     for _ in range(_RECALC_TRIES):
         latest, total, messages = _scan(sys, root_fd, count=True)
         content = format_maildirsize(limit_bytes, limit_messages, total, messages)
-        _replace_file(settings, root_fd, content)
+        _replace_file(settings, root_fd, content, owner)
         if _scan(sys, root_fd, count=False)[0] <= latest:
             break
     return QuotaFile(limit_bytes, limit_messages, total, messages, 1)
@@ -310,13 +321,10 @@ class QuotaGuard:
             self.reserved_bytes, self.reserved_messages = size, 1
 
     def _recalculate(self, root_fd: int, limits: tuple[int | None, int | None]) -> QuotaFile:
-        info = recalculate(self.settings, root_fd, *limits)
+        # Written by root into a user's maildir, the file is the user's: their IMAP server
+        # (Dovecot's quota) reads and rewrites it.
         owner = None if self.tmp is None else self.tmp.owner
-        if owner is not None:
-            # Written by root into a user's maildir: give the file to the user, whose IMAP
-            # server (Dovecot's quota) reads and rewrites it.
-            self.settings.syscalls.chown(NAME, *owner, dir_fd=root_fd, follow_symlinks=False)
-        return info
+        return recalculate(self.settings, root_fd, *limits, owner)
 
     def _others(self) -> tuple[int, int]:
         with self.ledger.counts:

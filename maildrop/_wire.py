@@ -155,8 +155,9 @@ class Conversation:
 
     @property
     def line_too_long(self) -> bool:
-        """Whether the message being received has a line over :data:`MAX_LINE` bytes."""
-        return self._dots.too_long
+        """Whether the message being received has a line over :data:`MAX_LINE` bytes (only
+        DATA limits lines: BDAT carries the message as is)."""
+        return self._dots.too_long and not self._chunked
 
     @property
     def in_transaction(self) -> bool:
@@ -263,6 +264,8 @@ class Conversation:
         return Reply(b"".join(_line(x) for x in lines))
 
     def _transaction_command(self, verb: str, arg: str) -> Event | _NeedData:
+        if verb == "BDAT":  # a refused chunk is still read and dropped (RFC 3030), never run
+            return self._bdat_command(arg)
         if not self._hello:
             raise CommandError(f"503 5.5.1 Say {'LHLO' if self.lmtp else 'EHLO'} first")
         if verb == "MAIL":
@@ -289,9 +292,7 @@ class Conversation:
                 raise CommandError("452 4.5.3 Too many recipients")
             self._waiting = Rcpt(address)
             return self._waiting
-        if verb == "DATA":
-            return self._data_command(arg)
-        return self._bdat_command(arg)
+        return self._data_command(arg)
 
     def _data_command(self, arg: str) -> Event:
         if arg.strip():
@@ -320,7 +321,11 @@ class Conversation:
         self._bdat_left = int(parts[0])
         self._bdat_last = len(parts) == 2
         self._bdat_refused = None
-        if not self.recipients:
+        if not self._hello:
+            self._bdat_refused = _line(f"503 5.5.1 Say {'LHLO' if self.lmtp else 'EHLO'} first")
+        elif self._mail is None:
+            self._bdat_refused = _line("503 5.5.1 Need MAIL before BDAT")
+        elif not self.recipients:
             self._bdat_refused = _line("503 5.5.1 Need RCPT before BDAT")
         elif not self._chunked:
             self._chunked = True
@@ -398,3 +403,4 @@ class Conversation:
         self._mail = None
         self.recipients = 0
         self._chunked = False
+        self._dots.too_long = False  # a refused DATA's long line is not the next message's

@@ -378,5 +378,9 @@ def _deliver(args: _Args) -> int:
 
         guard = QuotaGuard(quota, settings)
     path = deliver_fd(settings, fd, max_size=args.max_size, transform=transform, quota=guard)
-    print(path, flush=True)
+    # contextlib.suppress would load contextlib on the MDA's start-up path.
+    try:  # noqa: SIM105
+        print(path, flush=True)
+    except OSError:  # stdout gone (a closed pipe): the message is delivered all the same
+        pass
     return 0

@@ -481,3 +481,51 @@ async def test_a_burst_of_pipelined_commands_keeps_the_connection_reading(tmp_pa
         assert await replies(reader, 60) == ["250 2.0.0 OK"] * 60
         writer.write(b"MAIL FROM:<s@x>\r\n")
         assert await replies(reader, 1) == ["250 2.1.0 OK"]
+
+
+# -- regressions --------------------------------------------------------------------------
+
+
+async def test_bdat_after_a_refused_long_line_is_delivered_not_skipped(tmp_path: Path) -> None:
+    """A DATA refused for a long line does not make the next BDAT message read as delivered
+    already (it was answered 250 and never written)."""
+    users(tmp_path, "alice")
+    async with greeted(tmp_path) as (_, reader, writer):
+        writer.write(b"MAIL FROM:<s@x>\r\nRCPT TO:<alice@x>\r\nDATA\r\n")
+        assert [r[:3] for r in await replies(reader, 3)] == ["250", "250", "354"]
+        writer.write(b"Subject: long\r\n\r\n" + b"x" * (MAX_LINE + 10) + b"\r\n.\r\n")
+        assert (await replies(reader, 1))[0].startswith("451 4.6.0")
+        body = b"Subject: second\r\n\r\nhello\r\n"
+        writer.write(b"MAIL FROM:<s@x>\r\nRCPT TO:<alice@x>\r\n")
+        writer.write(b"BDAT %d LAST\r\n" % len(body) + body)
+        got = await replies(reader, 3)
+    assert got[2].startswith("250 2.0.0 Delivered as ")
+    (message,) = messages(tmp_path / "alice")
+    assert message.endswith(b"Subject: second\n\nhello\n")
+    assert listing(tmp_path / "alice")["tmp"] == []
+
+
+@pytest.mark.parametrize("before", [b"", b"MAIL FROM:<s@x>\r\nRCPT TO:<alice@x>\r\n"])
+async def test_a_refused_bdat_chunk_is_dropped_never_run_as_commands(
+    tmp_path: Path, before: bytes
+) -> None:
+    """A BDAT refused for want of MAIL (here after a chunk over the size limit reset the
+    transaction) still consumes its chunk: commands inside it are never run (RFC 3030)."""
+    users(tmp_path, "alice", "bob")
+    server = MaildirServer(MaildirHandler(tmp_path, max_size=100), hostname="mx.test")
+    (address,) = await server.listen("127.0.0.1:0")
+    try:
+        reader, writer = await raw(int(address.rsplit(":", 1)[1]))
+        writer.write(b"LHLO c\r\n")
+        await replies(reader, 8)
+        forged = b"MAIL FROM:<evil@x>\r\nRCPT TO:<bob@x>\r\nDATA\r\nSubject: forged\r\n\r\n.\r\n"
+        first = b"BDAT 200\r\n" + b"x" * 200 if before else b""
+        writer.write(before + first + b"BDAT %d LAST\r\n" % len(forged) + forged + b"QUIT\r\n")
+        got = await replies(reader, 5 if before else 2)
+        writer.close()
+    finally:
+        await server.shutdown(1)
+    assert got[-2] == "503 5.5.1 Need MAIL before BDAT"
+    assert got[-1].startswith("221 ")
+    assert messages(tmp_path / "bob") == []
+    assert empty(tmp_path / "alice")

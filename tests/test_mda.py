@@ -259,6 +259,22 @@ def test_closed_stdin_is_66(tmp_path: Path) -> None:
     assert "standard input is closed" in err_line(p)
 
 
+def test_a_closed_stdout_after_delivery_is_still_0(tmp_path: Path) -> None:
+    """The message is durable before the path is printed: a stdout that is gone (a closed
+    pipe) does not turn a delivery into a retry (75) and a duplicate."""
+    read, write = os.pipe()
+    os.close(read)  # writing the path now fails with EPIPE
+    try:
+        p = subprocess.run(
+            [*PY, "deliver", str(tmp_path / "md")],
+            input=MSG, stdout=write, stderr=subprocess.PIPE, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert p.returncode == 0, p.stderr
+    assert messages(tmp_path / "md") == [MSG]
+
+
 def test_a_file_as_maildir_is_73_not_a_directory(tmp_path: Path) -> None:
     """A plain file where the maildir should be: 'not a directory', permanent (73)."""
     (tmp_path / "file").write_bytes(b"")

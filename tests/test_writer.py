@@ -170,3 +170,24 @@ async def test_without_proc_the_tmp_name_is_linked(
     assert d.name.startswith(src)
     assert kw["follow_symlinks"] is False
     assert listing(tmp_path / "m")["tmp"] == []
+
+
+@needs_root
+@pytest.mark.anyio
+async def test_a_maildirsize_swapped_after_its_rename_is_not_chowned(tmp_path: Path) -> None:
+    """Root gives a recalculated maildirsize to the user through its fd, before the rename:
+    a hard link to a root file put at that name afterwards is never chowned."""
+    md = owned_by_nobody(tmp_path / "md")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"root's\n")
+    real_rename = DEFAULT_SYSCALLS.rename
+
+    def rename(src: str, dst: str, **kw: Any) -> None:
+        real_rename(src, dst, **kw)
+        if dst == "maildirsize":  # the user's swap, right after the rename
+            os.unlink(md / "maildirsize")
+            os.link(victim, md / "maildirsize")
+
+    table = DEFAULT_SYSCALLS.replace(rename=rename)
+    await Maildir(md, quota=Quota(bytes=10_000), syscalls=table).deliver(MSG)
+    assert owners(victim) == {(0, 0)}
