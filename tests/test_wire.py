@@ -176,7 +176,8 @@ def test_pipelined_transaction_is_answered_in_order() -> None:
         (b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT FROM:<a@x>\r\n", b"501 5.5.4 Syntax: RCPT TO"),
         (b"LHLO c\r\nMAIL FROM:<s@x>\r\nDATA\r\n", b"503 5.5.1 Need RCPT before DATA"),
         (b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<a@x>\r\nDATA x\r\n", b"501 5.5.4 DATA takes"),
-        (b"LHLO c\r\nBDAT 1\r\n", b"503 5.5.1 Need MAIL before BDAT"),
+        (b"LHLO c\r\nBDAT 1\r\nx", b"503 5.5.1 Need MAIL before BDAT"),  # after its chunk
+        (b"BDAT 4\r\nNOOP", b"503 5.5.1 Say LHLO first"),  # the chunk is dropped, not run
         (b"LHLO c\r\nMAIL FROM:<s@x>\r\nBDAT 2\r\nxy", b"503 5.5.1 Need RCPT before"),
         (b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<a@x>\r\nBDAT x\r\n", b"501 5.5.4 Syntax: BDAT"),
         (b"LHLO c\r\nMAIL FROM:<s@x>\r\nRCPT TO:<a@x>\r\nBDAT 1 NOW\r\n", b"501 5.5.4 Syntax"),
