@@ -170,13 +170,15 @@ def pids_in_names(md: Path) -> set[int]:
     return {int(re.search(r"P(\d+)Q", name)[1]) for name in os.listdir(md / "new")}  # type: ignore[index]
 
 
-def deliver_until_served_by(port: int, md: Path, pids: set[int], most: int = 60) -> None:
-    """Deliver one message at a time until messages were written by each of *pids*."""
+def deliver_until_served_by(port: int, md: Path, pids: set[int], most: int = 400) -> None:
+    """Deliver one message at a time until messages were written by each of *pids* (a
+    worker that is still starting, e.g. under coverage, gets up to ~20 s to take one)."""
     for _ in range(most):
         replies = deliver(port)
         assert [r[:3] for r in replies] == ["250"], replies
         if pids <= pids_in_names(md):
             return
+        time.sleep(0.05)
     raise AssertionError(f"{most} messages, none written by {pids - pids_in_names(md)}")
 
 
