@@ -36,7 +36,8 @@ The doors::
     lmtp           public face of the server: MaildirServer (_lmtp_server), MaildirHandler
                    (_lmtp_handler, also an aiosmtpd handler), RetryMemory (_lmtp_retry)
     _wire          pure: the LMTP/SMTP state machine (bytes in, events and replies out);
-                   _wire_data scans DATA/BDAT in whole buffers, _wire_parse reads arguments
+                   _wire_events its events, _wire_data scans DATA/BDAT in whole buffers,
+                   _wire_parse reads arguments
     _lmtp_protocol the asyncio.Protocol that feeds _wire; _lmtp_deliver streams into sessions
     _uring*        an io_uring driver of our own (ctypes + mmap) and a prototype delivery on
                    it; not yet a Backend (issue 14, phase 2)

@@ -29,6 +29,7 @@ administrator fixes, and mail must wait for that instead of bouncing (Postfix bo
 from __future__ import annotations
 
 import errno
+import os
 
 from ._record import record
 
@@ -41,6 +42,7 @@ __all__ = [
     "NotAMaildirError",
     "Outcome",
     "QuotaExceededError",
+    "UnusableQuotaFile",
     "outcome",
 ]
 
@@ -110,6 +112,18 @@ EX_NOUSER = 67
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73
 EX_TEMPFAIL = 75
+
+
+class UnusableQuotaFile(OSError):
+    """``maildirsize`` exists but is not a regular file with one link; it is never used."""
+
+    def __init__(self, root: str, what: str, err: int = errno.EINVAL) -> None:
+        super().__init__(
+            err,
+            f"{os.path.join(root, 'maildirsize')!r} is {what}, not a regular file with one link; "
+            "maildrop neither reads nor writes it: replace it with a regular file (or remove "
+            "it and set the limits again)",
+        )
 
 
 @record(frozen=True, slots=True)

@@ -22,7 +22,7 @@ import os
 import stat
 import time
 
-from ._errors import QuotaExceededError
+from ._errors import QuotaExceededError, UnusableQuotaFile
 from ._quota import (
     MAX_FILE,
     RECALC_AGE,
@@ -81,18 +81,6 @@ class _Read:
 # maildirsize is a file of the mailbox owner's, not one maildrop created: never block in
 # open() (a FIFO), never follow a symlink, never write through a hard link to another file.
 _OPEN_FLAGS = os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-class UnusableQuotaFile(OSError):
-    """``maildirsize`` exists but is not a regular file with one link; it is never used."""
-
-    def __init__(self, root: str, what: str, err: int = errno.EINVAL) -> None:
-        super().__init__(
-            err,
-            f"{os.path.join(root, NAME)!r} is {what}, not a regular file with one link; "
-            "maildrop neither reads nor writes it: replace it with a regular file (or remove "
-            "it and set the limits again)",
-        )
 
 
 def _open_file(sys: Syscalls, settings: Settings, root_fd: int, flags: int) -> int | None:
