@@ -33,7 +33,7 @@ import anyio
 from ._loops import per_loop
 from ._pool import Pool, anyio_limiter, retrieve, source_limiter
 
-__all__ = ["AnyioBackend", "Backend", "Done", "PoolBackend", "current"]
+__all__ = ["AnyioBackend", "Backend", "Done", "PoolBackend", "current", "run_sync"]
 
 T = TypeVar("T")
 
@@ -158,3 +158,11 @@ def _make(loop: asyncio.AbstractEventLoop | None) -> Backend:
 
 #: The running event loop's backend (``current(loop)`` for *loop*'s, from outside it).
 current = per_loop("maildrop_backend", _make)
+
+
+async def run_sync(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(*args)`` in a worker of the running loop's backend and return its result.
+
+    **Cancellation:** the caller is released at once; *fn* still runs to completion.
+    """
+    return await current().run(fn, *args)

@@ -14,6 +14,7 @@ import stat
 import weakref
 from typing import Any
 
+from ._backend import run_sync
 from ._errors import MaildirNotFoundError, QuotaExceededError, outcome
 from ._lmtp_deliver import (
     SHUTTING_DOWN,
@@ -24,7 +25,6 @@ from ._lmtp_deliver import (
     where,
 )
 from ._maildir import Maildir
-from ._pool import run_sync
 from ._quota import Quota
 from ._quota_io import QuotaGuard
 from ._sys import DEFAULT_SYSCALLS, Syscalls, stat_or_none

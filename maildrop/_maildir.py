@@ -6,9 +6,9 @@ import os
 import time
 from pathlib import Path
 
+from ._backend import run_sync
 from ._folders import folder_dirname
 from ._naming import format_flags
-from ._pool import run_sync
 from ._quota import Quota
 from ._quota_io import QuotaGuard
 from ._record import replace

@@ -41,7 +41,6 @@ __all__ = [
     "Pool",
     "anyio_limiter",
     "retrieve",
-    "run_sync",
     "source_limiter",
 ]
 
@@ -79,22 +78,9 @@ def anyio_limiter(var: RunVar[anyio.CapacityLimiter] = _limiter) -> anyio.Capaci
         return lim
 
 
-_anyio_limiter = anyio_limiter  # the name the tests use
-
-
 def source_limiter() -> anyio.CapacityLimiter:
     """Return the running loop's limiter of source-reading threads."""
     return anyio_limiter(_source_limiter)
-
-
-async def run_sync(fn: Callable[..., T], *args: Any) -> T:
-    """Run ``fn(*args)`` in a worker of the running loop's backend and return its result.
-
-    **Cancellation:** the caller is released at once; *fn* still runs to completion.
-    """
-    from ._backend import current  # _backend is built on this module
-
-    return await current().run(fn, *args)
 
 
 def retrieve(fut: asyncio.Future[Any]) -> None:

@@ -501,7 +501,8 @@ async def test_deliver_many_cancelled_while_a_dir_fsync_waits_for_a_thread(
     tmp_path: Path, anyio_backend: str
 ) -> None:
     """A cancel that lands while a target's directory fsync waits for a thread leaks no fd."""
-    from maildrop._pool import THREADS, _anyio_limiter, run_sync
+    from maildrop._backend import run_sync
+    from maildrop._pool import THREADS, anyio_limiter
 
     hold, gate, blocked = threading.Event(), threading.Event(), threading.Event()
 
@@ -530,7 +531,7 @@ async def test_deliver_many_cancelled_while_a_dir_fsync_waits_for_a_thread(
             for _ in range(THREADS - 1):  # every thread token but one is busy elsewhere
                 tg.start_soon(run_sync, hold.wait, 5)
             with anyio.fail_after(5):
-                while _anyio_limiter().borrowed_tokens < THREADS - 1:  # noqa: ASYNC110
+                while anyio_limiter().borrowed_tokens < THREADS - 1:  # noqa: ASYNC110
                     await anyio.sleep(0.002)
             tg.start_soon(run)
             await wait_for(blocked)  # the last token is stuck; a _sync task waits for one

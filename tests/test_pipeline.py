@@ -120,7 +120,7 @@ async def test_jobs_queue_when_every_worker_is_busy(monkeypatch: pytest.MonkeyPa
     """With every worker busy a job waits in the queue and runs once a worker is free."""
     monkeypatch.setattr(_pool, "THREADS", 1)
     release = threading.Event()
-    busy = asyncio.ensure_future(_pool.run_sync(release.wait))
+    busy = asyncio.ensure_future(_backend.run_sync(release.wait))
     await asyncio.sleep(0.01)
     queued = _backend.current().submit(lambda: 42)
     assert queued is not None
@@ -140,7 +140,7 @@ async def test_a_cancelled_caller_is_released_and_the_call_still_runs() -> None:
         release.wait(5)
         ran.set()
 
-    task = asyncio.ensure_future(_pool.run_sync(job))
+    task = asyncio.ensure_future(_backend.run_sync(job))
     await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -154,12 +154,12 @@ async def test_idle_workers_retire(monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker with nothing to do for IDLE_SECONDS exits; the next job starts a new one."""
     monkeypatch.setattr(_pool, "IDLE_SECONDS", 0.05)
     pool = _backend.current().pool
-    await _pool.run_sync(lambda: None)
+    await _backend.run_sync(lambda: None)
     deadline = time.monotonic() + 5
     while pool.threads and time.monotonic() < deadline:  # noqa: ASYNC110 - thread state
         await asyncio.sleep(0.01)
     assert pool.threads == 0
-    assert await _pool.run_sync(lambda: 7) == 7
+    assert await _backend.run_sync(lambda: 7) == 7
 
 
 @pytest.mark.asyncio
@@ -216,7 +216,7 @@ def test_a_worker_outliving_its_loop_exits() -> None:
 def test_a_closed_loop_is_not_kept_alive_by_its_pool() -> None:
     """The pool refers to its loop weakly: a closed loop can be garbage-collected."""
     loop = asyncio.new_event_loop()
-    assert loop.run_until_complete(_pool.run_sync(lambda: 5)) == 5
+    assert loop.run_until_complete(_backend.run_sync(lambda: 5)) == 5
     ref = weakref.ref(loop)
     loop.close()
     del loop
@@ -239,7 +239,7 @@ def test_each_loop_s_wakeup_fd_is_closed_with_the_loop() -> None:
     gc.collect()
     before = _eventfds()
     for _ in range(20):
-        assert asyncio.run(_pool.run_sync(lambda: 5)) == 5
+        assert asyncio.run(_backend.run_sync(lambda: 5)) == 5
     gc.collect()
     assert _eventfds() == before
 
@@ -254,7 +254,7 @@ def test_a_loop_without_add_reader_is_woken_with_call_soon_threadsafe() -> None:
     loop = NoReaderLoop()
     fds = _eventfds()
     try:
-        assert loop.run_until_complete(_pool.run_sync(lambda: 6)) == 6
+        assert loop.run_until_complete(_backend.run_sync(lambda: 6)) == 6
         assert _backend.current(loop).pool.wakeup.fd == -1
         assert _eventfds() == fds  # the eventfd it could not use was closed
     finally:

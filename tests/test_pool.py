@@ -12,9 +12,9 @@ import anyio
 import pytest
 
 from maildrop import Maildir
-from maildrop._backend import current
+from maildrop._backend import current, run_sync
 from maildrop._loops import running_loop
-from maildrop._pool import THREADS, run_sync
+from maildrop._pool import THREADS
 
 from .conftest import settle, wait_for
 
