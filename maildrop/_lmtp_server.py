@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import socket
 import sys
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 import anyio
@@ -27,6 +28,9 @@ _KEEP_SOCKET_FILE: dict[str, Any] = (
 )
 
 
+# A dataclass: the options are declared once, as fields (the keyword-only __init__ stores
+# them); the protocol reads them off the server. eq/repr stay those of an object.
+@dataclass(eq=False, repr=False)
 class MaildirServer:
     """Serve LMTP (or SMTP) on sockets, delivering with a :class:`MaildirHandler`.
 
@@ -48,26 +52,19 @@ class MaildirServer:
             ``RetryMemory()``; ``None``: don't remember).
     """
 
-    def __init__(
-        self,
-        handler: MaildirHandler,
-        *,
-        lmtp: bool = True,
-        hostname: str | None = None,
-        timeout: float = 300,
-        data_timeout: float = 300,
-        max_connections: int = 512,
-        max_recipients: int = 1000,
-        retry: RetryMemory | None = None,
-    ) -> None:
-        self.handler = handler
-        self.lmtp = lmtp
-        self.hostname = hostname
-        self.timeout = timeout
-        self.data_timeout = data_timeout
-        self.max_connections = max_connections
-        self.max_recipients = max_recipients
-        self.retry = None if lmtp else retry
+    handler: MaildirHandler
+    _: KW_ONLY
+    lmtp: bool = True
+    hostname: str | None = None
+    timeout: float = 300
+    data_timeout: float = 300
+    max_connections: int = 512
+    max_recipients: int = 1000
+    retry: RetryMemory | None = None
+
+    def __post_init__(self) -> None:
+        if self.lmtp:
+            self.retry = None  # LMTP replies per recipient: a retry is never partial
         self._servers: list[asyncio.AbstractServer] = []
         self._conns: set[Connection] = set()
         self._listeners: list[Listener] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import TypedDict, Unpack
 
 from ._backend import run_sync
 from ._folders import folder_dirname
@@ -14,12 +15,33 @@ from ._quota_io import QuotaGuard
 from ._record import replace
 from ._session import Delivery, DeliverySession
 from ._sources import Source, feed
+from ._steps import Steps
 from ._sweep import TMP_MAX_AGE, sweep_tmp
 from ._sys import DEFAULT_SYSCALLS, Syscalls
 from ._transform import make_transform
 from ._writer import Settings
 
 __all__ = ["Maildir", "deliver"]
+
+
+class MaildirOptions(TypedDict, total=False):
+    """The keywords of :class:`Maildir`, which :func:`deliver` passes through to it."""
+
+    create: bool
+    fsync: bool
+    max_size: int | None
+    size_stamp: bool
+    quota: Quota | None
+    syscalls: Syscalls
+
+
+class DeliveryOptions(TypedDict, total=False):
+    """The keywords of :meth:`Maildir.open_delivery` that :meth:`Maildir.deliver` passes on."""
+
+    flags: str | None
+    return_path: str | None
+    delivered_to: str | None
+    crlf_to_lf: bool
 
 
 def _check_max_size(max_size: int | None) -> int | None:
@@ -143,30 +165,16 @@ class Maildir:
             return_path=return_path, delivered_to=delivered_to, crlf_to_lf=crlf_to_lf
         )
         cfg = self._settings
-        return DeliverySession(
-            cfg,
-            flags=flags,
-            size_stamp=cfg.size_stamp,
-            max_size=cfg.max_size,
-            transform=transform,
-            quota=None if cfg.quota is None else QuotaGuard(cfg.quota, cfg),
-            pipeline=pipeline,
-        )
+        quota = None if cfg.quota is None else QuotaGuard(cfg.quota, cfg)
+        steps = Steps(cfg, flags=flags, transform=transform, quota=quota)
+        return DeliverySession(steps, pipeline=pipeline)
 
-    async def deliver(
-        self,
-        source: Source,
-        *,
-        flags: str | None = None,
-        return_path: str | None = None,
-        delivered_to: str | None = None,
-        crlf_to_lf: bool = False,
-    ) -> Delivery:
+    async def deliver(self, source: Source, **options: Unpack[DeliveryOptions]) -> Delivery:
         """Deliver *source* and return where it landed, once it is durable.
 
         *source* may be bytes-like, a binary file, an object with an async ``read(n)``, an
-        async iterable of bytes-like chunks or an anyio ``ByteReceiveStream``. The other
-        options are those of :meth:`open_delivery`.
+        async iterable of bytes-like chunks or an anyio ``ByteReceiveStream``. *options* are
+        :meth:`open_delivery`'s (``flags``, ``return_path``, ``delivered_to``, ``crlf_to_lf``).
 
         Raises:
             TypeError: *source* (or one of its chunks) is not bytes-like.
@@ -185,10 +193,7 @@ class Maildir:
         linked into ``new/``, it stays there: it is complete, and becomes durable with the
         next directory fsync.
         """
-        session = self.open_delivery(
-            flags=flags, return_path=return_path, delivered_to=delivered_to,
-            crlf_to_lf=crlf_to_lf, pipeline=True,
-        )  # fmt: skip
+        session = self.open_delivery(**options, pipeline=True)
         async with session:
             await feed(session, source)
             return await session.commit()
@@ -219,26 +224,20 @@ async def deliver(
     path: str | os.PathLike[str],
     source: Source,
     *,
-    create: bool = True,
-    fsync: bool = True,
-    max_size: int | None = None,
-    size_stamp: bool = False,
-    quota: Quota | None = None,
-    syscalls: Syscalls = DEFAULT_SYSCALLS,
     flags: str | None = None,
     return_path: str | None = None,
     delivered_to: str | None = None,
     crlf_to_lf: bool = False,
+    **options: Unpack[MaildirOptions],
 ) -> Delivery:
-    """Deliver *source* into the maildir at *path*: ``Maildir(path, ...).deliver(source)``.
+    """Deliver *source* into the maildir at *path*: ``Maildir(path, **options).deliver(source)``.
+
+    *options* are :class:`Maildir`'s keywords (``create``, ``fsync``, ``max_size``,
+    ``size_stamp``, ``quota``, ``syscalls``); the others are :meth:`Maildir.deliver`'s.
 
     **Cancellation:** as :meth:`Maildir.deliver`.
     """
-    md = Maildir(
-        path, create=create, fsync=fsync, max_size=max_size, size_stamp=size_stamp,
-        quota=quota, syscalls=syscalls,
-    )  # fmt: skip
-    return await md.deliver(
+    return await Maildir(path, **options).deliver(
         source, flags=flags, return_path=return_path, delivered_to=delivered_to,
         crlf_to_lf=crlf_to_lf,
     )  # fmt: skip

@@ -29,6 +29,7 @@ from ._quota_io import QuotaGuard
 from ._record import replace
 from ._session import Delivery, DeliverySession
 from ._sources import Source, feed
+from ._steps import Steps
 from ._transform import make_transform
 from ._writer import (
     LINK_REFUSED,
@@ -309,9 +310,10 @@ def _staging_in(
     ``max_size`` (each target checks its own), fsync if any target fsyncs."""
     limits = [m._settings.max_size for m in mds]
     max_size = None if None in limits else max((m for m in limits if m is not None), default=0)
-    settings = replace(md._settings, fsync=any(m._settings.fsync for m in mds))
+    fsync = any(m._settings.fsync for m in mds)
+    settings = replace(md._settings, fsync=fsync, max_size=max_size)
     transform = make_transform(return_path=return_path, delivered_to=None, crlf_to_lf=crlf_to_lf)
-    return DeliverySession(settings, max_size=max_size, transform=transform, pipeline=True)
+    return DeliverySession(Steps(settings, transform=transform), pipeline=True)
 
 
 async def _fan_out(

@@ -20,15 +20,12 @@ import os
 
 from ._errors import EmptyMessageError, MaildropError
 from ._steps import BATCH, Steps
-from ._writer import DeliveryFiles, Settings
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import signal as _signal  # the same functions; typeshed only describes this one
     from types import FrameType
 
-    from ._quota_io import QuotaGuard
-    from ._transform import Transform
 else:
     import _signal  # what `signal` wraps, minus the enum conversions (and their import cost)
 
@@ -99,17 +96,8 @@ class _Reader:
         return data
 
 
-def deliver_fd(
-    settings: Settings,
-    fd: int,
-    *,
-    flags: str | None = None,
-    size_stamp: bool = False,
-    max_size: int | None = None,
-    transform: Transform | None = None,
-    quota: QuotaGuard | None = None,
-) -> str:
-    """Deliver the message readable from *fd* into *settings*; return its durable path.
+def deliver_fd(steps: Steps, fd: int) -> str:
+    """Deliver the message readable from *fd* with *steps*; return its durable path.
 
     A leading mbox ``From `` line is dropped. A regular file is copied from its current
     offset (``copy_file_range`` when nothing transforms it); anything else is read to EOF.
@@ -120,14 +108,7 @@ def deliver_fd(
         MessageTooLargeError, QuotaExceededError, OSError: as ``Maildir.deliver``; the
             OSError names the absolute path it concerns.
     """
-    tmp = DeliveryFiles(settings, "new" if flags is None else "cur")
-    steps = Steps(
-        tmp, flags=flags, size_stamp=size_stamp, max_size=max_size, transform=transform,
-        quota=quota,
-    )  # fmt: skip
-    if quota is not None:
-        quota.tmp = tmp
-        tmp.ledger_lock = quota
+    tmp = steps.tmp
     regular = (os.fstat(fd).st_mode & 0o170000) == 0o100000  # S_ISREG
     reader = _Reader(fd)
     try:
@@ -139,15 +120,15 @@ def deliver_fd(
     except BaseException as exc:
         if isinstance(exc, OSError) and not isinstance(exc, MaildropError):
             tmp.locate(exc)
-        if quota is not None:
-            quota.release()
+        if steps.quota is not None:
+            steps.quota.release()
         tmp.cleanup()
         raise
     finally:
         for signum, handler in old:
             if handler is not None:  # None: a handler not set from Python, left alone
                 _signal.signal(signum, handler)
-    return os.path.join(settings.path, tmp.subdir, final)
+    return os.path.join(tmp.settings.path, tmp.subdir, final)
 
 
 def _from_file(steps: Steps, fd: int) -> str:

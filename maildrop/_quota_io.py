@@ -40,10 +40,6 @@ from ._record import record
 from ._sys import Syscalls
 from ._writer import DIR_FLAGS, FILE_FLAGS, LIVE_TMP, DeliveryFiles, Settings, new_name, write_all
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from types import TracebackType
-
 __all__ = ["QuotaGuard", "UnusableQuotaFile", "recalculate"]
 
 _TRASH = ".Trash"
@@ -361,16 +357,11 @@ class QuotaGuard:
             self.ledger.io.acquire()
             self._locked = True
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         if not self._locked:
             return
         try:
-            if exc_type is None and self.tmp is not None:
+            if exc_info[0] is None and self.tmp is not None:  # linked
                 self.append(self.tmp.root_fd, self.tmp.size)
                 self.release()  # the line now counts the message
         finally:

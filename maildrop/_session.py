@@ -21,11 +21,9 @@ import anyio.lowlevel
 from . import _handoff
 from ._backend import current
 from ._group_commit import STATS, group, release
-from ._quota_io import QuotaGuard
 from ._state import Cause, Event, LocalProtocolError, Owner, Phase, advance, keeps_link
 from ._steps import BATCH, Steps, as_chunk
-from ._transform import Transform
-from ._writer import Aborted, DeliveryFiles, Settings
+from ._writer import Aborted
 
 __all__ = ["BATCH", "STATS", "Delivery", "DeliverySession", "as_chunk"]
 
@@ -53,32 +51,12 @@ class DeliverySession:
     returns.
     """
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        flags: str | None = None,
-        size_stamp: bool = False,
-        max_size: int | None = None,
-        batch_size: int = BATCH,
-        transform: Transform | None = None,
-        quota: QuotaGuard | None = None,
-        pipeline: bool = False,
-    ) -> None:
-        self._settings = settings
-        self._tmp = DeliveryFiles(settings, "new" if flags is None else "cur")
-        # Header stamps / CRLF conversion (``_transform``) and Maildir++ quota (``_quota_io``).
-        self._transform = transform
-        self._quota = quota
-        if quota is not None:
-            quota.tmp = self._tmp
-            self._tmp.ledger_lock = quota
-        # The worker-side half: writing, copying, publishing (shared with the MDA path).
-        self._steps = Steps(
-            self._tmp, flags=flags, size_stamp=size_stamp, max_size=max_size,
-            batch=batch_size, transform=transform, quota=quota,
-        )  # fmt: skip
-        self._batch = batch_size
+    def __init__(self, steps: Steps, *, pipeline: bool = False) -> None:
+        # The worker-side half: writing, copying, publishing (shared with the MDA path);
+        # it holds the header stamps / CRLF conversion and the Maildir++ quota guard.
+        self._steps = steps
+        self._tmp = steps.tmp
+        self._settings = steps.tmp.settings
         self._buf: list[bytes | memoryview] = []
         self._buffered = 0
         self._size = 0
@@ -145,7 +123,7 @@ class DeliverySession:
             self._size += n
             self._buf.append(chunk)
             self._buffered += n
-            if self._buffered >= self._batch:
+            if self._buffered >= self._steps.batch:
                 await self._flush()
         except BaseException as exc:
             await self._abort_on(exc)
@@ -228,7 +206,7 @@ class DeliverySession:
 
     def _delivered(self, final: str) -> Delivery:
         STATS["deliveries"] += 1
-        if self._steps.file is not None or self._transform is not None:
+        if self._steps.file is not None or self._steps.transform is not None:
             self._size = self._tmp.size
         path = Path(self._settings.path, self._tmp.subdir, final)
         return Delivery(path=path, name=final, size=self._tmp.size)
@@ -306,8 +284,8 @@ class DeliverySession:
         keep = keeps_link(self._phase, cause)
         self._phase = advance(self._phase, Event.ABORT)
         self._buf = []
-        if self._quota is not None:
-            self._quota.release()
+        if self._steps.quota is not None:
+            self._steps.quota.release()
         then = _handoff.abort(self._tmp, keep_published=keep)
         if then is Owner.CLEANED:
             return

@@ -14,7 +14,7 @@ import io
 import os
 
 from ._errors import MessageTooLargeError
-from ._writer import UNSUPPORTED, Aborted, DeliveryFiles
+from ._writer import UNSUPPORTED, Aborted, DeliveryFiles, Settings
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -61,26 +61,34 @@ def as_chunk(data: object) -> bytes | memoryview:
 
 
 class Steps:
-    """One delivery's worker-side state and steps (one thread at a time calls them)."""
+    """One delivery's worker-side state and steps (one thread at a time calls them).
+
+    Args:
+        settings: the maildir's frozen settings; its ``max_size`` and ``size_stamp`` apply.
+        flags: publish into ``cur/`` with these ``:2,`` flags (``None``: into ``new/``).
+        transform: the streaming header stamps and CRLF conversion, if any.
+        quota: the delivery's quota guard; its lock is held around the link.
+    """
 
     def __init__(
         self,
-        tmp: DeliveryFiles,
+        settings: Settings,
         *,
         flags: str | None = None,
-        size_stamp: bool = False,
-        max_size: int | None = None,
-        batch: int = BATCH,
         transform: Transform | None = None,
         quota: QuotaGuard | None = None,
     ) -> None:
-        self.tmp = tmp
+        self.tmp = DeliveryFiles(settings, "new" if flags is None else "cur")
         self._flags = flags
-        self._size_stamp = size_stamp
-        self._max_size = max_size
-        self._batch = batch
-        self._transform = transform
-        self._quota = quota
+        self._size_stamp = settings.size_stamp
+        self._max_size = settings.max_size
+        self.transform = transform
+        self.quota = quota
+        if quota is not None:
+            quota.tmp = self.tmp
+            self.tmp.ledger_lock = quota
+        #: Bytes per batch: what a hop writes, what a file copy reads at once.
+        self.batch = BATCH
         #: A synchronous file whose rest is copied after the buffered chunks (see write_rest).
         self.file: IO[bytes] | None = None
         self.started = False
@@ -93,8 +101,8 @@ class Steps:
             MessageTooLargeError: the message would pass ``max_size``.
         """
         chunk = as_chunk(data)
-        if self._transform is not None:
-            chunk = self._transform.feed(chunk)
+        if self.transform is not None:
+            chunk = self.transform.feed(chunk)
         if self._max_size is not None and size + len(chunk) > self._max_size:
             raise MessageTooLargeError(self._max_size)
         return chunk
@@ -105,12 +113,12 @@ class Steps:
         tmp = self.tmp
         if not self.started:
             tmp.open_dirs()
-            if self._quota is not None:
-                self._quota.check(tmp.root_fd, sum(len(c) for c in chunks))
+            if self.quota is not None:
+                self.quota.check(tmp.root_fd, sum(len(c) for c in chunks))
             tmp.create()
             self.started = True
-        elif self._quota is not None and chunks:
-            self._quota.check(tmp.root_fd, tmp.size + sum(len(c) for c in chunks))
+        elif self.quota is not None and chunks:
+            self.quota.check(tmp.root_fd, tmp.size + sum(len(c) for c in chunks))
         tmp.write(chunks)
 
     def write_rest(self, chunks: list[bytes | memoryview]) -> None:
@@ -118,8 +126,8 @@ class Steps:
         self.write(chunks)
         if self.file is not None:
             self.copy_file(self.file)
-        if self._transform is not None:
-            tail = self._transform.finish()
+        if self.transform is not None:
+            tail = self.transform.finish()
             if self._max_size is not None and self.tmp.size + len(tail) > self._max_size:
                 raise MessageTooLargeError(self._max_size)
             if tail:
@@ -147,13 +155,13 @@ class Steps:
         except (AttributeError, OSError, ValueError):
             is_regular = False
         # A transform must see every byte, so it reads; the quota is checked per batch.
-        is_regular = is_regular and self._transform is None
+        is_regular = is_regular and self.transform is None
         if is_regular:
             offset = f.tell()
             while True:
                 if tmp.aborted:
                     raise Aborted
-                budget = self._batch if limit is None else min(self._batch, limit + 1 - tmp.size)
+                budget = self.batch if limit is None else min(self.batch, limit + 1 - tmp.size)
                 before = tmp.size
                 try:
                     n = tmp.copy_from(src_fd, offset, budget)
@@ -168,8 +176,8 @@ class Steps:
                 offset += n
                 if limit is not None and tmp.size > limit:
                     raise MessageTooLargeError(limit)
-                if self._quota is not None:
-                    self._quota.check(tmp.root_fd, tmp.size)
+                if self.quota is not None:
+                    self.quota.check(tmp.root_fd, tmp.size)
                 if n < budget:
                     break
             f.seek(offset)
@@ -177,14 +185,14 @@ class Steps:
             while True:
                 if tmp.aborted:
                     raise Aborted
-                data = f.read(self._batch)
+                data = f.read(self.batch)
                 if data is None:  # a non-blocking file without data now: not the end
                     raise BlockingIOError(*WOULD_BLOCK)
                 if not data:
                     break
                 chunk = as_chunk(data)
-                if self._transform is not None:
-                    chunk = self._transform.feed(chunk)
+                if self.transform is not None:
+                    chunk = self.transform.feed(chunk)
                 if limit is not None and tmp.size + len(chunk) > limit:
                     raise MessageTooLargeError(limit)
                 self.write([chunk])  # checks the quota too

@@ -341,6 +341,7 @@ def _quota(args: _Args, root: str) -> Quota | None:
 def _deliver(args: _Args) -> int:
     from ._errors import MaildirNotFoundError
     from ._mda import deliver_fd
+    from ._steps import Steps
     from ._writer import Settings
 
     fd = _stdin_fd()
@@ -361,7 +362,7 @@ def _deliver(args: _Args) -> int:
             raise MaildirNotFoundError(
                 f"no folder {folder!r} in {root} (create it first, or pass --create-folder)"
             )
-    settings = Settings(root, dirname, True, not args.no_fsync, _syscalls())
+    settings = Settings(root, dirname, True, not args.no_fsync, _syscalls(), args.max_size)
     quota = _quota(args, root)
     transform = None
     if args.return_path is not None or args.delivered_to is not None or args.crlf_to_lf:
@@ -377,7 +378,7 @@ def _deliver(args: _Args) -> int:
         from ._quota_io import QuotaGuard
 
         guard = QuotaGuard(quota, settings)
-    path = deliver_fd(settings, fd, max_size=args.max_size, transform=transform, quota=guard)
+    path = deliver_fd(Steps(settings, transform=transform, quota=guard), fd)
     # contextlib.suppress would load contextlib on the MDA's start-up path.
     try:  # noqa: SIM105
         print(path, flush=True)

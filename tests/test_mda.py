@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from maildrop import DEFAULT_SYSCALLS
 from maildrop._errors import EmptyMessageError, MessageTooLargeError
 from maildrop._mda import Interrupted, _Reader, deliver_fd, from_line_length
+from maildrop._steps import Steps
 from maildrop._writer import Settings
 
 from .conftest import listing
@@ -126,10 +127,10 @@ def test_deliver_fd_cleans_up_when_too_large(tmp_path: Path) -> None:
         os.write(w, b"x" * (3 << 20))
         os._exit(0)
     os.close(w)
-    settings = Settings(str(md), None, True, True, DEFAULT_SYSCALLS)
+    settings = Settings(str(md), None, True, True, DEFAULT_SYSCALLS, (2 << 20) - 1)
     try:
         with pytest.raises(MessageTooLargeError, match="max_size"):
-            deliver_fd(settings, r, max_size=(2 << 20) - 1)
+            deliver_fd(Steps(settings), r)
     finally:
         os.close(r)
         os.waitpid(pid, 0)
@@ -149,7 +150,7 @@ def test_deliver_fd_names_the_path_of_a_disk_error(tmp_path: Path) -> None:
     os.close(w)
     try:
         with pytest.raises(OSError, match="Input/output") as info:
-            deliver_fd(Settings(str(md), None, True, True, table), r)
+            deliver_fd(Steps(Settings(str(md), None, True, True, table)), r)
     finally:
         os.close(r)
     assert info.value.errno == errno.EIO
@@ -164,7 +165,9 @@ def test_deliver_fd_refuses_an_empty_file(tmp_path: Path) -> None:
     fd = os.open(src, os.O_RDONLY)
     try:
         with pytest.raises(EmptyMessageError, match="empty message"):
-            deliver_fd(Settings(str(tmp_path / "md"), None, True, True, DEFAULT_SYSCALLS), fd)
+            deliver_fd(
+                Steps(Settings(str(tmp_path / "md"), None, True, True, DEFAULT_SYSCALLS)), fd
+            )
     finally:
         os.close(fd)
     assert not (tmp_path / "md").exists()
@@ -178,7 +181,7 @@ def test_deliver_fd_outside_the_main_thread(tmp_path: Path) -> None:
     os.close(w)
     result: list[str] = []
     settings = Settings(str(md), None, True, True, DEFAULT_SYSCALLS)
-    t = threading.Thread(target=lambda: result.append(deliver_fd(settings, r)))
+    t = threading.Thread(target=lambda: result.append(deliver_fd(Steps(settings), r)))
     t.start()
     t.join(30)
     os.close(r)
@@ -206,7 +209,7 @@ def test_sigterm_while_reading_in_process(tmp_path: Path) -> None:
     t.start()
     try:
         with pytest.raises(Interrupted, match="SIGTERM while reading"):
-            deliver_fd(Settings(str(md), None, True, True, DEFAULT_SYSCALLS), r)
+            deliver_fd(Steps(Settings(str(md), None, True, True, DEFAULT_SYSCALLS)), r)
         assert signal.getsignal(signal.SIGTERM) is ignore  # deliver_fd put it back
     finally:
         t.join(30)

@@ -12,18 +12,18 @@ from hypothesis import strategies as st
 
 from maildrop import DEFAULT_SYSCALLS, MessageTooLargeError
 from maildrop._dirs import Settings
-from maildrop._steps import Steps, as_chunk
-from maildrop._writer import DeliveryFiles
+from maildrop._steps import BATCH, Steps, as_chunk
 
 from .conftest import listing
 
 MSG = b"Subject: steps\n\nbody\n"
 
 
-def steps_for(path: Path, **kwargs: object) -> Steps:
+def steps_for(path: Path, *, max_size: int | None = None, batch: int = BATCH) -> Steps:
     """Steps delivering into the maildir at *path* (created on the first write)."""
-    layout = Settings(str(path), None, True, True, DEFAULT_SYSCALLS)
-    return Steps(DeliveryFiles(layout, "new"), **kwargs)  # type: ignore[arg-type]
+    steps = Steps(Settings(str(path), None, True, True, DEFAULT_SYSCALLS, max_size))
+    steps.batch = batch
+    return steps
 
 
 @given(st.binary(max_size=64), st.sampled_from(["bytes", "bytearray", "view", "view_of_ba"]))
