@@ -39,6 +39,8 @@ The doors::
                    _wire_events its events, _wire_data scans DATA/BDAT in whole buffers,
                    _wire_parse reads arguments
     _lmtp_protocol the asyncio.Protocol that feeds _wire; _lmtp_deliver streams into sessions
+    _lmtp_flow     what a server's connections share: the turn budget, the read buffer,
+                   accept errors logged once a second
     _uring*        an io_uring driver of our own (ctypes + mmap) and a prototype delivery on
                    it; not yet a Backend (issue 14, phase 2)
 
