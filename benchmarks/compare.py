@@ -243,17 +243,6 @@ def contenders(runner: asyncio.Runner, tw: TwistedProcess | None) -> list[Conten
     return out
 
 
-def workloads(args: argparse.Namespace) -> list[Workload]:
-    """The workloads selected on the command line."""
-    every = [
-        Workload("2k", "2 KiB messages", 2 * c.KIB, args.small),
-        Workload("100k", "100 KiB messages", 100 * c.KIB, args.medium),
-        Workload("256m", f"{args.stream_mib} MiB stream", args.stream_mib * c.MIB, 1, True),
-        Workload("1g", f"{args.memory_mib} MiB stream (memory)", args.memory_mib * c.MIB, 1, True),
-    ]
-    return [w for w in every if w.key in args.workloads]
-
-
 def run_workload(
     w: Workload,
     cs: list[Contender],
@@ -472,24 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run the comparison and print the tables."""
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
-    ap.add_argument("--small", type=int, default=1000, help="2 KiB messages per round")
-    ap.add_argument("--medium", type=int, default=300, help="100 KiB messages per round")
-    ap.add_argument("--stream-mib", type=int, default=256, help="size of the streamed message")
-    ap.add_argument("--memory-mib", type=int, default=1024, help="size of the memory stream")
-    ap.add_argument(
-        "--slices", type=int, default=1, help="interleaved slices per round (default 1)"
-    )
-    ap.add_argument("--workloads", default="2k,100k,256m,1g", help="comma-separated subset")
-    ap.add_argument("--only", default="", help="comma-separated contender keys (raw always runs)")
-    ap.add_argument("--no-twisted", action="store_true", help="skip the Twisted process")
-    ap.add_argument("--dir", default=None, help="where to make the maildirs (default: /tmp)")
-    ap.add_argument("--keep", action="store_true", help="do not delete the maildirs at the end")
-    ap.add_argument("--smoke", action="store_true", help="toy sizes, one round: does it run?")
+    add_arguments(ap)
     args = ap.parse_args(argv)
     if args.smoke:
-        args.rounds, args.small, args.medium, args.stream_mib, args.memory_mib = 1, 20, 5, 2, 4
-    args.workloads = set(args.workloads.split(","))
-    only = {k for k in args.only.split(",") if k}
+        args.rounds = 1
     base = Path(tempfile.mkdtemp(prefix="maildrop-compare-", dir=args.dir))
 
     def log(msg: str) -> None:
@@ -500,18 +475,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         with asyncio.Runner() as runner:
-            cs = contenders(runner, tw)
-            if only:
-                cs = [k for k in cs if k.key in only or k.key == RAW]
-            # Warm up every contender once (imports, thread pools, first-touch memory).
-            for k in cs:
-                k.run(base / "warmup" / k.key, Workload("w", "warm-up", 2 * c.KIB, 20))
+            cs = chosen(contenders(runner, tw), args.only)
+            warm_up(cs, base)
             lines = ["### Results", ""]
             for w in workloads(args):
-                kind = "stream" if w.stream else "msgs"
-                ws = [k for k in cs if kind in k.kinds]
-                if w.key == "1g":
-                    ws = [k for k in ws if k.key in (RAW, "md1")]
+                ws = taking_part(cs, w)
                 log(f"{w.label}: {len(ws)} contenders x {args.rounds} rounds")
                 all_res[w.key] = run_workload(w, ws, args.rounds, args.slices, base, log)
                 lines += [*table(w, ws, all_res[w.key]), ""]
@@ -530,6 +498,57 @@ def main(argv: list[str] | None = None) -> int:
     else:
         shutil.rmtree(base, ignore_errors=True)
     return 0
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """Add the options that choose the workloads and contenders (shared with ``ab``)."""
+    ap.add_argument("--small", type=int, default=1000, help="2 KiB messages per round")
+    ap.add_argument("--medium", type=int, default=300, help="100 KiB messages per round")
+    ap.add_argument("--stream-mib", type=int, default=256, help="size of the streamed message")
+    ap.add_argument("--memory-mib", type=int, default=1024, help="size of the memory stream")
+    ap.add_argument(
+        "--slices", type=int, default=1, help="interleaved slices per round (default 1)"
+    )
+    ap.add_argument("--workloads", default="2k,100k,256m,1g", help="comma-separated subset")
+    ap.add_argument("--only", default="", help="comma-separated contender keys (raw always runs)")
+    ap.add_argument("--no-twisted", action="store_true", help="skip the Twisted process")
+    ap.add_argument("--dir", default=None, help="where to make the maildirs (default: /tmp)")
+    ap.add_argument("--keep", action="store_true", help="do not delete the maildirs at the end")
+    ap.add_argument("--smoke", action="store_true", help="toy sizes, one round: does it run?")
+
+
+def workloads(args: argparse.Namespace) -> list[Workload]:
+    """The workloads selected on the command line (toy sizes with ``--smoke``)."""
+    if args.smoke:
+        args.small, args.medium, args.stream_mib, args.memory_mib = 20, 5, 2, 4
+    every = [
+        Workload("2k", "2 KiB messages", 2 * c.KIB, args.small),
+        Workload("100k", "100 KiB messages", 100 * c.KIB, args.medium),
+        Workload("256m", f"{args.stream_mib} MiB stream", args.stream_mib * c.MIB, 1, True),
+        Workload("1g", f"{args.memory_mib} MiB stream (memory)", args.memory_mib * c.MIB, 1, True),
+    ]
+    return [w for w in every if w.key in args.workloads.split(",")]
+
+
+def chosen(cs: list[Contender], only: str) -> list[Contender]:
+    """The contenders named in *only* (comma-separated keys; empty: all), always the baseline."""
+    keys = {k for k in only.split(",") if k}
+    return [k for k in cs if not keys or k.key in keys or k.key == RAW]
+
+
+def taking_part(cs: list[Contender], w: Workload) -> list[Contender]:
+    """The contenders that run workload *w* (the memory stream: the baseline and ``md1``)."""
+    kind = "stream" if w.stream else "msgs"
+    ws = [k for k in cs if kind in k.kinds]
+    if w.key == "1g":
+        ws = [k for k in ws if k.key in (RAW, "md1")]
+    return ws
+
+
+def warm_up(cs: list[Contender], base: Path) -> None:
+    """Run every contender once on a few messages (imports, thread pools, first-touch memory)."""
+    for k in cs:
+        k.run(base / "warmup" / k.key, Workload("w", "warm-up", 2 * c.KIB, 20))
 
 
 if __name__ == "__main__":
