@@ -48,7 +48,7 @@ async def test_native_cancel_during_a_worker_call(tmp_path: Path, step: str) -> 
     task = asyncio.create_task(Maildir(md, syscalls=table).deliver(b"x" * 4096))
     await wait_for(started)
     task.cancel()
-    with pytest.raises(asyncio.CancelledError):
+    with pytest.raises(asyncio.CancelledError, match=r"^$"):
         await task
     await settle(lambda: listing(md) == before and open_fds() == fds, "the worker's cleanup")
 
@@ -69,7 +69,7 @@ async def test_native_cancel_while_reading_the_source(tmp_path: Path) -> None:
     await gate.wait()
     await asyncio.sleep(0.05)
     task.cancel()
-    with pytest.raises(asyncio.CancelledError):
+    with pytest.raises(asyncio.CancelledError, match=r"^$"):
         await task
     await settle(lambda: listing(md) == EMPTY, "the cleanup job")
 
@@ -154,7 +154,7 @@ async def test_session_semantics(tmp_path: Path, anyio_backend: str) -> None:
         assert w.size == 2 * 1024 * 1024
     assert w.closed
     assert listing(tmp_path / "m") == EMPTY
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="mine"):
         async with md.open_delivery() as w:
             await w.write(b"a" * (2 * 1024 * 1024))
             raise KeyError("mine")

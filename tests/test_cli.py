@@ -749,7 +749,7 @@ def test_python_dash_m_entry_point(
 ) -> None:
     """``python -m maildrop`` runs cli.main and exits with its status."""
     monkeypatch.setattr(sys, "argv", ["maildrop", "--version"])
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(SystemExit, match=r"^0$") as info:
         runpy.run_module("maildrop", run_name="__main__")
     assert info.value.code == 0
     assert capsys.readouterr().out.startswith("maildrop ")
@@ -763,7 +763,7 @@ async def test_cancelled_serve_closes_its_listeners(tmp_path: Path) -> None:
         ["lmtp", "--listen", "127.0.0.1:0", "--root", str(tmp_path)]
     )
     task.cancel()
-    with pytest.raises(asyncio.CancelledError):
+    with pytest.raises(asyncio.CancelledError, match=r"^$"):
         await task
-    with pytest.raises(ConnectionRefusedError):
+    with pytest.raises(ConnectionRefusedError, match="Connection refused"):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()

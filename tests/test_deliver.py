@@ -241,14 +241,18 @@ async def test_create_false_on_missing_maildir(maildir_path: Path) -> None:
     with pytest.raises(MaildirNotFoundError, match="create=True"):
         await deliver(maildir_path, MSG, create=False)
     assert not maildir_path.exists()
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(
+        FileNotFoundError, match=r"no maildir at .*; create it or pass create=True"
+    ):
         await deliver(maildir_path, MSG, create=False)
 
 
 async def test_create_false_on_missing_subdirs(maildir_path: Path) -> None:
     """create=False on a directory without tmp/ raises MaildirNotFoundError."""
     maildir_path.mkdir()
-    with pytest.raises(MaildirNotFoundError):
+    with pytest.raises(
+        MaildirNotFoundError, match=r"no maildir at .*; create it or pass create=True"
+    ):
         await deliver(maildir_path, MSG, create=False)
     assert list(maildir_path.iterdir()) == []
 
@@ -257,7 +261,7 @@ async def test_create_false_on_missing_folder(maildir_path: Path) -> None:
     """create=False on a missing folder raises MaildirNotFoundError."""
     await deliver(maildir_path, MSG)
     md = Maildir(maildir_path, create=False)
-    with pytest.raises(MaildirNotFoundError):
+    with pytest.raises(MaildirNotFoundError, match=r"no maildir at .*/\.Nope'; create it"):
         await md.folder("Nope").deliver(MSG)
     assert not (maildir_path / ".Nope").exists()
 
@@ -299,7 +303,7 @@ async def test_a_folder_keeps_every_setting(maildir_path: Path) -> None:
     d = await sub.deliver(b"tiny")
     assert d.name.endswith(",S=4")
     assert calls == []  # fsync=False is kept
-    with pytest.raises(MessageTooLargeError):
+    with pytest.raises(MessageTooLargeError, match="exceeds max_size=10 bytes"):
         await sub.deliver(b"x" * 11)
     assert Maildir(maildir_path).path == md.path  # the parent is unchanged
     assert md._settings.folder is None
@@ -307,7 +311,9 @@ async def test_a_folder_keeps_every_setting(maildir_path: Path) -> None:
 
 async def test_invalid_folder_names_raise_before_io(maildir_path: Path) -> None:
     """A bad folder name raises at once and creates nothing."""
-    with pytest.raises(InvalidFolderNameError):
+    with pytest.raises(
+        InvalidFolderNameError, match=r"invalid folder name '\.\./etc': '/' is not allowed"
+    ):
         Maildir(maildir_path).folder("../etc")
     assert not maildir_path.exists()
 
@@ -355,7 +361,7 @@ async def test_source_exception_propagates_as_is(maildir_path: Path) -> None:
         yield body(3 * 1024 * 1024)
         raise boom
 
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(RuntimeError, match="source broke") as info:
         await deliver(maildir_path, src())
     assert info.value is boom
     assert listing(maildir_path) == {"tmp": [], "new": [], "cur": []}
@@ -372,7 +378,7 @@ async def test_sync_file_read_error_propagates(maildir_path: Path) -> None:
         def read(self, n: int = -1) -> bytes:
             raise boom
 
-    with pytest.raises(OSError) as info:
+    with pytest.raises(OSError, match="disk gone") as info:
         await deliver(maildir_path, Bad())
     assert info.value is boom
     assert listing(maildir_path) == {"tmp": [], "new": [], "cur": []}
@@ -461,7 +467,9 @@ async def test_symlinked_tmp_is_refused(maildir_path: Path, tmp_path: Path) -> N
     canary.mkdir()
     os.rmdir(maildir_path / "tmp")
     (maildir_path / "tmp").symlink_to(canary)
-    with pytest.raises(OSError):
+    with pytest.raises(
+        OSError, match="tmp' is a symbolic link; maildrop does not follow symlinks"
+    ):
         await deliver(maildir_path, MSG)
     assert list(canary.iterdir()) == []
     assert len(listing(maildir_path)["new"]) == 1

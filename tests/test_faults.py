@@ -85,7 +85,7 @@ async def test_each_call_of_each_step_fails_once(
         before_files = listing(path) if not fresh else {"tmp": [], "new": [], "cur": []}
         before_fds = open_fds()
         table = Faults().failing(step, when=when, err=err)
-        with pytest.raises(OSError) as info:
+        with pytest.raises(OSError, match=f"injected {errno.errorcode[err]} in {step}") as info:
             await Maildir(path, syscalls=table).deliver(source(data))
         assert info.value.errno == err, (step, when)
         assert outcome(info.value).temporary
@@ -101,7 +101,7 @@ async def test_outcomes_of_injected_errors(tmp_path: Path) -> None:
     """ENOSPC maps to 452 4.3.1, EIO to 451 4.3.0, both temporary with exit 75."""
     for err, reply in ((errno.ENOSPC, "452 4.3.1"), (errno.EIO, "451 4.3.0")):
         table = Faults().failing("write", err=err)
-        with pytest.raises(OSError) as info:
+        with pytest.raises(OSError, match=f"injected {errno.errorcode[err]} in write") as info:
             await Maildir(tmp_path / "m", syscalls=table).deliver(SMALL)
         o = outcome(info.value)
         assert o.reply.startswith(reply)
@@ -125,7 +125,7 @@ async def test_short_writes_are_completed(tmp_path: Path) -> None:
 async def test_zero_write_fails_instead_of_spinning(tmp_path: Path) -> None:
     """A write() returning 0 fails the delivery (EIO) rather than looping forever."""
     table = DEFAULT_SYSCALLS.replace(write=lambda fd, data: 0)
-    with pytest.raises(OSError) as info:
+    with pytest.raises(OSError, match=r"write\(\) wrote nothing; nothing was delivered") as info:
         await Maildir(tmp_path / "m", syscalls=table).deliver(SMALL)
     assert info.value.errno == errno.EIO
     assert listing(tmp_path / "m") == {"tmp": [], "new": [], "cur": []}

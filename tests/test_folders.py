@@ -16,16 +16,24 @@ from maildrop._folders import (
 )
 from maildrop._lmtp_deliver import mailbox_name
 
-BAD = [
-    "", ".", "..", "a..b", ".x", "x.", "a/b", "../x", "a\0b", "~x", "tmp", "new", "cur",
-    "Lists.tmp", "a\nb", "x" * 300, "a\x7fb", "a\x85b", "a\x9fb",
-]  # fmt: skip
+EMPTY_LEVEL = "it has an empty level"
+CONTROL = "control characters"
+RESERVED = "'(tmp|new|cur)' is reserved by the maildir layout"
+#: Each bad name and (a regular expression of) why it is refused.
+BAD = {
+    "": "it is empty", ".": EMPTY_LEVEL, "..": EMPTY_LEVEL, "a..b": EMPTY_LEVEL,
+    ".x": EMPTY_LEVEL, "x.": EMPTY_LEVEL, "a/b": "'/' is not allowed",
+    "../x": "'/' is not allowed", "a\0b": CONTROL, "~x": "a leading '~' is not allowed",
+    "tmp": RESERVED, "new": RESERVED, "cur": RESERVED, "Lists.tmp": RESERVED, "a\nb": CONTROL,
+    "x" * 300: "longer than 255 bytes once encoded", "a\x7fb": CONTROL, "a\x85b": CONTROL,
+    "a\x9fb": CONTROL,
+}  # fmt: skip
 
 
-@pytest.mark.parametrize("name", BAD)
-def test_bad_names_are_refused(name: str) -> None:
+@pytest.mark.parametrize(("name", "why"), BAD.items())
+def test_bad_names_are_refused(name: str, why: str) -> None:
     """Each malformed or reserved name raises InvalidFolderNameError (also a ValueError)."""
-    with pytest.raises(InvalidFolderNameError):
+    with pytest.raises(InvalidFolderNameError, match=f"^invalid folder name .*: {why}"):
         folder_dirname(name)
     with pytest.raises(ValueError, match="folder name"):
         folder_dirname(name)
@@ -37,10 +45,13 @@ def test_control_characters_are_unicodes_cc(text: str) -> None:
     assert has_control(text) == any(unicodedata.category(ch) == "Cc" for ch in text)
 
 
-@pytest.mark.parametrize("name", ["a\x85", "a\x00", "a\x7f", "x" * 256])
-def test_folder_and_mailbox_names_share_their_rules(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [("a\x85", CONTROL), ("a\x00", CONTROL), ("a\x7f", CONTROL), ("x" * 256, "longer than 255")],
+)
+def test_folder_and_mailbox_names_share_their_rules(name: str, why: str) -> None:
     """A control character or an over-long entry refuses a folder and a mailbox alike."""
-    with pytest.raises(InvalidFolderNameError):
+    with pytest.raises(InvalidFolderNameError, match=why):
         folder_dirname(name)
     assert mailbox_name(f"{name}@example.org") is None
 

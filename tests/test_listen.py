@@ -63,7 +63,7 @@ def test_tcp_bind_reports_the_port_and_cleans_up() -> None:
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
     finally:
         lsn.close()
-    with pytest.raises(ConnectionRefusedError):
+    with pytest.raises(ConnectionRefusedError, match="Connection refused"):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 

@@ -301,7 +301,7 @@ async def test_disk_full_over_smtp_is_452_for_smtplib(tmp_path: Path) -> None:
             with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test") as s:
                 s.sendmail("s@x", ["alice@x"], MSG)
 
-        with pytest.raises(smtplib.SMTPDataError) as info:
+        with pytest.raises(smtplib.SMTPDataError, match="Insufficient system storage") as info:
             await asyncio.to_thread(send)
     assert info.value.smtp_code == 452
     assert info.value.smtp_error.startswith(b"4.3.1")
@@ -556,7 +556,7 @@ async def test_shutdown_finishes_deliveries_in_flight(tmp_path: Path) -> None:
     await until(lambda: handler.closing, "shutdown to begin")
     # A new transaction during shutdown is refused with 421.
     assert (await late.command("MAIL FROM:<s@x>")).startswith("421 4.3.2")
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="Connect call failed"):
         await asyncio.open_connection("127.0.0.1", port)
     assert not stopping.done()
     slow_fsync.release.set()

@@ -321,7 +321,7 @@ async def test_replies_wait_while_the_client_does_not_read(tmp_path: Path) -> No
         (conn,) = server._conns
         conn.pause_writing()
         writer.write(b"NOOP\r\n")
-        with pytest.raises(TimeoutError):
+        with pytest.raises(TimeoutError, match=r"^$"):
             await asyncio.wait_for(reader.readline(), 0.2)
         conn.resume_writing()
         assert await replies(reader, 1) == ["250 2.0.0 OK"]
@@ -388,7 +388,9 @@ async def test_stale_unix_socket_is_replaced_and_bind_errors_raise(tmp_path: Pat
     server = MaildirServer(MaildirHandler(tmp_path), hostname="mx.test")
     try:
         assert await server.listen(f"unix:{path}") == [f"unix:{path}"]
-        with pytest.raises(FileNotFoundError):
+        with pytest.raises(
+            FileNotFoundError, match=r"no/such/dir does not exist \(create it first"
+        ):
             await server.listen(f"unix:{tmp_path}/no/such/dir/sock")
     finally:
         await server.shutdown(0)

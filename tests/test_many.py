@@ -247,7 +247,7 @@ async def test_source_exception_propagates(tmp_path: Path) -> None:
         yield MSG
         raise boom
 
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(RuntimeError, match="source broke") as info:
         await deliver_many(src(), boxes(tmp_path, 2))
     assert info.value is boom
     assert listing(tmp_path / "box0") == {"tmp": [], "new": [], "cur": []}
@@ -553,7 +553,7 @@ async def test_deliver_many_raises_a_source_oserror(tmp_path: Path) -> None:
         yield MSG
         raise boom
 
-    with pytest.raises(ConnectionResetError) as info:
+    with pytest.raises(ConnectionResetError, match="peer went away") as info:
         await deliver_many(src(), [Maildir(tmp_path / "a"), Maildir(tmp_path / "b")])
     assert info.value is boom
 

@@ -186,7 +186,7 @@ async def test_stops_while_streaming(maildir_path: Path) -> None:
             sent += 1
             yield b"z" * (256 * 1024)
 
-    with pytest.raises(QuotaExceededError):
+    with pytest.raises(QuotaExceededError, match="is over quota: 0 of 3145728 bytes"):
         await md.deliver(big())
     assert sent <= 24  # within two 1 MiB batches of passing the limit (writes pipeline)
     assert listing(maildir_path) == {"tmp": [], "new": [], "cur": []}
@@ -200,7 +200,7 @@ async def test_file_sources_are_checked(maildir_path: Path, tmp_path: Path, kind
     (tmp_path / "m").write_bytes(data)
     md = Maildir(maildir_path, quota=Quota(bytes=2 * 1024 * 1024))
     src: Any = open(tmp_path / "m", "rb") if kind == "file" else io.BytesIO(data)  # noqa: SIM115
-    with src, pytest.raises(QuotaExceededError):
+    with src, pytest.raises(QuotaExceededError, match="is over quota: 0 of 2097152 bytes"):
         await md.deliver(src)
     assert listing(maildir_path) == {"tmp": [], "new": [], "cur": []}
     with open(tmp_path / "m", "rb") as f:
@@ -250,7 +250,10 @@ async def test_fresh_one_line_file_is_trusted(maildir_path: Path) -> None:
     """Over quota by a fresh, freshly recalculated file: refused without recounting."""
     seed(maildir_path, b"500S\n480 5\n")
     md = Maildir(maildir_path, quota=Quota())
-    with pytest.raises(QuotaExceededError):
+    with pytest.raises(
+        QuotaExceededError,
+        match=r"over quota: 480 of 500 bytes \(96%\) used; this message needs at least 100 bytes",
+    ):
         await md.deliver(MSG)
     assert usage(maildir_path) == (500, None, 480, 5)
 
@@ -303,7 +306,9 @@ async def test_symlinked_maildirsize_is_refused(maildir_path: Path, tmp_path: Pa
     (maildir_path / "maildirsize").unlink()
     (tmp_path / "elsewhere").write_bytes(b"500S\n0 0\n")
     os.symlink(tmp_path / "elsewhere", maildir_path / "maildirsize")
-    with pytest.raises(OSError) as info:
+    with pytest.raises(
+        OSError, match="maildirsize' is a symbolic link, not a regular file with one link"
+    ) as info:
         await Maildir(maildir_path, quota=Quota()).deliver(MSG)
     assert info.value.errno == errno.ELOOP
     assert listing(maildir_path) == {"tmp": [], "new": [], "cur": []}

@@ -195,7 +195,10 @@ def test_second_sigterm_with_a_frozen_filesystem(tmp_path: Path, workers: int) -
                 while sock.exists():
                     assert time.monotonic() - started < 5, server.log
                     time.sleep(0.01)
-                with socket.socket(socket.AF_UNIX) as late, pytest.raises(FileNotFoundError):
+                with (
+                    socket.socket(socket.AF_UNIX) as late,
+                    pytest.raises(FileNotFoundError, match="No such file or directory"),
+                ):
                     late.connect(str(sock))
                 client.close()
             finally:

@@ -90,7 +90,10 @@ async def test_pipe_source_with_a_header_and_a_size_limit(
     r, w = os.pipe()
     os.write(w, b"y" * 200)
     os.close(w)
-    with open(r, "rb") as f, pytest.raises(MessageTooLargeError):
+    with (
+        open(r, "rb") as f,
+        pytest.raises(MessageTooLargeError, match="exceeds max_size=100 bytes"),
+    ):
         await Maildir(tmp_path / "m", max_size=100).deliver(f)
     assert len(listing(tmp_path / "m")["new"]) == 1
 
@@ -159,7 +162,7 @@ async def test_source_oserror_propagates_from_deliver(maildir_path: Path) -> Non
         yield b"x" * (2 * 1024 * 1024)  # a batch is in flight when the source fails
         raise boom
 
-    with pytest.raises(ConnectionResetError) as info:
+    with pytest.raises(ConnectionResetError, match="peer went away") as info:
         await Maildir(maildir_path).deliver(src())
     assert info.value is boom
     assert listing(maildir_path) == {"tmp": [], "new": [], "cur": []}

@@ -1,7 +1,11 @@
-"""The house limits hold for every module of ``maildrop`` and ``compat`` (STYLE.md).
+"""The house rules that a reader cannot check at a glance hold everywhere (STYLE.md).
 
-Modules of at most 400 lines and functions of at most 60 lines, and a module map in
-``maildrop/__init__.py`` that names every module of the package and no module that is gone.
+Modules of ``maildrop`` and ``compat`` of at most 400 lines and functions of at most 60
+lines; a module map in ``maildrop/__init__.py`` that names every module of the package and no
+module that is gone; every ``pytest.raises`` in ``tests/`` and ``benchmarks/`` pins what it
+expects: a ``match=`` (``r"^$"`` for an exception that carries no message, e.g.
+``CancelledError``), or the exception info bound with ``as`` and inspected in the test
+(an attribute such as ``smtp_code``, or ``.match()`` where the type varies by backend).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ MAX_FUNCTION_LINES = 60
 
 PACKAGES = [Path(maildrop.__file__).parent, Path(compat.__file__).parent]
 MODULES = sorted(p for pkg in PACKAGES for p in pkg.glob("*.py"))
+ROOT = PACKAGES[0].parent
+TESTS = sorted([*(ROOT / "tests").rglob("*.py"), *(ROOT / "benchmarks").glob("test_*.py")])
 
 
 def _name(path: Path) -> str:
@@ -84,3 +90,55 @@ def test_module_map_names_no_module_that_is_gone() -> None:
     modules = {p.stem for p in PACKAGES[0].glob("*.py")}
     named = {n for n in _map_names() if n.startswith("_") and not n.endswith("*")}
     assert named - modules == set()
+
+
+def unpinned_raises(source: str) -> list[int]:
+    """Return the lines of each ``pytest.raises`` in *source* that pins nothing.
+
+    It pins something with a ``match=``, or when it is bound (``as info``) and that name is
+    read again in the same function.
+    """
+    found = []
+    for func in ast.walk(ast.parse(source)):
+        if not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for node in ast.walk(func):
+            if not isinstance(node, ast.With | ast.AsyncWith):
+                continue
+            for item in node.items:
+                call = item.context_expr
+                if not (isinstance(call, ast.Call) and ast.unparse(call.func) == "pytest.raises"):
+                    continue
+                if any(k.arg == "match" for k in call.keywords):
+                    continue
+                bound = item.optional_vars
+                if isinstance(bound, ast.Name) and _read_after(func, bound):
+                    continue
+                found.append(call.lineno)
+    return found
+
+
+def _read_after(func: ast.AST, bound: ast.Name) -> bool:
+    return any(
+        isinstance(n, ast.Name) and n.id == bound.id and isinstance(n.ctx, ast.Load)
+        for n in ast.walk(func)
+    )
+
+
+def test_the_raises_checker_tells_pinned_from_unpinned() -> None:
+    """A bare raises is reported; one with match=, or bound and inspected, is not."""
+    source = (
+        "def t():\n"
+        "    with pytest.raises(E):\n        f()\n"
+        "    with pytest.raises(E, match='x'):\n        f()\n"
+        "    with pytest.raises(E) as info:\n        f()\n"
+        "    assert info.value.code == 1\n"
+        "    with pytest.raises(E) as unused:\n        f()\n"
+    )
+    assert unpinned_raises(source) == [2, 9]
+
+
+@pytest.mark.parametrize("path", TESTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_raises_pins_the_exception(path: Path) -> None:
+    """Every ``pytest.raises`` has a ``match=`` or inspects the exception it caught."""
+    assert unpinned_raises(path.read_text(encoding="utf-8")) == []

@@ -116,7 +116,7 @@ async def test_unlink_errors_are_raised(maildir_path: Path, faults: Faults) -> N
     await Maildir(maildir_path).deliver(b"x")
     (maildir_path / "tmp" / "f").write_bytes(b"")
     md = Maildir(maildir_path, syscalls=faults.failing("unlink", err=errno.EACCES))
-    with pytest.raises(PermissionError):
+    with pytest.raises(PermissionError, match="injected EACCES in unlink"):
         await md.clean_tmp(older_than=0, now=time.time() + DAY)
     assert listing(maildir_path)["tmp"] == ["f"]
 
@@ -128,6 +128,6 @@ async def test_failed_create_is_not_left_live(maildir_path: Path, faults: Faults
     await Maildir(maildir_path).deliver(b"x")
     before = set(LIVE_TMP)
     md = Maildir(maildir_path, syscalls=faults.failing("open", when=4, err=errno.EACCES))
-    with pytest.raises(PermissionError):
+    with pytest.raises(PermissionError, match="injected EACCES in open"):
         await md.deliver(b"y")
     assert set(LIVE_TMP) <= before

@@ -210,12 +210,17 @@ async def test_bad_header_value_does_no_io(maildir_path: Path) -> None:
 async def test_max_size_counts_added_bytes(maildir_path: Path, tmp_path: Path) -> None:
     """max_size applies to the bytes written, headers included, for every path."""
     md = Maildir(maildir_path, max_size=len(MSG))
-    with pytest.raises(MessageTooLargeError):
+    with pytest.raises(MessageTooLargeError, match=f"exceeds max_size={len(MSG)} bytes"):
         await md.deliver(MSG, delivered_to="u@d")
-    with pytest.raises(MessageTooLargeError):  # the headers of an empty message
+    with pytest.raises(
+        MessageTooLargeError, match="exceeds max_size=3 bytes"
+    ):  # the headers of an empty message
         await Maildir(maildir_path, max_size=3).deliver(b"", delivered_to="u@d")
     (tmp_path / "m").write_bytes(MSG)
-    with open(tmp_path / "m", "rb") as f, pytest.raises(MessageTooLargeError):
+    with (
+        open(tmp_path / "m", "rb") as f,
+        pytest.raises(MessageTooLargeError, match=f"exceeds max_size={len(MSG)} bytes"),
+    ):
         await md.deliver(f, delivered_to="u@d")
     assert listing(maildir_path) == {"tmp": [], "new": [], "cur": []}
     d = await md.deliver(MSG, crlf_to_lf=True)

@@ -67,7 +67,7 @@ async def _cancel_mid_chain(md: UringMaildir) -> None:
     task = asyncio.create_task(md.deliver(MSG))
     await asyncio.sleep(0)
     task.cancel()
-    with pytest.raises(asyncio.CancelledError):
+    with pytest.raises(asyncio.CancelledError, match=r"^$"):
         await task
     await _settled(md.ring)
 
@@ -198,7 +198,7 @@ async def test_a_cancelled_delivery_releases_the_caller_and_cleans_up(
     task = asyncio.create_task(md.deliver(MSG))
     await asyncio.sleep(0)  # the chain is queued
     task.cancel()
-    with pytest.raises(asyncio.CancelledError):
+    with pytest.raises(asyncio.CancelledError, match=r"^$"):
         await task
     await _settled(md.ring)
     assert listing(maildir)["tmp"] == []
@@ -275,7 +275,7 @@ async def test_a_cancel_landing_after_the_chain_completed_still_cleans_up(
 
     md.ring.hooks = CancelAtFsync()
     task = asyncio.create_task(md.deliver(MSG))
-    with pytest.raises(asyncio.CancelledError):
+    with pytest.raises(asyncio.CancelledError, match=r"^$"):
         await task
     await _settled(md.ring)
     assert listing(maildir)["tmp"] == []

@@ -63,7 +63,7 @@ def test_trap_reraises_other_errors() -> None:
 
 def test_failure_needs_an_exception() -> None:
     """Failure() outside an except block is a TypeError."""
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="needs an exception"):
         Failure()
 
 
@@ -71,9 +71,9 @@ def test_fires_only_once() -> None:
     """A second callback()/errback() raises AlreadyCalledError."""
     d: Deferred[int] = Deferred()
     d.callback(1)
-    with pytest.raises(AlreadyCalledError):
+    with pytest.raises(AlreadyCalledError, match="already fired"):
         d.callback(2)
-    with pytest.raises(AlreadyCalledError):
+    with pytest.raises(AlreadyCalledError, match="already fired"):
         d.errback(ValueError())
 
 
@@ -128,7 +128,7 @@ async def test_cancelling_the_awaiting_task_cancels_the_deferred() -> None:
     """asyncio.wait_for timing out cancels the Deferred (its canceller runs)."""
     cancelled: list[Any] = []
     d: Deferred[int] = Deferred(cancelled.append)
-    with pytest.raises(TimeoutError):
+    with pytest.raises(TimeoutError, match=r"^$"):
         await asyncio.wait_for(d.asFuture(asyncio.get_running_loop()), 0.01)
     assert cancelled == [d]
     assert d.called

@@ -59,7 +59,7 @@ async def test_a_cancelled_pump_raises_and_the_session_aborts_cleanly(maildir_pa
     pump = loop.create_task(feed.run(session, loop, lambda: False, lambda: None))
     await asyncio.sleep(0.05)
     pump.cancel()
-    with pytest.raises(asyncio.CancelledError):
+    with pytest.raises(asyncio.CancelledError, match=r"^$"):
         await pump
     await session.abort()
     assert listing(maildir_path) == {"tmp": [], "new": [], "cur": []}

@@ -274,11 +274,13 @@ async def test_fail_without_argument_uses_the_current_exception(maildir_path: Pa
         raise KeyError("boom")
     except KeyError:
         task.fail()
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match="boom"):
         await result(task.defer)
     task2 = Task(compat.MaildirMailbox(str(maildir_path)), b"")
     task2.fail()
-    with pytest.raises(compat.DeliveryAborted):
+    with pytest.raises(
+        compat.DeliveryAborted, match=r"^fail\(\) was called; the message was not delivered$"
+    ):
         await result(task2.defer)
 
 
@@ -289,7 +291,10 @@ async def test_stop_producing_aborts(maildir_path: Path) -> None:
     task.write(b"x" * (2 << 20))
     await asyncio.sleep(0.01)
     task.stopProducing()
-    with pytest.raises(compat.DeliveryAborted):
+    with pytest.raises(
+        compat.DeliveryAborted,
+        match=r"^stopProducing\(\) was called; the message was not delivered$",
+    ):
         await result(task.defer)
     assert listing(maildir_path)["tmp"] == []
     assert listing(maildir_path)["new"] == []
@@ -428,7 +433,7 @@ async def test_source_read_error_is_reported(maildir_path: Path) -> None:
         def read(self, n: int) -> bytes:
             raise err
 
-    with pytest.raises(OSError) as info:
+    with pytest.raises(OSError, match="read failed") as info:
         await result(compat.MaildirMailbox(str(maildir_path)).appendMessage(Src()))
     assert info.value is err
 

@@ -276,7 +276,7 @@ def test_dir_fsync_is_confirmed_by_fstat(work: Path) -> None:
 
     async def main() -> list[Delivery | BaseException]:
         alone = Maildir(work / "alone", syscalls=table)
-        with pytest.raises(OSError) as info:
+        with pytest.raises(OSError, match="filesystem shut down") as info:
             await alone.deliver(make("a", 100))
         assert info.value.errno == errno.EIO
         group = Maildir(work / "group", syscalls=table)
