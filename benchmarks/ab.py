@@ -26,7 +26,6 @@ How it measures:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -36,7 +35,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from . import _contenders as c
 from . import compare
@@ -56,44 +54,18 @@ class Side:
         return [1 / r[key] if r.get(key) else None for r in self.rounds]
 
 
-class Worker:
+class Worker(compare.PipeProcess):
     """The process that runs one tree's rounds (see ``benchmarks/_ab_worker.py``)."""
 
     def __init__(self, tree: Path, harness: Path, data: Path, args: argparse.Namespace) -> None:
         data.mkdir(parents=True)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(harness), str(tree)]))
-        cmd = [sys.executable, "-m", "benchmarks._ab_worker", "--dir", str(data),
-               "--only", args.only, "--slices", str(args.slices)]  # fmt: skip
+        argv = [sys.executable, "-m", "benchmarks._ab_worker", "--dir", str(data),
+                "--only", args.only, "--slices", str(args.slices)]  # fmt: skip
         if args.no_twisted:
-            cmd.append("--no-twisted")
-        self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=data, env=env
-        )
+            argv.append("--no-twisted")
+        super().__init__(argv, env, data, "A/B worker")
         self.files = self.ask({"op": "hello"})
-
-    def ask(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        """Send one command, return its answer."""
-        assert self.proc.stdin is not None
-        assert self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the A/B worker died (exit {self.proc.wait()})")
-        out: dict[str, Any] = json.loads(line)
-        return out
-
-    def close(self) -> None:
-        """Let the worker finish (stdin closed) and reap it."""
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
 
 
 def _git(*args: str) -> str:

@@ -89,7 +89,41 @@ class Result:
     error: str | None = None
 
 
-class TwistedProcess:
+class PipeProcess:
+    """A helper process that answers one JSON line on stdout for each JSON line on stdin."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], cwd: Path, what: str) -> None:
+        self.what = what
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=cwd, env=env
+        )
+
+    def ask(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Send one command, return its answer."""
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.what} died (exit {self.proc.wait()})")
+        out: dict[str, Any] = json.loads(line)
+        return out
+
+    def close(self) -> None:
+        """Close its stdin (it then exits) and reap it."""
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+
+
+class TwistedProcess(PipeProcess):
     """The second process that runs Twisted's and compat's contenders."""
 
     def __init__(self) -> None:
@@ -97,29 +131,9 @@ class TwistedProcess:
         env = dict(
             os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
         )
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks._twisted"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root, env=env,
-        )  # fmt: skip
+        argv = [sys.executable, "-m", "benchmarks._twisted"]
+        super().__init__(argv, env, root, "Twisted benchmark process")
         self.caps = self.ask({"op": "probe"})
-
-    def ask(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        assert self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("the Twisted benchmark process died")
-        out: dict[str, Any] = json.loads(line)
-        return out
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        assert self.proc.stdout is not None
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
-        self.proc.stdout.close()
 
 
 def contenders(runner: asyncio.Runner, tw: TwistedProcess | None) -> list[Contender]:
