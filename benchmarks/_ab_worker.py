@@ -1,7 +1,7 @@
 """One tree's side of ``python -m benchmarks.ab``: rounds of the comparison, on command.
 
 ``benchmarks/ab.py`` starts one of these per tree, with ``PYTHONPATH`` naming a copy of the
-head's ``benchmarks`` package first and the tree to measure second, so both trees run the
+checkout's ``benchmarks`` package first and the tree to measure second, so both trees run the
 same contenders and only ``maildrop`` (and ``compat``) differ. It reads one JSON command per
 line on stdin and answers each with one JSON line on stdout:
 

@@ -7,7 +7,7 @@ How it measures:
 
 * REV (and ``--head REV``) is checked out with ``git worktree add --detach`` in a scratch
   directory, removed at the end. The contenders are those of ``python -m benchmarks``
-  (``benchmarks/compare.py``) from the head's ``benchmarks`` package, copied once, so both
+  (``benchmarks/compare.py``) from this checkout's ``benchmarks`` package, copied once, so both
   trees run the same harness and only ``maildrop``/``compat`` differ.
 * Each tree runs in its own worker process (``benchmarks/_ab_worker.py``) with its own
   ``PYTHONPATH`` (the harness copy, then the tree) and its own Twisted process; each warms
