@@ -82,8 +82,8 @@ class Steps:
         self._flags = flags
         self._size_stamp = settings.size_stamp
         self._max_size = settings.max_size
-        self.transform = transform
-        self.quota = quota
+        self._transform = transform
+        self._quota = quota
         if quota is not None:
             quota.tmp = self.tmp
             self.tmp.ledger_lock = quota
@@ -93,6 +93,16 @@ class Steps:
         self.file: IO[bytes] | None = None
         self.started = False
 
+    @property
+    def transform(self) -> Transform | None:
+        """The streaming header stamps and CRLF conversion, if any."""
+        return self._transform
+
+    @property
+    def quota(self) -> QuotaGuard | None:
+        """The delivery's quota guard, if any (the session releases its reservation)."""
+        return self._quota
+
     def accept(self, data: object, size: int) -> bytes | memoryview:
         """Return *data* transformed, as a chunk to write after *size* bytes already taken.
 
@@ -101,8 +111,8 @@ class Steps:
             MessageTooLargeError: the message would pass ``max_size``.
         """
         chunk = as_chunk(data)
-        if self.transform is not None:
-            chunk = self.transform.feed(chunk)
+        if self._transform is not None:
+            chunk = self._transform.feed(chunk)
         if self._max_size is not None and size + len(chunk) > self._max_size:
             raise MessageTooLargeError(self._max_size)
         return chunk
@@ -113,12 +123,12 @@ class Steps:
         tmp = self.tmp
         if not self.started:
             tmp.open_dirs()
-            if self.quota is not None:
-                self.quota.check(tmp.root_fd, sum(len(c) for c in chunks))
+            if self._quota is not None:
+                self._quota.check(tmp.root_fd, sum(len(c) for c in chunks))
             tmp.create()
             self.started = True
-        elif self.quota is not None and chunks:
-            self.quota.check(tmp.root_fd, tmp.size + sum(len(c) for c in chunks))
+        elif self._quota is not None and chunks:
+            self._quota.check(tmp.root_fd, tmp.size + sum(len(c) for c in chunks))
         tmp.write(chunks)
 
     def write_rest(self, chunks: list[bytes | memoryview]) -> None:
@@ -126,8 +136,8 @@ class Steps:
         self.write(chunks)
         if self.file is not None:
             self.copy_file(self.file)
-        if self.transform is not None:
-            tail = self.transform.finish()
+        if self._transform is not None:
+            tail = self._transform.finish()
             if self._max_size is not None and self.tmp.size + len(tail) > self._max_size:
                 raise MessageTooLargeError(self._max_size)
             if tail:
@@ -155,7 +165,7 @@ class Steps:
         except (AttributeError, OSError, ValueError):
             is_regular = False
         # A transform must see every byte, so it reads; the quota is checked per batch.
-        is_regular = is_regular and self.transform is None
+        is_regular = is_regular and self._transform is None
         if is_regular:
             offset = f.tell()
             while True:
@@ -176,8 +186,8 @@ class Steps:
                 offset += n
                 if limit is not None and tmp.size > limit:
                     raise MessageTooLargeError(limit)
-                if self.quota is not None:
-                    self.quota.check(tmp.root_fd, tmp.size)
+                if self._quota is not None:
+                    self._quota.check(tmp.root_fd, tmp.size)
                 if n < budget:
                     break
             f.seek(offset)
@@ -191,8 +201,8 @@ class Steps:
                 if not data:
                     break
                 chunk = as_chunk(data)
-                if self.transform is not None:
-                    chunk = self.transform.feed(chunk)
+                if self._transform is not None:
+                    chunk = self._transform.feed(chunk)
                 if limit is not None and tmp.size + len(chunk) > limit:
                     raise MessageTooLargeError(limit)
                 self.write([chunk])  # checks the quota too
