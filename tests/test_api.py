@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +54,42 @@ def test_unknown_attribute_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="has no attribute 'nope'"):
         maildrop.nope  # noqa: B018 - the access is the test
     assert "Maildir" in dir(maildrop)
+
+
+SIGNATURES = """
+from maildrop import Maildir, Quota, deliver
+from maildrop.lmtp import MaildirHandler, MaildirServer
+
+
+async def uses() -> None:
+    await deliver("/m", b"x", create=False, fsync=False, max_size=3, size_stamp=True,
+                  quota=Quota(bytes=1), flags="S", return_path="", delivered_to="a",
+                  crlf_to_lf=True)
+    await Maildir("/m").deliver(b"x", flags="S", return_path="", delivered_to="a",
+                                crlf_to_lf=False)
+    MaildirServer(MaildirHandler("/r"), lmtp=False, hostname="h", timeout=1.0,
+                  data_timeout=2.0, max_connections=3, max_recipients=4, retry=None)
+    await deliver("/m", b"x", bogus=1)  # refused
+    await deliver("/m", b"x", create="no")  # refused
+    await Maildir("/m").deliver(b"x", pipeline=True)  # refused
+    MaildirServer(MaildirHandler("/r"), False)  # refused
+"""
+
+
+def test_public_signatures_type_check(tmp_path: Path) -> None:
+    """mypy accepts the keywords of deliver(), Maildir.deliver(), MaildirServer; not bad ones."""
+    api = pytest.importorskip("mypy.api", reason="mypy is not installed")
+    (tmp_path / "uses.py").write_text(SIGNATURES)
+    out, _, status = api.run(["--strict", "--no-error-summary", str(tmp_path / "uses.py")])
+    assert status == 1
+    refused = [i for i, line in enumerate(SIGNATURES.splitlines(), 1) if "# refused" in line]
+    errors = {int(line.split(":")[1]) for line in out.splitlines() if ": error:" in line}
+    assert sorted(errors) == refused
+
+
+@pytest.mark.anyio
+async def test_deliver_refuses_an_unknown_keyword(tmp_path: Path) -> None:
+    """A keyword that neither Maildir nor Maildir.deliver takes is a TypeError, before any I/O."""
+    with pytest.raises(TypeError, match="unexpected keyword argument 'bogus'"):
+        await maildrop.deliver(tmp_path / "m", b"x", bogus=1)  # type: ignore[call-arg]  # the mistake under test
+    assert not (tmp_path / "m").exists()
