@@ -172,7 +172,8 @@ def measure(args: argparse.Namespace, scratch: Path) -> tuple[list[str], list[st
     try:
         for name, tree in trees.items():
             workers[name] = Worker(tree, harness, scratch / name, args)
-            lines.append(f"- the {name} imports `{workers[name].files['maildrop']}`")
+            files = workers[name].files
+            lines.append(f"- the {name} imports `{files['maildrop']}` and `{files['compat']}`")
         lines.append("")
         for w in compare.workloads(args):
             sides = {"base": Side(), "head": Side()}

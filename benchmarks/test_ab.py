@@ -68,8 +68,10 @@ def test_ab_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "- base: " in out
     assert "- head: working tree at " in out
-    assert f"- the head imports `{ab.REPO / 'maildrop' / '__init__.py'}`" in out
-    assert "/base-tree/maildrop/__init__.py`" in out
+    head = f"`{ab.REPO / 'maildrop' / '__init__.py'}` and `{ab.REPO / 'compat' / '__init__.py'}`"
+    assert f"- the head imports {head}" in out
+    assert "/base-tree/maildrop/__init__.py` and `" in out
+    assert "/base-tree/compat/__init__.py`" in out
     for heading in ("#### 2 KiB messages (20 per round)", "#### 2 MiB stream", "### Verdict"):
         assert heading in out
     for key in ("raw", "md1", "md64", "stdlib"):
