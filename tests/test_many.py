@@ -407,8 +407,6 @@ async def test_cancelled_during_the_fsyncs(tmp_path: Path, faults: Faults) -> No
     import threading
     import time
 
-    from .conftest import open_fds
-
     entered = threading.Event()
 
     def slow_fsync_dir(fd: int) -> None:
@@ -427,8 +425,11 @@ async def test_cancelled_during_the_fsyncs(tmp_path: Path, faults: Faults) -> No
         while not entered.is_set():  # noqa: ASYNC110 - a worker thread sets it
             await anyio.sleep(0.005)
         tg.cancel_scope.cancel()
-    await anyio.sleep(0.4)  # the abandoned worker finishes its fsync and closes its fds
-    assert open_fds() <= before
+    # The abandoned worker finishes its fsync, closes its fds and removes the staging file.
+    await settle(
+        lambda: open_fds() <= before and listing(tmp_path / "near")["tmp"] == [],
+        "the abandoned worker's fsync and cleanup",
+    )
     assert len(listing(tmp_path / "slow")["new"]) == 2  # linked: it stays
     assert listing(tmp_path / "near")["tmp"] == []
     assert len(listing(tmp_path / "far")["new"]) == 1  # the copy never started
