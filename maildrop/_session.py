@@ -67,6 +67,7 @@ class DeliverySession:
     ) -> None:
         self._settings = settings
         self._tmp = DeliveryFiles(settings, "new" if flags is None else "cur")
+        self._tmp.reuse = True  # one target: the next delivery there reuses the directories
         # Header stamps / CRLF conversion (``_transform``) and Maildir++ quota (``_quota_io``).
         self._transform = transform
         self._quota = quota
