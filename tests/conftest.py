@@ -122,3 +122,12 @@ class Faults:
 def faults() -> Faults:
     """A fresh fault-table builder."""
     return Faults()
+
+
+@pytest.fixture(autouse=True)
+def _no_kept_directories() -> Any:
+    """Each test starts without maildir directories kept open (``maildrop._dircache``): a
+    server a test left running must not make later tests keep theirs."""
+    yield
+    _dircache._holders = 0
+    _dircache.forget_all()

@@ -19,11 +19,11 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(autouse=True)
-def _held_cache() -> Iterator[None]:
-    _dircache.hold()  # as a running server does
+def _held_cache(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(_dircache, "_holders", 1)  # as while one server runs
+    _dircache.forget_all()
     yield
-    _dircache.release()
-    assert _dircache._table == {}
+    _dircache.forget_all()
 
 
 def entry_for(md: Path, folder: str | None = None, sub: str = "new") -> _dircache.Entry | None:
@@ -247,13 +247,10 @@ async def test_nothing_is_kept_without_a_server(tmp_path: Path) -> None:
     """Without a running server every delivery closes its directories: a library caller
     never finds its filesystem kept busy after deliver() returned."""
     _dircache.release()
-    try:
-        before = open_fds()
-        await Maildir(tmp_path / "m").deliver(b"one\n")
-        assert _dircache._table == {}
-        assert open_fds() <= before
-    finally:
-        _dircache.hold()
+    before = open_fds()
+    await Maildir(tmp_path / "m").deliver(b"one\n")
+    assert _dircache._table == {}
+    assert open_fds() <= before
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
@@ -262,15 +259,12 @@ async def test_a_server_holds_the_cache_until_it_shuts_down(tmp_path: Path) -> N
     from maildrop.lmtp import MaildirHandler, MaildirServer
 
     _dircache.release()
-    try:
-        (tmp_path / "alice").mkdir()
-        server = MaildirServer(MaildirHandler(tmp_path))
-        await server.listen("127.0.0.1:0")
-        assert _dircache._holders == 1
-        await Maildir(tmp_path / "alice").deliver(b"one\n")
-        assert entry_for(tmp_path / "alice") is not None
-        await server.shutdown(grace=0)
-        assert _dircache._holders == 0
-        assert _dircache._table == {}
-    finally:
-        _dircache.hold()
+    (tmp_path / "alice").mkdir()
+    server = MaildirServer(MaildirHandler(tmp_path))
+    await server.listen("127.0.0.1:0")
+    assert _dircache._holders == 1
+    await Maildir(tmp_path / "alice").deliver(b"one\n")
+    assert entry_for(tmp_path / "alice") is not None
+    await server.shutdown(grace=0)
+    assert _dircache._holders == 0
+    assert _dircache._table == {}
