@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._lmtp_flow import ACCEPT_RETRY, AcceptErrors
 from ._lmtp_retry import RetryMemory
-from ._log import LineHandler
+from ._log import LineFormatter, LineHandler
 from ._quota import Quota
 from ._supervisor import cpu_count
 from .cli import UsageError, parse_duration, parse_size
@@ -224,10 +224,7 @@ def _setup_logging() -> Callable[[], None]:
         sys.stderr.flush()
         handler = LineHandler(fd)
     # syslog's shape: time, host, program[pid].
-    host = socket.gethostname().replace("%", "%%")
-    handler.setFormatter(
-        logging.Formatter(f"%(asctime)s {host} %(name)s[%(process)d]: %(message)s")
-    )
+    handler.setFormatter(LineFormatter(socket.gethostname()))
     saved = [(lg, lg.level, lg.propagate) for lg in (ours, theirs)]
     for lg, level in ((ours, logging.INFO), (theirs, logging.WARNING)):
         lg.addHandler(handler)

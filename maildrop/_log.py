@@ -15,8 +15,9 @@ import asyncio
 import logging
 import os
 import select
+import time
 
-__all__ = ["LineHandler"]
+__all__ = ["LineFormatter", "LineHandler", "flush_all"]
 
 _PIPE_BUF = getattr(select, "PIPE_BUF", 4096)
 
@@ -37,15 +38,14 @@ class LineHandler(logging.Handler):
             self.handleError(record)
             return
         self._lines.append(line)
-        if self._loop is not None:
-            return  # a flush is queued already
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self.flush()
             return
-        self._loop = loop
-        loop.call_soon(self.flush)
+        if self._loop is not loop:  # none queued, or on a loop that ended before it ran
+            self._loop = loop
+            loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Write the lines gathered so far."""
@@ -58,6 +58,15 @@ class LineHandler(logging.Handler):
     def close(self) -> None:
         self.flush()
         super().close()
+
+
+def flush_all() -> None:
+    """Write every line a :class:`LineHandler` of maildrop's loggers still holds (before
+    ``os._exit``, which skips the event loop's last turns and logging's shutdown)."""
+    for name in ("maildrop", "asyncio"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, LineHandler):
+                handler.flush()
 
 
 def _pieces(lines: list[bytes]) -> list[bytes]:
@@ -91,3 +100,36 @@ def _write_all(fd: int, data: bytes) -> None:
         except OSError:
             return  # the log cannot be written (EPIPE: nobody reads it): drop the lines
         view = view[n:]
+
+
+class LineFormatter(logging.Formatter):
+    """``time host name[pid]: message``, syslog's shape, made cheaply.
+
+    The same text as ``logging.Formatter("%(asctime)s HOST %(name)s[%(process)d]:
+    %(message)s")``, but the date is formatted once per second, not per line, and the line
+    is put together directly (a server logs a line per delivery).
+    """
+
+    def __init__(self, host: str) -> None:
+        super().__init__()
+        self.host = host
+        self._second = -1
+        self._stamp = ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
+            self._second = second
+        record.message = record.getMessage()
+        line = (
+            f"{self._stamp},{int(record.msecs):03d} {self.host} "
+            f"{record.name}[{record.process}]: {record.message}"
+        )
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line = f"{line}\n{record.exc_text}"
+        if record.stack_info:
+            line = f"{line}\n{self.formatStack(record.stack_info)}"
+        return line

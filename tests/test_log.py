@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -13,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from maildrop._log import _PIPE_BUF, LineHandler, _pieces
+from maildrop._log import _PIPE_BUF, LineFormatter, LineHandler, _pieces, flush_all
 
 
 @pytest.fixture
@@ -136,3 +137,57 @@ def test_pieces_keep_lines_whole_and_small(lines: list[bytes]) -> None:
     for piece in pieces:
         assert piece.endswith(b"\n")
         assert len(piece) <= _PIPE_BUF or piece.count(b"\n") == 1
+
+
+def records() -> list[logging.LogRecord]:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = logging.LogRecord("maildrop.lmtp", 40, "", 0, "failed %s", ("x",), sys.exc_info())
+    stacked = logging.LogRecord("maildrop", 30, "", 0, "hm", (), None, sinfo="Stack (x)")
+    plain = logging.LogRecord("maildrop.lmtp", 20, "", 0, "delivered to=<%s> %d%%", ("a", 5), None)
+    return [plain, failed, stacked]
+
+
+@pytest.mark.parametrize("record", records(), ids=["plain", "exception", "stack"])
+def test_line_formatter_says_what_the_format_string_says(record: logging.LogRecord) -> None:
+    """LineFormatter's line is the %-format's, exception and stack included; a % in the
+    host name is just a character."""
+    host = "mx%1"
+    ref = logging.Formatter(
+        f"%(asctime)s {host.replace('%', '%%')} %(name)s[%(process)d]: %(message)s"
+    )
+    fast = LineFormatter(host)
+    assert fast.format(record) == ref.format(record)
+    record.created += 1  # the next second: the date is made again
+    record.msecs = 7.9
+    assert fast.format(record) == ref.format(record)
+
+
+def test_a_flush_lost_with_its_loop_is_made_up_on_the_next(pipe: tuple[int, int]) -> None:
+    """Lines of a loop that stopped before its queued flush ran go out with the next loop's
+    first line, and flush_all() writes what is held before os._exit."""
+    r, w = pipe
+    handler = LineHandler(w)
+    log = logger_to(handler)
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.call_soon(log.info, "last turn")
+    loop.call_soon(loop.stop)
+    loop.run_forever()  # stops before the flush queued by "last turn" runs
+    loop.close()
+    assert readable(r) == b""
+
+    async def main() -> None:
+        log.info("next loop")
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert readable(r) == b"last turn\nnext loop\n"
+    logging.getLogger("maildrop").addHandler(handler)
+    try:
+        handler._lines.append(b"held\n")
+        flush_all()
+    finally:
+        logging.getLogger("maildrop").removeHandler(handler)
+    assert readable(r) == b"held\n"
