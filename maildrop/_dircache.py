@@ -131,7 +131,7 @@ def reuse(dirs: Dirs) -> Entry | None:
             return None
         entry.users += 1
     try:
-        st = os.stat(dirs.settings.root, follow_symlinks=False)
+        st = dirs.sys.stat(dirs.settings.root, follow_symlinks=False)
         same = (st.st_dev, st.st_ino) == entry.dev_ino
     except OSError:
         same = False
@@ -147,7 +147,7 @@ def keep(dirs: Dirs) -> Entry | None:
     if not _usable(dirs) or not dirs.dir_fds:
         return None
     try:
-        st = os.fstat(dirs.dir_fds[0])
+        st = dirs.sys.fstat(dirs.dir_fds[0])
     except OSError:  # pragma: no cover - an fd we just opened
         return None
     entry = Entry(dirs, (st.st_dev, st.st_ino))
@@ -199,7 +199,7 @@ def _drop(key: tuple[str, str | None, str], entry: Entry) -> None:
 def _close(entry: Entry) -> None:
     for fd in reversed(entry.dir_fds):
         try:  # noqa: SIM105 - contextlib costs start-up time
-            os.close(fd)
+            DEFAULT_SYSCALLS.close_dir(fd)  # (only the default table's fds are kept)
         except OSError:
             pass
     entry.dir_fds = ()
