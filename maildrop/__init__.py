@@ -9,16 +9,19 @@ from the public face down::
     _maildir       Maildir, deliver(): one frozen _dirs.Settings, folders, open_delivery()
     _many          deliver_many(): stage once, link into every target
     _sources       feed(): drive any supported source into a session
-    _session       DeliverySession: buffers writes, runs steps, commit/stage/abort
+    _session       DeliverySession: buffers writes, runs steps, commit/stage/abort;
+                   _delivery its result (Delivery)
     _state         pure: the request's Phase table and the files' Owner hand-off
     _group_commit  concurrent deliveries into one directory share its fsync
     _handoff       who owns a delivery's files; abort without waiting for a worker
     _backend       Backend: run/submit/spawn/run_each/read_source, one per event loop
     _loops         per_loop(): one value per running event loop
-    _pool          the thread backends' workers (asyncio pool, anyio limiters)
+    _pool          the thread backends' workers (asyncio pool: CORE_THREADS, more only
+                   while all are blocked; anyio limiters)
     _steps         worker side: accept/write/copy/finish (shared with _mda)
     _writer        worker side: DeliveryFiles, the one publish path (link, retry, fallbacks)
     _dirs          worker side: opening and creating the maildir's directories, ownership
+    _dircache      worker side: a server's maildir directories kept open between deliveries
     _quota_io      worker side: the Maildir++ maildirsize ledger (checked, updated, recalculated)
     _sweep         worker side: stale tmp/ files
     _sys           the syscall table: every disk call of the delivery path
@@ -41,6 +44,7 @@ The doors::
     _lmtp_protocol the asyncio.Protocol that feeds _wire; _lmtp_deliver streams into sessions
     _lmtp_flow     what a server's connections share: the turn budget, the read buffer,
                    accept errors logged once a second
+    _log           the servers' log handler: a write per event-loop turn, not per line
     _uring*        an io_uring driver of our own (ctypes + mmap) and a prototype delivery on
                    it; not yet a Backend (issue 14, phase 2)
 

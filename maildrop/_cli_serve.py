@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._lmtp_flow import ACCEPT_RETRY, AcceptErrors
 from ._lmtp_retry import RetryMemory
+from ._log import LineFormatter, LineHandler
 from ._quota import Quota
 from ._supervisor import cpu_count
 from .cli import UsageError, parse_duration, parse_size
@@ -214,12 +215,16 @@ def _setup_logging() -> Callable[[], None]:
     ours, theirs = logging.getLogger("maildrop"), logging.getLogger("asyncio")
     if ours.handlers:
         return lambda: None
-    handler = logging.StreamHandler(sys.stderr)
+    handler: logging.Handler
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stand-in stderr (a test's capture)
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        sys.stderr.flush()
+        handler = LineHandler(fd)
     # syslog's shape: time, host, program[pid].
-    host = socket.gethostname().replace("%", "%%")
-    handler.setFormatter(
-        logging.Formatter(f"%(asctime)s {host} %(name)s[%(process)d]: %(message)s")
-    )
+    handler.setFormatter(LineFormatter(socket.gethostname()))
     saved = [(lg, lg.level, lg.propagate) for lg in (ours, theirs)]
     for lg, level in ((ours, logging.INFO), (theirs, logging.WARNING)):
         lg.addHandler(handler)
@@ -232,6 +237,7 @@ def _setup_logging() -> Callable[[], None]:
     logging.logThreads = logging.logMultiprocessing = False
 
     def undo() -> None:
+        handler.close()  # writes what the last loop turn logged
         for lg, level, propagate in saved:
             lg.removeHandler(handler)
             lg.setLevel(level)

@@ -20,6 +20,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import threading
 
+    from ._dircache import Entry
     from ._quota import Quota
 
 __all__ = ["DIR_FLAGS", "FILE_FLAGS", "Dirs", "Settings", "parent_of"]
@@ -117,6 +118,9 @@ class Dirs:
         # (uid, gid) that files and directories maildrop creates are given: set when this
         # process runs as root and the maildir belongs to another user (see _adopt_owner).
         self.owner: tuple[int, int] | None = None
+        #: Take the directories from, and leave them in, the process's cache (``_dircache``).
+        self.reuse = False
+        self._kept: Entry | None = None
 
     @property
     def root_fd(self) -> int:
@@ -127,6 +131,14 @@ class Dirs:
 
     def open_dirs(self) -> None:
         """Open (creating if allowed) the maildir's ``tmp/`` and destination directories."""
+        if self.reuse:  # (imported here: `maildrop deliver` never reuses, nor loads it)
+            from . import _dircache
+
+            kept = self._kept = _dircache.reuse(self)
+            if kept is not None:
+                self.dir_fds = list(kept.dir_fds)
+                self.tmp_fd, self.dest_fd, self.owner = kept.tmp_fd, kept.dest_fd, kept.owner
+                return
         cfg = self.settings
         root = self._open_root(cfg.root, None)
         if self.owner is None and os.geteuid() == 0:
@@ -142,6 +154,10 @@ class Dirs:
                 self._mark_folder(root)
         self.tmp_fd = self._open_sub(root, "tmp")
         self.dest_fd = self._open_sub(root, self.subdir)
+        if self.reuse:
+            from . import _dircache
+
+            self._kept = _dircache.keep(self)
 
     def _adopt_owner(self, st: os.stat_result) -> None:
         # Root delivering into a user's maildir (Postfix's mailbox_command for root, an
@@ -268,9 +284,17 @@ class Dirs:
         finally:
             self.sys.close(fd)
 
-    def close_dirs(self) -> None:
-        """Close the directory fds (the delivery is over)."""
+    def close_dirs(self, *, failed: bool = False) -> None:
+        """Close the directory fds (the delivery is over), or give them back to the cache
+        (*failed*: the delivery failed or was aborted; the cache drops them)."""
         fds, self.dir_fds = self.dir_fds, []
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            from . import _dircache
+
+            self.tmp_fd = self.dest_fd = -1
+            _dircache.give_back(kept, drop=failed)
+            return
         for fd in reversed(fds):
             # A directory fd holds no data: its close cannot lose anything.
             try:  # noqa: SIM105 - contextlib costs `maildrop deliver` start-up time

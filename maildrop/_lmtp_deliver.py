@@ -11,6 +11,7 @@ import asyncio
 import collections
 import errno
 import logging
+import os
 import time
 import unicodedata
 from collections.abc import AsyncIterator, Sequence
@@ -290,7 +291,7 @@ def reply_for(address: str, result: Delivery | Exception, elapsed: float) -> str
     if isinstance(result, Delivery):
         log.info(
             "delivered to=<%s> path=%s size=%d time=%.3fs",
-            address, result.path, result.size, elapsed,
+            address, os.fspath(result), result.size, elapsed,
         )  # fmt: skip
         return f"250 2.0.0 Delivered as {_ascii(result.name)}"
     if isinstance(result, _Skipped):

@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import stat
+import time
 import weakref
 from typing import Any
 
@@ -36,6 +37,11 @@ log = logging.getLogger("maildrop.lmtp")
 
 #: Honour the limits of an existing ``maildirsize`` (and nothing where there is none).
 FROM_FILE = Quota()
+#: Seconds a maildir found by :meth:`MaildirHandler.lookup` (and whether it has a
+#: ``maildirsize``) is reused for the next recipient of the same mailbox.
+FOUND_FOR = 1.0
+#: Mailboxes remembered at most (the memory is cleared when it fills).
+_FOUND_MAX = 4096
 
 
 class MaildirHandler:
@@ -99,6 +105,9 @@ class MaildirHandler:
             weakref.WeakKeyDictionary()
         )
         self._delivering = 0
+        # address -> (when found, its Maildir); maildir path -> (when, has maildirsize)
+        self._found: dict[str, tuple[float, Maildir]] = {}
+        self._quota_files: dict[str, tuple[float, bool]] = {}
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -231,7 +240,7 @@ class MaildirHandler:
         if type(self).resolve is not MaildirHandler.resolve:
             return None
         try:
-            md = self.lookup(address)
+            md = self._lookup_recent(address)
         except OSError as exc:
             return _refused(address, exc), None
         if md is None:
@@ -241,9 +250,35 @@ class MaildirHandler:
             return None
         return "250 2.1.5 OK", md
 
+    def _lookup_recent(self, address: str) -> Maildir | None:
+        """:meth:`lookup`, reusing a maildir found for the same address within
+        :data:`FOUND_FOR` seconds (with the default syscall table): a mailbox removed
+        meanwhile is refused that much later; one not found is looked for every time."""
+        now = time.monotonic()
+        found = self._found.get(address)
+        if found is not None and now - found[0] < FOUND_FOR:
+            return found[1]
+        md = self.lookup(address)
+        if md is not None and self.syscalls is DEFAULT_SYSCALLS:
+            if len(self._found) >= _FOUND_MAX:
+                self._found.clear()
+            self._found[address] = (now, md)
+        return md
+
     def _has_quota_file(self, md: Maildir) -> bool:
-        # One stat on the loop (as in lookup) spares a thread hop when there is no quota.
-        return stat_or_none(md.syscalls, os.path.join(where(md), "maildirsize")) is not None
+        # One stat on the loop (as in lookup) spares a thread hop when there is no quota;
+        # its answer is reused for FOUND_FOR seconds (the delivery checks the file anyway).
+        path = where(md)
+        now = time.monotonic()
+        known = self._quota_files.get(path)
+        if known is not None and now - known[0] < FOUND_FOR:
+            return known[1]
+        has = stat_or_none(md.syscalls, os.path.join(path, "maildirsize")) is not None
+        if md.syscalls is DEFAULT_SYSCALLS:
+            if len(self._quota_files) >= _FOUND_MAX:
+                self._quota_files.clear()
+            self._quota_files[path] = (now, has)
+        return has
 
     # -- aiosmtpd hooks ------------------------------------------------------------------
 

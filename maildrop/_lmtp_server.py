@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 
+from . import _dircache
 from ._listen import BACKLOG, Listener, bind, describe, parse_hostport
 from ._lmtp_flow import ReadBuffer, TurnBudget
 from ._lmtp_handler import MaildirHandler
@@ -68,6 +69,7 @@ class MaildirServer:
         self._servers: list[asyncio.AbstractServer] = []
         self._conns: set[Connection] = set()
         self._listeners: list[Listener] = []
+        self._holding = False  # whether this server holds _dircache (from its first socket)
         self._changes = asyncio.Event()
         self._refused = 0
         self.budget = TurnBudget()
@@ -120,6 +122,9 @@ class MaildirServer:
         **Cancellation:** if cancelled before serving, *sock* is left open to the caller.
         """
         await self._hostname()
+        if not self._holding:  # deliveries reuse maildir directories while this one serves
+            _dircache.hold()
+            self._holding = True
         loop = asyncio.get_running_loop()
         sock.setblocking(False)
         srv: asyncio.AbstractServer
@@ -169,11 +174,16 @@ class MaildirServer:
             # No await between the last check and the closes: no delivery can start.
             for conn in list(self._conns):
                 conn.shut()
-        for srv in self._servers:
-            await srv.wait_closed()
-        for listener in self._listeners:
-            listener.close()  # removes a Unix socket file only if it is still ours
-        self._listeners.clear()
+        try:
+            for srv in self._servers:
+                await srv.wait_closed()
+        finally:
+            for listener in self._listeners:
+                listener.close()  # removes a Unix socket file only if it is still ours
+            self._listeners.clear()
+            if self._holding:  # the kept maildir directories are closed with the last server
+                self._holding = False
+                _dircache.release()
 
 
 def _bound(srv: asyncio.AbstractServer) -> list[str]:

@@ -46,11 +46,22 @@ __all__ = [
 
 T = TypeVar("T")
 
-#: Worker threads per event loop: 4 per CPU, at least 8, at most 64. Enough to keep the
-#: fsyncs of concurrent deliveries in flight (deliveries/s = fsyncs in flight / fsync
-#: latency), and no more: every worker comes back from each syscall wanting the GIL, and the
-#: event loop's thread queues behind them (``benchmarks/README.md`` has the measurements).
+#: Worker threads per event loop at most: 4 per CPU, at least 8, at most 64. Enough to keep
+#: the fsyncs of concurrent deliveries in flight (deliveries/s = fsyncs in flight / fsync
+#: latency) on a slow disk or a journaled filesystem, whose concurrent fsyncs share a commit.
 THREADS = min(64, max(8, 4 * (os.cpu_count() or 1)))
+#: Workers started as soon as a job finds none idle (one per CPU, at least 2). Every worker
+#: comes back from each syscall wanting the GIL, and the event loop's thread queues behind
+#: them: where the disk keeps up, fewer workers cost less CPU per delivery.
+CORE_THREADS = min(THREADS, max(2, os.cpu_count() or 1))
+#: Beyond CORE_THREADS, a worker is added when no worker took a job for STUCK_AFTER while
+#: jobs wait: every worker is blocked (a slow disk, a journaled filesystem's fsyncs, jobs
+#: that wait for each other), and more calls in flight help. A worker beyond them goes once
+#: that has not happened for SHRINK_SECONDS. Jobs that wait while workers keep taking them
+#: mean a busy CPU instead, which more threads only slow down (each wants the GIL back after
+#: every syscall).
+STUCK_AFTER = 0.002
+SHRINK_SECONDS = 1.0
 #: Seconds a worker waits for work before it exits.
 IDLE_SECONDS = 10.0
 #: How often an idle worker checks whether its event loop was closed (then it exits).
@@ -143,20 +154,67 @@ class Pool:
         self.queued = 0  # jobs put and not yet taken
         self.results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         self.collecting = False  # the loop was woken and has not collected yet
+        self.stuck = 0.0  # when the workers were last found all blocked (see _watch)
+        self.taken = 0  # jobs taken by workers so far
+        self.watching = False  # a _watch is scheduled on the loop
         self.wakeup = _Wakeup(loop, self._collect)
 
     def submit(self, fn: Callable[..., T], args: tuple[Any, ...]) -> asyncio.Future[T]:
-        """Queue ``fn(*args)`` (on the loop); start a worker if none is free and the cap allows."""
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        """Queue ``fn(*args)`` (on the loop); start a worker if none is free and fewer than
+        CORE_THREADS run (more when every worker is blocked: see :meth:`_watch`)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
         with self.lock:
             self.queued += 1
-            spawn = self.queued > self.idle and self.threads < THREADS
+            waits = self.queued > self.idle
+            spawn = waits and self.threads < min(CORE_THREADS, THREADS)
             if spawn:
                 self.threads += 1
+            watch = waits and not spawn and not self.watching and self.threads < THREADS
+            self.watching = self.watching or watch
         self.jobs.put((fn, args, fut, contextvars.copy_context()))
         if spawn:
-            threading.Thread(target=self._main, name="maildrop worker", daemon=True).start()
+            self._start()
+        if watch:
+            loop.call_later(STUCK_AFTER, self._watch, self.taken)
         return fut
+
+    def _watch(self, taken: int) -> None:
+        """On the loop, STUCK_AFTER after a job found every worker busy: if no worker took a
+        job since (all are blocked: a slow disk, or jobs that wait for each other), start
+        one more; keep watching while jobs wait."""
+        with self.lock:
+            waits = self.queued > self.idle and self.threads < THREADS
+            spawn = waits and self.taken == taken
+            if spawn:
+                self.threads += 1
+                self.stuck = time.monotonic()
+            self.watching = waits
+            taken = self.taken
+        if spawn:
+            self._start()
+        if waits:
+            loop = self.loop_ref()
+            if loop is not None and not loop.is_closed():
+                loop.call_later(STUCK_AFTER, self._watch, taken)
+            else:  # pragma: no cover - a pool outlives its loop only while it winds down
+                self.watching = False
+
+    def _start(self) -> None:
+        threading.Thread(target=self._main, name="maildrop worker", daemon=True).start()
+
+    def _took(self) -> bool:
+        """Count a job taken; return whether this worker, one beyond CORE_THREADS, should go
+        once the job is done (the workers were not found all blocked for a while)."""
+        now = time.monotonic()
+        with self.lock:
+            self.idle -= 1
+            self.queued -= 1
+            self.taken += 1
+            surplus = self.threads > CORE_THREADS and now - self.stuck >= SHRINK_SECONDS
+            if surplus:
+                self.threads -= 1
+        return surplus
 
     def _main(self) -> None:
         idle_since = time.monotonic()
@@ -182,9 +240,7 @@ class Pool:
                         continue
                     self.threads -= 1
                     return
-            with self.lock:
-                self.idle -= 1
-                self.queued -= 1
+            surplus = self._took()
             result: Any = None
             error: BaseException | None = None
             try:
@@ -206,10 +262,12 @@ class Pool:
                 except RuntimeError:  # the loop is closed: nobody is waiting any more
                     self._drop_results()
                     with self.lock:
-                        self.threads -= 1
+                        self.threads -= not surplus  # a surplus worker was counted out
                     return
                 finally:
                     del loop
+            if surplus:
+                return  # counted out in _took
 
     def _drop_results(self) -> None:
         """Forget results a closed loop will never collect: their futures refer to the loop,

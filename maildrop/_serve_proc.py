@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from ._cli_serve import _announce, _quota, _serve_until_signal, _setup_logging
 from ._errors import outcome
 from ._listen import Listener, bind
+from ._log import flush_all
 from ._supervisor import WorkerSide, cpu_count, supervise
 from .cli import UsageError
 
@@ -116,5 +117,6 @@ class _HardStop:
         )
         for listener in self.listeners:
             listener.close()
+        flush_all()
         sys.stderr.flush()
         os._exit(128 + signal.SIGINT)

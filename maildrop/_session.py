@@ -10,8 +10,6 @@ phase is one :class:`~maildrop._state.Phase`; who owns its files is ``_handoff``
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, TypeVar
 
@@ -20,6 +18,7 @@ import anyio.lowlevel
 
 from . import _handoff
 from ._backend import current
+from ._delivery import Delivery
 from ._group_commit import STATS, group, release
 from ._state import Cause, Event, LocalProtocolError, Owner, Phase, advance, keeps_link
 from ._steps import BATCH, Steps, as_chunk
@@ -28,18 +27,6 @@ from ._writer import Aborted
 __all__ = ["BATCH", "STATS", "Delivery", "DeliverySession", "as_chunk"]
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """A message that is durable in the maildir."""
-
-    path: Path
-    """Where the message is (in ``new/``, or ``cur/`` when delivered with flags)."""
-    name: str
-    """The file's basename."""
-    size: int
-    """Bytes written."""
 
 
 class DeliverySession:
@@ -56,6 +43,7 @@ class DeliverySession:
         # it holds the header stamps / CRLF conversion and the Maildir++ quota guard.
         self._steps = steps
         self._tmp = steps.tmp
+        self._tmp.reuse = True  # one target: the next delivery there reuses the directories
         self._settings = steps.tmp.settings
         self._buf: list[bytes | memoryview] = []
         self._buffered = 0
@@ -208,8 +196,8 @@ class DeliverySession:
         STATS["deliveries"] += 1
         if self._steps.file is not None or self._steps.transform is not None:
             self._size = self._tmp.size
-        path = Path(self._settings.path, self._tmp.subdir, final)
-        return Delivery(path=path, name=final, size=self._tmp.size)
+        where = f"{self._settings.path}/{self._tmp.subdir}/{final}"
+        return Delivery(where, final, self._tmp.size)
 
     async def stage(self) -> None:
         """Write the rest of the message and fsync it, leaving it in ``tmp/`` (``deliver_many``).

@@ -34,6 +34,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ._log import flush_all
+
 __all__ = [
     "Death",
     "Supervision",
@@ -361,6 +363,7 @@ def _child(
     except BaseException:
         log.critical("worker (pid %d) crashed", os.getpid(), exc_info=True)
     finally:
+        flush_all()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()

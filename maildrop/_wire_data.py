@@ -55,7 +55,9 @@ class DotReader:
         with memoryview(buf) as view, view[:cut] as part:
             body = bytes(part)
         del buf[: end + 5 if end >= 0 else cut]
-        if 0 <= dot < cut:
+        # A stuffed dot lies inside the body: the "\r\n." of the end line (dot == end)
+        # does not count, nor one whose dot is still held back.
+        if dot >= 0 and dot + 2 < cut:
             body = body.replace(b"\r\n.", b"\r\n")
         if self._skip:
             body = body[self._skip :]

@@ -361,7 +361,7 @@ class DeliveryFiles(Dirs):
             self._unlink_quietly(self.tmp_name, self.tmp_fd)
             LIVE_TMP.discard(self.tmp_name)
             self.tmp_name = None
-        self.close_dirs()
+        self.close_dirs(failed=True)
         # Last: the event loop polls this flag and may report the delivery gone right after.
         self.cleaned = True
 

@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 
-from maildrop import DEFAULT_SYSCALLS, Syscalls
+from maildrop import DEFAULT_SYSCALLS, Syscalls, _dircache
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -41,8 +41,10 @@ def open_fds() -> set[int]:
 
     Each event loop's worker pool owns one eventfd, closed when the loop object is
     collected (whenever the garbage collector gets to an earlier test's loop);
-    ``tests/test_pipeline.py`` checks that those do not pile up.
+    ``tests/test_pipeline.py`` checks that those do not pile up. Maildir directories kept
+    for the next delivery (``maildrop._dircache``) are closed first: only leaks count.
     """
+    _dircache.forget_all()
     fds = set()
     for n in os.listdir("/proc/self/fd"):
         try:
@@ -120,3 +122,12 @@ class Faults:
 def faults() -> Faults:
     """A fresh fault-table builder."""
     return Faults()
+
+
+@pytest.fixture(autouse=True)
+def _no_kept_directories() -> Any:
+    """Each test starts without maildir directories kept open (``maildrop._dircache``): a
+    server a test left running must not make later tests keep theirs."""
+    yield
+    _dircache._holders = 0
+    _dircache.forget_all()

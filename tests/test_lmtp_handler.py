@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from maildrop import DEFAULT_SYSCALLS, Maildir, Quota
+from maildrop import DEFAULT_SYSCALLS, Maildir, Quota, _lmtp_handler
 from maildrop._lmtp_handler import _quota_refusal
 from maildrop.lmtp import MaildirHandler
 
@@ -143,3 +143,97 @@ async def test_quota_refusal_leaves_other_problems_to_the_delivery(tmp_path: Pat
     (tmp_path / "bare").mkdir()
     assert _quota_refusal(Maildir(tmp_path / "bare"), Quota(100)) is None
     assert not (tmp_path / "bare" / "maildirsize").exists()
+
+
+def counting_lookups(handler: MaildirHandler) -> list[str]:
+    """Record every address the handler really looks up."""
+    seen: list[str] = []
+    real = handler.lookup
+
+    def lookup(address: str) -> Maildir | None:
+        seen.append(address)
+        return real(address)
+
+    handler.lookup = lookup  # type: ignore[method-assign]
+    return seen
+
+
+async def test_a_recipient_found_is_reused_for_a_moment(tmp_path: Path) -> None:
+    """The same recipient again within FOUND_FOR seconds costs no lookup (no stat)."""
+    users(tmp_path, "alice")
+    handler = MaildirHandler(tmp_path)
+    seen = counting_lookups(handler)
+    first = handler.rcpt_reply_now("alice@x")
+    second = handler.rcpt_reply_now("alice@x")
+    assert first is not None
+    assert second is not None
+    assert first[1] is second[1]
+    assert seen == ["alice@x"]
+
+
+async def test_a_removed_mailbox_is_refused_once_the_moment_passed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After FOUND_FOR the mailbox is looked up again: one removed meanwhile gets 550."""
+    monkeypatch.setattr(_lmtp_handler, "FOUND_FOR", 0.0)
+    users(tmp_path, "alice")
+    handler = MaildirHandler(tmp_path)
+    assert handler.rcpt_reply_now("alice@x") == ("250 2.1.5 OK", handler._found["alice@x"][1])
+    (tmp_path / "alice").rmdir()
+    now = handler.rcpt_reply_now("alice@x")
+    assert now is not None
+    assert now[0].startswith("550 5.1.1")
+
+
+async def test_an_unknown_recipient_is_looked_up_every_time(tmp_path: Path) -> None:
+    """A refusal is never remembered: a mailbox made right after is accepted."""
+    handler = MaildirHandler(tmp_path)
+    seen = counting_lookups(handler)
+    refused = handler.rcpt_reply_now("carol@x")
+    assert refused is not None
+    assert refused[0].startswith("550 5.1.1")
+    users(tmp_path, "carol")
+    accepted = handler.rcpt_reply_now("carol@x")
+    assert accepted is not None
+    assert accepted[0] == "250 2.1.5 OK"
+    assert seen == ["carol@x", "carol@x"]
+
+
+async def test_a_custom_syscall_table_sees_every_lookup(tmp_path: Path) -> None:
+    """With a test's or a hook's syscall table nothing is reused."""
+    users(tmp_path, "alice")
+    handler = MaildirHandler(tmp_path, syscalls=DEFAULT_SYSCALLS.replace(open=os.open))
+    seen = counting_lookups(handler)
+    handler.rcpt_reply_now("alice@x")
+    handler.rcpt_reply_now("alice@x")
+    assert seen == ["alice@x", "alice@x"]
+    assert handler._found == {}
+    assert handler._quota_files == {}
+
+
+async def test_the_memory_of_recipients_is_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past _FOUND_MAX mailboxes the memory starts again."""
+    monkeypatch.setattr(_lmtp_handler, "_FOUND_MAX", 2)
+    users(tmp_path, "a", "b", "c")
+    handler = MaildirHandler(tmp_path)
+    for name in ("a", "b", "c"):
+        handler.rcpt_reply_now(f"{name}@x")
+    assert list(handler._found) == ["c@x"]
+    assert list(handler._quota_files) == [str(tmp_path / "c")]
+
+
+async def test_a_quota_set_just_after_rcpt_is_still_enforced(tmp_path: Path) -> None:
+    """A maildirsize made while RCPT remembers "none" is still enforced by the delivery."""
+    users(tmp_path, "alice")
+    handler = MaildirHandler(tmp_path, quota=Quota())
+    assert handler.rcpt_reply_now("alice@x") is not None  # no maildirsize: answered now
+    quota(tmp_path / "alice", "10S,10C\n0 0\n")
+    async with serving(handler) as port:
+        c = await Client.connect(port)
+        t = await c.send("s@x", ["alice@x"], MSG)
+        await c.quit()
+    assert t.rcpt[0].startswith("250")
+    assert t.data[0].startswith("452 4.2.2")
+    assert listing(tmp_path / "alice")["new"] == []

@@ -11,8 +11,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from maildrop import Maildir
-from maildrop._backend import current, run_sync
+from maildrop import Maildir, _pool
+from maildrop._backend import PoolBackend, current, run_sync
 from maildrop._loops import running_loop
 from maildrop._pool import THREADS
 
@@ -152,3 +152,62 @@ def test_worker_threads_do_not_outlive_their_event_loop(tmp_path: Path) -> None:
     while threading.active_count() > base + 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert threading.active_count() <= base + 2
+
+
+def test_short_jobs_keep_to_the_core_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many quick jobs at once start at most CORE_THREADS workers: more would only fight
+    the event loop for the GIL (a busy test machine must not look like blocked workers)."""
+    monkeypatch.setattr(_pool, "STUCK_AFTER", 1.0)
+
+    async def main() -> int:
+        await asyncio.gather(*(run_sync(time.sleep, 0) for _ in range(200)))
+        return _pool_of_this_loop().threads
+
+    assert asyncio.run(main()) <= _pool.CORE_THREADS
+
+
+def test_blocked_workers_get_help_up_to_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While every worker is blocked (a slow disk), jobs still waiting start more workers,
+    one per STUCK_AFTER, never more than THREADS."""
+    monkeypatch.setattr(_pool, "THREADS", _pool.CORE_THREADS + 2)
+    release = threading.Event()
+    n = _pool.THREADS + 3
+
+    async def main() -> tuple[int, int]:
+        jobs = [asyncio.ensure_future(run_sync(release.wait)) for _ in range(n)]
+        await settle(lambda: _pool_of_this_loop().threads == _pool.THREADS, "the cap")
+        await asyncio.sleep(10 * _pool.STUCK_AFTER)
+        peak = _pool_of_this_loop().threads
+        release.set()
+        assert all(await asyncio.gather(*jobs))
+        return peak, len(jobs)
+
+    assert asyncio.run(main()) == (_pool.THREADS, n)
+
+
+def test_extra_workers_go_once_nothing_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers started for blocked jobs go once no worker was blocked for SHRINK_SECONDS."""
+    monkeypatch.setattr(_pool, "SHRINK_SECONDS", 0.05)
+    release = threading.Event()
+
+    async def main() -> int:
+        blocked = [
+            asyncio.ensure_future(run_sync(release.wait)) for _ in range(_pool.CORE_THREADS + 2)
+        ]
+        await settle(lambda: _pool_of_this_loop().threads == _pool.CORE_THREADS + 2, "help")
+        release.set()
+        await asyncio.gather(*blocked)
+        await asyncio.sleep(0.1)
+        for _ in range(50):  # the extra workers go as they finish their next job
+            await asyncio.gather(*(run_sync(time.sleep, 0.001) for _ in range(4)))
+            if _pool_of_this_loop().threads == _pool.CORE_THREADS:
+                break
+        return _pool_of_this_loop().threads
+
+    assert asyncio.run(main()) == _pool.CORE_THREADS
+
+
+def _pool_of_this_loop() -> _pool.Pool:
+    backend = current()
+    assert isinstance(backend, PoolBackend)
+    return backend.pool

@@ -39,6 +39,7 @@ from twisted.internet import defer, reactor, task  # noqa: E402
 
 import compat  # noqa: E402
 import maildrop._writer  # noqa: E402 - the clash scenario pins the engine's names
+from maildrop import _dircache  # noqa: E402
 
 IMPL, SCENARIO, MAILDIR = sys.argv[1], sys.argv[2], os.fsencode(sys.argv[3])
 BASE: Any = {
@@ -52,7 +53,9 @@ def listing(sub: str) -> list[str]:
 
 
 def fds() -> set[int]:
-    """Open fds but eventfds (maildrop's pool makes one per event loop, kept with the loop)."""
+    """Open fds but eventfds (maildrop's pool makes one per event loop, kept with the loop),
+    after closing the maildir directories kept for reuse (``maildrop._dircache``)."""
+    _dircache.forget_all()
     out = set()
     for n in os.listdir("/proc/self/fd"):
         try:
