@@ -35,6 +35,8 @@ from typing import Any, TypeVar
 import anyio
 from anyio.lowlevel import RunVar
 
+from . import _writer
+
 __all__ = [
     "SOURCE_THREADS",
     "THREADS",
@@ -54,12 +56,12 @@ THREADS = min(64, max(8, 4 * (os.cpu_count() or 1)))
 #: comes back from each syscall wanting the GIL, and the event loop's thread queues behind
 #: them: where the disk keeps up, fewer workers cost less CPU per delivery.
 CORE_THREADS = min(THREADS, max(2, os.cpu_count() or 1))
-#: Beyond CORE_THREADS, a worker is added when no worker took a job for STUCK_AFTER while
-#: jobs wait: every worker is blocked (a slow disk, a journaled filesystem's fsyncs, jobs
-#: that wait for each other), and more calls in flight help. A worker beyond them goes once
-#: that has not happened for SHRINK_SECONDS. Jobs that wait while workers keep taking them
-#: mean a busy CPU instead, which more threads only slow down (each wants the GIL back after
-#: every syscall).
+#: Beyond CORE_THREADS, workers are added as jobs find none idle while most message-file
+#: fsyncs are slow (``_writer.SLOW_FSYNC``: a slow disk, a journaled filesystem, whose
+#: concurrent fsyncs share a commit: more in flight help), and one is added when no worker
+#: took a job for STUCK_AFTER while jobs wait (all blocked: jobs that wait for each other). A
+#: worker beyond them goes once neither held for SHRINK_SECONDS. On a fast disk, jobs that
+#: wait mean a busy CPU, which more threads only slow down.
 STUCK_AFTER = 0.002
 SHRINK_SECONDS = 1.0
 #: Seconds a worker waits for work before it exits.
@@ -154,20 +156,23 @@ class Pool:
         self.queued = 0  # jobs put and not yet taken
         self.results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         self.collecting = False  # the loop was woken and has not collected yet
-        self.stuck = 0.0  # when the workers were last found all blocked (see _watch)
+        self.stuck = 0.0  # when fsyncs were last slow or the workers all blocked
         self.taken = 0  # jobs taken by workers so far
         self.watching = False  # a _watch is scheduled on the loop
         self.wakeup = _Wakeup(loop, self._collect)
 
     def submit(self, fn: Callable[..., T], args: tuple[Any, ...]) -> asyncio.Future[T]:
         """Queue ``fn(*args)`` (on the loop); start a worker if none is free and fewer than
-        CORE_THREADS run (more when every worker is blocked: see :meth:`_watch`)."""
+        CORE_THREADS run (THREADS while fsyncs are slow; see also :meth:`_watch`)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
         with self.lock:
             self.queued += 1
             waits = self.queued > self.idle
-            spawn = waits and self.threads < min(CORE_THREADS, THREADS)
+            slow = _writer.slow_fsyncs > 0.5
+            if slow:
+                self.stuck = time.monotonic()
+            spawn = waits and self.threads < (THREADS if slow else min(CORE_THREADS, THREADS))
             if spawn:
                 self.threads += 1
             watch = waits and not spawn and not self.watching and self.threads < THREADS
@@ -205,7 +210,7 @@ class Pool:
 
     def _took(self) -> bool:
         """Count a job taken; return whether this worker, one beyond CORE_THREADS, should go
-        once the job is done (the workers were not found all blocked for a while)."""
+        once the job is done (fsyncs were fast and no worker blocked for a while)."""
         now = time.monotonic()
         with self.lock:
             self.idle -= 1

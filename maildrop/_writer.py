@@ -79,6 +79,21 @@ _counter = 0
 LIVE_TMP: set[str] = set()
 
 
+#: A message file's fsync this long or longer is slow (a journaled filesystem's commit, a
+#: slow disk): the worker pool keeps more fsyncs in flight while most are (``_pool``).
+SLOW_FSYNC = 0.001
+#: The share of recent fsyncs that were slow (a moving average of 0s and 1s): over one half
+#: means the median fsync is slow. A median, not a mean: a fast disk's occasional stall
+#: must not look like a slow disk.
+slow_fsyncs = 0.0
+
+
+def note_fsync(seconds: float) -> None:
+    """Count one message file's fsync, which took *seconds*, into :data:`slow_fsyncs`."""
+    global slow_fsyncs
+    slow_fsyncs += ((seconds >= SLOW_FSYNC) - slow_fsyncs) / 16
+
+
 def hostname() -> str:
     """Return this host's name: what ``socket.gethostname()`` returns on Linux (both read
     uname), without loading the socket extension module at start-up."""
@@ -256,7 +271,9 @@ class DeliveryFiles(Dirs):
     def publish(self, *, size_stamp: bool, flags: str | None, sync_dir: bool) -> str:
         """Fsync, link into the destination without clobbering, close, unlink tmp."""
         if self.settings.fsync:
+            started = time.monotonic()
             self.sys.fsync(self.fd)
+            note_fsync(time.monotonic() - started)
         if self.aborted:
             # Cancelled while this call was writing or syncing: never publish after that.
             raise Aborted

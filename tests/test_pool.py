@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from maildrop import Maildir, _pool
+from maildrop import Maildir, _pool, _writer
 from maildrop._backend import PoolBackend, current, run_sync
 from maildrop._loops import running_loop
 from maildrop._pool import THREADS
@@ -211,3 +211,45 @@ def _pool_of_this_loop() -> _pool.Pool:
     backend = current()
     assert isinstance(backend, PoolBackend)
     return backend.pool
+
+
+def test_slow_fsyncs_get_more_workers_and_fast_ones_fewer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While most message-file fsyncs are slow, jobs that find no idle worker start one, up
+    to THREADS (more fsyncs in flight); once fsyncs are fast again for SHRINK_SECONDS, the
+    extra workers go."""
+    monkeypatch.setattr(_pool, "STUCK_AFTER", 10.0)  # only the fsync rule adds workers here
+    monkeypatch.setattr(_pool, "SHRINK_SECONDS", 0.05)
+    monkeypatch.setattr(_writer, "slow_fsyncs", 1.0)
+    release = threading.Event()
+
+    async def main() -> tuple[int, int]:
+        blocked = [asyncio.ensure_future(run_sync(release.wait)) for _ in range(_pool.THREADS)]
+        await settle(lambda: _pool_of_this_loop().threads == _pool.THREADS, "slow fsyncs")
+        grown = _pool_of_this_loop().threads
+        monkeypatch.setattr(_writer, "slow_fsyncs", 0.0)
+        release.set()
+        await asyncio.gather(*blocked)
+        await asyncio.sleep(0.1)
+        for _ in range(50):
+            await asyncio.gather(*(run_sync(time.sleep, 0.001) for _ in range(4)))
+            if _pool_of_this_loop().threads == _pool.CORE_THREADS:
+                break
+        return grown, _pool_of_this_loop().threads
+
+    assert asyncio.run(main()) == (_pool.THREADS, _pool.CORE_THREADS)
+
+
+def test_note_fsync_tracks_the_share_of_slow_fsyncs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each fsync moves the share a sixteenth of the way to 1 (slow) or 0 (fast): a few
+    stalls among fast fsyncs keep it under one half."""
+    monkeypatch.setattr(_writer, "slow_fsyncs", 0.0)
+    _writer.note_fsync(_writer.SLOW_FSYNC)
+    assert _writer.slow_fsyncs == pytest.approx(1 / 16)
+    for i in range(64):
+        _writer.note_fsync(0.003 if i % 8 == 0 else 0.0002)
+    assert _writer.slow_fsyncs < 0.5
+    for _ in range(32):
+        _writer.note_fsync(0.002)
+    assert _writer.slow_fsyncs > 0.5
