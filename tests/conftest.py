@@ -36,17 +36,24 @@ def listing(md: Path) -> dict[str, list[str]]:
     return out
 
 
-def open_fds() -> set[int]:
-    """Return the set of this process's open file descriptors, but event loops' eventfds.
+#: What each event loop's worker pool (an eventfd) and io_uring ring (a ring and an eventfd)
+#: hold until the garbage collector gets to the loop.
+_PER_LOOP_FDS = ("anon_inode:[eventfd]", "anon_inode:[io_uring]")
 
-    Each event loop's worker pool owns one eventfd, closed when the loop object is
+
+def open_fds() -> set[int]:
+    """Return the set of this process's open file descriptors, but event loops' eventfds
+    and io_uring rings.
+
+    Each event loop's worker pool owns one eventfd (and its io_uring ring, if it has one, a
+    ring fd and an eventfd), closed when the loop object is
     collected (whenever the garbage collector gets to an earlier test's loop);
     ``tests/test_pipeline.py`` checks that those do not pile up.
     """
     fds = set()
     for n in os.listdir("/proc/self/fd"):
         try:
-            if os.readlink(f"/proc/self/fd/{n}") == "anon_inode:[eventfd]":
+            if os.readlink(f"/proc/self/fd/{n}") in _PER_LOOP_FDS:
                 continue
         except FileNotFoundError:  # the fd listdir itself used
             continue
