@@ -127,3 +127,50 @@ class Faults:
 def faults() -> Faults:
     """A fresh fault-table builder."""
     return Faults()
+
+
+#: The engine's test modules: each of their tests runs on the thread backend and on the
+#: io_uring backend (asyncio; trio stays on threads). The rest of the suite (servers, CLI,
+#: compat, the ring driver itself) runs once, on whatever "auto" picks, to keep CI's time.
+ENGINE_MODULES = frozenset(
+    {
+        "test_api", "test_backend", "test_cancel", "test_deliver", "test_errors",
+        "test_faults", "test_flags", "test_folders", "test_group_commit", "test_handoff",
+        "test_many", "test_memory", "test_pipeline", "test_quota", "test_session",
+        "test_sources", "test_steps", "test_sweep", "test_transform", "test_writer",
+    }
+)  # fmt: skip
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Give every test of an engine module the parameter ``engine_backend``."""
+    if metafunc.module.__name__.rsplit(".", 1)[-1] in ENGINE_MODULES:
+        metafunc.parametrize("engine_backend", ["threads", "uring"], indirect=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Drop the io_uring runs of trio tests: trio has no io_uring backend."""
+    keep, drop = [], []
+    for item in items:
+        params = getattr(item, "callspec", None)
+        p = {} if params is None else params.params
+        trio_uring = p.get("engine_backend") == "uring" and p.get("anyio_backend") == "trio"
+        (drop if trio_uring else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(autouse=True)
+def engine_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The backend "auto" means in this test (MAILDROP_BACKEND): an engine module's tests
+    run on "threads" and on "uring" (skipped where io_uring is unavailable)."""
+    choice = getattr(request, "param", "auto")
+    if choice == "uring":
+        from maildrop._uring import availability
+
+        known = availability()
+        if not known.ok:
+            pytest.skip(f"io_uring is unavailable here: {known.reason}")
+    monkeypatch.setenv("MAILDROP_BACKEND", choice)
+    return str(choice)
