@@ -14,7 +14,8 @@ end, and the job then cleans up after an abort (``_handoff``).
 Which backend (``_backend.requested`` when a ``Maildir`` is made, :func:`choose` when a
 delivery starts): ``"threads"`` always; ``"uring"`` or an error saying why it cannot run
 (kernel, ``kernel.io_uring_disabled``, a seccomp filter, a trio loop, a custom ``Syscalls``
-table); ``"auto"`` (the default) io_uring where it runs, else threads, silently. The
+table); ``"auto"`` (the default) io_uring where it runs, else threads, silently (while
+``_backend.AUTO_USES_URING`` is False, "auto" is threads: see there why). The
 environment variable ``MAILDROP_BACKEND`` (``auto``/``uring``/``threads``) replaces
 ``"auto"`` for operators; it never overrides a program's own choice, and a custom
 ``Syscalls`` table (code that needs Python callables) keeps ``"auto"`` on threads.

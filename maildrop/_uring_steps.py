@@ -3,11 +3,12 @@
 The protocol and its order are the worker-side steps' (``_writer`` explains them); what the
 ring changes, and why it is safe:
 
-* Directories: ``openat(root, O_DIRECTORY|O_NOFOLLOW)``, then ``openat2`` with
-  ``RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS`` for the folder, ``tmp/`` and the destination. Anything
-  unusual (a directory to create, a symlink or file to report, a directory another delivery of
-  this process has not made durable yet, a maildir of another user while running as root) is
-  left to the thread step, which handles it with the same code and the same errors.
+* Directories: ``tmp/`` and the destination are opened together by their whole paths with
+  ``openat2(RESOLVE_NO_SYMLINKS)``, refusing a symlink anywhere on the path. Anything unusual
+  (a directory to create, a symlink or file to report, a symlink above the maildir, a
+  directory another delivery of this process has not made durable yet, a maildir of another
+  user while running as root) is left to the thread step, which handles it with the same code
+  and the same errors.
 * The tmp file is opened ``O_CREAT|O_EXCL|O_NOFOLLOW`` (and ``RESOLVE_BENEATH|
   RESOLVE_NO_SYMLINKS``) into a direct-descriptor slot of the ring, so one chain opens, writes
   and links it. A slot has no ``/proc/self/fd`` path, so the file is linked by its tmp name,
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
 from collections.abc import Sequence
 
@@ -44,6 +46,7 @@ __all__ = ["close_slot", "finish", "open_dirs", "sync_dest"]
 # A direct descriptor has no close-on-exec flag: the kernel refuses O_CLOEXEC with a slot.
 _SLOT_FLAGS = FILE_FLAGS & ~os.O_CLOEXEC
 _RESOLVE = abi.RESOLVE_BENEATH | abi.RESOLVE_NO_SYMLINKS
+_NO_LINKS = abi.RESOLVE_NO_SYMLINKS
 _IOV_MAX = 1024
 Chunks = Sequence[bytes | memoryview]
 
@@ -60,41 +63,50 @@ def _open_under(ring: Ring, dir_fd: int, name: str, flags: int, slot: int | None
     return ops.openat(dir_fd, name, flags | os.O_NOFOLLOW, mode, slot=slot)  # pragma: no cover
 
 
-async def _each(ring: Ring, chain: list[ops.Op]) -> list[int]:
-    """Submit each op of *chain* on its own (they run concurrently); return their results."""
-    done = await asyncio.gather(*(ring.submit([op]) for op in chain))
-    return [results[0] for results in done]
+def _each(ring: Ring, chain: list[ops.Op]) -> asyncio.Future[list[int]]:
+    """Submit each op of *chain* on its own (they run concurrently); a future of the results."""
+    future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+    results = [0] * len(chain)
+    left = [len(chain)]
+
+    def done(i: int, result: list[int]) -> None:
+        results[i] = result[0]
+        left[0] -= 1
+        if not left[0] and not future.cancelled():
+            future.set_result(results)
+
+    for i, op in enumerate(chain):
+        ring.queue([op], functools.partial(done, i))
+    return future
 
 
 async def open_dirs(ring: Ring, tmp: DeliveryFiles) -> bool:
-    """Open the maildir's ``tmp/`` and destination directories on *ring*.
+    """Open the maildir's ``tmp/`` and destination directories on *ring*, in one round trip.
 
-    Return False, with nothing left open, where the thread step must do it (see the module).
+    Both are opened by their whole path with ``RESOLVE_NO_SYMLINKS``: no component of it may be
+    a symlink, which covers the thread step's rule (the maildir, its folder, ``tmp/`` and the
+    destination are never followed) and more. Return False, with nothing left open, where the
+    thread step must do it: a path with a symlink above the maildir (``ELOOP``), a missing
+    directory, another owner (see the module), a directory not durable yet.
     """
     cfg = tmp.settings
-    (fd,) = await ring.submit([ops.openat(abi.AT_FDCWD, cfg.root, DIR_FLAGS)])
-    if fd >= 0:
-        tmp.dir_fds.append(fd)
-        if cfg.folder is not None:
-            (fd,) = await ring.submit([_open_under(ring, fd, cfg.folder, DIR_FLAGS)])
-            if fd >= 0:
-                tmp.dir_fds.append(fd)
-    if fd >= 0:
-        chain = [
-            _open_under(ring, fd, "tmp", DIR_FLAGS),
-            _open_under(ring, fd, tmp.subdir, DIR_FLAGS),
-        ]
-        root = os.geteuid() == 0  # then what it creates must be the maildir owner's: see _dirs
-        if root:
-            chain.append(ops.statx(tmp.root_fd, "", abi.AT_EMPTY_PATH))
-        results = await _each(ring, chain)
-        tmp.dir_fds += [r for r in results[:2] if r >= 0]
-        ok = min(results) >= 0 and not (cfg.fsync and creating())
-        if ok and root and ops.statx_result(chain[2]).uid != 0:
-            ok = False
-        if ok:
-            tmp.tmp_fd, tmp.dest_fd = results[0], results[1]
-            return True
+    if not ring.has_openat2:  # pragma: no cover - kernels before 5.6
+        return False
+    chain = [
+        ops.openat2(abi.AT_FDCWD, os.path.join(cfg.path, sub), DIR_FLAGS, 0, resolve=_NO_LINKS)
+        for sub in ("tmp", tmp.subdir)
+    ]
+    root = os.geteuid() == 0  # then what it creates must be the maildir owner's: see _dirs
+    if root:
+        chain.append(ops.statx(abi.AT_FDCWD, cfg.root, abi.AT_SYMLINK_NOFOLLOW))
+    results = await _each(ring, chain)
+    tmp.dir_fds += [r for r in results[:2] if r >= 0]
+    ok = min(results) >= 0 and not (cfg.fsync and creating())
+    if ok and root and ops.statx_result(chain[2]).uid != 0:
+        ok = False
+    if ok:
+        tmp.tmp_fd, tmp.dest_fd = results[0], results[1]
+        return True
     tmp.close_dirs()
     return False
 

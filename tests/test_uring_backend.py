@@ -72,10 +72,27 @@ async def test_uring_on_trio_is_refused(tmp_path: Path, anyio_backend: str) -> N
 
 
 @pytest.mark.asyncio
+async def test_auto_is_threads_until_the_ring_is_faster() -> None:
+    """While AUTO_USES_URING is False, "auto" runs on the thread backend."""
+    assert not _backend.AUTO_USES_URING
+    assert not isinstance(_backend.backend_for("auto"), ub.UringBackend)
+    assert isinstance(_backend.backend_for("auto"), _backend.PoolBackend)
+
+
+@needs_uring
+@pytest.mark.asyncio
+async def test_auto_may_pick_the_ring(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With AUTO_USES_URING, "auto" is the ring where io_uring works."""
+    monkeypatch.setattr(_backend, "AUTO_USES_URING", True)
+    assert isinstance(_backend.backend_for("auto"), ub.UringBackend)
+
+
+@pytest.mark.asyncio
 async def test_where_io_uring_is_refused_auto_uses_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A kernel or seccomp refusal: "auto" delivers in threads, "uring" says why."""
+    monkeypatch.setattr(_backend, "AUTO_USES_URING", True)
     why = "io_uring_setup failed: forbidden by kernel.io_uring_disabled=2 or by a seccomp filter"
     monkeypatch.setattr(ub, "availability", lambda: Availability(why))
     assert isinstance(_backend.backend_for("auto"), _backend.PoolBackend)
@@ -94,6 +111,7 @@ async def test_a_ring_that_cannot_open_falls_back(monkeypatch: pytest.MonkeyPatc
         raise OSError(24, "Too many open files")
 
     monkeypatch.setattr(ub.Ring, "open", refuse)
+    monkeypatch.setattr(_backend, "AUTO_USES_URING", True)
     assert not isinstance(_backend.backend_for("auto"), ub.UringBackend)
     with pytest.raises(UringUnavailableError, match="Too many open files"):
         _backend.backend_for("uring")
