@@ -71,6 +71,19 @@ async def test_uring_on_trio_is_refused(tmp_path: Path, anyio_backend: str) -> N
     assert len(listing(tmp_path / "m")["new"]) == 1
 
 
+@pytest.mark.anyio
+async def test_auto_on_trio_is_threads_even_once_it_may_be_the_ring(
+    tmp_path: Path, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With AUTO_USES_URING, "auto" on trio still delivers in threads."""
+    if anyio_backend != "trio":
+        pytest.skip("about trio loops")
+    monkeypatch.setattr(_backend, "AUTO_USES_URING", True)
+    assert isinstance(_backend.backend_for("auto"), _backend.AnyioBackend)
+    await Maildir(tmp_path / "m").deliver(b"x")
+    assert len(listing(tmp_path / "m")["new"]) == 1
+
+
 @pytest.mark.asyncio
 async def test_auto_is_threads_until_the_ring_is_faster() -> None:
     """While AUTO_USES_URING is False, "auto" runs on the thread backend."""
