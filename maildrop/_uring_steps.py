@@ -24,6 +24,11 @@ ring changes, and why it is safe:
   anyway, so on ``EEXIST`` the message is written again under a fresh name from the bytes this
   step still holds (nothing is ever clobbered).
 * xfs: ``statx(dest, "", AT_EMPTY_PATH)`` after ``fsync(dest)`` plays ``fstat``'s part.
+* Cancellation: a chain cannot be stopped once submitted. A one-step message is opened,
+  written, synced and linked by one chain, so a delivery aborted while it is in the kernel
+  may still be linked, whole and synced; that link is then kept or removed as for a message
+  aborted after its link (``_state.keeps_link``). The abort check that the thread step makes
+  between the fsync and the link is made here only where those are separate chains.
 """
 
 from __future__ import annotations
