@@ -318,10 +318,10 @@ async def concurrently(n: int, concurrency: int, one: Callable[[], Awaitable[obj
 
 
 async def maildrop_many(
-    path: Path, msg: bytes, n: int, concurrency: int, *, fsync: bool = True
+    path: Path, msg: bytes, n: int, concurrency: int, *, fsync: bool = True, backend: str = "auto"
 ) -> float:
     """Deliver *n* copies with ``Maildir.deliver``, *concurrency* at a time; return seconds."""
-    md = Maildir(path, fsync=fsync)
+    md = Maildir(path, fsync=fsync, backend=backend)
     await md.deliver(msg)  # creates the maildir, outside the timed region
     t0 = time.perf_counter()
     await concurrently(n, concurrency, lambda: md.deliver(msg))

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import TypedDict, Unpack
 
-from ._backend import run_sync
+from ._backend import requested, run_sync
 from ._folders import folder_dirname
 from ._naming import format_flags
 from ._quota import Quota
@@ -33,6 +33,7 @@ class MaildirOptions(TypedDict, total=False):
     size_stamp: bool
     quota: Quota | None
     syscalls: Syscalls
+    backend: str
 
 
 class DeliveryOptions(TypedDict, total=False):
@@ -67,6 +68,15 @@ class Maildir:
         quota: enforce and maintain a Maildir++ quota (``maildirsize``), see :class:`Quota`;
             over-quota deliveries raise :class:`QuotaExceededError` while streaming.
         syscalls: the table of blocking calls to use (fault injection, compat hooks).
+        backend: what runs the disk calls: ``"auto"`` (io_uring on Linux asyncio loops where
+            the kernel allows it, else worker threads; the environment variable
+            ``MAILDROP_BACKEND`` may replace it), ``"uring"`` (raises
+            :class:`UringUnavailableError` where it cannot run, saying why) or ``"threads"``.
+            A custom *syscalls* table always runs in threads.
+
+    Raises:
+        ValueError: a bad *backend* or ``MAILDROP_BACKEND`` value, or a bad *max_size*.
+        UringUnavailableError: ``backend="uring"`` with a custom *syscalls* table.
     """
 
     def __init__(
@@ -79,6 +89,7 @@ class Maildir:
         size_stamp: bool = False,
         quota: Quota | None = None,
         syscalls: Syscalls = DEFAULT_SYSCALLS,
+        backend: str = "auto",
     ) -> None:
         if isinstance(path, bytes):
             path = os.fsdecode(path)
@@ -98,6 +109,7 @@ class Maildir:
             max_size=max_size,
             size_stamp=bool(size_stamp),
             quota=quota,
+            backend=requested(backend, syscalls),
         )
 
     @property
