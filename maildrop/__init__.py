@@ -17,10 +17,11 @@ from the public face down::
     _backend       Backend: run/submit/spawn/run_each/read_source, one per event loop;
                    which backend a maildir asked for (auto/uring/threads, MAILDROP_BACKEND)
     _uring_backend the io_uring Backend: the engine's own steps as ring chains, the rest
-                   in the pool; _uring_steps those chains (open dirs, finish, dir fsync)
+                   in the pool; _uring_steps those chains (open dirs, finish, dir fsync),
+                   _uring_stream a message written in ~1 MiB steps on the ring
     _loops         per_loop(): one value per running event loop
-    _pool          the thread backends' workers (asyncio pool: CORE_THREADS, more only
-                   while all are blocked; anyio limiters)
+    _pool          the thread backends' workers (asyncio pool: CORE_THREADS, more while
+                   fsyncs are slow or all workers blocked; anyio limiters)
     _steps         worker side: accept/write/copy/finish (shared with _mda)
     _writer        worker side: DeliveryFiles, the one publish path (link, retry, fallbacks)
     _dirs          worker side: opening and creating the maildir's directories, ownership
