@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from maildrop import _uring
 from maildrop import _uring_abi as abi
@@ -64,20 +64,33 @@ def step_of(op: Op) -> Step:
     return Step(kind, handle)
 
 
-class Recorder:
-    """Record the driver's ops as order events; stop or inject through *script*.
+class _Numbered(NamedTuple):
+    """An op as the script sees it: numbered from the recorder's last :meth:`arm`."""
 
-    *on_event*, if given, sees each event as it happens (a child process writes them out).
+    seq: int
+    name: str
+
+
+class Recorder:
+    """Record the driver's ops as order events; stop or inject through a ``Script``.
+
+    The script numbers ops from 0 at the last :meth:`arm` (the ring's own numbers run on
+    across deliveries and cases). *on_event*, if given, sees each event as it happens.
     """
 
     def __init__(
         self, script: Script | None = None, on_event: Callable[[Event], None] | None = None
     ) -> None:
-        self.script = script or Script()
         self.events: list[Event] = []
         self.checker = Checker()
         self._on_event = on_event
+        self.arm(script or Script())
+
+    def arm(self, script: Script) -> None:
+        """Use *script* from the next op on, numbering ops from 0 again."""
+        self.script = script
         self.ops = 0
+        self._local: dict[int, int] = {}
 
     def _add(self, event: Event) -> None:
         self.events.append(event)
@@ -87,15 +100,18 @@ class Recorder:
 
     def before_submit(self, op: Op) -> int | None:
         """Stop or pick an injection (the script), then record the submission."""
-        inject = self.script.before_submit(op)
+        n = self._local[op.seq] = self.ops
         self.ops += 1
+        inject = self.script.before_submit(_Numbered(n, op.name))  # type: ignore[arg-type]
         self._add(Submit(op.seq, step_of(op)))
         return inject
 
     def after_reap(self, op: Op, result: int) -> None:
         """Record the completion (with the result the caller sees), then maybe stop."""
         self._add(Reap(op.seq, result))
-        self.script.after_reap(op, result)
+        n = self._local.pop(op.seq, None)
+        if n is not None:
+            self.script.after_reap(_Numbered(n, op.name), result)  # type: ignore[arg-type]
 
     def ack(self, name: str) -> None:
         """Record that ``deliver()`` returned *name*."""

@@ -1,0 +1,70 @@
+"""SIGKILL right before and right after every io_uring op of a delivery (the driver's hook).
+
+strace cannot stop a process at an io_uring op, so the child's ring hook does: it kills the
+process before the Nth op is submitted (the ops before it have completed: with hooks, the
+driver submits a chain one op at a time) or right after the Nth completion is reaped. Each
+point runs in its own forked child; the parent checks C1 (complete), C2 (every ack present),
+C4 (the existing message untouched) and C5 (modes), then the tmp sweeper removes the litter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ._harness import FIGURES, acks, check_maildir, counts, killed, serve
+from ._uring_harness import require_uring
+from .test_kill import existing_message, sweep
+
+pytestmark = pytest.mark.crash
+
+#: A small message (one write with RWF_SYNC) and a streamed one (batches, then fsync(file)).
+PLAN = [["bytes", 300], ["chunks", 1_200_000], ["bytes", 9000]]
+
+
+def count_ops(work: Path, base: dict[str, Any], fresh: bool) -> int:
+    """Run the plan once, undisturbed; return how many ops its ring ran."""
+    probe = work / "probe"
+    if not fresh:
+        existing_message(probe)
+    (res,) = serve([{**base, "id": "count", "md": str(probe), "count": True}])
+    assert res["status"] == 0, res
+    assert len(acks(res["acks"])) == len(PLAN), res
+    ops = counts(res["acks"])["ops"]
+    assert ops >= 4 * len(PLAN), f"only {ops} ops for {len(PLAN)} deliveries"
+    return ops
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh-maildir", "existing-maildir"])
+def test_uring_sigkill_before_and_after_every_op(work: Path, fresh: bool) -> None:
+    """Killed around any op of the ring: complete messages only, every ack kept (C1 C2 C4)."""
+    require_uring()
+    base = {"plan": PLAN, "scratch": str(work), "backend": "uring"}
+    ops = count_ops(work, base, fresh)
+    jobs: list[dict[str, Any]] = []
+    existing: dict[str, dict[str, bytes]] = {}
+    for n in range(ops):
+        for when in ("before", "after"):
+            i = len(jobs)
+            md = work / f"m{i}"
+            existing[str(md)] = {} if fresh else existing_message(md)
+            hook = {f"stop_{when}": n}
+            job = {"id": f"{when}:{n}", "md": str(md), "tag": f"j{i}", "uring": hook}
+            jobs.append({**base, **job})
+    results = serve(jobs)
+    swept = 0
+    for job, r in zip(jobs, results, strict=True):
+        assert "CRASHED" not in r["acks"], r
+        assert killed(r), (job["id"], r)
+        md = Path(job["md"])
+        attempted = {f"{job['tag']}-{n}" for n in range(len(PLAN))}
+        check_maildir(md, acks(r["acks"]), attempted=attempted, existing=existing[job["md"]])
+        swept += sweep(md)
+    assert swept > 0, "no crash point left litter in tmp/: the crash points miss the write"
+    # Killed after the last op, every delivery was acked; before the first, none was.
+    assert len(acks(results[0]["acks"])) == 0
+    assert len(acks(results[-1]["acks"])) in (len(PLAN) - 1, len(PLAN))
+    FIGURES["uring_crash_points"] += len(jobs)
+    FIGURES["uring_acked_after_crash"] += sum(len(acks(r["acks"])) for r in results)
