@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import inspect
 import itertools
 import mailbox
 import os
@@ -29,12 +30,32 @@ import aiofiles.os
 from maildrop import Maildir
 from maildrop._backend import current
 from maildrop._session import STATS
+from maildrop._uring import availability
 
 KIB = 1024
 MIB = 1024 * KIB
 CHUNK = 64 * KIB
 #: How often the stall ticker wakes up (seconds).
 TICK = 0.001
+
+#: Whether ``Maildir`` takes ``backend=`` (the io_uring backend exists in this tree).
+HAS_BACKENDS = "backend" in inspect.signature(Maildir).parameters
+
+
+def uring_reason() -> str | None:
+    """Return why the io_uring contenders cannot run here, or None when they can."""
+    if not HAS_BACKENDS:
+        return "this maildrop has no io_uring backend (Maildir has no backend=)"
+    state = availability()
+    return None if state.ok else f"io_uring is unavailable here: {state.reason}"
+
+
+def open_maildir(path: Path, *, fsync: bool = True, backend: str | None = None) -> Maildir:
+    """Return ``Maildir(path)`` on *backend* (None: the default, where there is no choice)."""
+    if backend is None or not HAS_BACKENDS:
+        return Maildir(path, fsync=fsync)
+    return Maildir(path, fsync=fsync, backend=backend)  # type: ignore[call-arg]
+
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -318,19 +339,27 @@ async def concurrently(n: int, concurrency: int, one: Callable[[], Awaitable[obj
 
 
 async def maildrop_many(
-    path: Path, msg: bytes, n: int, concurrency: int, *, fsync: bool = True
+    path: Path,
+    msg: bytes,
+    n: int,
+    concurrency: int,
+    *,
+    fsync: bool = True,
+    backend: str | None = None,
 ) -> float:
     """Deliver *n* copies with ``Maildir.deliver``, *concurrency* at a time; return seconds."""
-    md = Maildir(path, fsync=fsync)
+    md = open_maildir(path, fsync=fsync, backend=backend)
     await md.deliver(msg)  # creates the maildir, outside the timed region
     t0 = time.perf_counter()
     await concurrently(n, concurrency, lambda: md.deliver(msg))
     return time.perf_counter() - t0
 
 
-async def maildrop_stream(path: Path, total: int, *, fsync: bool = True) -> float:
+async def maildrop_stream(
+    path: Path, total: int, *, fsync: bool = True, backend: str | None = None
+) -> float:
     """Deliver one *total*-byte message from an async iterator of 64 KiB chunks."""
-    md = Maildir(path, fsync=fsync)
+    md = open_maildir(path, fsync=fsync, backend=backend)
     await md.deliver(b"x")
     t0 = time.perf_counter()
     await md.deliver(async_chunks(total))
@@ -416,6 +445,7 @@ class Probe:
     deliveries: int = 0
     dir_fsyncs: int = 0
     ticks: int = 0
+    cpu: float = 0.0  # seconds of this process's CPU (every thread) during the run
     _rss0: int = field(default=0, repr=False)
 
     @property
@@ -434,6 +464,7 @@ def merge(probes: list[Probe]) -> Probe:
         deliveries=sum(p.deliveries for p in probes),
         dir_fsyncs=sum(p.dir_fsyncs for p in probes),
         ticks=sum(p.ticks for p in probes),
+        cpu=sum(p.cpu for p in probes),
     )
 
 
@@ -482,9 +513,11 @@ async def monitored() -> AsyncIterator[Probe]:
     gc.callbacks.append(gc_clock)
     task = asyncio.create_task(_ticker(probe, gc_clock))
     await asyncio.sleep(0)
+    cpu = time.process_time()
     try:
         yield probe
     finally:
+        probe.cpu = time.process_time() - cpu
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
