@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 __all__ = ["Ack", "Checker", "Reap", "Step", "Submit", "check"]
 
+AT_FDCWD = -100
 #: Steps that publish a tmp file under its final name.
 PUBLISH = frozenset({"link", "rename"})
 
@@ -40,11 +41,14 @@ PUBLISH = frozenset({"link", "rename"})
 class Step(NamedTuple):
     """What one op does, as far as the rules care.
 
-    *kind*: ``open``, ``write``, ``fsync``, ``link``, ``rename``, ``unlink``, ``close`` or
-    ``other``. *handle*: the file it acts on (``"s3"``: slot 3, ``"f7"``: fd 7); for an open,
-    the slot it fills (None when the result is a new fd). *path*: ``(dir fd, name)`` of an
+    *kind*: ``open`` (a file created), ``dir`` (an open of an existing directory),
+    ``write``, ``fsync``, ``link``, ``rename``, ``unlink``, ``close`` or ``other``.
+    *handle*: the file it acts on (``"s3"``: slot 3, ``"f7"``: fd 7); for an open, the slot
+    it fills (None when the result is a new fd). *path*: ``(dir fd, name)`` of an
     open, an unlink or a link's source; *dest*: a link's target. *offset*, *length* and
-    *sync* (``RWF_SYNC``) describe a write.
+    *sync* (``RWF_SYNC``) describe a write. Directories are known by the path they were
+    opened by (a ``dir`` step relative to ``AT_FDCWD``, or to a directory known so), so two
+    fds of one directory are one directory: a shared fsync may come through either.
     """
 
     kind: str
@@ -118,7 +122,8 @@ class Checker:
         self._files: dict[int, _File] = {}  # op seq -> the file it acts on
         self._links: dict[int, _Link] = {}
         self._covers: dict[int, list[_Link]] = {}  # dir fsync seq -> links it covers
-        self._linked: dict[int, list[_Link]] = {}  # dir fd -> links done, not yet covered
+        self._linked: dict[str, list[_Link]] = {}  # directory -> links done, not yet covered
+        self._dirs: dict[int, str] = {}  # fd -> the directory it was opened as
         self._published: dict[str, _Link] = {}
         #: Per file: a fsync(file) in flight whose writes had all completed at submission.
         self._clean_fsync: set[int] = set()
@@ -147,14 +152,16 @@ class Checker:
             elif all(w.result is not None for w in file.writes):
                 self._clean_fsync.add(seq)
         elif step.kind == "fsync" and step.handle is not None:
-            fd = int(step.handle[1:])
-            self._covers[seq] = self._linked.pop(fd, [])
+            self._covers[seq] = self._linked.pop(self._dir(int(step.handle[1:])), [])
         elif step.kind in PUBLISH and step.path is not None and step.dest is not None:
             file = self._tmp.get(step.path)
             self._links[seq] = _Link(file, step.dest)
             self._check_publish(file, step.dest)
         elif step.kind == "close" and step.handle is not None:
             self._handles.pop(step.handle, None)
+
+    def _dir(self, fd: int) -> str:
+        return self._dirs.get(fd, f"fd {fd}")
 
     def _check_publish(self, file: _File | None, dest: tuple[int, bytes]) -> None:
         what = f"publish of new/{dest[1].decode(errors='replace')}"
@@ -181,7 +188,11 @@ class Checker:
 
     def _reap(self, seq: int, step: Step, result: int) -> None:
         file = self._files.pop(seq, None)
-        if step.kind == "open" and file is not None:
+        if step.kind == "dir" and step.path is not None and result >= 0:
+            dfd, name = step.path
+            base = "" if dfd == AT_FDCWD else self._dir(dfd) + "/"
+            self._dirs[result] = base + name.decode(errors="surrogateescape")
+        elif step.kind == "open" and file is not None:
             if result < 0:
                 file.failed = "open"
             elif step.handle is None:
@@ -213,7 +224,7 @@ class Checker:
             return
         link.done = True
         self.published += 1
-        self._linked.setdefault(link.dest[0], []).append(link)
+        self._linked.setdefault(self._dir(link.dest[0]), []).append(link)
         self._published[link.dest[1].decode(errors="surrogateescape")] = link
 
     def _ack(self, name: str) -> None:

@@ -9,7 +9,9 @@ opens its own).
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -50,7 +52,12 @@ def step_of(op: Op) -> Step:
     handle = f"s{op.fd}" if op.fixed else f"f{op.fd}"
     if kind == "open":
         slot = f"s{op.file_index - 1}" if op.file_index else None
-        return Step(kind, slot, (op.fd, _path(op)))
+        flags = op.op_flags
+        if op.opcode == abi.OP_OPENAT2:
+            how = op.keep[1]
+            assert isinstance(how, ctypes.Array)
+            flags = abi.OPEN_HOW.unpack(bytes(how))[0]
+        return Step(kind if flags & os.O_CREAT else "dir", slot, (op.fd, _path(op)))
     if kind == "write":
         offset = op.addr2 if op.addr2 < 1 << 63 else -1
         sync = bool(op.op_flags & abi.RWF_SYNC)

@@ -228,3 +228,20 @@ def test_an_open_into_a_process_fd_and_an_fsync_before_the_last_write() -> None:
     events += [Submit(3, Step("write", "f9", offset=-1, length=5)), Reap(3, 5)]
     events += [Submit(4, Step("link", None, (TMP, b"x"), (NEW, b"x"))), Reap(4, 0)]
     assert check(events) == ["publish of new/x before its data was synced"]
+
+
+def test_two_fds_of_one_directory_are_one_directory() -> None:
+    """A link through one fd of new/ is covered by an fsync through another fd of it, not by
+    an fsync of another directory."""
+
+    def trace(sync_path: bytes) -> list[Event]:
+        events: list[Event] = [Submit(0, Step("dir", None, (-100, b"/m"))), Reap(0, 5)]
+        events += [Submit(1, Step("dir", None, (5, b"new"))), Reap(1, 7)]
+        events += [Submit(2, Step("dir", None, (5, sync_path))), Reap(2, 9)]
+        events += [Submit(3, Step("open", "s0", (TMP, b"x"))), Reap(3, 0)]
+        events += [Submit(4, Step("write", "s0", length=1, sync=True)), Reap(4, 1)]
+        events += [Submit(5, Step("link", None, (TMP, b"x"), (7, b"x"))), Reap(5, 0)]
+        return [*events, Submit(6, Step("fsync", "f9")), Reap(6, 0), Ack("x")]
+
+    assert check(trace(b"new")) == []
+    assert check(trace(b"cur")) == ["ack of x before an fsync(new/) that covers its link"]
