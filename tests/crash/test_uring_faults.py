@@ -61,7 +61,7 @@ class Cases:
     """Fresh maildirs with one old message each, numbered, under *root*."""
 
     def __init__(self, root: Path, rec: Recorder) -> None:
-        self.root, self.rec, self.n = root, rec, 0
+        self.root, self.rec, self.n, self.mark = root, rec, 0, 0
 
     async def maildir(self) -> tuple[Path, Any, dict[Path, bytes]]:
         self.n += 1
@@ -77,9 +77,10 @@ class Cases:
         path, md, existing = await self.maildir()
         before, before_fds = _files(path), fds()
         self.rec.arm(script)
+        self.mark = len(self.rec.events)  # where this delivery's ops start in the trace
         ident = f"case{self.n}"
         try:
-            await md.deliver(_source(kind, make(ident, SOURCES[kind])))
+            got = await md.deliver(_source(kind, make(ident, SOURCES[kind])))
         except OSError as exc:
             after = await _settled(path, before)
             assert after == before, ("C3: litter left", script.inject, after)
@@ -90,13 +91,23 @@ class Cases:
                 assert p.read_bytes() == data, "C4: an existing message changed"
             assert fds() - before_fds == set(), ("fd leak", script.inject)
         assert scan(path).get(ident), "delivered but not in new/"
-        assert _files(path) == sorted([*before, *(f"new/{x}" for x in os.listdir(path / "new"))])
+        want = sorted([*before, f"new/{got.name}"])
+        assert await _settled(path, want) == want, "C3: litter left after a delivery"
         check_modes(path)
         return None, path
 
 
-def _probe_steps(rec: Recorder, start: int) -> list[Any]:
-    return [e.step for e in rec.events[start:] if isinstance(e, Submit)]
+def _probe_steps(rec: Recorder, start: int) -> tuple[list[Any], int]:
+    """The ops of the probe delivery, and the number of its first file-creating open.
+
+    Skips where the delivery never created its file on the ring (the backend handed it to
+    its thread pool): there is no ring fault to inject then.
+    """
+    steps = [e.step for e in rec.events[start:] if isinstance(e, Submit)]
+    first = next((k for k, s in enumerate(steps) if s.kind == "open"), None)
+    if first is None:
+        pytest.skip("the io_uring backend hands this kind of source to its thread pool")
+    return steps, first
 
 
 @pytest.mark.parametrize("kind", list(SOURCES))
@@ -107,18 +118,19 @@ def test_uring_every_op_every_errno(work: Path, kind: str) -> None:
     async def main() -> int:
         with traced() as rec:
             cases = Cases(work, rec)
-            mark = len(rec.events)
             exc, _ = await cases.one(kind, Script())
             assert exc is None
-            steps = _probe_steps(rec, mark)
-            assert len(steps) >= 4, steps
+            steps, first = _probe_steps(rec, cases.mark)
             injected = 0
             for k, step in enumerate(steps):
                 for err in ERRNOS:
                     exc, _ = await cases.one(kind, Script(inject={k: -err}))
                     injected += 1
                     if exc is None:
-                        assert step.kind in TOLERATED, f"op {k} ({step.kind}) failed but delivered"
+                        # Before the file exists, a failure hands the whole step to the thread
+                        # pool, which does it again (and fails there if the fault is real).
+                        tolerated = k < first or step.kind in TOLERATED
+                        assert tolerated, f"op {k} ({step.kind}) failed but delivered"
                     else:
                         check_error(exc, Table(step.kind, k, err))
             return injected
@@ -134,9 +146,8 @@ def test_uring_short_write_at_every_write(work: Path, kind: str) -> None:
     async def main() -> int:
         with traced() as rec:
             cases = Cases(work, rec)
-            mark = len(rec.events)
             assert (await cases.one(kind, Script()))[0] is None
-            steps = _probe_steps(rec, mark)
+            steps, _ = _probe_steps(rec, cases.mark)
             writes = [(k, s.length) for k, s in enumerate(steps) if s.kind == "write"]
             assert writes, steps
             for k, length in writes:
