@@ -96,13 +96,14 @@ class Cases:
         return None, path
 
 
-def _probe_steps(rec: Recorder, start: int) -> tuple[list[Any], int]:
-    """The ops of the probe delivery, and the number of its first file-creating open.
+async def _probe(cases: Cases, kind: str) -> tuple[list[Any], int]:
+    """Deliver once undisturbed; return its ops and the number of its first file-creating open.
 
     Skips where the delivery never created its file on the ring (the backend handed it to
     its thread pool): there is no ring fault to inject then.
     """
-    steps = [e.step for e in rec.events[start:] if isinstance(e, Submit)]
+    assert (await cases.one(kind, Script()))[0] is None
+    steps = [e.step for e in cases.rec.events[cases.mark :] if isinstance(e, Submit)]
     first = next((k for k, s in enumerate(steps) if s.kind == "open"), None)
     if first is None:
         pytest.skip("the io_uring backend hands this kind of source to its thread pool")
@@ -117,9 +118,7 @@ def test_uring_every_op_every_errno(work: Path, kind: str) -> None:
     async def main() -> int:
         with traced() as rec:
             cases = Cases(work, rec)
-            exc, _ = await cases.one(kind, Script())
-            assert exc is None
-            steps, first = _probe_steps(rec, cases.mark)
+            steps, first = await _probe(cases, kind)
             injected = 0
             for k, step in enumerate(steps):
                 for err in ERRNOS:
@@ -145,8 +144,7 @@ def test_uring_short_write_at_every_write(work: Path, kind: str) -> None:
     async def main() -> int:
         with traced() as rec:
             cases = Cases(work, rec)
-            assert (await cases.one(kind, Script()))[0] is None
-            steps, _ = _probe_steps(rec, cases.mark)
+            steps, _ = await _probe(cases, kind)
             writes = [(k, s.length) for k, s in enumerate(steps) if s.kind == "write"]
             assert writes, steps
             for k, length in writes:
