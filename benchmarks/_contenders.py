@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import inspect
 import itertools
 import mailbox
 import os
@@ -38,23 +37,11 @@ CHUNK = 64 * KIB
 #: How often the stall ticker wakes up (seconds).
 TICK = 0.001
 
-#: Whether ``Maildir`` takes ``backend=`` (the io_uring backend exists in this tree).
-HAS_BACKENDS = "backend" in inspect.signature(Maildir).parameters
-
 
 def uring_reason() -> str | None:
     """Return why the io_uring contenders cannot run here, or None when they can."""
-    if not HAS_BACKENDS:
-        return "this maildrop has no io_uring backend (Maildir has no backend=)"
     state = availability()
     return None if state.ok else f"io_uring is unavailable here: {state.reason}"
-
-
-def open_maildir(path: Path, *, fsync: bool = True, backend: str | None = None) -> Maildir:
-    """Return ``Maildir(path)`` on *backend* (None: the default, where there is no choice)."""
-    if backend is None or not HAS_BACKENDS:
-        return Maildir(path, fsync=fsync)
-    return Maildir(path, fsync=fsync, backend=backend)  # type: ignore[call-arg]
 
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
@@ -345,10 +332,10 @@ async def maildrop_many(
     concurrency: int,
     *,
     fsync: bool = True,
-    backend: str | None = None,
+    backend: str = "auto",
 ) -> float:
     """Deliver *n* copies with ``Maildir.deliver``, *concurrency* at a time; return seconds."""
-    md = open_maildir(path, fsync=fsync, backend=backend)
+    md = Maildir(path, fsync=fsync, backend=backend)
     await md.deliver(msg)  # creates the maildir, outside the timed region
     t0 = time.perf_counter()
     await concurrently(n, concurrency, lambda: md.deliver(msg))
@@ -356,10 +343,10 @@ async def maildrop_many(
 
 
 async def maildrop_stream(
-    path: Path, total: int, *, fsync: bool = True, backend: str | None = None
+    path: Path, total: int, *, fsync: bool = True, backend: str = "auto"
 ) -> float:
     """Deliver one *total*-byte message from an async iterator of 64 KiB chunks."""
-    md = open_maildir(path, fsync=fsync, backend=backend)
+    md = Maildir(path, fsync=fsync, backend=backend)
     await md.deliver(b"x")
     t0 = time.perf_counter()
     await md.deliver(async_chunks(total))

@@ -1,9 +1,9 @@
 """The io_uring backend's contenders and targets in ``python -m benchmarks`` (compare.py).
 
 They run in the same interleaved rounds as the thread backend (whose contenders are pinned
-to ``backend="threads"`` wherever the choice exists, so "auto" cannot turn them into io_uring
-runs) and the raw loop. Where io_uring or the backend is missing they are left out and their
-targets read "not measured", with the reason printed once.
+to ``backend="threads"``, so "auto" can never turn them into io_uring runs) and the raw loop.
+Where io_uring is missing they are left out and their targets read "not measured", with the
+reason printed once.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ Run: ``python -m benchmarks.uring_proto`` (``--rounds``, ``-n``, ``--size``, ``-
 Durable 2 KiB deliveries, 1 000 per contender and round, c=1, 16 and 64 in flight:
 
 * ``raw``: plain synchronous ``os`` calls, one message at a time (``_contenders.raw_many``);
-* ``md1``/``md16``/``md64``: today's ``Maildir(path).deliver`` (the thread backend);
+* ``md1``/``md16``/``md64``: ``Maildir(path, backend="threads").deliver`` (the thread backend);
+* ``mu1``/``mu16``/``mu64``: ``Maildir(path, backend="uring").deliver`` (the io_uring backend);
 * ``ur1``/``ur16``/``ur64``: ``UringMaildir.deliver`` on one ring driven from the event loop's
   thread (``maildrop/_uring_deliver.py``).
 
@@ -34,14 +35,28 @@ from maildrop._uring_deliver import UringMaildir
 from . import _contenders as c
 
 CONCURRENCY = {"md1": 1, "md16": 16, "md64": 64, "ur1": 1, "ur16": 16, "ur64": 64}
-CONCURRENCY.update(ur16w=16, ur64w=64)
-NAMES = ["raw", "md1", "ur1", "md16", "ur16", "ur16w", "md64", "ur64", "ur64w"]
+CONCURRENCY.update(ur16w=16, ur64w=64, mu1=1, mu16=16, mu64=64)
+NAMES = [
+    "raw",
+    "md1",
+    "mu1",
+    "ur1",
+    "md16",
+    "mu16",
+    "ur16",
+    "ur16w",
+    "md64",
+    "mu64",
+    "ur64",
+    "ur64w",
+]
 #: The ``w`` contenders run on a second ring allowed this many bounded io-wq workers.
 WORKERS = 64
 #: Per ur run: io_uring_enter calls and loop wake-ups per delivery, deliveries per fsync(new/).
 PER_DELIVERY: dict[str, list[tuple[float, float, float]]] = {}
 RATIOS = [("ur1", "raw"), ("ur1", "md1"), ("ur16", "md16"), ("ur64", "md64"), ("md1", "raw")]
 RATIOS += [("ur16w", "md16"), ("ur64w", "md64")]
+RATIOS += [("mu1", "raw"), ("mu1", "md1"), ("mu16", "md16"), ("mu64", "md64"), ("mu64", "ur64")]
 
 
 async def _uring_many(
@@ -80,14 +95,17 @@ async def _one(
         seconds = c.raw_many(path, msg, n)
     else:
         conc = CONCURRENCY[name]
-        if name.startswith("md"):
-            run = lambda: c.maildrop_many(path, msg, n, conc)  # noqa: E731
+        if name.startswith(("md", "mu")):
+            backend = "threads" if name.startswith("md") else "uring"
+            run = lambda: c.maildrop_many(path, msg, n, conc, backend=backend)  # noqa: E731
         else:
             ring = rings[name.endswith("w")]
             run = lambda: _uring_many(name, ring, path, msg, n, conc)  # noqa: E731
         seconds = await run()
     cpu = time.process_time() - cpu
-    _check(path, n + name.startswith("md"))  # maildrop_many creates its maildir with one more
+    _check(
+        path, n + name.startswith(("md", "mu"))
+    )  # maildrop_many creates its maildir with one more
     return n / seconds, cpu / n * 1e6
 
 
@@ -102,7 +120,8 @@ async def _main(args: argparse.Namespace) -> None:
     ratios: dict[tuple[str, str], list[float]] = {k: [] for k in RATIOS}
     try:
         for r in range(args.rounds):
-            order = NAMES[r % len(NAMES) :] + NAMES[: r % len(NAMES)]
+            names = args.names or NAMES
+            order = names[r % len(names) :] + names[: r % len(names)]
             this: dict[str, float] = {}
             for name in order:
                 rate, us = await _one(name, rings, root / f"{name}-{r}", msg, args.n)
@@ -110,8 +129,11 @@ async def _main(args: argparse.Namespace) -> None:
                 speed[name].append(rate)
                 cpu[name].append(us)
             for a, b in RATIOS:
-                ratios[(a, b)].append(this[a] / this[b])
-            print(f"round {r + 1}: " + "  ".join(f"{k} {this[k]:.0f}" for k in NAMES), flush=True)
+                if a in this and b in this:
+                    ratios[(a, b)].append(this[a] / this[b])
+            print(
+                f"round {r + 1}: " + "  ".join(f"{k} {v:.0f}" for k, v in this.items()), flush=True
+            )
     finally:
         for ring in rings.values():
             ring.close()
@@ -130,13 +152,17 @@ def _report(
     print(f"\n{args.n} x {args.size} B per run, {args.rounds} interleaved rounds, medians")
     print(f"{'contender':<10} {'msg/s':>8} {'CPU us/msg':>11}")
     for k in NAMES:
-        print(f"{k:<10} {med(speed[k]):>8.0f} {med(cpu[k]):>11.0f}")
+        if speed[k]:
+            print(f"{k:<10} {med(speed[k]):>8.0f} {med(cpu[k]):>11.0f}")
     print(f"\n{'ratio':<12} {'median':>7}  per round")
     for (a, b), values in ratios.items():
+        if not values:
+            continue
         rounds = " ".join(f"{v:.2f}" for v in values)
         print(f"{a + '/' + b:<12} {med(values):>6.2f}x  {rounds}")
-    for a, b in (("ur16", "md16"), ("ur64", "md64")):
-        print(f"CPU {a}/{b}: {med(cpu[a]) / med(cpu[b]):.2f}x")
+    for a, b in (("ur16", "md16"), ("ur64", "md64"), ("mu16", "md16"), ("mu64", "md64")):
+        if cpu[a] and cpu[b]:
+            print(f"CPU {a}/{b}: {med(cpu[a]) / med(cpu[b]):.2f}x")
     for name, runs in PER_DELIVERY.items():
         enters, wakeups, grouped = (med(r[i] for r in runs) for i in range(3))
         print(
@@ -154,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default=None, help="where the maildirs go (default: /tmp)")
     parser.add_argument("--keep", action="store_true", help="keep the maildirs")
     parser.add_argument("--smoke", action="store_true", help="toy sizes, one round")
+    parser.add_argument("--names", nargs="+", choices=NAMES, help="only these contenders")
     args = parser.parse_args(argv)
     if args.smoke:
         args.rounds, args.n = 1, 20

@@ -80,6 +80,7 @@ if TYPE_CHECKING:
     from ._session import Delivery, DeliverySession
     from ._sources import Source
     from ._sys import DEFAULT_SYSCALLS, Syscalls
+    from ._uring_setup import UringUnavailableError
 del TYPE_CHECKING  # not a public name
 
 __version__ = "0.1.0"
@@ -101,6 +102,7 @@ _WHERE = {
     "QuotaExceededError": "_errors",
     "Source": "_sources",
     "Syscalls": "_sys",
+    "UringUnavailableError": "_uring_setup",
     "deliver": "_maildir",
     "deliver_many": "_many",
     "outcome": "_errors",
@@ -122,6 +124,7 @@ __all__ = [
     "QuotaExceededError",
     "Source",
     "Syscalls",
+    "UringUnavailableError",
     "deliver",
     "deliver_many",
     "outcome",

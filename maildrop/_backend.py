@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import errno
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -32,8 +34,21 @@ import anyio
 
 from ._loops import per_loop
 from ._pool import Pool, anyio_limiter, retrieve, source_limiter
+from ._sys import DEFAULT_SYSCALLS, Syscalls
 
-__all__ = ["AnyioBackend", "Backend", "Done", "PoolBackend", "current", "run_sync"]
+__all__ = [
+    "AUTO_USES_URING",
+    "BACKENDS",
+    "ENV",
+    "AnyioBackend",
+    "Backend",
+    "Done",
+    "PoolBackend",
+    "backend_for",
+    "current",
+    "requested",
+    "run_sync",
+]
 
 T = TypeVar("T")
 
@@ -158,6 +173,53 @@ def _make(loop: asyncio.AbstractEventLoop | None) -> Backend:
 
 #: The running event loop's backend (``current(loop)`` for *loop*'s, from outside it).
 current = per_loop("maildrop_backend", _make)
+
+
+#: The backends a ``Maildir`` may ask for.
+BACKENDS = ("auto", "uring", "threads")
+#: Whether "auto" picks io_uring where it runs. Not yet: through the engine's session the
+#: ring backend costs the event loop's thread more CPU per delivery than the thread pool
+#: (every step's Python runs there) and delivers fewer messages per second at 1, 16 and 64
+#: in flight (``benchmarks/README.md``); "auto" takes it once it is the faster one.
+AUTO_USES_URING = False
+#: The environment variable that replaces ``"auto"`` (see ``_uring_backend``).
+ENV = "MAILDROP_BACKEND"
+
+
+def requested(backend: str, syscalls: Syscalls) -> str:
+    """Return the backend a ``Maildir(backend=...)`` asks for, with ``MAILDROP_BACKEND``.
+
+    Raises:
+        ValueError: *backend* (or the variable) is not one of :data:`BACKENDS`.
+        UringUnavailableError: ``"uring"`` with a custom syscall table.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    custom = syscalls is not DEFAULT_SYSCALLS
+    if backend == "uring" and custom:
+        from ._uring_setup import UringUnavailableError
+
+        raise UringUnavailableError(
+            errno.ENOTSUP,
+            "backend='uring' cannot run a custom Syscalls table (its entries are Python "
+            "callables); use backend='threads' or 'auto'",
+        )
+    if backend != "auto" or custom:
+        return "threads" if custom else backend
+    env = os.environ.get(ENV, "") or "auto"
+    if env not in BACKENDS:
+        raise ValueError(f"{ENV} must be one of {', '.join(BACKENDS)}, not {env!r}")
+    return env
+
+
+def backend_for(choice: str) -> Backend:
+    """Return the running loop's backend for a maildir's *choice* of backend
+    (``"auto"``, ``"uring"`` or ``"threads"``: ``_uring_backend.backend_for``)."""
+    if choice == "threads" or (choice == "auto" and not AUTO_USES_URING):
+        return current()
+    from ._uring_backend import choose  # loaded only where io_uring may be used
+
+    return choose(choice)
 
 
 async def run_sync(fn: Callable[..., T], *args: Any) -> T:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from ._quota import Quota
 
-__all__ = ["DIR_FLAGS", "FILE_FLAGS", "Dirs", "Settings", "parent_of"]
+__all__ = ["DIR_FLAGS", "FILE_FLAGS", "Dirs", "Settings", "creating", "parent_of"]
 
 #: How every directory of a maildir is opened (a symlink is refused, not followed).
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -86,11 +86,18 @@ class Settings:
     max_size: int | None = None
     size_stamp: bool = False
     quota: Quota | None = None
+    #: ``"auto"``, ``"uring"`` or ``"threads"`` (``_uring_backend.requested``).
+    backend: str = "auto"
 
     @property
     def path(self) -> str:
         """The maildir's own directory."""
         return self.root if self.folder is None else os.path.join(self.root, self.folder)
+
+
+def creating() -> bool:
+    """Whether a delivery of this process is creating a directory that is not durable yet."""
+    return bool(_unsynced)
 
 
 def parent_of(cfg: Settings, name: str) -> str:

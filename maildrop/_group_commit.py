@@ -14,12 +14,12 @@ import errno
 
 import anyio
 
-from ._backend import current
+from ._backend import Backend
 from ._handoff import run_owned
 from ._loops import per_loop
 from ._writer import DeliveryFiles
 
-__all__ = ["STATS", "GroupCommit", "group", "release"]
+__all__ = ["STATS", "GroupCommit", "group", "release", "sync_and_close"]
 
 #: Process-wide counters (read by the benchmarks): deliveries committed, directory fsyncs.
 STATS = {"deliveries": 0, "dir_fsyncs": 0}
@@ -51,7 +51,7 @@ class GroupCommit:
         self.error: OSError | None = None
         self.running: anyio.Event | None = None  # set when the fsync in flight ends
         # Linked deliveries waiting for a directory fsync: the one that covers them closes
-        # their directory fds in its worker (see _sync_and_close).
+        # their directory fds in its worker (see sync_and_close).
         self.waiting: list[DeliveryFiles] = []
 
     def alone(self) -> bool:
@@ -64,18 +64,21 @@ class GroupCommit:
         self.waiting.append(tmp)
         return self.linked
 
-    async def wait_durable(self, seq: int) -> None:
-        """Return once a directory fsync covered link number *seq*; raise if one failed."""
+    async def wait_durable(self, seq: int, backend: Backend) -> None:
+        """Return once a directory fsync covered link number *seq*; raise if one failed.
+
+        A fsync this call starts runs on *backend*.
+        """
         while self.synced < seq:
             if self.failed >= seq and self.error is not None:
                 err = self.error
                 raise OSError(err.errno, f"fsync of the maildir failed: {err.strerror}")
             if self.running is None:
-                self._start()
+                self._start(backend)
             else:
                 await self.running.wait()
 
-    def _start(self) -> None:
+    def _start(self, backend: Backend) -> None:
         target = self.linked
         covered, self.waiting = self.waiting, []
         done = self.running = anyio.Event()
@@ -94,10 +97,10 @@ class GroupCommit:
 
         # The job belongs to no delivery: a waiter cancelled meanwhile leaves at once, the
         # others are woken when it ends.
-        current().spawn(_sync_and_close, covered, done=finish)
+        backend.spawn(sync_and_close, covered, done=finish)
 
 
-def _sync_and_close(covered: list[DeliveryFiles]) -> None:
+def sync_and_close(covered: list[DeliveryFiles]) -> None:
     """Fsync the destination directory of the deliveries in *covered*, then close their
     directory fds (runs in a worker).
 

@@ -15,7 +15,17 @@ from typing import Any, TypeVar
 from ._state import Owner, abort_owner
 from ._writer import Aborted, DeliveryFiles
 
-__all__ = ["abort", "as_step", "cleanup", "hand_back", "owner", "run_owned", "take_over"]
+__all__ = [
+    "Step",
+    "abort",
+    "as_step",
+    "begin",
+    "cleanup",
+    "hand_back",
+    "owner",
+    "run_owned",
+    "take_over",
+]
 
 T = TypeVar("T")
 
@@ -91,21 +101,35 @@ def abort(tmp: DeliveryFiles, *, keep_published: bool) -> Owner:
         return then
 
 
-def as_step(tmp: DeliveryFiles, fn: Callable[..., T], *args: Any) -> Callable[[], T]:
-    """Wrap ``fn(*args)`` for a worker: own *tmp* during the call, refuse it once aborted,
-    clean up after a failure."""
+def begin(tmp: DeliveryFiles) -> None:
+    """Make the calling step the owner of *tmp*'s files; raise ``Aborted`` once aborted."""
+    with tmp.lock:
+        if tmp.aborted:
+            raise Aborted
+        tmp.running = True
 
-    def run() -> T:
-        with tmp.lock:
-            if tmp.aborted:
-                raise Aborted
-            tmp.running = True
+
+class Step:
+    """``fn(*args)`` wrapped for a worker: it owns *tmp* during the call, is refused once
+    the delivery was aborted, and cleans up after a failure. A backend that runs the
+    engine's own steps itself (io_uring) reads *fn* and *args* to recognise them."""
+
+    __slots__ = ("args", "fn", "tmp")
+
+    def __init__(self, tmp: DeliveryFiles, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.tmp, self.fn, self.args = tmp, fn, args
+
+    def __call__(self) -> Any:
+        begin(self.tmp)
         ok = False
         try:
-            result = fn(*args)
+            result = self.fn(*self.args)
             ok = True
             return result
         finally:
-            hand_back(tmp, failed=not ok)
+            hand_back(self.tmp, failed=not ok)
 
-    return run
+
+def as_step(tmp: DeliveryFiles, fn: Callable[..., T], *args: Any) -> Callable[[], T]:
+    """Wrap ``fn(*args)`` for a worker (see :class:`Step`)."""
+    return Step(tmp, fn, args)

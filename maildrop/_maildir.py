@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from ._backend import run_sync
+from ._backend import requested, run_sync
 from ._folders import folder_dirname
 from ._naming import format_flags
 from ._quota import Quota
@@ -45,6 +45,15 @@ class Maildir:
         quota: enforce and maintain a Maildir++ quota (``maildirsize``), see :class:`Quota`;
             over-quota deliveries raise :class:`QuotaExceededError` while streaming.
         syscalls: the table of blocking calls to use (fault injection, compat hooks).
+        backend: what runs the disk calls: ``"auto"`` (io_uring on Linux asyncio loops where
+            the kernel allows it, else worker threads; the environment variable
+            ``MAILDROP_BACKEND`` may replace it), ``"uring"`` (raises
+            :class:`UringUnavailableError` where it cannot run, saying why) or ``"threads"``.
+            A custom *syscalls* table always runs in threads.
+
+    Raises:
+        ValueError: a bad *backend* or ``MAILDROP_BACKEND`` value, or a bad *max_size*.
+        UringUnavailableError: ``backend="uring"`` with a custom *syscalls* table.
     """
 
     def __init__(
@@ -57,6 +66,7 @@ class Maildir:
         size_stamp: bool = False,
         quota: Quota | None = None,
         syscalls: Syscalls = DEFAULT_SYSCALLS,
+        backend: str = "auto",
     ) -> None:
         if isinstance(path, bytes):
             path = os.fsdecode(path)
@@ -76,6 +86,7 @@ class Maildir:
             max_size=max_size,
             size_stamp=bool(size_stamp),
             quota=quota,
+            backend=requested(backend, syscalls),
         )
 
     @property
@@ -225,6 +236,7 @@ async def deliver(
     size_stamp: bool = False,
     quota: Quota | None = None,
     syscalls: Syscalls = DEFAULT_SYSCALLS,
+    backend: str = "auto",
     flags: str | None = None,
     return_path: str | None = None,
     delivered_to: str | None = None,
@@ -236,7 +248,7 @@ async def deliver(
     """
     md = Maildir(
         path, create=create, fsync=fsync, max_size=max_size, size_stamp=size_stamp,
-        quota=quota, syscalls=syscalls,
+        quota=quota, syscalls=syscalls, backend=backend,
     )  # fmt: skip
     return await md.deliver(
         source, flags=flags, return_path=return_path, delivered_to=delivered_to,

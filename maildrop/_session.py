@@ -19,7 +19,7 @@ import anyio
 import anyio.lowlevel
 
 from . import _handoff
-from ._backend import current
+from ._backend import Backend, backend_for
 from ._group_commit import STATS, group, release
 from ._quota_io import QuotaGuard
 from ._state import Cause, Event, LocalProtocolError, Owner, Phase, advance, keeps_link
@@ -91,6 +91,7 @@ class DeliverySession:
         self._pipeline = pipeline
         self._pending: Awaitable[None] | None = None
         self._cleanup_done: anyio.Event | None = None  # set when a spawned cleanup ended
+        self._backend_of: Backend | None = None  # chosen on first use (it needs the loop)
 
     @property
     def size(self) -> int:
@@ -169,7 +170,9 @@ class DeliverySession:
         await self._drain()
         pending = None
         if self._pipeline:
-            pending = current().submit(_handoff.as_step(self._tmp, self._steps.write, chunks))
+            pending = self._backend().submit(
+                _handoff.as_step(self._tmp, self._steps.write, chunks)
+            )
         if pending is None:
             await self._run(self._steps.write, chunks)
             return
@@ -210,7 +213,7 @@ class DeliverySession:
             else:
                 self._advance(Event.LINK)
                 # The fsync that covers this delivery closes its directory fds.
-                await gc.wait_durable(gc.add(self._tmp))
+                await gc.wait_durable(gc.add(self._tmp), self._backend())
             self._advance(Event.SYNC)
             return self._delivered(final)
         except BaseException as exc:
@@ -313,7 +316,7 @@ class DeliverySession:
             return
         if then is Owner.CLEANUP:
             ended = self._cleanup_done = anyio.Event()
-            current().spawn(_handoff.cleanup, self._tmp, done=lambda _: ended.set())
+            self._backend().spawn(_handoff.cleanup, self._tmp, done=lambda _: ended.set())
         if wait:
             await self._wait_cleanup()
 
@@ -327,12 +330,18 @@ class DeliverySession:
         while not self._tmp.cleaned:  # noqa: ASYNC110 - a worker's flag
             await anyio.sleep(0.001)
 
+    def _backend(self) -> Backend:
+        """Return the backend this delivery's steps run on (``Maildir(backend=...)``)."""
+        if self._backend_of is None:
+            self._backend_of = backend_for(self._settings.backend)
+        return self._backend_of
+
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run the step ``fn(*args)`` on the backend, owning the files for its duration."""
         # A cancelled caller returns at once; the worker finishes its call and, seeing
         # `aborted`, cleans up (see _abort).
         try:
-            return await current().run(_handoff.as_step(self._tmp, fn, *args))
+            return await self._backend().run(_handoff.as_step(self._tmp, fn, *args))
         except Aborted:
             # Only another task's abort() gets here (a cancelled caller has left already).
             raise RuntimeError("this delivery was aborted while a worker was writing it") from None

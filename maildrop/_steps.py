@@ -14,6 +14,7 @@ import io
 import os
 
 from ._errors import MessageTooLargeError
+from ._naming import published_name
 from ._writer import UNSUPPORTED, Aborted, DeliveryFiles
 
 TYPE_CHECKING = False
@@ -118,12 +119,29 @@ class Steps:
         self.write(chunks)
         if self.file is not None:
             self.copy_file(self.file)
-        if self._transform is not None:
-            tail = self._transform.finish()
-            if self._max_size is not None and self.tmp.size + len(tail) > self._max_size:
-                raise MessageTooLargeError(self._max_size)
-            if tail:
-                self.write([tail])
+        tail = self.tail(self.tmp.size)
+        if tail:
+            self.write([tail])
+
+    def tail(self, size: int) -> bytes | memoryview:
+        """Return the transform's last bytes (none without a transform), to write after
+        *size* bytes; raise ``MessageTooLargeError`` if they pass ``max_size``."""
+        if self._transform is None:
+            return b""
+        tail = self._transform.finish()
+        if self._max_size is not None and size + len(tail) > self._max_size:
+            raise MessageTooLargeError(self._max_size)
+        return tail
+
+    @property
+    def threads_only(self) -> bool:
+        """Whether the steps must run in threads: they copy a synchronous file or keep a
+        quota ledger (blocking calls that no io_uring chain makes)."""
+        return self.file is not None or self._quota is not None
+
+    def name_for(self, base: str, size: int) -> str:
+        """Return the published name of a message of *size* bytes whose base name is *base*."""
+        return published_name(base, size=size if self._size_stamp else None, flags=self._flags)
 
     def finish(self, chunks: list[bytes | memoryview], sync_new: bool) -> str:
         """Write the rest and publish; *sync_new*: fsync the destination and close the

@@ -1,14 +1,13 @@
 """maildrop's io_uring driver: one ring over the kernel ABI, its queues and its safety rules.
 
-It owns every lifetime (why our own driver: README, "io_uring"): an ``Op`` holds its paths
-and buffers, the ring holds each op until its completion is reaped, so callers may drop theirs
-at once. Only ``ctypes`` and ``mmap``: no compiler, no dependency.
+It owns every lifetime (why our own driver: README, "io_uring"): an ``Op`` holds its paths and
+buffers until its completion is reaped. Only ``ctypes`` and ``mmap``: no compiler, no dependency.
 
 Rules, each applied where the comment names it (checked on kernel 6.18, see tests/test_uring.py):
 
-- Memory ordering: the ring's head and tail are shared with the kernel. x86-64 keeps stores in
-  order and loads in order, so writing an entry then its tail (and reading a tail then its
-  entries) needs no fence; the driver refuses every other architecture (:func:`availability`).
+- Memory ordering: x86-64 keeps stores in order and loads in order, so writing an entry then
+  the shared tail (and reading a tail then its entries) needs no fence; the driver refuses
+  every other architecture (:func:`availability`).
 - Chains (``IOSQE_IO_LINK``): a failing fsync, linkat, unlinkat, renameat2 or statx does NOT
   sever a chain; a failing or short write, openat or close does (a short write is a positive
   result: compare it with the length). Callers check every result and never put an op after
@@ -16,17 +15,15 @@ Rules, each applied where the comment names it (checked on kernel 6.18, see test
 - Quiet ops (``IOSQE_CQE_SKIP_SUCCESS``) post no completion on success, and after one fails
   none is posted for the rest of its chain: counting completions cannot find a chain's end.
   Only ops whose success value is known and whose failure severs are made quiet
-  (``quiet_result``); fsync/linkat/unlinkat/renameat2 never (their failure would be skipped
-  too: an EEXIST link would look like a success), nor a chain's last op. A chain ends at its
-  last op's completion or a quiet op's (``_complete``); every result is then known.
-- Submission space for a whole chain is reserved before any of it is written, and ops in
-  flight never exceed the completion ring's size; an overflow is still flushed after every
-  drain (``reap``), or the eventfd would stop firing with completions parked in the kernel.
-- No ``IORING_SETUP_DEFER_TASKRUN`` (``_uring_setup.create``): it starves the eventfd.
-- Fork: the rings are mapped ``MADV_DONTFORK`` and a child forgets every ring it inherited
-  (``os.register_at_fork``) without touching it, so it can never reap the parent's completions.
-- A process fd used by an op in flight (a directory fd) is closed only after the op completes
-  (:meth:`Ring.close_fd`).
+  (``quiet_result``); fsync/linkat/unlinkat/renameat2 never (an EEXIST link would look like
+  a success), nor a chain's last op. A chain ends at its last op's completion or a quiet op's
+  (``_complete``); every result is then known.
+- Submission space for a whole chain is reserved before any of it is written; ops in flight
+  never exceed the completion ring's size; an overflow is still flushed after every drain
+  (``reap``), or the eventfd would stop firing; no ``IORING_SETUP_DEFER_TASKRUN`` (starves it).
+- Fork: rings are mapped ``MADV_DONTFORK``; a child forgets every ring it inherited untouched
+  (``os.register_at_fork``), so it can never reap the parent's completions.
+- A process fd used by an op in flight is closed only after it completes (``close_fd``).
 """
 
 from __future__ import annotations
@@ -104,8 +101,8 @@ class Ring:
         self._inflight: dict[int, tuple[_Chain, int]] = {}
         self._fd_users: Counter[int] = Counter()
         self._close_later: set[int] = set()
-        self._free_slots: list[int] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.free_slots: list[int] = []  # direct-descriptor slots (take_slot, give_slot)
+        self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = None  # weak: see attach()
         self._flush_scheduled = False
         self._closed = self._forked = self.has_openat2 = False
         self.hooks: Hooks | None = None
@@ -138,7 +135,7 @@ class Ring:
             abi.register(fd, abi.REGISTER_EVENTFD, ctypes.c_int(ring._efd), 1)
             if slots:
                 abi.register(fd, abi.REGISTER_FILES, (ctypes.c_int * slots)(*[-1] * slots), slots)
-                ring._free_slots = list(range(slots - 1, -1, -1))
+                ring.free_slots = list(range(slots - 1, -1, -1))
         except BaseException:
             ring.close()
             raise
@@ -147,13 +144,13 @@ class Ring:
 
     def take_slot(self) -> int:
         """Return a free direct-descriptor slot (give it back with :meth:`give_slot`)."""
-        if not self._free_slots:
+        if not self.free_slots:
             raise OSError(errno.EMFILE, "every direct-descriptor slot of the ring is in use")
-        return self._free_slots.pop()
+        return self.free_slots.pop()
 
     def give_slot(self, slot: int) -> None:
         """Return *slot* to the free list (it must be empty: never opened, or closed)."""
-        self._free_slots.append(slot)
+        self.free_slots.append(slot)
 
     def close_fd(self, fd: int) -> None:
         """Close process fd *fd* now, or once the last op in flight that uses it completes."""
@@ -188,11 +185,15 @@ class Ring:
         self._pending.append(_Chain(list(ops), done))
         self._kick()
 
+    def _live_loop(self) -> asyncio.AbstractEventLoop | None:
+        return None if self._loop is None else self._loop()
+
     def _kick(self) -> None:
         # One io_uring_enter per loop iteration: every chain queued in this turn goes together.
-        if self._loop is not None and not self._flush_scheduled:
+        loop = self._live_loop()
+        if loop is not None and not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -324,8 +325,9 @@ class Ring:
             self.reap()
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Reap on *loop* (an eventfd reader) and flush submissions once per loop iteration."""
-        self._loop = loop
+        """Reap on *loop* (an eventfd reader) and flush submissions once per loop iteration
+        (held weakly: a ring kept per loop must not keep a closed loop alive)."""
+        self._loop = weakref.ref(loop)
         loop.add_reader(self._efd, self._on_eventfd)
 
     def _on_eventfd(self) -> None:
@@ -340,13 +342,13 @@ class Ring:
     ) -> asyncio.Future[list[int]]:
         """Queue *ops* as a chain; return a future of their results (see :meth:`queue`).
 
-        Cancelling the future releases the waiter only: the chain runs to its end, its
-        completions are still reaped (its paths, buffers and fds released) and *orphaned*, if
-        given, is called with the results so the caller's cleanup can follow.
+        Cancelling the future releases the waiter only: the chain runs to its end (its
+        paths, buffers and fds are released then) and *orphaned*, if given, gets the results.
         """
-        if self._loop is None:
+        loop = self._live_loop()
+        if loop is None:
             raise RuntimeError("attach() the ring to an event loop before submit()")
-        future: asyncio.Future[list[int]] = self._loop.create_future()
+        future: asyncio.Future[list[int]] = loop.create_future()
 
         def done(results: list[int]) -> None:
             if not future.cancelled():
@@ -358,15 +360,14 @@ class Ring:
         return future
 
     def close(self) -> None:
-        """Run every queued op and wait for every op in flight (blocking), then unmap.
-
-        The kernel may still read an op's buffers until it completes: nothing is freed before.
-        """
+        """Run every queued op and wait for every op in flight (blocking: the kernel may
+        still read an op's buffers until it completes), then unmap."""
         if self._closed:
             return
         self.drain()
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(self._efd)
+        loop = self._live_loop()
+        if loop is not None and not loop.is_closed():
+            loop.remove_reader(self._efd)
         self._drop()
 
     def _drop(self) -> None:
@@ -379,8 +380,7 @@ class Ring:
         _RINGS.discard(self)
 
     def _forget(self) -> None:  # pragma: no cover - runs in forked children (os._exit)
-        # In a forked child: the maps are absent (MADV_DONTFORK), so touch nothing; no
-        # remove_reader either, the epoll set is shared with the parent.
+        # A forked child: the maps are absent (MADV_DONTFORK), no remove_reader (shared epoll).
         self._forked = True
         self._drop()
 

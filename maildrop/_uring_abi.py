@@ -81,6 +81,8 @@ RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
 RENAME_NOREPLACE = 1
 AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+AT_SYMLINK_NOFOLLOW = 0x100
 STATX_BASIC_STATS = 0x7FF
 
 #: One submission queue entry (64 bytes): opcode, flags, ioprio, fd, off/addr2, addr, len,

@@ -277,11 +277,12 @@ def close(fd: int, *, fixed: bool = False) -> Op:
 class Statx:
     """The fields of a completed :func:`statx` the engine uses."""
 
-    __slots__ = ("ino", "mode", "nlink", "size")
+    __slots__ = ("ino", "mode", "nlink", "size", "uid")
 
     def __init__(self, raw: bytes) -> None:
         fields = abi.STATX_HEAD.unpack_from(raw)
-        self.nlink, self.mode, self.ino, self.size = fields[3], fields[6], fields[8], fields[9]
+        self.nlink, self.uid, self.mode = fields[3], fields[4], fields[6]
+        self.ino, self.size = fields[8], fields[9]
 
 
 def statx(dfd: int, path: Path, flags: int = 0, mask: int = abi.STATX_BASIC_STATS) -> Op:

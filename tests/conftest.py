@@ -36,17 +36,24 @@ def listing(md: Path) -> dict[str, list[str]]:
     return out
 
 
-def open_fds() -> set[int]:
-    """Return the set of this process's open file descriptors, but event loops' eventfds.
+#: What each event loop's worker pool (an eventfd) and io_uring ring (a ring and an eventfd)
+#: hold until the garbage collector gets to the loop.
+_PER_LOOP_FDS = ("anon_inode:[eventfd]", "anon_inode:[io_uring]")
 
-    Each event loop's worker pool owns one eventfd, closed when the loop object is
+
+def open_fds() -> set[int]:
+    """Return the set of this process's open file descriptors, but event loops' eventfds
+    and io_uring rings.
+
+    Each event loop's worker pool owns one eventfd (and its io_uring ring, if it has one, a
+    ring fd and an eventfd), closed when the loop object is
     collected (whenever the garbage collector gets to an earlier test's loop);
     ``tests/test_pipeline.py`` checks that those do not pile up.
     """
     fds = set()
     for n in os.listdir("/proc/self/fd"):
         try:
-            if os.readlink(f"/proc/self/fd/{n}") == "anon_inode:[eventfd]":
+            if os.readlink(f"/proc/self/fd/{n}") in _PER_LOOP_FDS:
                 continue
         except FileNotFoundError:  # the fd listdir itself used
             continue
@@ -120,3 +127,50 @@ class Faults:
 def faults() -> Faults:
     """A fresh fault-table builder."""
     return Faults()
+
+
+#: The engine's test modules: each of their tests runs on the thread backend and on the
+#: io_uring backend (asyncio; trio stays on threads). The rest of the suite (servers, CLI,
+#: compat, the ring driver itself) runs once, on whatever "auto" picks, to keep CI's time.
+ENGINE_MODULES = frozenset(
+    {
+        "test_api", "test_backend", "test_cancel", "test_deliver", "test_errors",
+        "test_faults", "test_flags", "test_folders", "test_group_commit", "test_handoff",
+        "test_many", "test_memory", "test_pipeline", "test_quota", "test_session",
+        "test_sources", "test_steps", "test_sweep", "test_transform", "test_writer",
+    }
+)  # fmt: skip
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Give every test of an engine module the parameter ``engine_backend``."""
+    if metafunc.module.__name__.rsplit(".", 1)[-1] in ENGINE_MODULES:
+        metafunc.parametrize("engine_backend", ["threads", "uring"], indirect=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Drop the io_uring runs of trio tests: trio has no io_uring backend."""
+    keep, drop = [], []
+    for item in items:
+        params = getattr(item, "callspec", None)
+        p = {} if params is None else params.params
+        trio_uring = p.get("engine_backend") == "uring" and p.get("anyio_backend") == "trio"
+        (drop if trio_uring else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(autouse=True)
+def engine_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The backend "auto" means in this test (MAILDROP_BACKEND): an engine module's tests
+    run on "threads" and on "uring" (skipped where io_uring is unavailable)."""
+    choice = getattr(request, "param", "auto")
+    if choice == "uring":
+        from maildrop._uring import availability
+
+        known = availability()
+        if not known.ok:
+            pytest.skip(f"io_uring is unavailable here: {known.reason}")
+    monkeypatch.setenv("MAILDROP_BACKEND", choice)
+    return str(choice)

@@ -128,10 +128,10 @@ async def test_a_taken_tmp_name_fails_and_frees_the_slot(
     """O_EXCL refuses an existing tmp file: EEXIST, the file is left alone, the slot returns."""
     (maildir / "tmp" / "busy").write_bytes(b"other")
     _names(monkeypatch, "busy")
-    free = len(md.ring._free_slots)
+    free = len(md.ring.free_slots)
     with pytest.raises(FileExistsError, match="openat"):
         await md.deliver(MSG)
-    assert len(md.ring._free_slots) == free
+    assert len(md.ring.free_slots) == free
     assert (maildir / "tmp" / "busy").read_bytes() == b"other"
 
 
@@ -154,7 +154,7 @@ async def test_a_failed_step_leaves_nothing(
         await md.deliver(MSG)
     await _settled(md.ring)
     assert listing(maildir) == {"tmp": [], "new": [], "cur": []}
-    assert len(md.ring._free_slots) == 32
+    assert len(md.ring.free_slots) == 32
 
 
 async def test_a_short_write_is_completed_then_published(md: UringMaildir, maildir: Path) -> None:
@@ -203,7 +203,7 @@ async def test_a_cancelled_delivery_releases_the_caller_and_cleans_up(
     await _settled(md.ring)
     assert listing(maildir)["tmp"] == []
     assert len(listing(maildir)["new"]) == 1  # its link had been chained: it is delivered
-    assert len(md.ring._free_slots) == 32
+    assert len(md.ring.free_slots) == 32
 
 
 async def test_a_cancelled_delivery_whose_open_failed_frees_its_slot(
@@ -214,7 +214,7 @@ async def test_a_cancelled_delivery_whose_open_failed_frees_its_slot(
     _names(monkeypatch, "busy")
     await _cancel_mid_chain(md)
     assert listing(maildir) == {"tmp": ["busy"], "new": [], "cur": []}
-    assert len(md.ring._free_slots) == 32
+    assert len(md.ring.free_slots) == 32
 
 
 async def test_a_waiter_cancelled_in_group_commit_leaves_the_others(
@@ -280,7 +280,7 @@ async def test_a_cancel_landing_after_the_chain_completed_still_cleans_up(
     await _settled(md.ring)
     assert listing(maildir)["tmp"] == []
     assert len(listing(maildir)["new"]) == 1
-    assert len(md.ring._free_slots) == 32
+    assert len(md.ring.free_slots) == 32
 
 
 async def test_a_cancelled_delivery_whose_write_failed_removes_its_tmp_file(
@@ -290,7 +290,7 @@ async def test_a_cancelled_delivery_whose_write_failed_removes_its_tmp_file(
     md.ring.hooks = Script(inject={1: -errno.ENOSPC})
     await _cancel_mid_chain(md)
     assert listing(maildir) == {"tmp": [], "new": [], "cur": []}
-    assert len(md.ring._free_slots) == 32
+    assert len(md.ring.free_slots) == 32
 
 
 async def test_a_cancelled_group_waiter_is_skipped_and_the_next_fsync_still_runs(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,11 +18,7 @@ from ._uring_trace import Recorder, install
 def backend_reason() -> str | None:
     """Return why the io_uring backend cannot run here, or None when it can."""
     avail = availability()
-    if not avail.ok:
-        return f"io_uring is unavailable here: {avail.reason}"
-    if "backend" not in inspect.signature(Maildir).parameters:
-        return "the io_uring backend is not available (Maildir has no backend= yet)"
-    return None
+    return None if avail.ok else f"io_uring is unavailable here: {avail.reason}"
 
 
 def require_uring() -> None:
@@ -35,7 +30,7 @@ def require_uring() -> None:
 
 def uring_maildir(path: str | Path, **kwargs: Any) -> Maildir:
     """Return a Maildir on the io_uring backend."""
-    return Maildir(path, backend="uring", **kwargs)  # type: ignore[call-arg]
+    return Maildir(path, backend="uring", **kwargs)
 
 
 @contextmanager

@@ -139,7 +139,7 @@ def open_maildir(cfg: dict[str, Any], path: str, table: Syscalls) -> Maildir:
     """The job's maildir: on the io_uring backend (no table: the ring's hooks stand in), or
     on the thread backend with the job's syscall table."""
     if cfg.get("backend") == "uring":
-        return Maildir(path, fsync=cfg.get("fsync", True), backend="uring")  # type: ignore[call-arg]
+        return Maildir(path, fsync=cfg.get("fsync", True), backend="uring")
     return Maildir(path, fsync=cfg.get("fsync", True), syscalls=table)
 
 

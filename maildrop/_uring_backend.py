@@ -1,0 +1,184 @@
+"""The io_uring backend, and which backend a maildir's deliveries run on.
+
+:class:`UringBackend` is the engine's :class:`~maildrop._backend.Backend` on one io_uring ring
+per asyncio loop, driven from the loop's own thread (``_uring``). ``run`` and ``spawn``
+recognise the engine's own steps and run them as ring chains (``_uring_steps``): a message
+written in one step (``Steps.finish``) and the group-commit fsync. Every other step, and a
+step the ring cannot take (a quota ledger, a synchronous file to copy, a directory to
+create), runs in the thread pool, the same code as on the thread backend.
+
+A ring step runs as a job of its own (an asyncio task) that owns the delivery's files like a
+worker thread does: a cancelled caller is released at once, the chain in flight runs to its
+end, and the job then cleans up after an abort (``_handoff``).
+
+Which backend (``_backend.requested`` when a ``Maildir`` is made, :func:`choose` when a
+delivery starts): ``"threads"`` always; ``"uring"`` or an error saying why it cannot run
+(kernel, ``kernel.io_uring_disabled``, a seccomp filter, a trio loop, a custom ``Syscalls``
+table); ``"auto"`` (the default) io_uring where it runs, else threads, silently (while
+``_backend.AUTO_USES_URING`` is False, "auto" is threads: see there why). The
+environment variable ``MAILDROP_BACKEND`` (``auto``/``uring``/``threads``) replaces
+``"auto"`` for operators; it never overrides a program's own choice, and a custom
+``Syscalls`` table (code that needs Python callables) keeps ``"auto"`` on threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import resource
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+from . import _uring_steps as ring_steps
+from ._backend import Backend, Done, PoolBackend, current
+from ._group_commit import sync_and_close
+from ._handoff import Step, begin, hand_back, take_over
+from ._loops import per_loop, running_loop
+from ._pool import retrieve
+from ._steps import Steps
+from ._uring import Ring, availability
+from ._uring_setup import UringUnavailableError
+from ._writer import DeliveryFiles
+
+__all__ = ["UringBackend", "choose"]
+
+T = TypeVar("T")
+#: Direct-descriptor slots per ring: the ring deliveries that may have a file open at once.
+SLOTS = 1024
+
+
+def _make(loop: asyncio.AbstractEventLoop | None) -> UringBackend | UringUnavailableError:
+    known = availability()
+    if loop is None or not known.ok:
+        why = "trio" if loop is None else known.reason
+        return UringUnavailableError(errno.ENOTSUP, f"io_uring cannot be used here: {why}")
+    try:
+        return UringBackend(loop)
+    except UringUnavailableError as exc:
+        return exc
+    except OSError as exc:  # EMFILE, ENOMEM (locked memory): this process cannot have a ring
+        return UringUnavailableError(exc.errno, f"io_uring cannot be used here: {exc}")
+
+
+_backends = per_loop("maildrop_uring_backend", _make)
+
+
+def choose(choice: str) -> Backend:
+    """Return the running loop's backend for a maildir's *choice*, ``"auto"`` or ``"uring"``.
+
+    Raises:
+        UringUnavailableError: *choice* is ``"uring"`` and io_uring cannot run here (the
+            message says why).
+    """
+    loop = running_loop()
+    if loop is None:
+        if choice == "uring":
+            raise UringUnavailableError(
+                errno.ENOTSUP,
+                "backend='uring' runs on asyncio event loops only, not on trio; "
+                "use backend='threads' or 'auto'",
+            )
+        return current()
+    made = _backends(loop)
+    if isinstance(made, UringUnavailableError):
+        if choice == "uring":
+            raise UringUnavailableError(made.errno, made.strerror)
+        return current(loop)
+    return made
+
+
+class UringBackend(PoolBackend):
+    """The engine's own steps as chains on one ring per loop; the rest in the thread pool."""
+
+    __slots__ = ("jobs", "ring")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        # The kernel refuses a file table larger than RLIMIT_NOFILE; a delivery that finds
+        # every slot taken runs in a thread.
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        ring = self.ring = Ring.open(slots=SLOTS if nofile < 0 else min(SLOTS, nofile))
+        ring.attach(loop)
+        # The loop never closes the ring: it goes with the loop (the ring holds it weakly).
+        weakref.finalize(loop, ring.close)
+        self.jobs: set[asyncio.Task[Any]] = set()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run the step ``fn(*args)`` on the ring or in a worker (see :meth:`Backend.run`)."""
+        job = self._on_ring(fn, args)
+        if job is None:
+            return await super().run(fn, *args)
+        return await asyncio.shield(self._start(job))
+
+    def _on_ring(
+        self, fn: Callable[..., Any], args: tuple[Any, ...]
+    ) -> Coroutine[Any, Any, Any] | None:
+        """Return the ring job for the engine's step *fn*, or None (a thread runs it)."""
+        if args or not isinstance(fn, Step):
+            return None
+        method = fn.fn
+        steps = getattr(method, "__self__", None)
+        if getattr(method, "__func__", None) is not Steps.finish or not isinstance(steps, Steps):
+            return None
+        if steps.started or steps.threads_only:
+            return None
+        return self._owned(fn.tmp, lambda: self._finish(steps, *fn.args))
+
+    def _start(self, job: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        task = asyncio.get_running_loop().create_task(job)
+        self.jobs.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self.jobs.discard)
+        task.add_done_callback(retrieve)  # a cancelled caller's shield no longer looks
+        return task
+
+    async def _owned(self, tmp: DeliveryFiles, body: Callable[[], Awaitable[T]]) -> T:
+        """Run *body* as the owner of *tmp*'s files, as ``_handoff.Step`` does in a worker."""
+        begin(tmp)
+        ok = False
+        try:
+            result = await body()
+            ok = True
+            return result
+        finally:
+            await ring_steps.close_slot(self.ring, tmp)
+            await self._hand_back(tmp, failed=not ok)
+
+    async def _hand_back(self, tmp: DeliveryFiles, *, failed: bool = False) -> None:
+        """``_handoff.hand_back``, with a cleanup's blocking calls in a worker."""
+        if failed or tmp.aborted:  # only the loop's thread sets `aborted`: no race here
+            await self.pool.submit(_hand_back_failed if failed else hand_back, (tmp,))
+        else:
+            hand_back(tmp)
+
+    async def _finish(self, steps: Steps, chunks: list[bytes | memoryview], sync_new: bool) -> str:
+        final = await ring_steps.finish(self.ring, steps, chunks, sync_new)
+        if final is None:  # the thread step does it all (see ring_steps.finish)
+            return await self.pool.submit(steps.finish, (chunks, sync_new))
+        return final
+
+    def spawn(self, fn: Callable[..., Any], *args: Any, done: Done) -> None:
+        """Run ``fn(*args)`` for nobody, on the ring where it can (see :meth:`Backend.spawn`)."""
+        if fn is not sync_and_close:
+            super().spawn(fn, *args, done=done)
+            return
+        task = self._start(self._sync_and_close(*args))
+        task.add_done_callback(lambda t: done(t.exception()))
+
+    async def _sync_and_close(self, covered: list[DeliveryFiles]) -> None:
+        """``_group_commit.sync_and_close`` on the ring (same order, same owners)."""
+        for tmp in covered:
+            if take_over(tmp):
+                try:
+                    await ring_steps.sync_dest(self.ring, tmp)
+                finally:
+                    await self._hand_back(tmp)
+                break
+        for tmp in covered:
+            if take_over(tmp):
+                tmp.close_dirs()  # directory fds: a close holds no data and never blocks
+                await self._hand_back(tmp)
+
+
+def _hand_back_failed(tmp: DeliveryFiles) -> None:
+    hand_back(tmp, failed=True)

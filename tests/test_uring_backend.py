@@ -1,0 +1,162 @@
+"""The io_uring backend (``maildrop._uring_backend``) and which backend a maildir runs on."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from maildrop import DEFAULT_SYSCALLS, Maildir, UringUnavailableError, _backend
+from maildrop import _uring_backend as ub
+from maildrop._uring import availability
+from maildrop._uring_setup import Availability
+
+from .conftest import listing
+
+needs_uring = pytest.mark.skipif(
+    not availability().ok, reason=f"io_uring unavailable: {availability().reason}"
+)
+OTHER_TABLE = DEFAULT_SYSCALLS.replace(fsync=DEFAULT_SYSCALLS.fsync)
+
+
+@pytest.mark.parametrize("backend", ["auto", "uring", "threads"])
+def test_a_maildir_keeps_the_backend_it_asked_for(
+    tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without MAILDROP_BACKEND each choice is kept as given."""
+    monkeypatch.delenv(_backend.ENV, raising=False)
+    assert Maildir(tmp_path, backend=backend)._settings.backend == backend
+
+
+@pytest.mark.parametrize("env", ["uring", "threads", "auto", ""])
+def test_the_environment_replaces_auto_only(
+    tmp_path: Path, env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MAILDROP_BACKEND replaces "auto" and never a program's own choice."""
+    monkeypatch.setenv(_backend.ENV, env)
+    assert Maildir(tmp_path)._settings.backend == (env or "auto")
+    assert Maildir(tmp_path, backend="threads")._settings.backend == "threads"
+    assert Maildir(tmp_path, backend="uring")._settings.backend == "uring"
+
+
+def test_a_bad_choice_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unknown backend, in the argument or the variable, is a ValueError naming it."""
+    with pytest.raises(ValueError, match="backend must be one of auto, uring, threads"):
+        Maildir(tmp_path, backend="epoll")
+    monkeypatch.setenv(_backend.ENV, "io_uring")
+    with pytest.raises(ValueError, match=r"MAILDROP_BACKEND must be one of .*'io_uring'"):
+        Maildir(tmp_path)
+
+
+def test_a_custom_syscall_table_runs_in_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A custom table makes "auto" (even with the variable) threads and "uring" an error."""
+    monkeypatch.setenv(_backend.ENV, "uring")
+    assert Maildir(tmp_path, syscalls=OTHER_TABLE)._settings.backend == "threads"
+    with pytest.raises(UringUnavailableError, match="cannot run a custom Syscalls table"):
+        Maildir(tmp_path, syscalls=OTHER_TABLE, backend="uring")
+
+
+@pytest.mark.anyio
+async def test_uring_on_trio_is_refused(tmp_path: Path, anyio_backend: str) -> None:
+    """On trio "uring" fails saying so and "auto" delivers in threads."""
+    if anyio_backend != "trio":
+        pytest.skip("about trio loops")
+    with pytest.raises(UringUnavailableError, match="asyncio event loops only, not on trio"):
+        await Maildir(tmp_path / "m", backend="uring").deliver(b"x")
+    assert listing(tmp_path / "m") == {"tmp": [], "new": [], "cur": []}
+    await Maildir(tmp_path / "m").deliver(b"x")
+    assert len(listing(tmp_path / "m")["new"]) == 1
+
+
+@pytest.mark.asyncio
+async def test_auto_is_threads_until_the_ring_is_faster() -> None:
+    """While AUTO_USES_URING is False, "auto" runs on the thread backend."""
+    assert not _backend.AUTO_USES_URING
+    assert not isinstance(_backend.backend_for("auto"), ub.UringBackend)
+    assert isinstance(_backend.backend_for("auto"), _backend.PoolBackend)
+
+
+@needs_uring
+@pytest.mark.asyncio
+async def test_auto_may_pick_the_ring(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With AUTO_USES_URING, "auto" is the ring where io_uring works."""
+    monkeypatch.setattr(_backend, "AUTO_USES_URING", True)
+    assert isinstance(_backend.backend_for("auto"), ub.UringBackend)
+
+
+@pytest.mark.asyncio
+async def test_where_io_uring_is_refused_auto_uses_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel or seccomp refusal: "auto" delivers in threads, "uring" says why."""
+    monkeypatch.setattr(_backend, "AUTO_USES_URING", True)
+    why = "io_uring_setup failed: forbidden by kernel.io_uring_disabled=2 or by a seccomp filter"
+    monkeypatch.setattr(ub, "availability", lambda: Availability(why))
+    assert isinstance(_backend.backend_for("auto"), _backend.PoolBackend)
+    assert not isinstance(_backend.backend_for("auto"), ub.UringBackend)
+    with pytest.raises(UringUnavailableError, match="io_uring_disabled=2 or by a seccomp"):
+        await Maildir(tmp_path / "m", backend="uring").deliver(b"x")
+    await Maildir(tmp_path / "m").deliver(b"x")
+    assert len(listing(tmp_path / "m")["new"]) == 1
+
+
+@pytest.mark.asyncio
+async def test_a_ring_that_cannot_open_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ring refused by a resource limit (EMFILE) is reported like an unavailable kernel."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(ub.Ring, "open", refuse)
+    monkeypatch.setattr(_backend, "AUTO_USES_URING", True)
+    assert not isinstance(_backend.backend_for("auto"), ub.UringBackend)
+    with pytest.raises(UringUnavailableError, match="Too many open files"):
+        _backend.backend_for("uring")
+
+
+@needs_uring
+@pytest.mark.asyncio
+async def test_a_message_is_delivered_on_the_ring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """backend="uring": a plain message goes through the ring, with no thread."""
+    md = Maildir(tmp_path / "m", backend="uring")
+    await md.deliver(b"first")  # creates the maildir (a thread step)
+    backend = _backend.backend_for("uring")
+    assert isinstance(backend, ub.UringBackend)
+    before = backend.ring.completions
+
+    def no_thread(*args: object) -> None:
+        raise AssertionError("a thread was used")
+
+    monkeypatch.setattr(backend.pool, "submit", no_thread)
+    d = await md.deliver(b"Subject: x\n\nbody\n")
+    assert d.path.read_bytes() == b"Subject: x\n\nbody\n"
+    assert d.size == 17
+    assert backend.ring.completions - before >= 6
+    assert listing(tmp_path / "m")["tmp"] == []
+
+
+@needs_uring
+@pytest.mark.asyncio
+async def test_a_cancelled_caller_is_released_and_the_chain_cleans_up(tmp_path: Path) -> None:
+    """Cancelling ring deliveries half way leaves only whole messages and no tmp file."""
+    md = Maildir(tmp_path / "m", backend="uring")
+    await md.deliver(b"warm")
+    tasks = [asyncio.create_task(md.deliver(b"z" * 3000)) for _ in range(100)]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    for t in tasks[::2]:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    backend = _backend.backend_for("uring")
+    assert isinstance(backend, ub.UringBackend)
+    await asyncio.gather(*backend.jobs, return_exceptions=True)  # the chains' cleanups
+    files = listing(tmp_path / "m")
+    assert files["tmp"] == []
+    assert all(
+        (tmp_path / "m/new" / n).read_bytes() in (b"warm", b"z" * 3000) for n in files["new"]
+    )
