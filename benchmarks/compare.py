@@ -228,7 +228,7 @@ def contenders(runner: asyncio.Runner, tw: TwistedProcess | None) -> list[Conten
                     raise RuntimeError(ans["error"])
                 probe = c.Probe(
                     stall=ans["stall"], stall_no_gc=ans["stall_no_gc"],
-                    gc_pause=ans["gc_pause"], rss_growth=ans["rss_growth"],
+                    gc_pause=ans["gc_pause"], rss_growth=ans["rss_growth"], cpu=ans["cpu"],
                 )  # fmt: skip
                 return ans["seconds"], probe
 
