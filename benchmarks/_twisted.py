@@ -11,8 +11,8 @@ runs every command on that loop (``loop.run_until_complete``), awaiting Deferred
 Commands: ``{"op": "twisted"|"compat"|"maildrop", "path": str, "size": int, "n": int,
 "concurrency": int, "fsync": bool, "backend": str | None}`` (*backend*: what
 MAILDROP_BACKEND is for that command) -> ``{"seconds": float, "stall": float, "stall_no_gc":
-float, "gc_pause": float, "rss_growth": int, "cpu": float}`` or ``{"error": str}``; ``{"op": "probe"}``
--> ``{"twisted": bool, "compat": bool}``.
+float, "gc_pause": float, "rss_growth": int, "cpu": float}`` or ``{"error": str}``;
+``{"op": "probe"}`` -> ``{"twisted": bool, "compat": bool}``.
 """
 
 from __future__ import annotations
