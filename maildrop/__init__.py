@@ -13,7 +13,10 @@ from the public face down::
     _state         pure: the request's Phase table and the files' Owner hand-off
     _group_commit  concurrent deliveries into one directory share its fsync
     _handoff       who owns a delivery's files; abort without waiting for a worker
-    _backend       Backend: run/submit/spawn/run_each/read_source, one per event loop
+    _backend       Backend: run/submit/spawn/run_each/read_source, one per event loop;
+                   which backend a maildir asked for (auto/uring/threads, MAILDROP_BACKEND)
+    _uring_backend the io_uring Backend: the engine's own steps as ring chains, the rest
+                   in the pool; _uring_steps those chains (open dirs, finish, dir fsync)
     _loops         per_loop(): one value per running event loop
     _pool          the thread backends' workers (asyncio pool, anyio limiters)
     _steps         worker side: accept/write/copy/finish (shared with _mda)
@@ -39,11 +42,13 @@ The doors::
                    _wire_events its events, _wire_data scans DATA/BDAT in whole buffers,
                    _wire_parse reads arguments
     _lmtp_protocol the asyncio.Protocol that feeds _wire; _lmtp_deliver streams into sessions
-    _uring*        an io_uring driver of our own (ctypes + mmap) and a prototype delivery on
-                   it; not yet a Backend (issue 14, phase 2)
+    _uring         the io_uring driver of our own (ctypes + mmap): _uring_abi, _uring_setup,
+                   _uring_ops, _uring_hooks (trace/faults); _uring_deliver the phase-1
+                   prototype delivery (benchmarks.uring_proto's ur* contenders)
 
 Which thread owns a delivery's files when: the caller's task while it buffers; a worker
-for the length of each step (it cleans up itself if the request was aborted meanwhile);
+for the length of each step (it cleans up itself if the request was aborted meanwhile), or on
+the io_uring backend a ring job (an asyncio task) until its chain's last completion;
 the group-commit job while it fsyncs and closes the directory fds of the deliveries it
 covers; a spawned cleanup job after an abort that found no owner. Never the event loop
 while I/O is due: it hands over and returns at once.
@@ -56,7 +61,9 @@ Where the code differs from DESIGN.md (to be folded in):
 - The layout line "lmtp (handler and server)" is many modules now (above); the MDA is
   ``_mda`` plus ``cli``'s argparse-free fast path.
 - ``--max-connections`` is per worker process (each process has its own event loop).
-- The io_uring backend is not wired in yet: every Maildir still runs on the thread backends.
+- Backends: ``Maildir(backend="auto"|"uring"|"threads")``; "auto" is threads until the ring
+  backend is the faster one (``_backend.AUTO_USES_URING``); on the ring the tmp file is linked
+  by its name from a direct-descriptor slot, not from ``/proc/self/fd`` (``_uring_steps``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,222 @@
+"""The engine's steps as io_uring chains (``maildrop._uring_steps``): failures and fallbacks."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from maildrop import Maildir, _backend
+from maildrop._uring import availability
+from maildrop._uring_backend import UringBackend
+from maildrop._uring_ops import Op
+
+from .conftest import listing
+
+pytestmark = [
+    pytest.mark.skipif(not availability().ok, reason=f"io_uring: {availability().reason}"),
+    pytest.mark.asyncio,
+]
+MSG = b"Subject: ring\n\n" + b"x" * 2000 + b"\n"
+
+
+class Fail:
+    """Ring hooks: the first *times* ops that *match* report *result* instead of running."""
+
+    def __init__(self, match: Callable[[Op], bool], result: int, times: int = 1) -> None:
+        self.match, self.result, self.left = match, result, times
+        self.trace: list[tuple[str, int]] = []
+
+    def before_submit(self, op: Op) -> int | None:
+        """Inject the result into a matching op while any are left."""
+        if self.left and self.match(op):
+            self.left -= 1
+            return self.result
+        return None
+
+    def after_reap(self, op: Op, result: int) -> None:
+        """Record every op."""
+        self.trace.append((op.name, result))
+
+
+def named(name: str, *, slot: bool | None = None) -> Callable[[Op], bool]:
+    """Match ops called *name* (and, if given, on the message's slot or not)."""
+    return lambda op: op.name == name and (slot is None or on_slot(op) == slot)
+
+
+def on_slot(op: Op) -> bool:
+    """Whether *op* works on a direct-descriptor slot (the message file)."""
+    return op.fixed or op.file_index > 0
+
+
+async def ring_maildir(tmp_path: Path, hooks: Fail | None = None) -> tuple[Maildir, Path]:
+    """A maildir on the ring, created by a first delivery, with *hooks* on the loop's ring."""
+    path = tmp_path / "m"
+    md = Maildir(path, backend="uring")
+    await md.deliver(b"first")
+    backend = _backend.backend_for("uring")
+    assert isinstance(backend, UringBackend)
+    backend.ring.hooks = hooks
+    return md, path
+
+
+def only_first(path: Path) -> bool:
+    """Whether the maildir holds the first message only, and nothing in tmp/."""
+    files = listing(path)
+    return files["tmp"] == [] and [(path / "new" / n).read_bytes() for n in files["new"]] == [
+        b"first"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("match", "err", "what"),
+    [
+        (named("writev"), errno.ENOSPC, "No space left on device"),
+        (named("openat2", slot=True), errno.EDQUOT, "Disk quota exceeded"),
+        (named("linkat"), errno.EIO, "Input/output error"),
+        (named("close", slot=True), errno.EIO, "Input/output error"),
+        (named("fsync", slot=False), errno.EROFS, "Read-only file system"),
+        (lambda op: op.name == "statx" and op.fd >= 0, errno.EIO, "Input/output error"),
+        (named("unlinkat"), errno.EIO, "Input/output error"),
+    ],
+)
+async def test_a_failed_op_fails_the_delivery_and_leaves_nothing(
+    tmp_path: Path, match: Callable[[Op], bool], err: int, what: str
+) -> None:
+    """Each op's failure is the delivery's OSError with its errno; nothing is left behind."""
+    hooks = Fail(match, -err)
+    md, path = await ring_maildir(tmp_path, hooks)
+    with pytest.raises(OSError, match=what) as info:
+        await md.deliver(MSG)
+    assert info.value.errno == err
+    assert hooks.left == 0
+    await asyncio.sleep(0.05)  # a failed step's cleanup runs in a worker
+    assert only_first(path)
+
+
+async def test_a_short_write_is_finished(tmp_path: Path) -> None:
+    """A short write severs the chain: the rest is written and synced, then published."""
+    hooks = Fail(named("writev"), 100)
+    md, path = await ring_maildir(tmp_path, hooks)
+    d = await md.deliver(MSG)
+    assert d.path.read_bytes() == MSG
+    assert ("fsync", 0) in hooks.trace
+    assert listing(path)["tmp"] == []
+
+
+async def test_a_write_of_nothing_fails(tmp_path: Path) -> None:
+    """A write that keeps writing nothing fails with EIO instead of spinning."""
+    hooks = Fail(named("writev"), 0, times=2)
+    md, path = await ring_maildir(tmp_path, hooks)
+    with pytest.raises(OSError, match="wrote nothing"):
+        await md.deliver(MSG)
+    await asyncio.sleep(0.05)
+    assert only_first(path)
+
+
+@pytest.mark.parametrize("op", ["openat2", "linkat"])
+async def test_a_taken_name_is_never_clobbered(tmp_path: Path, op: str) -> None:
+    """EEXIST on the tmp file or the link: the message goes under another name."""
+    hooks = Fail(named(op, slot=op == "openat2"), -errno.EEXIST)
+    md, path = await ring_maildir(tmp_path, hooks)
+    d = await md.deliver(MSG)
+    assert d.path.read_bytes() == MSG
+    assert hooks.left == 0
+    assert len(listing(path)["new"]) == 2
+    assert listing(path)["tmp"] == []
+
+
+async def test_no_free_name_after_every_try(tmp_path: Path) -> None:
+    """A link refused with EEXIST every time ends with FileExistsError naming new/."""
+    hooks = Fail(named("linkat"), -errno.EEXIST, times=1000)
+    md, path = await ring_maildir(tmp_path, hooks)
+    with pytest.raises(FileExistsError, match=r"could not find a free name in .*/new/"):
+        await md.deliver(MSG)
+    await asyncio.sleep(0.05)
+    assert only_first(path)
+
+
+async def chunks(n: int, size: int) -> AsyncIterator[bytes]:
+    """*n* chunks of *size* bytes."""
+    for i in range(n):
+        yield bytes([65 + i % 26]) * size
+
+
+async def test_many_chunks_are_several_writes_and_a_separate_fsync(tmp_path: Path) -> None:
+    """Over 1 024 chunks in one step: several writes, then the file's own fsync, then links."""
+    hooks = Fail(named("nop"), 0)
+    md, _ = await ring_maildir(tmp_path, hooks)
+    d = await md.deliver(chunks(1500, 100))
+    assert d.path.read_bytes() == b"".join([bytes([65 + i % 26]) * 100 for i in range(1500)])
+    names = [name for name, _ in hooks.trace]
+    assert names.count("writev") == 2
+    assert names.index("fsync") < names.index("linkat")
+
+
+async def test_a_failed_file_fsync_publishes_nothing(tmp_path: Path) -> None:
+    """The file's own fsync failing (a multi-write message) links nothing."""
+    hooks = Fail(named("fsync", slot=True), -errno.EIO)
+    md, path = await ring_maildir(tmp_path, hooks)
+    with pytest.raises(OSError, match="Input/output error"):
+        await md.deliver(chunks(1500, 100))
+    assert ("linkat", 0) not in hooks.trace
+    await asyncio.sleep(0.05)
+    assert only_first(path)
+
+
+async def test_a_failed_group_fsync_fails_every_waiter(tmp_path: Path) -> None:
+    """The shared fsync(new/) failing fails every delivery it covered; their links go."""
+    hooks = Fail(named("fsync", slot=False), -errno.EIO, times=100)
+    md, path = await ring_maildir(tmp_path, hooks)
+    results = await asyncio.gather(*(md.deliver(MSG) for _ in range(8)), return_exceptions=True)
+    assert all(isinstance(r, OSError) and r.errno == errno.EIO for r in results)
+    await asyncio.sleep(0.1)
+    assert only_first(path)
+
+
+async def test_concurrent_deliveries_share_the_ring_fsync(tmp_path: Path) -> None:
+    """Concurrent deliveries are durable through fewer fsync(new/) than messages."""
+    hooks = Fail(named("nop"), 0)
+    md, path = await ring_maildir(tmp_path, hooks)
+    await asyncio.gather(*(md.deliver(MSG) for _ in range(16)))
+    dir_fsyncs = [r for name, r in hooks.trace if name == "fsync"]
+    assert 0 < len(dir_fsyncs) < 16
+    assert len(listing(path)["new"]) == 17
+
+
+async def test_a_symlink_above_the_maildir_goes_to_a_thread(tmp_path: Path) -> None:
+    """A maildir reached through a symlinked parent is delivered by the thread step."""
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    md = Maildir(tmp_path / "link" / "m", backend="uring")
+    await md.deliver(b"one")
+    d = await md.deliver(b"two")
+    assert d.path.read_bytes() == b"two"
+    assert len(listing(tmp_path / "real" / "m")["new"]) == 2
+
+
+async def test_without_a_free_slot_a_thread_delivers(tmp_path: Path) -> None:
+    """Every direct-descriptor slot taken: the delivery runs in a thread, the same."""
+    md, _ = await ring_maildir(tmp_path)
+    backend = _backend.backend_for("uring")
+    assert isinstance(backend, UringBackend)
+    slots, backend.ring.free_slots = backend.ring.free_slots, []
+    try:
+        d = await md.deliver(MSG)
+    finally:
+        backend.ring.free_slots = slots
+    assert d.path.read_bytes() == MSG
+
+
+async def test_a_maildir_of_another_owner_goes_to_a_thread(tmp_path: Path) -> None:
+    """Running as root into another user's maildir: the thread step gives them the file."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (chown)")
+    md, path = await ring_maildir(tmp_path)
+    os.chown(path, 4242, 4242)
+    d = await md.deliver(MSG)
+    assert d.path.stat().st_uid == 4242
