@@ -31,7 +31,8 @@ from .test_fault_matrix import EXPECTED, Table, check_error
 pytestmark = pytest.mark.crash
 
 ERRNOS = [errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS]
-SOURCES = {"bytes": 2048, "chunks": 1_200_000}
+#: A small message, a stream written in one step, a stream of several ~1 MiB batches.
+SOURCES = {"bytes": 2048, "chunks": 600_000, "large-chunks": 1_200_000}
 #: Ops whose failure cannot lose or expose mail: releasing a slot or fd that is done with.
 TOLERATED = {"close"}
 

@@ -20,8 +20,9 @@ from .test_kill import existing_message, judge_kills
 
 pytestmark = pytest.mark.crash
 
-#: A small message (one write with RWF_SYNC) and a streamed one (batches, then fsync(file)).
-PLAN = [["bytes", 300], ["chunks", 1_200_000], ["bytes", 9000]]
+#: Small messages (one write with RWF_SYNC), a stream written in one step (then fsync(file))
+#: and one of two ~1 MiB batches.
+PLAN = [["bytes", 300], ["chunks", 600_000], ["chunks", 1_200_000], ["bytes", 9000]]
 
 
 def count_ops(work: Path, base: dict[str, Any], fresh: bool) -> int:
