@@ -137,6 +137,7 @@ def cut_every_call(
     # deliver_many() delivers each message into md (acked "ACK") and md-b (acked "ACKB").
     targets = [("", "ACK"), ("-b", "ACKB")] if api == "many" else [("", "ACK")]
     lost = failed = 0
+    row = "uring_" if backend == "uring" else ""  # the figures of the io_uring rows
     with loop_fs(work, fstype) as (dev, mnt, opts):
         base = {
             "plan": plan, "mount": str(mnt), "scratch": str(work), "skip_fstat": skip_fstat,
@@ -167,8 +168,8 @@ def cut_every_call(
                     check_maildir(md, got, attempted=attempted, existing={})
                 else:
                     assert not got, job["id"]
-                FIGURES["powerloss_acked_survived"] += len(got)
-    FIGURES["powerloss_cut_deliveries_failed"] += failed
+                FIGURES[f"{row}powerloss_acked_survived"] += len(got)
+    FIGURES[f"{row}powerloss_cut_deliveries_failed"] += failed
     return len(points), lost
 
 
