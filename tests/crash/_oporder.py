@@ -122,7 +122,7 @@ class Checker:
         self._files: dict[int, _File] = {}  # op seq -> the file it acts on
         self._links: dict[int, _Link] = {}
         self._covers: dict[int, list[_Link]] = {}  # dir fsync seq -> links it covers
-        self._linked: dict[str, list[_Link]] = {}  # directory -> links done, not yet covered
+        self._linked: dict[str, list[_Link]] = {}  # directory -> links done, not yet durable
         self._dirs: dict[int, str] = {}  # fd -> the directory it was opened as
         self._published: dict[str, _Link] = {}
         #: Per file: a fsync(file) in flight whose writes had all completed at submission.
@@ -152,7 +152,9 @@ class Checker:
             elif all(w.result is not None for w in file.writes):
                 self._clean_fsync.add(seq)
         elif step.kind == "fsync" and step.handle is not None:
-            self._covers[seq] = self._linked.pop(self._dir(int(step.handle[1:])), [])
+            # Every link done and not yet durable: two fsyncs in flight may both cover one
+            # link, and the later one may complete first.
+            self._covers[seq] = list(self._linked.get(self._dir(int(step.handle[1:])), []))
         elif step.kind in PUBLISH and step.path is not None and step.dest is not None:
             file = self._tmp.get(step.path)
             self._links[seq] = _Link(file, step.dest)
@@ -216,6 +218,8 @@ class Checker:
             self.dir_syncs += 1
             for link in self._covers.pop(seq):
                 link.durable = link.durable or result == 0
+            for links in self._linked.values():
+                links[:] = [link for link in links if not link.durable]
         elif seq in self._links:
             self._linked_done(self._links.pop(seq), result)
 

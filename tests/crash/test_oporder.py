@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from ._oporder import Ack, Checker, Event, Reap, Step, Submit, check
 
 TMP, NEW = 3, 4
-Owned = tuple[int, Event]  # (delivery, event); -1 for the shared fsync(new/)
+Owned = tuple[int, Event]  # (delivery, event); -1 for the shared fsyncs of new/
 
 
 @dataclass
@@ -35,8 +35,9 @@ class _Model:
     deliveries: list[_Delivery]
     out: list[Owned] = field(default_factory=list)
     seq: int = 0
-    syncing: list[int] | None = None
-    sync_seq: int = 0
+    #: fsync(new/)s in flight (at most two, completing in any order): seq -> deliveries
+    #: whose link was done when it was submitted.
+    syncing: dict[int, list[int]] = field(default_factory=dict)
 
 
 def _ops(i: int, kind: str, chunks: int) -> list[tuple[Step, int]]:
@@ -63,22 +64,22 @@ def _actions(m: _Model) -> list[int]:
         i for i, d in enumerate(m.deliveries) if d.next < len(d.ops) or (d.covered and not d.acked)
     ]
     waiting = [i for i, d in enumerate(m.deliveries) if d.linked and not d.covered]
-    if m.syncing is not None or waiting:
-        ready.append(-1)
-    return ready
+    if waiting and len(m.syncing) < 2:
+        ready.append(-1)  # submit an fsync(new/)
+    return ready + [-2 - k for k in range(len(m.syncing))]  # reap the k-th in flight
 
 
 def _advance(m: _Model, who: int) -> None:
     if who == -1:
-        if m.syncing is None:
-            m.syncing = [i for i, d in enumerate(m.deliveries) if d.linked and not d.covered]
-            m.sync_seq, m.seq = m.seq, m.seq + 1
-            m.out.append((-1, Submit(m.sync_seq, Step("fsync", f"f{NEW}"))))
-        else:
-            m.out.append((-1, Reap(m.sync_seq, 0)))
-            for i in m.syncing:
-                m.deliveries[i].covered = True
-            m.syncing = None
+        m.syncing[m.seq] = [i for i, d in enumerate(m.deliveries) if d.linked and not d.covered]
+        m.out.append((-1, Submit(m.seq, Step("fsync", f"f{NEW}"))))
+        m.seq += 1
+        return
+    if who < -1:
+        seq = sorted(m.syncing)[-2 - who]
+        m.out.append((-1, Reap(seq, 0)))
+        for i in m.syncing.pop(seq):
+            m.deliveries[i].covered = True
         return
     d = m.deliveries[who]
     if d.next == len(d.ops):
@@ -98,7 +99,8 @@ def _advance(m: _Model, who: int) -> None:
 
 @st.composite
 def traces(draw: st.DrawFn) -> list[Owned]:
-    """A right trace of 1-5 interleaved deliveries with a shared fsync(new/)."""
+    """A right trace of 1-5 interleaved deliveries with shared fsyncs of new/ (two may be in
+    flight and complete in either order)."""
     kinds = draw(st.lists(st.sampled_from(["small", "short", "stream"]), min_size=1, max_size=5))
     m = _Model([_Delivery(_ops(i, k, draw(st.integers(1, 3)))) for i, k in enumerate(kinds)])
     while ready := _actions(m):
@@ -245,3 +247,15 @@ def test_two_fds_of_one_directory_are_one_directory() -> None:
 
     assert check(trace(b"new")) == []
     assert check(trace(b"cur")) == ["ack of x before an fsync(new/) that covers its link"]
+
+
+def test_a_later_fsync_that_completes_first_covers_the_link() -> None:
+    """Two fsyncs of new/ in flight after a link: the later one completing first covers it."""
+    events: list[Event] = [Submit(0, Step("open", "s0", (TMP, b"x"))), Reap(0, 0)]
+    events += [Submit(1, Step("write", "s0", length=1, sync=True)), Reap(1, 1)]
+    events += [Submit(2, Step("link", None, (TMP, b"x"), (NEW, b"x"))), Reap(2, 0)]
+    events += [Submit(3, Step("fsync", f"f{NEW}")), Submit(4, Step("fsync", f"f{NEW}"))]
+    assert check([*events, Reap(4, 0), Ack("x"), Reap(3, 0)]) == []
+    assert check([*events, Reap(4, -5), Ack("x"), Reap(3, 0)]) == [
+        "ack of x before an fsync(new/) that covers its link"
+    ]
