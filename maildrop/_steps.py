@@ -147,6 +147,10 @@ class Steps:
         """Write the rest and publish; *sync_new*: fsync the destination and close the
         directories here (no group commit shares that fsync). Return the published name."""
         self.write_rest(chunks)
+        return self.publish(sync_new)
+
+    def publish(self, sync_new: bool) -> str:
+        """Publish the written message (see :meth:`finish`); return the published name."""
         final = self.tmp.publish(size_stamp=self._size_stamp, flags=self._flags, sync_dir=sync_new)
         if sync_new:
             self.tmp.close_dirs()

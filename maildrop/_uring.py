@@ -36,7 +36,7 @@ import functools
 import mmap
 import os
 import weakref
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 
 from . import _uring_abi as abi
@@ -99,12 +99,11 @@ class Ring:
         self._unsubmitted, self._seq, self._next_ud = 0, 0, 1
         self._pending: deque[_Chain] = deque()
         self._inflight: dict[int, tuple[_Chain, int]] = {}
-        self._fd_users: Counter[int] = Counter()
+        self._fd_users: dict[int, int] = {}  # not a Counter: its update() is slow (hot path)
         self._close_later: set[int] = set()
         self.free_slots: list[int] = []  # direct-descriptor slots (take_slot, give_slot)
         self._loop: weakref.ref[asyncio.AbstractEventLoop] | None = None  # weak: see attach()
-        self._flush_scheduled = False
-        self._closed = self._forked = self.has_openat2 = False
+        self._flush_scheduled = self._closed = self._forked = self.has_openat2 = False
         self.hooks: Hooks | None = None
         #: io_uring_enter calls, eventfd wake-ups, completions reaped (for the benchmarks).
         self.enters = self.wakeups = self.completions = 0
@@ -154,7 +153,7 @@ class Ring:
 
     def close_fd(self, fd: int) -> None:
         """Close process fd *fd* now, or once the last op in flight that uses it completes."""
-        if self._fd_users[fd]:
+        if self._fd_users.get(fd):
             self._close_later.add(fd)
         else:
             os.close(fd)
@@ -180,8 +179,8 @@ class Ring:
             raise RuntimeError(f"this io_uring ring {why}; open a new one")
         if not 0 < len(ops) <= min(self._sq_entries, self.max_inflight):
             raise ValueError(f"a chain holds 1 to {self._sq_entries} ops, not {len(ops)}")
-        for op in ops:
-            self._fd_users.update(op.fds)
+        for fd in (fd for op in ops for fd in op.fds):
+            self._fd_users[fd] = self._fd_users.get(fd, 0) + 1
         self._pending.append(_Chain(list(ops), done))
         self._kick()
 

@@ -12,6 +12,7 @@ import ctypes
 import errno
 import os
 import struct
+import sys
 from typing import Any
 
 # System call numbers of the generic table (x86-64 shares them).
@@ -83,6 +84,7 @@ RENAME_NOREPLACE = 1
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
 AT_SYMLINK_NOFOLLOW = 0x100
+AT_SYMLINK_FOLLOW = 0x400
 STATX_BASIC_STATS = 0x7FF
 
 #: One submission queue entry (64 bytes): opcode, flags, ioprio, fd, off/addr2, addr, len,
@@ -194,8 +196,20 @@ def probe(fd: int) -> frozenset[int]:
     return frozenset(op[0] for op in ops if int.from_bytes(op[2:4], "little") & PROBE_OP_SUPPORTED)
 
 
-def address(buffer: bytes) -> int:
-    """Return the address of *buffer*'s bytes (the caller keeps *buffer* alive)."""
+def _address_by_ctypes(buffer: bytes) -> int:
     value = ctypes.cast(ctypes.c_char_p(buffer), ctypes.c_void_p).value
     assert value is not None  # a bytes object always has a buffer, even when empty
     return value
+
+
+# CPython keeps a bytes object's data right after its fixed header, so its address is the
+# object's plus that header: a third of the ctypes round trip, on the hot path of every op.
+# Checked here against ctypes; anything else (another interpreter) uses ctypes.
+_PROBE = b"maildrop"
+_HEADER = bytes.__basicsize__ - 1
+_FAST = sys.implementation.name == "cpython" and id(_PROBE) + _HEADER == _address_by_ctypes(_PROBE)
+
+
+def address(buffer: bytes) -> int:
+    """Return the address of *buffer*'s bytes (the caller keeps *buffer* alive)."""
+    return id(buffer) + _HEADER if _FAST else _address_by_ctypes(buffer)

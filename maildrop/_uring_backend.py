@@ -2,10 +2,11 @@
 
 :class:`UringBackend` is the engine's :class:`~maildrop._backend.Backend` on one io_uring ring
 per asyncio loop, driven from the loop's own thread (``_uring``). ``run`` and ``spawn``
-recognise the engine's own steps and run them as ring chains (``_uring_steps``): a message
-written in one step (``Steps.finish``) and the group-commit fsync. Every other step, and a
-step the ring cannot take (a quota ledger, a synchronous file to copy, a directory to
-create), runs in the thread pool, the same code as on the thread backend.
+recognise the engine's own steps and run them as ring chains: a message written in one step
+(``Steps.finish``, ``_uring_steps``), the batches of a streamed one (``Steps.write`` and
+``Steps.finish``, ``_uring_stream``) and the group-commit fsync. Every other step, and a step
+the ring cannot take (a quota ledger, a synchronous file to copy, a directory to create,
+``deliver_many``'s staging), runs in the thread pool, the same code as on the thread backend.
 
 A ring step runs as a job of its own (an asyncio task) that owns the delivery's files like a
 worker thread does: a cancelled caller is released at once, the chain in flight runs to its
@@ -31,6 +32,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from . import _uring_steps as ring_steps
+from . import _uring_stream as ring_stream
 from ._backend import Backend, Done, PoolBackend, current
 from ._group_commit import sync_and_close
 from ._handoff import Step, begin, hand_back, take_over
@@ -117,13 +119,17 @@ class UringBackend(PoolBackend):
         """Return the ring job for the engine's step *fn*, or None (a thread runs it)."""
         if args or not isinstance(fn, Step):
             return None
-        method = fn.fn
-        steps = getattr(method, "__self__", None)
-        if getattr(method, "__func__", None) is not Steps.finish or not isinstance(steps, Steps):
+        func, steps = getattr(fn.fn, "__func__", None), getattr(fn.fn, "__self__", None)
+        if not isinstance(steps, Steps) or steps.threads_only:
             return None
-        if steps.started or steps.threads_only:
+        body: Callable[..., Awaitable[Any]]
+        if func is Steps.write:
+            body = self._write
+        elif func is Steps.finish:
+            body = self._finish_streamed if steps.started else self._finish
+        else:
             return None
-        return self._owned(fn.tmp, lambda: self._finish(steps, *fn.args))
+        return self._owned(fn.tmp, lambda: body(steps, *fn.args))
 
     def _start(self, job: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.get_running_loop().create_task(job)
@@ -156,6 +162,27 @@ class UringBackend(PoolBackend):
         if final is None:  # the thread step does it all (see ring_steps.finish)
             return await self.pool.submit(steps.finish, (chunks, sync_new))
         return final
+
+    async def _finish_streamed(
+        self, steps: Steps, chunks: list[bytes | memoryview], sync_new: bool
+    ) -> str:
+        final = await ring_stream.finish(self.ring, steps, chunks, sync_new)
+        if final is None:  # no hard links here: the thread step's rename fallback
+            return await self.pool.submit(steps.publish, (sync_new,))
+        return final
+
+    async def _write(self, steps: Steps, chunks: list[bytes | memoryview]) -> None:
+        if not await ring_stream.write(self.ring, steps, chunks):
+            await self.pool.submit(steps.write, (chunks,))
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Queue ``fn(*args)`` on the ring or for a worker (see :meth:`Backend.submit`)."""
+        job = self._on_ring(fn, args)
+        if job is None:
+            return super().submit(fn, *args)
+        future = asyncio.shield(self._start(job))
+        future.add_done_callback(retrieve)
+        return future
 
     def spawn(self, fn: Callable[..., Any], *args: Any, done: Done) -> None:
         """Run ``fn(*args)`` for nobody, on the ring where it can (see :meth:`Backend.spawn`)."""

@@ -24,6 +24,11 @@ ring changes, and why it is safe:
   anyway, so on ``EEXIST`` the message is written again under a fresh name from the bytes this
   step still holds (nothing is ever clobbered).
 * xfs: ``statx(dest, "", AT_EMPTY_PATH)`` after ``fsync(dest)`` plays ``fstat``'s part.
+* Cancellation: a chain cannot be stopped once submitted. A one-step message is opened,
+  written, synced and linked by one chain, so a delivery aborted while it is in the kernel
+  may still be linked, whole and synced; that link is then kept or removed as for a message
+  aborted after its link (``_state.keeps_link``). The abort check that the thread step makes
+  between the fsync and the link is made here only where those are separate chains.
 """
 
 from __future__ import annotations
@@ -41,7 +46,17 @@ from ._steps import Steps
 from ._uring import Ring
 from ._writer import _NAME_TRIES, LIVE_TMP, Aborted, DeliveryFiles, new_name
 
-__all__ = ["close_slot", "finish", "open_dirs", "sync_dest"]
+__all__ = [
+    "close_slot",
+    "each",
+    "error",
+    "finish",
+    "no_free_name",
+    "open_dirs",
+    "open_under",
+    "sync_dest",
+    "write_rest",
+]
 
 # A direct descriptor has no close-on-exec flag: the kernel refuses O_CLOEXEC with a slot.
 _SLOT_FLAGS = FILE_FLAGS & ~os.O_CLOEXEC
@@ -51,19 +66,19 @@ _IOV_MAX = 1024
 Chunks = Sequence[bytes | memoryview]
 
 
-def _error(result: int, *names: str | None) -> OSError:
+def error(result: int, *names: str | None) -> OSError:
     """Return the ``OSError`` that ``os`` raises for *result* (``-errno``) on *names*."""
     return OSError(-result, os.strerror(-result), *names)
 
 
-def _open_under(ring: Ring, dir_fd: int, name: str, flags: int, slot: int | None = None) -> ops.Op:
+def open_under(ring: Ring, dir_fd: int, name: str, flags: int, slot: int | None = None) -> ops.Op:
     mode = 0o600 if flags & os.O_CREAT else 0  # openat2 refuses a mode without O_CREAT
     if ring.has_openat2:
         return ops.openat2(dir_fd, name, flags, mode, resolve=_RESOLVE, slot=slot)
     return ops.openat(dir_fd, name, flags | os.O_NOFOLLOW, mode, slot=slot)  # pragma: no cover
 
 
-def _each(ring: Ring, chain: list[ops.Op]) -> asyncio.Future[list[int]]:
+def each(ring: Ring, chain: list[ops.Op]) -> asyncio.Future[list[int]]:
     """Submit each op of *chain* on its own (they run concurrently); a future of the results."""
     future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
     results = [0] * len(chain)
@@ -99,7 +114,7 @@ async def open_dirs(ring: Ring, tmp: DeliveryFiles) -> bool:
     root = os.geteuid() == 0  # then what it creates must be the maildir owner's: see _dirs
     if root:
         chain.append(ops.statx(abi.AT_FDCWD, cfg.root, abi.AT_SYMLINK_NOFOLLOW))
-    results = await _each(ring, chain)
+    results = await each(ring, chain)
     tmp.dir_fds += [r for r in results[:2] if r >= 0]
     ok = min(results) >= 0 and not (cfg.fsync and creating())
     if ok and root and ops.statx_result(chain[2]).uid != 0:
@@ -127,27 +142,30 @@ def _written(writes: list[ops.Op], results: list[int]) -> int:
     done = 0
     for op, result in zip(writes, results, strict=True):
         if result < 0:
-            raise _error(result)
+            raise error(result)
         done += result
         if result < op.expect:
             break
     return done
 
 
-async def _write_rest(ring: Ring, slot: int, data: Chunks, done: int) -> None:
-    """Write *data* from byte *done* on, looping on short writes (as ``write_all`` does)."""
+async def write_rest(ring: Ring, fd: int, data: Chunks, done: int, *, slot: bool) -> None:
+    """Write *data* from byte *done* on, looping on short writes (as ``write_all`` does): to
+    a slot at explicit offsets (its file is written from 0), to a process fd at its position.
+    """
     views: list[memoryview] = []
     for chunk in data:
         view = memoryview(chunk).cast("B")
         views.append(view[done:] if done < len(view) else view[:0])
         done = max(0, done - len(view))
-    offset = sum(map(len, data)) - sum(map(len, views))
+    offset = sum(map(len, data)) - sum(map(len, views)) if slot else -1
     views = [v for v in views if len(v)]
     while views:
-        (n,) = await ring.submit([ops.writev(slot, views[:_IOV_MAX], offset=offset, fixed=True)])
+        op = ops.writev(fd, views[:_IOV_MAX], offset=offset, fixed=slot)
+        (n,) = await ring.submit([op])
         if n <= 0:
-            raise _error(n) if n < 0 else OSError(errno.EIO, "write() wrote nothing")
-        offset += n
+            raise error(n) if n < 0 else OSError(errno.EIO, "write() wrote nothing")
+        offset += n if slot else 0
         while n:
             step = min(n, len(views[0]))
             views[0], n = views[0][step:], n - step
@@ -180,13 +198,13 @@ def _published(ring: Ring, tmp: DeliveryFiles, final: str, results: list[int]) -
     if link == -errno.EEXIST and tmp.tmp_name is None:
         return None  # the chain removed the tmp file: written again under another name
     if link < 0:
-        raise _error(link, base, None, final)
+        raise error(link, base, None, final)
     tmp.final_name = final
     for result in results[2:]:
         if result < 0:
-            raise _error(result)
+            raise error(result)
     if tmp.tmp_name is not None:
-        raise _error(unlink, base)
+        raise error(unlink, base)
     return final
 
 
@@ -201,7 +219,7 @@ async def _attempt(
     LIVE_TMP.add(base)  # before the file exists, so a sweep never sees it unowned
     writes = _writes(slot, data, fsync)
     synced = fsync and len(writes) == 1
-    head = [_open_under(ring, tmp.tmp_fd, base, _SLOT_FLAGS, slot), *writes]
+    head = [open_under(ring, tmp.tmp_fd, base, _SLOT_FLAGS, slot), *writes]
     tail = _publish_ops(tmp, slot, base, final, sync_dir)
     results = await ring.submit(
         head + (tail if synced or not fsync else [ops.fsync(slot, fixed=True)])
@@ -210,22 +228,22 @@ async def _attempt(
         LIVE_TMP.discard(base)
         if results[0] == -errno.EEXIST:
             return None
-        raise _error(results[0], base)
+        raise error(results[0], base)
     tmp.slot, tmp.tmp_name = slot, base
     done = _written(writes, results[1 : len(head)])
     if done < size:  # a short write severed the chain: write the rest, then fsync apart
-        await _write_rest(ring, slot, data, done)
+        await write_rest(ring, slot, data, done, slot=True)
         synced = not fsync
     elif fsync and not synced:
         synced = True
         if results[len(head)] < 0:
-            raise _error(results[len(head)])
+            raise error(results[len(head)])
     else:
         return _published(ring, tmp, final, results[len(head) :])
     if not synced:
         (result,) = await ring.submit([ops.fsync(slot, fixed=True)])
         if result < 0:
-            raise _error(result)
+            raise error(result)
     if tmp.aborted:
         raise Aborted  # cancelled while writing or syncing: never publish after that
     return _published(ring, tmp, final, await ring.submit(tail))
@@ -261,8 +279,13 @@ async def finish(
     finally:
         if tmp.slot != slot:  # else the file is still open in it: close_slot frees it
             ring.give_slot(slot)
-    where = os.path.join(tmp.settings.path, tmp.subdir)
-    raise FileExistsError(errno.EEXIST, f"could not find a free name in {where}/")
+    raise no_free_name(tmp, tmp.subdir)
+
+
+def no_free_name(tmp: DeliveryFiles, sub: str) -> FileExistsError:
+    """Return the error of a delivery that found every name it tried in *sub* taken."""
+    where = os.path.join(tmp.settings.path, sub)
+    return FileExistsError(errno.EEXIST, f"could not find a free name in {where}/")
 
 
 async def sync_dest(ring: Ring, tmp: DeliveryFiles) -> None:
@@ -271,7 +294,7 @@ async def sync_dest(ring: Ring, tmp: DeliveryFiles) -> None:
         chain = [ops.fsync(tmp.dest_fd), ops.statx(tmp.dest_fd, "", abi.AT_EMPTY_PATH)]
         for result in await ring.submit(chain):
             if result < 0:
-                raise _error(result)
+                raise error(result)
 
 
 async def close_slot(ring: Ring, tmp: DeliveryFiles) -> None:

@@ -134,12 +134,14 @@ def faults() -> Faults:
 #: compat, the ring driver itself) runs once, on whatever "auto" picks, to keep CI's time.
 ENGINE_MODULES = frozenset(
     {
-        "test_api", "test_backend", "test_cancel", "test_deliver", "test_errors",
-        "test_faults", "test_flags", "test_folders", "test_group_commit", "test_handoff",
-        "test_many", "test_memory", "test_pipeline", "test_quota", "test_session",
-        "test_sources", "test_steps", "test_sweep", "test_transform", "test_writer",
+        "test_backend", "test_cancel", "test_deliver", "test_faults", "test_flags",
+        "test_group_commit", "test_many", "test_memory", "test_pipeline", "test_quota",
+        "test_session", "test_sources", "test_sweep", "test_transform", "test_writer",
     }
 )  # fmt: skip
+# Single-backend, they deliver nothing through a backend: test_api (names), test_errors,
+# test_folders (pure folder names), test_handoff, test_steps, test_state (worker-side or
+# pure), test_dirs; and the ring's own modules test the ring directly (test_uring*).
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ from maildrop._uring import availability
 from maildrop._uring_setup import Availability
 
 from .conftest import listing
+from .crash._harness import loop_fs
 
 needs_uring = pytest.mark.skipif(
     not availability().ok, reason=f"io_uring unavailable: {availability().reason}"
@@ -67,6 +72,19 @@ async def test_uring_on_trio_is_refused(tmp_path: Path, anyio_backend: str) -> N
     with pytest.raises(UringUnavailableError, match="asyncio event loops only, not on trio"):
         await Maildir(tmp_path / "m", backend="uring").deliver(b"x")
     assert listing(tmp_path / "m") == {"tmp": [], "new": [], "cur": []}
+    await Maildir(tmp_path / "m").deliver(b"x")
+    assert len(listing(tmp_path / "m")["new"]) == 1
+
+
+@pytest.mark.anyio
+async def test_auto_on_trio_is_threads_even_once_it_may_be_the_ring(
+    tmp_path: Path, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With AUTO_USES_URING, "auto" on trio still delivers in threads."""
+    if anyio_backend != "trio":
+        pytest.skip("about trio loops")
+    monkeypatch.setattr(_backend, "AUTO_USES_URING", True)
+    assert isinstance(_backend.backend_for("auto"), _backend.AnyioBackend)
     await Maildir(tmp_path / "m").deliver(b"x")
     assert len(listing(tmp_path / "m")["new"]) == 1
 
@@ -160,3 +178,42 @@ async def test_a_cancelled_caller_is_released_and_the_chain_cleans_up(tmp_path: 
     assert all(
         (tmp_path / "m/new" / n).read_bytes() in (b"warm", b"z" * 3000) for n in files["new"]
     )
+
+
+def fsfreeze(flag: str, mnt: Path) -> None:
+    """Freeze (``-f``) or thaw (``-u``) the filesystem mounted at *mnt*."""
+    subprocess.run(["fsfreeze", flag, str(mnt)], check=True)
+
+
+@needs_uring
+@pytest.mark.asyncio
+async def test_a_caller_is_released_while_its_chain_is_stuck(tmp_path: Path) -> None:
+    """A chain blocked in the kernel (fsfreeze): the cancelled caller is released within
+    50 ms; after the thaw the chain runs to its end, leaving a whole message or nothing."""
+    if os.geteuid() != 0 or shutil.which("fsfreeze") is None:
+        pytest.skip("needs root and fsfreeze (util-linux) to freeze a loop-mounted filesystem")
+    with loop_fs(tmp_path, "ext4") as (_, mnt, _):
+        md = Maildir(mnt / "m", backend="uring")
+        await md.deliver(b"first")
+        fsfreeze("-f", mnt)
+        try:
+            task = asyncio.create_task(md.deliver(b"stuck"))
+            await asyncio.sleep(0.2)
+            assert not task.done()
+            started = time.monotonic()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert time.monotonic() - started < 0.05
+        finally:
+            fsfreeze("-u", mnt)
+        backend = _backend.backend_for("uring")
+        assert isinstance(backend, ub.UringBackend)
+        await asyncio.wait_for(asyncio.gather(*backend.jobs, return_exceptions=True), 10)
+        files = listing(mnt / "m")
+        assert files["tmp"] == []
+        # The chain cannot be stopped: its link, made after the thaw, keeps a whole message.
+        assert sorted((mnt / "m/new" / n).read_bytes() for n in files["new"]) == [
+            b"first",
+            b"stuck",
+        ]
