@@ -223,7 +223,7 @@ class Ring:
                 shorten(op, inject)  # a real short write: the kernel severs the chain itself
             elif inject is not None:
                 chain.injected[i] = inject
-                if inject < 0:
+                if inject < 0 and op.opcode != abi.OP_CLOSE:  # a failed close frees the fd
                     op = _NOP  # an injected failure does nothing: a nop takes the op's place
             # With hooks, each op goes alone after its predecessor completed (_complete applies
             # the kernel's severing rules), so "stop before op N" means ops before it are done.

@@ -34,6 +34,8 @@ from typing import NamedTuple
 __all__ = ["Ack", "Checker", "Reap", "Step", "Submit", "check"]
 
 AT_FDCWD = -100
+#: A link from ``/proc/self/fd/N`` (``AT_SYMLINK_FOLLOW``) publishes the file open as fd N.
+PROC_FD = b"/proc/self/fd/"
 #: Steps that publish a tmp file under its final name.
 PUBLISH = frozenset({"link", "rename"})
 
@@ -45,7 +47,8 @@ class Step(NamedTuple):
     ``write``, ``fsync``, ``link``, ``rename``, ``unlink``, ``close`` or ``other``.
     *handle*: the file it acts on (``"s3"``: slot 3, ``"f7"``: fd 7); for an open, the slot
     it fills (None when the result is a new fd). *path*: ``(dir fd, name)`` of an
-    open, an unlink or a link's source; *dest*: a link's target. *offset*, *length* and
+    open, an unlink or a link's source (``(AT_FDCWD, b"/proc/self/fd/7")``: the file open as
+    fd 7); *dest*: a link's target. *offset*, *length* and
     *sync* (``RWF_SYNC``) describe a write. Directories are known by the path they were
     opened by (a ``dir`` step relative to ``AT_FDCWD``, or to a directory known so), so two
     fds of one directory are one directory: a shared fsync may come through either.
@@ -157,6 +160,9 @@ class Checker:
             self._covers[seq] = list(self._linked.get(self._dir(int(step.handle[1:])), []))
         elif step.kind in PUBLISH and step.path is not None and step.dest is not None:
             file = self._tmp.get(step.path)
+            dfd, name = step.path
+            if dfd == AT_FDCWD and name.startswith(PROC_FD):  # linked from its open fd
+                file = self._handles.get(f"f{name[len(PROC_FD) :].decode()}")
             self._links[seq] = _Link(file, step.dest)
             self._check_publish(file, step.dest)
         elif step.kind == "close" and step.handle is not None:

@@ -228,7 +228,8 @@ def test_an_open_into_a_process_fd_and_an_fsync_before_the_last_write() -> None:
     events += [Submit(1, Step("write", "f9", length=5)), Reap(1, 5)]
     events += [Submit(2, Step("fsync", "f9")), Reap(2, 0)]
     events += [Submit(3, Step("write", "f9", offset=-1, length=5)), Reap(3, 5)]
-    events += [Submit(4, Step("link", None, (TMP, b"x"), (NEW, b"x"))), Reap(4, 0)]
+    link = Step("link", None, (-100, b"/proc/self/fd/9"), (NEW, b"x"))
+    events += [Submit(4, link), Reap(4, 0)]
     assert check(events) == ["publish of new/x before its data was synced"]
 
 

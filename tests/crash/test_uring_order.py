@@ -18,7 +18,7 @@ from maildrop._uring_deliver import UringMaildir
 
 from ._harness import FIGURES
 from ._msg import make, scan
-from ._oporder import Submit, check
+from ._oporder import Reap, Submit, check
 from ._uring_harness import chunks, require_uring, traced, uring_maildir
 from ._uring_trace import Recorder
 
@@ -34,8 +34,13 @@ def _verdict(rec: Recorder, md: Path, acked: dict[str, str], unacked: int = 0) -
     assert rec.checker.acked == len(acked) > 0
     # Negative control: the same real trace with every write's RWF_SYNC and every fsync of
     # a file dropped breaks rule 1 for each delivery.
+    opens = {e.seq for e in rec.events if isinstance(e, Submit) and e.step.kind == "open"}
+    handles = {e.step.handle for e in rec.events if isinstance(e, Submit) and e.step.handle}
+    handles = {h for h in handles if h[0] == "s"} | {
+        f"f{e.result}" for e in rec.events if isinstance(e, Reap) and e.seq in opens
+    }
     files = {e.seq for e in rec.events if isinstance(e, Submit) and e.step.kind == "fsync"
-             and e.step.handle is not None and e.step.handle[0] == "s"}  # fmt: skip
+             and e.step.handle in handles}  # fmt: skip
     unsynced = [
         Submit(e.seq, e.step._replace(sync=False)) if isinstance(e, Submit) else e
         for e in rec.events
