@@ -9,8 +9,7 @@ runs every command on that loop (``loop.run_until_complete``), awaiting Deferred
 ``defer`` is a real Deferred fired on this reactor's loop, as in a Twisted application.
 
 Commands: ``{"op": "twisted"|"compat"|"maildrop", "path": str, "size": int, "n": int,
-"concurrency": int, "fsync": bool, "backend": str | None}`` (*backend*: what
-MAILDROP_BACKEND is for that command) -> ``{"seconds": float, "stall": float, "stall_no_gc":
+"concurrency": int, "fsync": bool}`` -> ``{"seconds": float, "stall": float, "stall_no_gc":
 float, "gc_pause": float, "rss_growth": int, "cpu": float}`` or ``{"error": str}``;
 ``{"op": "probe"}`` -> ``{"twisted": bool, "compat": bool}``.
 """
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import time
 import traceback
@@ -77,22 +75,7 @@ def _appender(op: str, path: Path, fsync: bool) -> Callable[[bytes], Any]:
     raise ValueError(f"unknown op {op!r}")
 
 
-#: The operator's MAILDROP_BACKEND, put back for each command that names no backend.
-_ENV = os.environ.get("MAILDROP_BACKEND")
-
-
-def _use_backend(backend: str | None) -> None:
-    """Make maildrop's "auto" mean *backend* for what the next command creates (compat's
-    mailbox has no backend argument: the environment variable is its operator's switch)."""
-    value = backend or _ENV
-    if value is None:
-        os.environ.pop("MAILDROP_BACKEND", None)
-    else:
-        os.environ["MAILDROP_BACKEND"] = value
-
-
 async def _run(cmd: dict[str, Any]) -> dict[str, Any]:
-    _use_backend(cmd.get("backend"))
     path = Path(cmd["path"])
     path.parent.mkdir(parents=True, exist_ok=True)
     msg = message(cmd["size"])

@@ -56,8 +56,6 @@ def targets(all_res: dict[str, dict[str, Any]], paired: Callable[..., float | No
          paired(small, "ur16nofsync", "twisted16"), ">=", 1.0, True),
         ("CPU per durable delivery, io_uring c=64 / thread backend c=64",
          None if cpu_ur is None or cpu_md is None else cpu_ur / cpu_md, "<=", 0.75, True),
-        ("compat on io_uring vs the native API on io_uring, c=1, 2 KiB",
-         paired(small, "compat1uring", "ur1"), ">=", 0.9, True),
         ("256 MiB stream, io_uring vs raw sync durable", paired(stream, "ur1", "raw"), ">=",
          0.9, True),
     ]  # fmt: skip

@@ -217,12 +217,10 @@ def contenders(runner: asyncio.Runner, tw: TwistedProcess | None) -> list[Conten
     out[-1:-1] = ur.contenders(md, Contender)
     if tw is not None:
 
-        def remote(
-            op: str, conc: int, fsync: bool, backend: str | None = None
-        ) -> Callable[..., tuple[float, c.Probe]]:
+        def remote(op: str, conc: int, fsync: bool) -> Callable[..., tuple[float, c.Probe]]:
             def go(path: Path, w: Workload) -> tuple[float, c.Probe]:
                 cmd = {"op": op, "path": str(path), "size": w.size, "n": w.count,
-                       "concurrency": conc, "fsync": fsync, "backend": backend}  # fmt: skip
+                       "concurrency": conc, "fsync": fsync}  # fmt: skip
                 ans = tw.ask(cmd)
                 if "error" in ans:
                     raise RuntimeError(ans["error"])
@@ -244,11 +242,6 @@ def contenders(runner: asyncio.Runner, tw: TwistedProcess | None) -> list[Conten
                 "compat1", "maildrop via compat, c=1", remote("compat", 1, True), msgs,
                 twisted=True,
             ))  # fmt: skip
-            if c.uring_reason() is None:
-                out.append(Contender(
-                    "compat1uring", "maildrop via compat on io_uring, c=1",
-                    remote("compat", 1, True, "uring"), msgs, twisted=True,
-                ))  # fmt: skip
             out.append(Contender(
                 "compat16nofsync", "maildrop via compat fsync=False, 16 concurrent",
                 remote("compat", 16, False), msgs, twisted=True,
