@@ -126,14 +126,16 @@ def cut_every_call(
     skip_fstat: bool = False,
     api: str = "asyncio",
     backend: str = "threads",
+    plan: list[list[Any]] | None = None,
 ) -> tuple[int, int]:
-    """Cut the power before each call of two deliveries; return (points, acked but lost).
+    """Cut the power before each call of *plan*'s deliveries (by default a small message and
+    a one-step stream); return (points, acked but lost).
 
     On the io_uring backend, before each op of the ring (the ring's hook cuts it).
     """
     require_root("power-loss simulation (loop mount + shutdown ioctl)")
     require_tool(f"mkfs.{fstype}", "mount", "umount", "losetup")
-    plan = [["bytes", 700], ["chunks", 200_000]]
+    plan = plan or [["bytes", 700], ["chunks", 200_000]]
     # deliver_many() delivers each message into md (acked "ACK") and md-b (acked "ACKB").
     targets = [("", "ACK"), ("-b", "ACKB")] if api == "many" else [("", "ACK")]
     lost = failed = 0

@@ -31,9 +31,11 @@ def test_uring_power_loss_right_after_deliver_returns(work: Path, fstype: str) -
 
 @pytest.mark.parametrize("fstype", ["ext4", "xfs"])
 def test_uring_power_cut_before_every_op(work: Path, fstype: str) -> None:
-    """The power fails right before each op of two deliveries while the process goes on."""
+    """The power fails right before each op of three deliveries while the process goes on."""
     require_uring()
-    points, lost = cut_every_call(work, fstype, backend="uring")
+    # A small message, a one-step stream and one of two ~1 MiB batches (linked from its fd).
+    plan = [["bytes", 700], ["chunks", 200_000], ["chunks", 1_200_000]]
+    points, lost = cut_every_call(work, fstype, backend="uring", plan=plan)
     assert lost == 0
     FIGURES["uring_powerloss_rounds"] += points
 
