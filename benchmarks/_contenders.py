@@ -29,12 +29,20 @@ import aiofiles.os
 from maildrop import Maildir
 from maildrop._backend import current
 from maildrop._session import STATS
+from maildrop._uring import availability
 
 KIB = 1024
 MIB = 1024 * KIB
 CHUNK = 64 * KIB
 #: How often the stall ticker wakes up (seconds).
 TICK = 0.001
+
+
+def uring_reason() -> str | None:
+    """Return why the io_uring contenders cannot run here, or None when they can."""
+    state = availability()
+    return None if state.ok else f"io_uring is unavailable here: {state.reason}"
+
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -318,7 +326,13 @@ async def concurrently(n: int, concurrency: int, one: Callable[[], Awaitable[obj
 
 
 async def maildrop_many(
-    path: Path, msg: bytes, n: int, concurrency: int, *, fsync: bool = True, backend: str = "auto"
+    path: Path,
+    msg: bytes,
+    n: int,
+    concurrency: int,
+    *,
+    fsync: bool = True,
+    backend: str = "auto",
 ) -> float:
     """Deliver *n* copies with ``Maildir.deliver``, *concurrency* at a time; return seconds."""
     md = Maildir(path, fsync=fsync, backend=backend)
@@ -328,9 +342,11 @@ async def maildrop_many(
     return time.perf_counter() - t0
 
 
-async def maildrop_stream(path: Path, total: int, *, fsync: bool = True) -> float:
+async def maildrop_stream(
+    path: Path, total: int, *, fsync: bool = True, backend: str = "auto"
+) -> float:
     """Deliver one *total*-byte message from an async iterator of 64 KiB chunks."""
-    md = Maildir(path, fsync=fsync)
+    md = Maildir(path, fsync=fsync, backend=backend)
     await md.deliver(b"x")
     t0 = time.perf_counter()
     await md.deliver(async_chunks(total))
@@ -416,6 +432,7 @@ class Probe:
     deliveries: int = 0
     dir_fsyncs: int = 0
     ticks: int = 0
+    cpu: float = 0.0  # seconds of this process's CPU (every thread) during the run
     _rss0: int = field(default=0, repr=False)
 
     @property
@@ -434,6 +451,7 @@ def merge(probes: list[Probe]) -> Probe:
         deliveries=sum(p.deliveries for p in probes),
         dir_fsyncs=sum(p.dir_fsyncs for p in probes),
         ticks=sum(p.ticks for p in probes),
+        cpu=sum(p.cpu for p in probes),
     )
 
 
@@ -482,9 +500,11 @@ async def monitored() -> AsyncIterator[Probe]:
     gc.callbacks.append(gc_clock)
     task = asyncio.create_task(_ticker(probe, gc_clock))
     await asyncio.sleep(0)
+    cpu = time.process_time()
     try:
         yield probe
     finally:
+        probe.cpu = time.process_time() - cpu
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

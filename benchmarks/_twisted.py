@@ -10,8 +10,8 @@ runs every command on that loop (``loop.run_until_complete``), awaiting Deferred
 
 Commands: ``{"op": "twisted"|"compat"|"maildrop", "path": str, "size": int, "n": int,
 "concurrency": int, "fsync": bool}`` -> ``{"seconds": float, "stall": float, "stall_no_gc":
-float, "gc_pause": float, "rss_growth": int}`` or ``{"error": str}``; ``{"op": "probe"}``
--> ``{"twisted": bool, "compat": bool}``.
+float, "gc_pause": float, "rss_growth": int, "cpu": float}`` or ``{"error": str}``;
+``{"op": "probe"}`` -> ``{"twisted": bool, "compat": bool}``.
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ async def _run(cmd: dict[str, Any]) -> dict[str, Any]:
         await concurrently(n, conc, one)
         seconds = time.perf_counter() - t0
     return {"seconds": seconds, "stall": probe.stall, "stall_no_gc": probe.stall_no_gc,
-            "gc_pause": probe.gc_pause, "rss_growth": probe.rss_growth}  # fmt: skip
+            "gc_pause": probe.gc_pause, "rss_growth": probe.rss_growth,
+            "cpu": probe.cpu}  # fmt: skip
 
 
 def _probe() -> dict[str, Any]:

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from . import _contenders as c
+from . import _uring_bench as ur
 
 RAW = "raw"
 IDLE = "idle"
@@ -86,6 +87,7 @@ class Result:
     seconds: list[float] = field(default_factory=list)
     ratios: list[float] = field(default_factory=list)  # speed / baseline speed, per round
     probes: list[c.Probe] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # CPU seconds per delivery, per round
     error: str | None = None
 
 
@@ -152,11 +154,14 @@ def contenders(runner: asyncio.Runner, tw: TwistedProcess | None) -> list[Conten
 
         return lambda path, w: runner.run(go(path, w))
 
-    def md(conc: int, fsync: bool = True) -> Callable[..., tuple[float, c.Probe]]:
+    def md(
+        conc: int, fsync: bool = True, backend: str = "threads"
+    ) -> Callable[..., tuple[float, c.Probe]]:
         def make(path: Path, w: Workload) -> Any:
             if w.stream:
-                return c.maildrop_stream(path, w.size, fsync=fsync)
-            return c.maildrop_many(path, c.message(w.size), w.count, conc, fsync=fsync)
+                return c.maildrop_stream(path, w.size, fsync=fsync, backend=backend)
+            msg = c.message(w.size)
+            return c.maildrop_many(path, msg, w.count, conc, fsync=fsync, backend=backend)
 
         return monitored(make)
 
@@ -223,6 +228,7 @@ def contenders(runner: asyncio.Runner, tw: TwistedProcess | None) -> list[Conten
         Contender("md16nofsync", "maildrop fsync=False, c=16", md(16, False), msgs),
         Contender(IDLE, "idle event loop, 0.5 s (stall floor)", idle, msgs),
     ]
+    out[-1:-1] = ur.contenders(md, Contender)
     if tw is not None:
 
         def remote(op: str, conc: int, fsync: bool) -> Callable[..., tuple[float, c.Probe]]:
@@ -234,7 +240,7 @@ def contenders(runner: asyncio.Runner, tw: TwistedProcess | None) -> list[Conten
                     raise RuntimeError(ans["error"])
                 probe = c.Probe(
                     stall=ans["stall"], stall_no_gc=ans["stall_no_gc"],
-                    gc_pause=ans["gc_pause"], rss_growth=ans["rss_growth"],
+                    gc_pause=ans["gc_pause"], rss_growth=ans["rss_growth"], cpu=ans["cpu"],
                 )  # fmt: skip
                 return ans["seconds"], probe
 
@@ -300,6 +306,7 @@ def run_workload(
             res[key].seconds.append(t * w.count / done)
             if key in probes:
                 res[key].probes.append(c.merge(probes[key]))
+                res[key].cpu.append(res[key].probes[-1].cpu / done)
         if RAW in times:
             for key, t in times.items():
                 res[key].ratios.append(times[RAW] / t)
@@ -320,15 +327,15 @@ def table(w: Workload, cs: list[Contender], res: dict[str, Result]) -> list[str]
         f"#### {w.label}" + ("" if w.stream else f" ({w.count} per round)"),
         "",
         "| contender | msg/s | MiB/s | vs raw | max stall ms | of it not GC ms | longest GC ms "
-        "| peak RSS +MiB | deliveries/dir fsync |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| peak RSS +MiB | deliveries/dir fsync | CPU µs/msg |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for k in cs:
         r = res.get(k.key)
         if r is None:
             continue
         if r.error is not None or not r.seconds:
-            lines.append(f"| {k.label} | not measured: {r.error} | | | | | | | |")
+            lines.append(f"| {k.label} | not measured: {r.error} | | | | | | | | |")
             continue
         rate, mib = _fmt_rate(w, statistics.median(r.seconds))
         ratio = f"{statistics.median(r.ratios):.2f}x" if r.ratios else ""
@@ -344,7 +351,7 @@ def table(w: Workload, cs: list[Contender], res: dict[str, Result]) -> list[str]
             per = f"{statistics.median(fs):.1f}" if fs else ""
         lines.append(
             f"| {k.label} | {rate} | {mib} | {ratio} | {stall} | {no_gc} | {gc_ms} | {rss} "
-            f"| {per} |"
+            f"| {per} | {ur.cpu_column(r) if k.key != IDLE else ''} |"
         )
     return lines
 
@@ -386,6 +393,7 @@ def targets(all_res: dict[str, dict[str, Result]]) -> list[str]:
             _paired(stream, "md1", RAW), ">=", 0.8, True,
         ),
     ]  # fmt: skip
+    rows += ur.targets(all_res, _paired)
     mem = all_res.get("1g", {}).get("md1")
     growth = max((p.rss_growth for p in mem.probes), default=None) if mem else None
     rows.append(("1 GiB stream: peak RSS growth (MiB)", None if growth is None else growth / c.MIB,
@@ -394,7 +402,7 @@ def targets(all_res: dict[str, dict[str, Result]]) -> list[str]:
         p
         for res in all_res.values()
         for key, r in res.items()
-        if key.startswith(("md", "compat"))
+        if key.startswith(("md", "compat", "ur"))
         for p in r.probes
     ]
     rows.append(
@@ -492,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
             cs = chosen(contenders(runner, tw), args.only)
             warm_up(cs, base)
             lines = ["### Results", ""]
+            if why := c.uring_reason():
+                log(f"io_uring contenders left out: {why}")
+                lines += [f"io_uring contenders left out: {why}", ""]
             for w in workloads(args):
                 ws = taking_part(cs, w)
                 log(f"{w.label}: {len(ws)} contenders x {args.rounds} rounds")
@@ -551,11 +562,12 @@ def chosen(cs: list[Contender], only: str) -> list[Contender]:
 
 
 def taking_part(cs: list[Contender], w: Workload) -> list[Contender]:
-    """The contenders that run workload *w* (the memory stream: the baseline and ``md1``)."""
+    """The contenders that run workload *w* (the memory stream: the baseline, ``md1`` and
+    ``ur1``)."""
     kind = "stream" if w.stream else "msgs"
     ws = [k for k in cs if kind in k.kinds]
     if w.key == "1g":
-        ws = [k for k in ws if k.key in (RAW, "md1")]
+        ws = [k for k in ws if k.key in (RAW, "md1", "ur1")]
     return ws
 
 

@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 from . import _uring_abi as abi
 from . import _uring_setup as setup
 from ._uring_hooks import Hooks
-from ._uring_ops import Op, nop, quiet_result, severs
+from ._uring_ops import Op, nop, quiet_result, severs, shorten
 from ._uring_setup import Availability, UringUnavailableError
 
 __all__ = ["Availability", "Ring", "UringUnavailableError", "availability"]
@@ -219,11 +219,11 @@ class Ring:
             op.seq = self._seq
             inject = None if self.hooks is None else self.hooks.before_submit(op)
             self._seq += 1
-            if inject is not None and op.opcode == abi.OP_WRITE and 0 <= inject < op.length:
-                op.length = inject  # a real short write: the kernel severs the chain itself
+            if inject is not None and 0 <= inject < op.expect:
+                shorten(op, inject)  # a real short write: the kernel severs the chain itself
             elif inject is not None:
                 chain.injected[i] = inject
-                if inject < 0:
+                if inject < 0 and op.opcode != abi.OP_CLOSE:  # a failed close frees the fd
                     op = _NOP  # an injected failure does nothing: a nop takes the op's place
             # With hooks, each op goes alone after its predecessor completed (_complete applies
             # the kernel's severing rules), so "stop before op N" means ops before it are done.

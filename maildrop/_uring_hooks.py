@@ -46,10 +46,11 @@ class Script:
 
     Ops are numbered from 0 in the order their entries are written. ``inject`` maps an op's
     number to the result it reports instead of the kernel's: a negative errno (``-ENOSPC``,
-    ``-EDQUOT``, ``-EIO``, ``-EROFS``: the op does not run, a nop takes its place) or, for a
-    write, a shorter length (the driver then really writes that many bytes). An injected
-    failure ends the chain where the kernel would: a failed fsync, linkat, unlinkat,
-    renameat2 or statx does not sever it, anything else does.
+    ``-EDQUOT``, ``-EIO``, ``-EROFS``: the op does not run, a nop takes its place, except a
+    close, which runs: Linux frees the fd even when close fails) or, for a write or writev,
+    a shorter length (the driver then really writes that many bytes). An injected failure
+    ends the chain where the kernel would: a failed fsync, linkat, unlinkat, renameat2 or
+    statx does not sever it, anything else does.
     ``stop_before`` calls *on_stop* before that op is submitted (the ops before it in its
     chain have completed: with hooks, the driver submits a chain one op at a time and applies
     the kernel's severing rules itself), ``stop_after`` after its completion is reaped.

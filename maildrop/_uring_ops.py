@@ -32,6 +32,7 @@ __all__ = [
     "quiet_result",
     "renameat2",
     "severs",
+    "shorten",
     "statx",
     "unlinkat",
     "write",
@@ -229,6 +230,22 @@ def writev(
     op.addr, op.length, op.addr2 = ctypes.addressof(iov), len(buffers), offset
     op.op_flags, op.keep = rw_flags, tuple(kept)
     return op
+
+
+def shorten(op: Op, length: int) -> None:
+    """Make the write or writev *op* write only its first *length* bytes (the fault hooks'
+    short write: the kernel really writes fewer, so the file holds what the result says)."""
+    if op.opcode == abi.OP_WRITE:
+        op.length = length
+        return
+    iov = op.keep[0]
+    assert isinstance(iov, ctypes.Array)
+    for i in range(op.length):
+        if length < iov[2 * i + 1]:
+            iov[2 * i + 1] = length
+            op.length = i + (length > 0)
+            return
+        length -= iov[2 * i + 1]
 
 
 def fsync(fd: int, *, datasync: bool = False, fixed: bool = False) -> Op:

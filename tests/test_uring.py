@@ -188,6 +188,31 @@ def test_an_injected_short_write_is_real_and_severs(ring: Ring, dfd: int, tmp_pa
 
 
 @needs_uring
+def test_an_injected_failure_of_a_close_still_frees_the_fd(ring: Ring, tmp_path: Path) -> None:
+    """A close injected to fail reports the error and still closes, as Linux's close does."""
+    ring.hooks = Script(inject={0: -errno.EIO})
+    fd = os.open(tmp_path / "a", NEW, 0o600)
+    assert ring.run([ops.close(fd)]) == [-errno.EIO]
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(fd)
+
+
+@needs_uring
+@pytest.mark.parametrize("cut", [0, 2, 3, 5])
+def test_an_injected_short_writev_is_real(ring: Ring, tmp_path: Path, cut: int) -> None:
+    """A short write injected on a writev at the file position really writes fewer bytes, so
+    writing the rest after it gives the whole data once."""
+    ring.hooks = Script(inject={0: cut})
+    fd = os.open(tmp_path / "a", NEW, 0o600)
+    (written,) = ring.run([ops.writev(fd, [b"abc", b"def"])])
+    ring.hooks = None
+    (rest,) = ring.run([ops.write(fd, b"abcdef"[written:])])
+    os.close(fd)
+    assert (written, rest) == (cut, 6 - cut)
+    assert (tmp_path / "a").read_bytes() == b"abcdef"
+
+
+@needs_uring
 @pytest.mark.parametrize(
     ("victim", "expected"),
     [

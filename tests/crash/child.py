@@ -19,7 +19,8 @@ or ``file``), ``repeat``, ``tag``, ``concurrency``, ``kill`` (``{"step", "k", "w
 ``hostname`` (only inside a private UTS namespace), ``uid``, ``hostile``, ``api``
 (``"asyncio"``; ``"compat"``: ``compat.MaildirMailbox.appendMessage``, bytes only;
 ``"many"``: ``deliver_many`` into ``md`` and ``md + "-b"``, acked as ACK and ACKB),
-``skip_fstat`` (negative control: drop the engine's fstat after ``fsync(new/)``).
+``skip_fstat`` (negative control: drop the engine's fstat after ``fsync(new/)``),
+``backend`` (``"uring"``: the io_uring backend, with ``uring`` hooks: see _uring_child.py).
 """
 
 from __future__ import annotations
@@ -134,6 +135,14 @@ def _attack(
                 os.link(canary, tmp_name, dst_dir_fd=tmp_fd)
 
 
+def open_maildir(cfg: dict[str, Any], path: str, table: Syscalls) -> Maildir:
+    """The job's maildir: on the io_uring backend (no table: the ring's hooks stand in), or
+    on the thread backend with the job's syscall table."""
+    if cfg.get("backend") == "uring":
+        return Maildir(path, fsync=cfg.get("fsync", True), backend="uring")
+    return Maildir(path, fsync=cfg.get("fsync", True), syscalls=table)
+
+
 async def _chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
     for i in range(0, len(data), size):
         yield data[i : i + size]
@@ -141,7 +150,7 @@ async def _chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
 
 async def deliver_all(cfg: dict[str, Any], table: Syscalls) -> None:
     """Deliver the job's plan, acking each delivery once deliver() returned."""
-    md = Maildir(cfg["md"], fsync=cfg.get("fsync", True), syscalls=table)
+    md = open_maildir(cfg, cfg["md"], table)
     if cfg.get("folder") is not None:
         md = md.folder(cfg["folder"])
     plan = [tuple(p) for p in cfg.get("plan", [["bytes", 100]])] * cfg.get("repeat", 1)
@@ -172,7 +181,7 @@ async def deliver_all(cfg: dict[str, Any], table: Syscalls) -> None:
     async def many_deliver(ident: str, source: Any) -> str:
         # deliver_many(): written once, linked into md and into its sibling md + "-b". The
         # sibling's ack is written here; md's by the caller (or its error raised).
-        other = Maildir(cfg["md"] + "-b", fsync=cfg.get("fsync", True), syscalls=table)
+        other = open_maildir(cfg, cfg["md"] + "-b", table)
         first, second = await deliver_many(source, [md, other])
         if isinstance(second, Delivery):
             os.write(ackfd, f"{marker}B {ident} {second.name}\n".encode())
@@ -257,7 +266,7 @@ def run(cfg: dict[str, Any]) -> None:
         warm = os.path.join(cfg["warm"], f"warm-{os.getpid()}")
 
         async def warm_up() -> None:
-            md = Maildir(warm)
+            md = open_maildir(cfg, warm, DEFAULT_SYSCALLS)
             await asyncio.gather(md.deliver(b"warm-up"), md.deliver(b"warm-up"))
 
         asyncio.run(warm_up())
@@ -276,17 +285,27 @@ def run(cfg: dict[str, Any]) -> None:
         t.daemon = True
         t.start()
     counts: dict[str, int] = {}
-    table = build_table(cfg, counts)
+    if cfg.get("backend") == "uring":
+        from _uring_child import setup
+
+        rec = setup(cfg, shutdown)
+        table = DEFAULT_SYSCALLS
+    else:
+        table = build_table(cfg, counts)
     ackfd = cfg.get("ackfd", 1)
     try:
         asyncio.run(deliver_all(cfg, table))
     except OSError as exc:
         os.write(ackfd, f"ERROR {exc.errno} {type(exc).__name__}\n".encode())
-        if cfg.get("count"):
-            os.write(ackfd, f"COUNTS {json.dumps(counts)}\n".encode())
-        os._exit(3)
+        failed = True
+    else:
+        failed = False
+    if cfg.get("count") and cfg.get("backend") == "uring":
+        counts = {"ops": rec.ops}
     if cfg.get("count"):
         os.write(ackfd, f"COUNTS {json.dumps(counts)}\n".encode())
+    if failed:
+        os._exit(3)
 
 
 def fill(cfg: dict[str, Any]) -> None:
@@ -307,7 +326,7 @@ def fill(cfg: dict[str, Any]) -> None:
     if not os.path.ismount(mnt):
         raise SystemExit(f"{mnt} is not a mount point: refusing to fill it")
     md_path = os.path.join(mnt, "Maildir")
-    md = Maildir(md_path)
+    md = open_maildir(cfg, md_path, DEFAULT_SYSCALLS)
     out: dict[str, Any] = {"delivered": 0}
 
     async def main() -> None:

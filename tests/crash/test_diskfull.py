@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from ._harness import CHILD, FIGURES, PY, require_root, require_tool
+from ._uring_harness import require_uring
 
 pytestmark = pytest.mark.crash
 
@@ -27,15 +28,18 @@ pytestmark = pytest.mark.crash
     [("size=1m", 100_000, 5), ("size=1m,nr_inodes=16", 200, 5)],
     ids=["1MiB", "16-inodes"],
 )
-def test_real_disk_full(work: Path, opts: str, size: int, at_least: int) -> None:
+@pytest.mark.parametrize("backend", ["threads", "uring"])
+def test_real_disk_full(work: Path, opts: str, size: int, at_least: int, backend: str) -> None:
     """Fill a real tmpfs: temporary ENOSPC, no litter, and delivery resumes after a delete."""
     require_root("mounting a tmpfs")
     require_tool("unshare", "mount")
+    if backend == "uring":
+        require_uring()
     mnt = work / "full"
     mnt.mkdir()
     cfg = {
         "dir": str(mnt), "opts": opts, "size": size, "cap": 8 << 20,
-        "host_mnt_ns": os.readlink("/proc/self/ns/mnt"),
+        "host_mnt_ns": os.readlink("/proc/self/ns/mnt"), "backend": backend,
     }  # fmt: skip
     proc = subprocess.run(
         ["unshare", "-m", "--propagation", "private", PY, CHILD, "fill", json.dumps(cfg)],
@@ -54,4 +58,4 @@ def test_real_disk_full(work: Path, opts: str, size: int, at_least: int) -> None
     assert out["after_delete"], out
     assert out["complete_at_end"] == out["delivered"], out
     assert not any(mnt.iterdir()), "the tmpfs leaked out of its mount namespace"
-    FIGURES["disk_full_rounds"] += 1
+    FIGURES["disk_full_rounds" if backend == "threads" else "uring_disk_full_rounds"] += 1

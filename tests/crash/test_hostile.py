@@ -131,13 +131,13 @@ def opened_outside(log: str, pids: dict[int, Path]) -> tuple[list[str], int]:
     return bad, checked
 
 
-def test_hostile_mailboxes_as_nobody(work: Path) -> None:
-    """Symlinks, planted names and a swapped tmp file never reach the canary (C6)."""
-    require_root("switching to uid 65534")
-    require_strace()
+def hostile_jobs(
+    work: Path, extra: dict[str, Any], cases: list[tuple[str, str, dict[str, Any]]] = CASES
+) -> tuple[list[dict[str, Any]], Layout]:
+    """Build *cases* under *work*; return the child jobs (with *extra*) and the layout."""
     work.chmod(0o755)
     jobs, layout = [], {}
-    for name, setup, hostile in CASES:
+    for name, setup, hostile in cases:
         base = work / name
         base.mkdir()
         md, canary, folder = build(base, setup)
@@ -145,20 +145,19 @@ def test_hostile_mailboxes_as_nobody(work: Path) -> None:
         cfg: dict[str, Any] = {
             "id": name, "md": str(md), "folder": folder, "uid": NOBODY, "tag": name,
             "warm": str(work),
-            "plan": [["bytes", 500], ["bytes", 70_000]],
+            "plan": [["bytes", 500], ["bytes", 70_000]], **extra,
         }  # fmt: skip
         if hostile:
             cfg["hostile"] = {**hostile, "canary_file": str(canary / "file")}
         jobs.append(cfg)
-    log = work / "hostile.strace"
-    text = "".join(json.dumps(j) + "\n" for j in jobs)
-    proc = subprocess.run(
-        ["strace", "-f", "-qq", "-y", "-o", str(log), "-e", "trace=openat,setuid,clone,clone3",
-         PY, CHILD, "serve", "1"],
-        input=text, capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [json.loads(line) for line in proc.stdout.splitlines()]
+    return jobs, layout
+
+
+Layout = dict[str, tuple[Path, Path, dict[str, Any], dict[str, Any]]]
+
+
+def judge(results: list[dict[str, Any]], layout: Layout) -> dict[int, Path]:
+    """Check every case (C6); return {child pid: its maildir}."""
     pids: dict[int, Path] = {}
     outcomes = {}
     for r in results:
@@ -182,14 +181,32 @@ def test_hostile_mailboxes_as_nobody(work: Path) -> None:
             assert "ERROR" in r["acks"], r
         outcomes[name] = "delivered" if got else r["acks"].split()[1]
         pids[r["pid"]] = md
+    # Symlinked directories are refused; races on names are survived by picking new names.
+    for name in ("symlinked-tmp", "symlinked-new", "symlinked-folder", "symlinked-maildir"):
+        assert outcomes.get(name) != "delivered", (name, outcomes)
+    for name in ("planted-tmp-names", "planted-new-name", "swapped-for-symlink"):
+        assert outcomes.get(name, "delivered") == "delivered", (name, outcomes)
+    return pids
+
+
+def test_hostile_mailboxes_as_nobody(work: Path) -> None:
+    """Symlinks, planted names and a swapped tmp file never reach the canary (C6)."""
+    require_root("switching to uid 65534")
+    require_strace()
+    jobs, layout = hostile_jobs(work, {})
+    log = work / "hostile.strace"
+    text = "".join(json.dumps(j) + "\n" for j in jobs)
+    proc = subprocess.run(
+        ["strace", "-f", "-qq", "-y", "-o", str(log), "-e", "trace=openat,setuid,clone,clone3",
+         PY, CHILD, "serve", "1"],
+        input=text, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines()]
+    pids = judge(results, layout)
     bad, checked = opened_outside(log.read_text(), pids)
     assert bad == [], bad
     assert checked >= 4 * len(CASES), checked
-    # Symlinked directories are refused; races on names are survived by picking new names.
-    for name in ("symlinked-tmp", "symlinked-new", "symlinked-folder", "symlinked-maildir"):
-        assert outcomes[name] != "delivered", (name, outcomes)
-    for name in ("planted-tmp-names", "planted-new-name", "swapped-for-symlink"):
-        assert outcomes[name] == "delivered", (name, outcomes)
     FIGURES["hostile_cases"] += len(CASES)
 
 

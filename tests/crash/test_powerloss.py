@@ -47,6 +47,7 @@ def power_cycle(
     fsync: bool = True,
     prefix: tuple[str, ...] = (),
     api: str = "asyncio",
+    backend: str = "threads",
 ) -> tuple[int, int]:
     """Run every round on one *fstype* image; return (messages acked, acked but lost)."""
     require_root("power-loss simulation (loop mount + shutdown ioctl)")
@@ -59,7 +60,7 @@ def power_cycle(
                 "md": str(md), "plan": PLAN, "repeat": (k + len(PLAN) - 1) // len(PLAN) + 1,
                 "concurrency": conc, "shutdown_after": k, "mount": str(mnt),
                 "after_shutdown": AFTER, "fsync": fsync, "scratch": str(work), "tag": f"r{i}",
-                "api": api,
+                "api": api, "backend": backend,
             }  # fmt: skip
             proc = run_child(cfg, prefix=prefix)
             assert proc.returncode == 0, (name, proc.stdout[-2000:], proc.stderr[-2000:])
@@ -119,19 +120,30 @@ def test_power_loss_harness_is_not_blind(work: Path, how: str) -> None:
 
 
 def cut_every_call(
-    work: Path, fstype: str, *, skip_fstat: bool = False, api: str = "asyncio"
+    work: Path,
+    fstype: str,
+    *,
+    skip_fstat: bool = False,
+    api: str = "asyncio",
+    backend: str = "threads",
+    plan: list[list[Any]] | None = None,
 ) -> tuple[int, int]:
-    """Cut the power before each call of two deliveries; return (points, acked but lost)."""
+    """Cut the power before each call of *plan*'s deliveries (by default a small message and
+    a one-step stream); return (points, acked but lost).
+
+    On the io_uring backend, before each op of the ring (the ring's hook cuts it).
+    """
     require_root("power-loss simulation (loop mount + shutdown ioctl)")
     require_tool(f"mkfs.{fstype}", "mount", "umount", "losetup")
-    plan = [["bytes", 700], ["chunks", 200_000]]
+    plan = plan or [["bytes", 700], ["chunks", 200_000]]
     # deliver_many() delivers each message into md (acked "ACK") and md-b (acked "ACKB").
     targets = [("", "ACK"), ("-b", "ACKB")] if api == "many" else [("", "ACK")]
     lost = failed = 0
+    row = "uring_" if backend == "uring" else ""  # the figures of the io_uring rows
     with loop_fs(work, fstype) as (dev, mnt, opts):
         base = {
             "plan": plan, "mount": str(mnt), "scratch": str(work), "skip_fstat": skip_fstat,
-            "api": api,
+            "api": api, "backend": backend,
         }  # fmt: skip
         (res,) = serve([{**base, "id": "count", "md": str(mnt / "probe"), "count": True}])
         per_step = counts(res["acks"])
@@ -139,7 +151,7 @@ def cut_every_call(
         remount = {"dev": dev, "mnt": str(mnt), "fstype": fstype, "opts": opts}
         jobs = [
             {**base, "id": f"{s}:{k}", "md": str(mnt / f"c{i}"), "tag": f"c{i}",
-             "cut": {"step": s, "k": k}, "remount": remount}
+             "remount": remount, **_cut(backend, s, k)}
             for i, (s, k) in enumerate(points)
         ]  # fmt: skip
         results = serve(jobs, parallel=1)
@@ -158,9 +170,16 @@ def cut_every_call(
                     check_maildir(md, got, attempted=attempted, existing={})
                 else:
                     assert not got, job["id"]
-                FIGURES["powerloss_acked_survived"] += len(got)
-    FIGURES["powerloss_cut_deliveries_failed"] += failed
+                FIGURES[f"{row}powerloss_acked_survived"] += len(got)
+    FIGURES[f"{row}powerloss_cut_deliveries_failed"] += failed
     return len(points), lost
+
+
+def _cut(backend: str, step: str, k: int) -> dict[str, Any]:
+    """A job's power cut before the k-th call of *step*, or before op k-1 of the ring."""
+    if backend == "uring":
+        return {"uring": {"cut_before": k - 1}}
+    return {"cut": {"step": step, "k": k}}
 
 
 @pytest.mark.parametrize("fstype", ["ext4", "xfs"])
