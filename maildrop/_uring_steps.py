@@ -12,10 +12,11 @@ ring changes, and why it is safe:
 * The tmp file is opened ``O_CREAT|O_EXCL|O_NOFOLLOW`` (and ``RESOLVE_BENEATH|
   RESOLVE_NO_SYMLINKS``) into a direct-descriptor slot of the ring, so one chain opens, writes
   and links it. A slot has no ``/proc/self/fd`` path, so the file is linked by its tmp name,
-  the engine's fallback where ``/proc`` is missing. That is safe: the name is fresh and ours
-  (``O_EXCL``), ``linkat`` without ``AT_SYMLINK_FOLLOW`` links the name itself (never what a
-  symlink points to), relative to a ``tmp/`` fd opened ``O_NOFOLLOW``; whoever could swap a
-  name in ``tmp/`` can write ``new/`` as well.
+  the engine's fallback where ``/proc`` is missing. KNOWN DEFECT: a tmp file swapped for a
+  symlink or a hard link between the write and the link is published as that (the thread
+  step links the fd it wrote); ``tests/crash/test_uring_hostile.py`` holds it as a strict
+  xfail, and the README warns. The fix is to link from a process fd as ``_uring_stream``
+  does (the caller of ``finish`` in ``_uring_backend`` can route through it).
 * Durability: when the whole message is one write, it carries ``RWF_SYNC`` (a failed or short
   write severs the chain, so nothing links a partial file). Otherwise the file's fsync ends a
   chain of its own, checked before the publish chain: a failed fsync does not sever a chain
