@@ -2,11 +2,12 @@
 
 :class:`UringBackend` is the engine's :class:`~maildrop._backend.Backend` on one io_uring ring
 per asyncio loop, driven from the loop's own thread (``_uring``). ``run`` and ``spawn``
-recognise the engine's own steps and run them as ring chains: a message written in one step
-(``Steps.finish``, ``_uring_steps``), the batches of a streamed one (``Steps.write`` and
-``Steps.finish``, ``_uring_stream``) and the group-commit fsync. Every other step, and a step
-the ring cannot take (a quota ledger, a synchronous file to copy, a directory to create,
-``deliver_many``'s staging), runs in the thread pool, the same code as on the thread backend.
+recognise the engine's own steps and run them as ring chains: a message's writes, fsync and
+link (``Steps.write`` and ``Steps.finish``: ``_uring_stream``, whether the message came in one
+step or in batches; the directories in ``_uring_steps``) and the group-commit fsync. Every
+other step, and a step the ring cannot take (a quota ledger, a synchronous file to copy, a
+directory to create, ``deliver_many``'s staging), runs in the thread pool, the same code as
+on the thread backend.
 
 A ring step runs as a job of its own (an asyncio task) that owns the delivery's files like a
 worker thread does: a cancelled caller is released at once, the chain in flight runs to its
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import resource
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
@@ -46,8 +46,6 @@ from ._writer import DeliveryFiles
 __all__ = ["UringBackend", "choose"]
 
 T = TypeVar("T")
-#: Direct-descriptor slots per ring: the ring deliveries that may have a file open at once.
-SLOTS = 1024
 
 
 def _make(loop: asyncio.AbstractEventLoop | None) -> UringBackend | UringUnavailableError:
@@ -97,10 +95,8 @@ class UringBackend(PoolBackend):
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
-        # The kernel refuses a file table larger than RLIMIT_NOFILE; a delivery that finds
-        # every slot taken runs in a thread.
-        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        ring = self.ring = Ring.open(slots=SLOTS if nofile < 0 else min(SLOTS, nofile))
+        # No direct-descriptor slots: a message's file is a process fd (see _uring_steps).
+        ring = self.ring = Ring.open(slots=0)
         ring.attach(loop)
         # The loop never closes the ring: it goes with the loop (the ring holds it weakly).
         weakref.finalize(loop, ring.close)
@@ -147,7 +143,6 @@ class UringBackend(PoolBackend):
             ok = True
             return result
         finally:
-            await ring_steps.close_slot(self.ring, tmp)
             await self._hand_back(tmp, failed=not ok)
 
     async def _hand_back(self, tmp: DeliveryFiles, *, failed: bool = False) -> None:
@@ -158,10 +153,11 @@ class UringBackend(PoolBackend):
             hand_back(tmp)
 
     async def _finish(self, steps: Steps, chunks: list[bytes | memoryview], sync_new: bool) -> str:
-        final = await ring_steps.finish(self.ring, steps, chunks, sync_new)
-        if final is None:  # the thread step does it all (see ring_steps.finish)
+        # A message written in one step is written and linked as a streamed one: a process
+        # fd linked from /proc/self/fd, never by its tmp name (``_uring_steps`` says why).
+        if not await ring_stream.write(self.ring, steps, chunks):
             return await self.pool.submit(steps.finish, (chunks, sync_new))
-        return final
+        return await self._finish_streamed(steps, [], sync_new)
 
     async def _finish_streamed(
         self, steps: Steps, chunks: list[bytes | memoryview], sync_new: bool

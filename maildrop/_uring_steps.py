@@ -9,27 +9,18 @@ ring changes, and why it is safe:
   directory another delivery of this process has not made durable yet, a maildir of another
   user while running as root) is left to the thread step, which handles it with the same code
   and the same errors.
-* The tmp file is opened ``O_CREAT|O_EXCL|O_NOFOLLOW`` (and ``RESOLVE_BENEATH|
-  RESOLVE_NO_SYMLINKS``) into a direct-descriptor slot of the ring, so one chain opens, writes
-  and links it. A slot has no ``/proc/self/fd`` path, so the file is linked by its tmp name,
-  the engine's fallback where ``/proc`` is missing. KNOWN DEFECT: a tmp file swapped for a
-  symlink or a hard link between the write and the link is published as that (the thread
-  step links the fd it wrote); ``tests/crash/test_uring_hostile.py`` holds it as a strict
-  xfail, and the README warns. The fix is to link from a process fd as ``_uring_stream``
-  does (the caller of ``finish`` in ``_uring_backend`` can route through it).
-* Durability: when the whole message is one write, it carries ``RWF_SYNC`` (a failed or short
-  write severs the chain, so nothing links a partial file). Otherwise the file's fsync ends a
-  chain of its own, checked before the publish chain: a failed fsync does not sever a chain
-  (kernel 6.18), so a link after it would publish unsynced data.
-* A failed ``linkat`` does not sever either: the chain's ``unlinkat`` removes the tmp file
-  anyway, so on ``EEXIST`` the message is written again under a fresh name from the bytes this
-  step still holds (nothing is ever clobbered).
+* The tmp file (``_uring_stream``) is a process fd opened on the ring ``O_CREAT|O_EXCL|
+  O_NOFOLLOW`` with ``RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS``, written at its position, fsynced
+  by a chain of its own that is checked before the link (a failed fsync does not sever a
+  chain on kernel 6.18), and linked from ``/proc/self/fd``, as the thread step links it: the
+  file it wrote, never whatever a hostile user swapped in at its tmp name. (An earlier
+  single-chain version opened the file into a direct-descriptor slot, which has no
+  ``/proc/self/fd`` path, and linked it by its tmp name: a swapped symlink or hard link was
+  published. ``tests/crash/test_uring_hostile.py`` pins it.)
 * xfs: ``statx(dest, "", AT_EMPTY_PATH)`` after ``fsync(dest)`` plays ``fstat``'s part.
-* Cancellation: a chain cannot be stopped once submitted. A one-step message is opened,
-  written, synced and linked by one chain, so a delivery aborted while it is in the kernel
-  may still be linked, whole and synced; that link is then kept or removed as for a message
-  aborted after its link (``_state.keeps_link``). The abort check that the thread step makes
-  between the fsync and the link is made here only where those are separate chains.
+* Cancellation: a chain cannot be stopped once submitted, but the link is a chain of its own
+  after the file's fsync, and the abort check the thread step makes between the two is
+  made here too.
 """
 
 from __future__ import annotations
@@ -42,16 +33,13 @@ from collections.abc import Sequence
 
 from . import _uring_abi as abi
 from . import _uring_ops as ops
-from ._dirs import DIR_FLAGS, FILE_FLAGS, creating
-from ._steps import Steps
+from ._dirs import DIR_FLAGS, creating
 from ._uring import Ring
-from ._writer import _NAME_TRIES, LIVE_TMP, Aborted, DeliveryFiles, new_name
+from ._writer import DeliveryFiles
 
 __all__ = [
-    "close_slot",
     "each",
     "error",
-    "finish",
     "no_free_name",
     "open_dirs",
     "open_under",
@@ -59,8 +47,6 @@ __all__ = [
     "write_rest",
 ]
 
-# A direct descriptor has no close-on-exec flag: the kernel refuses O_CLOEXEC with a slot.
-_SLOT_FLAGS = FILE_FLAGS & ~os.O_CLOEXEC
 _RESOLVE = abi.RESOLVE_BENEATH | abi.RESOLVE_NO_SYMLINKS
 _NO_LINKS = abi.RESOLVE_NO_SYMLINKS
 _IOV_MAX = 1024
@@ -72,11 +58,11 @@ def error(result: int, *names: str | None) -> OSError:
     return OSError(-result, os.strerror(-result), *names)
 
 
-def open_under(ring: Ring, dir_fd: int, name: str, flags: int, slot: int | None = None) -> ops.Op:
+def open_under(ring: Ring, dir_fd: int, name: str, flags: int) -> ops.Op:
     mode = 0o600 if flags & os.O_CREAT else 0  # openat2 refuses a mode without O_CREAT
     if ring.has_openat2:
-        return ops.openat2(dir_fd, name, flags, mode, resolve=_RESOLVE, slot=slot)
-    return ops.openat(dir_fd, name, flags | os.O_NOFOLLOW, mode, slot=slot)  # pragma: no cover
+        return ops.openat2(dir_fd, name, flags, mode, resolve=_RESOLVE)
+    return ops.openat(dir_fd, name, flags | os.O_NOFOLLOW, mode)  # pragma: no cover
 
 
 def each(ring: Ring, chain: list[ops.Op]) -> asyncio.Future[list[int]]:
@@ -127,160 +113,24 @@ async def open_dirs(ring: Ring, tmp: DeliveryFiles) -> bool:
     return False
 
 
-def _writes(slot: int, data: Chunks, sync: bool) -> list[ops.Op]:
-    """Return the writes of *data* from offset 0 (``RWF_SYNC`` when *sync* and they are one)."""
-    groups = [data[i : i + _IOV_MAX] for i in range(0, len(data), _IOV_MAX)]
-    flags = abi.RWF_SYNC if sync and len(groups) == 1 else 0
-    out, offset = [], 0
-    for group in groups:
-        out.append(ops.writev(slot, group, offset=offset, rw_flags=flags, fixed=True))
-        offset += out[-1].expect
-    return out
-
-
-def _written(writes: list[ops.Op], results: list[int]) -> int:
-    """Return the bytes *writes* wrote (they stop at a short one); raise a failed one's error."""
-    done = 0
-    for op, result in zip(writes, results, strict=True):
-        if result < 0:
-            raise error(result)
-        done += result
-        if result < op.expect:
-            break
-    return done
-
-
-async def write_rest(ring: Ring, fd: int, data: Chunks, done: int, *, slot: bool) -> None:
-    """Write *data* from byte *done* on, looping on short writes (as ``write_all`` does): to
-    a slot at explicit offsets (its file is written from 0), to a process fd at its position.
-    """
+async def write_rest(ring: Ring, fd: int, data: Chunks, done: int = 0) -> None:
+    """Write *data* from byte *done* on to the process fd *fd* at its position, looping on
+    short writes (as ``write_all`` does)."""
     views: list[memoryview] = []
     for chunk in data:
         view = memoryview(chunk).cast("B")
         views.append(view[done:] if done < len(view) else view[:0])
         done = max(0, done - len(view))
-    offset = sum(map(len, data)) - sum(map(len, views)) if slot else -1
     views = [v for v in views if len(v)]
     while views:
-        op = ops.writev(fd, views[:_IOV_MAX], offset=offset, fixed=slot)
-        (n,) = await ring.submit([op])
+        (n,) = await ring.submit([ops.writev(fd, views[:_IOV_MAX], offset=-1)])
         if n <= 0:
             raise error(n) if n < 0 else OSError(errno.EIO, "write() wrote nothing")
-        offset += n if slot else 0
         while n:
             step = min(n, len(views[0]))
             views[0], n = views[0][step:], n - step
             if not len(views[0]):
                 views.pop(0)
-
-
-def _publish_ops(
-    tmp: DeliveryFiles, slot: int, base: str, final: str, sync_dir: bool
-) -> list[ops.Op]:
-    chain = [
-        ops.linkat(tmp.tmp_fd, base, tmp.dest_fd, final),
-        ops.unlinkat(tmp.tmp_fd, base),
-        ops.close(slot, fixed=True),
-    ]
-    if sync_dir:
-        chain += [ops.fsync(tmp.dest_fd), ops.statx(tmp.dest_fd, "", abi.AT_EMPTY_PATH)]
-    return chain
-
-
-def _published(ring: Ring, tmp: DeliveryFiles, final: str, results: list[int]) -> str | None:
-    """Check the publish chain's *results*; return the name, or None when it was taken."""
-    link, unlink, close = results[:3]
-    if close == 0:
-        tmp.slot = -1
-    base = tmp.tmp_name
-    if unlink in (0, -errno.ENOENT):
-        LIVE_TMP.discard(str(base))
-        tmp.tmp_name = None
-    if link == -errno.EEXIST and tmp.tmp_name is None:
-        return None  # the chain removed the tmp file: written again under another name
-    if link < 0:
-        raise error(link, base, None, final)
-    tmp.final_name = final
-    for result in results[2:]:
-        if result < 0:
-            raise error(result)
-    if tmp.tmp_name is not None:
-        raise error(unlink, base)
-    return final
-
-
-async def _attempt(
-    ring: Ring, steps: Steps, slot: int, data: Chunks, sync_dir: bool
-) -> str | None:
-    """Write *data* to a fresh tmp file in *slot* and publish it; None when a name was taken."""
-    tmp, fsync = steps.tmp, steps.tmp.settings.fsync
-    size = sum(map(len, data))
-    base = new_name()
-    final = steps.name_for(base, size)
-    LIVE_TMP.add(base)  # before the file exists, so a sweep never sees it unowned
-    writes = _writes(slot, data, fsync)
-    synced = fsync and len(writes) == 1
-    head = [open_under(ring, tmp.tmp_fd, base, _SLOT_FLAGS, slot), *writes]
-    tail = _publish_ops(tmp, slot, base, final, sync_dir)
-    results = await ring.submit(
-        head + (tail if synced or not fsync else [ops.fsync(slot, fixed=True)])
-    )
-    if results[0] < 0:
-        LIVE_TMP.discard(base)
-        if results[0] == -errno.EEXIST:
-            return None
-        raise error(results[0], base)
-    tmp.slot, tmp.tmp_name = slot, base
-    done = _written(writes, results[1 : len(head)])
-    if done < size:  # a short write severed the chain: write the rest, then fsync apart
-        await write_rest(ring, slot, data, done, slot=True)
-        synced = not fsync
-    elif fsync and not synced:
-        synced = True
-        if results[len(head)] < 0:
-            raise error(results[len(head)])
-    else:
-        return _published(ring, tmp, final, results[len(head) :])
-    if not synced:
-        (result,) = await ring.submit([ops.fsync(slot, fixed=True)])
-        if result < 0:
-            raise error(result)
-    if tmp.aborted:
-        raise Aborted  # cancelled while writing or syncing: never publish after that
-    return _published(ring, tmp, final, await ring.submit(tail))
-
-
-async def finish(
-    ring: Ring, steps: Steps, chunks: list[bytes | memoryview], sync_new: bool
-) -> str | None:
-    """``Steps.finish`` for a message written in this one step, on *ring*.
-
-    Return the published name, or None where the thread step must deliver it: nothing was
-    done then (the transform's tail, already taken, is appended to *chunks*).
-    """
-    tmp = steps.tmp
-    slot = ring.take_slot() if ring.free_slots else -1
-    if slot < 0 or not await open_dirs(ring, tmp):
-        if slot >= 0:
-            ring.give_slot(slot)
-        return None
-    try:
-        chunks.append(steps.tail(sum(map(len, chunks))))
-        data = [c for c in chunks if len(c)]
-        sync_dir = sync_new and tmp.settings.fsync
-        for _ in range(_NAME_TRIES):
-            if tmp.aborted:
-                raise Aborted
-            final = await _attempt(ring, steps, slot, data, sync_dir)
-            if final is not None:
-                tmp.size = sum(map(len, data))
-                if sync_new:
-                    tmp.close_dirs()
-                return final
-    finally:
-        if tmp.slot != slot:  # else the file is still open in it: close_slot frees it
-            ring.give_slot(slot)
-    raise no_free_name(tmp, tmp.subdir)
 
 
 def no_free_name(tmp: DeliveryFiles, sub: str) -> FileExistsError:
@@ -296,12 +146,3 @@ async def sync_dest(ring: Ring, tmp: DeliveryFiles) -> None:
         for result in await ring.submit(chain):
             if result < 0:
                 raise error(result)
-
-
-async def close_slot(ring: Ring, tmp: DeliveryFiles) -> None:
-    """Close the slot that holds *tmp*'s file, if any (before the thread cleanup runs)."""
-    slot, tmp.slot = tmp.slot, -1
-    if slot >= 0:
-        (result,) = await ring.submit([ops.close(slot, fixed=True)])
-        if result == 0:
-            ring.give_slot(slot)

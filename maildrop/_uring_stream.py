@@ -1,9 +1,8 @@
-"""A message written in several steps (~1 MiB batches) on the io_uring backend.
+"""A message's file on the io_uring backend, written in one step or in ~1 MiB batches.
 
-Unlike a message written in one step (``_uring_steps.finish``: a direct-descriptor slot, one
-chain), a streamed message's tmp file is a process fd, opened on the ring like the directories:
-between two steps its caller owns the files, and any later step may run in a thread (copying a
-synchronous file, ``deliver_many``'s staging, a cleanup), which needs that fd. So the file is
+The tmp file is a process fd, opened on the ring like the directories: between two steps
+its caller owns the files, and any later step may run in a thread (copying a synchronous
+file, ``deliver_many``'s staging, a cleanup), which needs that fd. So the file is
 linked from ``/proc/self/fd/N`` with ``AT_SYMLINK_FOLLOW``, exactly as the thread step links
 it, and its writes go to the file position (offset -1), so ring and thread writes follow each
 other correctly. Its fsync is a chain of its own, checked before the link: ``RWF_SYNC`` would
@@ -55,7 +54,7 @@ async def write(ring: Ring, steps: Steps, chunks: list[bytes | memoryview]) -> b
         else:
             raise no_free_name(tmp, "tmp")
         steps.started = True
-    await write_rest(ring, tmp.fd, chunks, 0, slot=False)
+    await write_rest(ring, tmp.fd, chunks)
     tmp.size += sum(map(len, chunks))
     return True
 
@@ -70,7 +69,7 @@ async def finish(
     """
     tmp = steps.tmp
     data = [c for c in (*chunks, steps.tail(tmp.size + sum(map(len, chunks)))) if len(c)]
-    await write_rest(ring, tmp.fd, data, 0, slot=False)
+    await write_rest(ring, tmp.fd, data)
     tmp.size += sum(map(len, data))
     fsync = tmp.settings.fsync
     if fsync:

@@ -227,8 +227,6 @@ class DeliveryFiles(Dirs):
         self.keep_published = False
         self.cleaned = False
         self.fd = -1
-        #: The io_uring backend's direct-descriptor slot holding the tmp file (``fd`` is -1).
-        self.slot = -1
         self.tmp_name: str | None = None
         self.final_name: str | None = None
         self.size = 0

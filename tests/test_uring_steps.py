@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import stat
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -30,9 +31,13 @@ class Fail:
     def __init__(self, match: Callable[[Op], bool], result: int, times: int = 1) -> None:
         self.match, self.result, self.left = match, result, times
         self.trace: list[tuple[str, int]] = []
+        self.dir_fsyncs: list[int] = []  # results of fsyncs of a directory
+        self._on_dirs: set[int] = set()  # ids of the fsync ops in flight on a directory
 
     def before_submit(self, op: Op) -> int | None:
         """Inject the result into a matching op while any are left."""
+        if op.name == "fsync" and on_dir(op):
+            self._on_dirs.add(id(op))
         if self.left and self.match(op):
             self.left -= 1
             return self.result
@@ -41,16 +46,27 @@ class Fail:
     def after_reap(self, op: Op, result: int) -> None:
         """Record every op."""
         self.trace.append((op.name, result))
+        if id(op) in self._on_dirs:
+            self._on_dirs.discard(id(op))
+            self.dir_fsyncs.append(result)
 
 
-def named(name: str, *, slot: bool | None = None) -> Callable[[Op], bool]:
-    """Match ops called *name* (and, if given, on the message's slot or not)."""
-    return lambda op: op.name == name and (slot is None or on_slot(op) == slot)
+def named(name: str, *, on_a_dir: bool | None = None) -> Callable[[Op], bool]:
+    """Match ops called *name* (and, if given, on a directory's fd or on the file's)."""
+    return lambda op: op.name == name and (on_a_dir is None or on_dir(op) == on_a_dir)
 
 
-def on_slot(op: Op) -> bool:
-    """Whether *op* works on a direct-descriptor slot (the message file)."""
-    return op.fixed or op.file_index > 0
+def on_dir(op: Op) -> bool:
+    """Whether *op*'s fd is a directory (``new/``), not the message file."""
+    try:
+        return stat.S_ISDIR(os.fstat(op.fd).st_mode)
+    except OSError:
+        return False
+
+
+def creates(op: Op) -> bool:
+    """Whether *op* creates the message's tmp file."""
+    return op.name in ("openat", "openat2") and bool(op.op_flags & os.O_CREAT)
 
 
 async def ring_maildir(tmp_path: Path, hooks: Fail | None = None) -> tuple[Maildir, Path]:
@@ -76,10 +92,11 @@ def only_first(path: Path) -> bool:
     ("match", "err", "what"),
     [
         (named("writev"), errno.ENOSPC, "No space left on device"),
-        (named("openat2", slot=True), errno.EDQUOT, "Disk quota exceeded"),
+        (creates, errno.EDQUOT, "Disk quota exceeded"),
         (named("linkat"), errno.EIO, "Input/output error"),
-        (named("close", slot=True), errno.EIO, "Input/output error"),
-        (named("fsync", slot=False), errno.EROFS, "Read-only file system"),
+        (named("close"), errno.EIO, "Input/output error"),
+        (named("fsync", on_a_dir=False), errno.EIO, "Input/output error"),
+        (named("fsync", on_a_dir=True), errno.EROFS, "Read-only file system"),
         (lambda op: op.name == "statx" and op.fd >= 0, errno.EIO, "Input/output error"),
         (named("unlinkat"), errno.EIO, "Input/output error"),
     ],
@@ -121,7 +138,7 @@ async def test_a_write_of_nothing_fails(tmp_path: Path) -> None:
 @pytest.mark.parametrize("op", ["openat2", "linkat"])
 async def test_a_taken_name_is_never_clobbered(tmp_path: Path, op: str) -> None:
     """EEXIST on the tmp file or the link: the message goes under another name."""
-    hooks = Fail(named(op, slot=op == "openat2"), -errno.EEXIST)
+    hooks = Fail(creates if op == "openat2" else named(op), -errno.EEXIST)
     md, path = await ring_maildir(tmp_path, hooks)
     d = await md.deliver(MSG)
     assert d.path.read_bytes() == MSG
@@ -159,7 +176,7 @@ async def test_many_chunks_are_several_writes_and_a_separate_fsync(tmp_path: Pat
 
 async def test_a_failed_file_fsync_publishes_nothing(tmp_path: Path) -> None:
     """The file's own fsync failing (a multi-write message) links nothing."""
-    hooks = Fail(named("fsync", slot=True), -errno.EIO)
+    hooks = Fail(named("fsync", on_a_dir=False), -errno.EIO)
     md, path = await ring_maildir(tmp_path, hooks)
     with pytest.raises(OSError, match="Input/output error"):
         await md.deliver(chunks(1500, 100))
@@ -170,7 +187,7 @@ async def test_a_failed_file_fsync_publishes_nothing(tmp_path: Path) -> None:
 
 async def test_a_failed_group_fsync_fails_every_waiter(tmp_path: Path) -> None:
     """The shared fsync(new/) failing fails every delivery it covered; their links go."""
-    hooks = Fail(named("fsync", slot=False), -errno.EIO, times=100)
+    hooks = Fail(named("fsync", on_a_dir=True), -errno.EIO, times=100)
     md, path = await ring_maildir(tmp_path, hooks)
     results = await asyncio.gather(*(md.deliver(MSG) for _ in range(8)), return_exceptions=True)
     assert all(isinstance(r, OSError) and r.errno == errno.EIO for r in results)
@@ -183,8 +200,7 @@ async def test_concurrent_deliveries_share_the_ring_fsync(tmp_path: Path) -> Non
     hooks = Fail(named("nop"), 0)
     md, path = await ring_maildir(tmp_path, hooks)
     await asyncio.gather(*(md.deliver(MSG) for _ in range(16)))
-    dir_fsyncs = [r for name, r in hooks.trace if name == "fsync"]
-    assert 0 < len(dir_fsyncs) < 16
+    assert 0 < len(hooks.dir_fsyncs) < 16
     assert len(listing(path)["new"]) == 17
 
 
@@ -197,19 +213,6 @@ async def test_a_symlink_above_the_maildir_goes_to_a_thread(tmp_path: Path) -> N
     d = await md.deliver(b"two")
     assert d.path.read_bytes() == b"two"
     assert len(listing(tmp_path / "real" / "m")["new"]) == 2
-
-
-async def test_without_a_free_slot_a_thread_delivers(tmp_path: Path) -> None:
-    """Every direct-descriptor slot taken: the delivery runs in a thread, the same."""
-    md, _ = await ring_maildir(tmp_path)
-    backend = _backend.backend_for("uring")
-    assert isinstance(backend, UringBackend)
-    slots, backend.ring.free_slots = backend.ring.free_slots, []
-    try:
-        d = await md.deliver(MSG)
-    finally:
-        backend.ring.free_slots = slots
-    assert d.path.read_bytes() == MSG
 
 
 async def test_a_maildir_of_another_owner_goes_to_a_thread(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ class Attacker(Recorder):
         super().__init__(script)
         self.hostile = hostile
         self.opens = self.links = 0
+        self.tmp: tuple[bytes, int] | None = None  # the tmp file's name and its dir fd
 
     def before_submit(self, op: Op) -> int | None:
         """Plant names or swap the tmp file just before the engine's op reaches the kernel."""
@@ -37,21 +38,24 @@ class Attacker(Recorder):
             self.opens += 1
             name = op.keep[0]
             assert isinstance(name, bytes)
+            self.tmp = (name, op.fd)
             if h.get("plant_tmp") and self.opens == 1:
                 os.symlink(canary, name, dir_fd=op.fd)
             elif h.get("plant_tmp") and self.opens == 2:
                 os.link(canary, name, dst_dir_fd=op.fd)
         elif op.opcode in (abi.OP_LINKAT, abi.OP_RENAMEAT):
             self.links += 1
-            src, dst = bytes(op.keep[0]), bytes(op.keep[1])  # type: ignore[call-overload]
+            dst = bytes(op.keep[1])  # type: ignore[call-overload]
             if h.get("plant_new") and self.links == 1:
                 os.symlink(canary, dst, dir_fd=op.length)
-            if h.get("swap") and self.links == 1:
-                os.rename(src, src + b".moved", src_dir_fd=op.fd, dst_dir_fd=op.fd)
+            if h.get("swap") and self.links == 1 and self.tmp is not None:
+                # Swap the file at its tmp name (the link may name it by /proc/self/fd).
+                name, tmp_dir = self.tmp
+                os.rename(name, name + b".moved", src_dir_fd=tmp_dir, dst_dir_fd=tmp_dir)
                 if h["swap"] == "symlink":
-                    os.symlink(canary, src, dir_fd=op.fd)
+                    os.symlink(canary, name, dir_fd=tmp_dir)
                 else:
-                    os.link(canary, src, dst_dir_fd=op.fd)
+                    os.link(canary, name, dst_dir_fd=tmp_dir)
         return super().before_submit(op)
 
 

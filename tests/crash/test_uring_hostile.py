@@ -23,20 +23,11 @@ pytestmark = pytest.mark.crash
 SWAPS = [case for case in CASES if case[0].startswith("swapped")]
 
 
-#: The ring links the tmp file by its name (a direct-descriptor slot has no /proc/self/fd
-#: path), so a tmp file swapped for a symlink between write and link is published as that
-#: symlink; the thread backend links the fd it wrote and is immune. Known defect of the
-#: backend's first slice: strict, so the row fails loudly once it is fixed.
-SWAP_DEFECT = pytest.mark.xfail(
-    strict=True, reason="io_uring backend links the tmp file by name: a swapped symlink lands"
-)
-
-
 @pytest.mark.parametrize(
     "cases",
     [
         [case for case in CASES if case not in SWAPS],
-        pytest.param(SWAPS, marks=SWAP_DEFECT),
+        SWAPS,
     ],
     ids=["symlinks-and-planted-names", "swapped-tmp-file"],
 )
