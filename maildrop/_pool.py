@@ -38,6 +38,8 @@ from anyio.lowlevel import RunVar
 from . import _writer
 
 __all__ = [
+    "CORE_THREADS",
+    "SERVER_CORE_THREADS",
     "SOURCE_THREADS",
     "THREADS",
     "Pool",
@@ -52,10 +54,15 @@ T = TypeVar("T")
 #: the fsyncs of concurrent deliveries in flight (deliveries/s = fsyncs in flight / fsync
 #: latency) on a slow disk or a journaled filesystem, whose concurrent fsyncs share a commit.
 THREADS = min(64, max(8, 4 * (os.cpu_count() or 1)))
-#: Workers started as soon as a job finds none idle (one per CPU, at least 2). Every worker
+#: Workers started as soon as a job finds none idle. A library keeps as many fsyncs in
+#: flight as it has deliveries, up to THREADS (fewer cost 100 KiB deliveries at 16 and 64 in
+#: flight ~10% of their rate). The LMTP/SMTP server, whose sessions bound its concurrency and
+#: whose CPU per message counts, starts SERVER_CORE_THREADS (``_serve_proc``): every worker
 #: comes back from each syscall wanting the GIL, and the event loop's thread queues behind
-#: them: where the disk keeps up, fewer workers cost less CPU per delivery.
-CORE_THREADS = min(THREADS, max(2, os.cpu_count() or 1))
+#: them; eight cost the server ~25% more CPU per message than four on a fast disk.
+CORE_THREADS = THREADS
+#: The server's CORE_THREADS: two per CPU, at least 4.
+SERVER_CORE_THREADS = min(THREADS, max(4, 2 * (os.cpu_count() or 1)))
 #: Beyond CORE_THREADS, workers are added as jobs find none idle while most message-file
 #: fsyncs are slow (``_writer.SLOW_FSYNC``: a slow disk, a journaled filesystem, whose
 #: concurrent fsyncs share a commit: more in flight help), and one is added when no worker

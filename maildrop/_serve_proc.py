@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from . import _pool
 from ._cli_serve import _announce, _quota, _serve_until_signal, _setup_logging
 from ._errors import outcome
 from ._listen import Listener, bind
@@ -46,6 +47,7 @@ def run_server(args: argparse.Namespace) -> int:
     if args.hostname is None:
         args.hostname = socket.getfqdn()  # once, not once per worker
     undo = _setup_logging()
+    core, _pool.CORE_THREADS = _pool.CORE_THREADS, _pool.SERVER_CORE_THREADS  # see there
     try:
         listeners = _bind_all(args.listen)
         try:
@@ -64,6 +66,7 @@ def run_server(args: argparse.Namespace) -> int:
             for listener in listeners:
                 listener.close()
     finally:
+        _pool.CORE_THREADS = core
         undo()
 
 

@@ -158,6 +158,7 @@ def test_short_jobs_keep_to_the_core_workers(monkeypatch: pytest.MonkeyPatch) ->
     """Many quick jobs at once start at most CORE_THREADS workers: more would only fight
     the event loop for the GIL (a busy test machine must not look like blocked workers)."""
     monkeypatch.setattr(_pool, "STUCK_AFTER", 1.0)
+    monkeypatch.setattr(_pool, "CORE_THREADS", 2)
 
     async def main() -> int:
         await asyncio.gather(*(run_sync(time.sleep, 0) for _ in range(200)))
@@ -169,6 +170,7 @@ def test_short_jobs_keep_to_the_core_workers(monkeypatch: pytest.MonkeyPatch) ->
 def test_blocked_workers_get_help_up_to_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     """While every worker is blocked (a slow disk), jobs still waiting start more workers,
     one per STUCK_AFTER, never more than THREADS."""
+    monkeypatch.setattr(_pool, "CORE_THREADS", 2)
     monkeypatch.setattr(_pool, "THREADS", _pool.CORE_THREADS + 2)
     release = threading.Event()
     n = _pool.THREADS + 3
@@ -188,6 +190,7 @@ def test_blocked_workers_get_help_up_to_the_cap(monkeypatch: pytest.MonkeyPatch)
 def test_extra_workers_go_once_nothing_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Workers started for blocked jobs go once no worker was blocked for SHRINK_SECONDS."""
     monkeypatch.setattr(_pool, "SHRINK_SECONDS", 0.05)
+    monkeypatch.setattr(_pool, "CORE_THREADS", 2)
     release = threading.Event()
 
     async def main() -> int:
@@ -221,6 +224,7 @@ def test_slow_fsyncs_get_more_workers_and_fast_ones_fewer(
     extra workers go."""
     monkeypatch.setattr(_pool, "STUCK_AFTER", 10.0)  # only the fsync rule adds workers here
     monkeypatch.setattr(_pool, "SHRINK_SECONDS", 0.05)
+    monkeypatch.setattr(_pool, "CORE_THREADS", 2)
     monkeypatch.setattr(_writer, "slow_fsyncs", 1.0)
     release = threading.Event()
 
@@ -253,3 +257,10 @@ def test_note_fsync_tracks_the_share_of_slow_fsyncs(monkeypatch: pytest.MonkeyPa
     for _ in range(32):
         _writer.note_fsync(0.002)
     assert _writer.slow_fsyncs > 0.5
+
+
+def test_a_library_keeps_a_thread_per_delivery_in_flight() -> None:
+    """By default (a library) the core is THREADS: every delivery in flight has its worker,
+    as many fsyncs in flight as deliveries; only the server starts fewer."""
+    assert _pool.CORE_THREADS == _pool.THREADS
+    assert 4 <= _pool.SERVER_CORE_THREADS <= _pool.THREADS

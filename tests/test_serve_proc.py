@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from maildrop import _serve_proc, cli
+from maildrop import _pool, _serve_proc, cli
 
 from .conftest import listing
 from .crash._harness import loop_fs
@@ -214,16 +214,20 @@ def test_second_sigterm_with_a_frozen_filesystem(tmp_path: Path, workers: int) -
 def test_run_server_alone_in_process(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """--workers 1 serves in this process: announced once, SIGTERM exits 0, socket removed."""
+    """--workers 1 serves in this process: announced once, SIGTERM exits 0, socket removed;
+    while it serves, the worker pool starts the server's few core threads (then the
+    library's default again)."""
     (tmp_path / "alice").mkdir()
     sock = tmp_path / "lmtp.sock"
     argv = ["lmtp", "--listen", f"unix:{sock}", "--root", str(tmp_path), "--workers", "1"]
     result: list[str] = []
+    cores: list[int] = []
 
     def client() -> None:
         deadline = time.monotonic() + 20
         while not sock.exists() and time.monotonic() < deadline:
             time.sleep(0.01)
+        cores.append(_pool.CORE_THREADS)
         result.append(deliver_one(sock))
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -237,6 +241,8 @@ def test_run_server_alone_in_process(
     err = capsys.readouterr().err
     assert err.count("listening on") == 1
     assert not sock.exists()
+    assert cores == [_pool.SERVER_CORE_THREADS]
+    assert _pool.CORE_THREADS == _pool.THREADS
 
 
 def test_hard_stop_removes_sockets_and_exits_130(
