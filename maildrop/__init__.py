@@ -69,9 +69,7 @@ Where the code differs from DESIGN.md (to be folded in):
   ``_mda`` plus ``cli``'s argparse-free fast path.
 - ``--max-connections`` is per worker process (each process has its own event loop).
 - Backends: ``Maildir(backend="auto"|"uring"|"threads")``; "auto" is threads until the ring
-  backend is the faster one (``_backend.AUTO_USES_URING``); on the ring the tmp file is linked
-  by its name from a direct-descriptor slot, not from ``/proc/self/fd`` (``_uring_steps``),
-  which a swapped tmp file defeats: a known defect, see the README.
+  backend is the faster one (``_backend.AUTO_USES_URING``).
 - The thread pool: a library keeps "~4 workers per CPU, 8-64" (THREADS), but the LMTP/SMTP
   server starts SERVER_CORE_THREADS (two per CPU, at least 4) and grows towards THREADS only
   while most message-file fsyncs are slow or every worker is blocked (``_pool``): fewer

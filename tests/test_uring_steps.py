@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import os
 import stat
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from maildrop import Maildir, _backend
+from maildrop import _uring_abi as abi
 from maildrop._uring import availability
 from maildrop._uring_backend import UringBackend
 from maildrop._uring_ops import Op
@@ -66,7 +68,16 @@ def on_dir(op: Op) -> bool:
 
 def creates(op: Op) -> bool:
     """Whether *op* creates the message's tmp file."""
-    return op.name in ("openat", "openat2") and bool(op.op_flags & os.O_CREAT)
+    return op.name in ("openat", "openat2") and bool(open_flags(op) & os.O_CREAT)
+
+
+def open_flags(op: Op) -> int:
+    """The open flags of an ``openat`` (in the entry) or ``openat2`` (in its ``open_how``)."""
+    if op.opcode == abi.OP_OPENAT2:
+        how = op.keep[1]
+        assert isinstance(how, ctypes.Array)
+        return int(abi.OPEN_HOW.unpack(bytes(how))[0])
+    return op.op_flags
 
 
 async def ring_maildir(tmp_path: Path, hooks: Fail | None = None) -> tuple[Maildir, Path]:

@@ -34,7 +34,7 @@ class Attacker(Recorder):
     def before_submit(self, op: Op) -> int | None:
         """Plant names or swap the tmp file just before the engine's op reaches the kernel."""
         canary, h = self.hostile["canary_file"], self.hostile
-        if op.opcode in (abi.OP_OPENAT, abi.OP_OPENAT2) and op.op_flags & os.O_CREAT:
+        if op.opcode in (abi.OP_OPENAT, abi.OP_OPENAT2) and open_flags(op) & os.O_CREAT:
             self.opens += 1
             name = op.keep[0]
             assert isinstance(name, bytes)
@@ -57,6 +57,13 @@ class Attacker(Recorder):
                 else:
                     os.link(canary, name, dst_dir_fd=tmp_dir)
         return super().before_submit(op)
+
+
+def open_flags(op: Op) -> int:
+    """The open flags of an ``openat`` (in the entry) or ``openat2`` (in its ``open_how``)."""
+    if op.opcode == abi.OP_OPENAT2:
+        return int(abi.OPEN_HOW.unpack(bytes(op.keep[1]))[0])  # type: ignore[call-overload]
+    return op.op_flags
 
 
 def setup(cfg: dict[str, Any], shutdown: Any) -> Recorder:
