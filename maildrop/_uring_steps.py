@@ -150,23 +150,31 @@ def _written(writes: list[ops.Op], results: list[int]) -> int:
     return done
 
 
-async def write_rest(ring: Ring, fd: int, data: Chunks, done: int, *, slot: bool) -> None:
-    """Write *data* from byte *done* on, looping on short writes (as ``write_all`` does): to
-    a slot at explicit offsets (its file is written from 0), to a process fd at its position.
+async def write_rest(
+    ring: Ring, fd: int, data: Chunks, done: int, *, slot: bool, at: int = 0
+) -> None:
+    """Write *data* from byte *done* on, looping on short writes (as ``write_all`` does), at
+    explicit offsets: *data* starts at offset *at* of the file (a slot's file: 0).
+
+    Never at the file position (offset -1): after a short write on the ring (kernel 6.18,
+    tmpfs filling up) the position had not moved, so the rest went over the start of the
+    file and a truncated, scrambled message was published
+    (``tests/crash/test_diskfull.py``, 4MiB-streamed). A caller that shares the fd with
+    thread steps moves its position itself.
     """
     views: list[memoryview] = []
     for chunk in data:
         view = memoryview(chunk).cast("B")
         views.append(view[done:] if done < len(view) else view[:0])
         done = max(0, done - len(view))
-    offset = sum(map(len, data)) - sum(map(len, views)) if slot else -1
+    offset = at + sum(map(len, data)) - sum(map(len, views))
     views = [v for v in views if len(v)]
     while views:
         op = ops.writev(fd, views[:_IOV_MAX], offset=offset, fixed=slot)
         (n,) = await ring.submit([op])
         if n <= 0:
             raise error(n) if n < 0 else OSError(errno.EIO, "write() wrote nothing")
-        offset += n if slot else 0
+        offset += n
         while n:
             step = min(n, len(views[0]))
             views[0], n = views[0][step:], n - step
