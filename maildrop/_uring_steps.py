@@ -113,19 +113,28 @@ async def open_dirs(ring: Ring, tmp: DeliveryFiles) -> bool:
     return False
 
 
-async def write_rest(ring: Ring, fd: int, data: Chunks, done: int = 0) -> None:
-    """Write *data* from byte *done* on to the process fd *fd* at its position, looping on
-    short writes (as ``write_all`` does)."""
+async def write_rest(ring: Ring, fd: int, data: Chunks, done: int = 0, *, at: int = 0) -> None:
+    """Write *data* from byte *done* on, looping on short writes (as ``write_all`` does), at
+    explicit offsets: *data* starts at offset *at* of the file.
+
+    Never at the file position (offset -1): after a short write on the ring (kernel 6.18,
+    tmpfs filling up) the position had not moved, so the rest went over the start of the
+    file and a truncated, scrambled message was published
+    (``tests/crash/test_diskfull.py``, 4MiB-streamed). A caller that shares the fd with
+    thread steps moves its position itself.
+    """
     views: list[memoryview] = []
     for chunk in data:
         view = memoryview(chunk).cast("B")
         views.append(view[done:] if done < len(view) else view[:0])
         done = max(0, done - len(view))
+    offset = at + sum(map(len, data)) - sum(map(len, views))
     views = [v for v in views if len(v)]
     while views:
-        (n,) = await ring.submit([ops.writev(fd, views[:_IOV_MAX], offset=-1)])
+        (n,) = await ring.submit([ops.writev(fd, views[:_IOV_MAX], offset=offset)])
         if n <= 0:
             raise error(n) if n < 0 else OSError(errno.EIO, "write() wrote nothing")
+        offset += n
         while n:
             step = min(n, len(views[0]))
             views[0], n = views[0][step:], n - step

@@ -4,14 +4,17 @@ The tmp file is a process fd, opened on the ring like the directories: between t
 its caller owns the files, and any later step may run in a thread (copying a synchronous
 file, ``deliver_many``'s staging, a cleanup), which needs that fd. So the file is
 linked from ``/proc/self/fd/N`` with ``AT_SYMLINK_FOLLOW``, exactly as the thread step links
-it, and its writes go to the file position (offset -1), so ring and thread writes follow each
-other correctly. Its fsync is a chain of its own, checked before the link: ``RWF_SYNC`` would
-cover only the last write, and a failed fsync does not sever a chain (see ``_uring_steps``).
+it. Its writes go at explicit offsets from ``tmp.size`` (never at the file position: see
+``_uring_steps.write_rest``), and each ring step then moves the fd's position to the end, so
+ring and thread writes follow each other correctly. Its fsync is a chain of its own, checked
+before the link: ``RWF_SYNC`` would cover only the last write, and a failed fsync does not
+sever a chain (see ``_uring_steps``).
 """
 
 from __future__ import annotations
 
 import errno
+import os
 
 from . import _uring_abi as abi
 from . import _uring_ops as ops
@@ -54,9 +57,16 @@ async def write(ring: Ring, steps: Steps, chunks: list[bytes | memoryview]) -> b
         else:
             raise no_free_name(tmp, "tmp")
         steps.started = True
-    await write_rest(ring, tmp.fd, chunks)
-    tmp.size += sum(map(len, chunks))
+    await _append(ring, tmp, chunks)
     return True
+
+
+async def _append(ring: Ring, tmp: DeliveryFiles, data: list[bytes | memoryview]) -> None:
+    """Write *data* at the end of the file (``tmp.size``), then put the fd's position there:
+    a later thread step (copying a file source) writes at the position."""
+    await write_rest(ring, tmp.fd, data, at=tmp.size)
+    tmp.size += sum(map(len, data))
+    os.lseek(tmp.fd, tmp.size, os.SEEK_SET)  # never blocks: no disk I/O
 
 
 async def finish(
@@ -69,8 +79,7 @@ async def finish(
     """
     tmp = steps.tmp
     data = [c for c in (*chunks, steps.tail(tmp.size + sum(map(len, chunks)))) if len(c)]
-    await write_rest(ring, tmp.fd, data)
-    tmp.size += sum(map(len, data))
+    await _append(ring, tmp, data)
     fsync = tmp.settings.fsync
     if fsync:
         (result,) = await ring.submit([ops.fsync(tmp.fd)])

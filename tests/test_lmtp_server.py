@@ -41,16 +41,18 @@ async def server_process(root: Path, *args: str) -> AsyncIterator[tuple[int, Pat
             preexec_fn=_limit_fds,
         )  # fmt: skip
     try:
-        for _ in range(200):
+        for _ in range(600):  # up to 30 s: a server under coverage on a busy CI machine
             text = log.read_text()
-            if "listening on " in text:
+            if "listening on " in text or proc.returncode is not None:
                 break
             await asyncio.sleep(0.05)
+        assert "listening on " in text, f"server did not start (exit {proc.returncode}): {text!r}"
         port = int(text.split("listening on ")[1].split(",")[0].rsplit(":", 1)[1])
         yield port, log
     finally:
-        proc.terminate()
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
+        if proc.returncode is None:
+            proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 30) == 0, log.read_text()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 

@@ -25,8 +25,12 @@ pytestmark = pytest.mark.crash
 
 @pytest.mark.parametrize(
     ("opts", "size", "at_least"),
-    [("size=1m", 100_000, 5), ("size=1m,nr_inodes=16", 200, 5)],
-    ids=["1MiB", "16-inodes"],
+    [
+        ("size=1m", 100_000, 5),
+        ("size=1m,nr_inodes=16", 200, 5),
+        ("size=4m", 1_500_000, 2),  # messages of two batches: streamed, on the ring too
+    ],
+    ids=["1MiB", "16-inodes", "4MiB-streamed"],
 )
 @pytest.mark.parametrize("backend", ["threads", "uring"])
 def test_real_disk_full(work: Path, opts: str, size: int, at_least: int, backend: str) -> None:
