@@ -13,7 +13,8 @@ import os
 import stat
 import time
 import weakref
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from ._backend import run_sync
 from ._errors import MaildirNotFoundError, QuotaExceededError, outcome
@@ -42,6 +43,27 @@ FROM_FILE = Quota()
 FOUND_FOR = 1.0
 #: Mailboxes remembered at most (the memory is cleared when it fills).
 _FOUND_MAX = 4096
+
+_T = TypeVar("_T")
+
+
+def _recalled(
+    memory: dict[str, tuple[float, _T]], key: str, look: Callable[[], _T],
+    *, keep: Callable[[_T], bool],
+) -> _T:  # fmt: skip
+    """Return what *memory* holds for *key* from less than :data:`FOUND_FOR` seconds ago,
+    else ``look()``, remembered when ``keep(answer)`` (at most :data:`_FOUND_MAX` keys: the
+    memory starts again when it fills)."""
+    now = time.monotonic()
+    known = memory.get(key)
+    if known is not None and now - known[0] < FOUND_FOR:
+        return known[1]
+    answer = look()
+    if keep(answer):
+        if len(memory) >= _FOUND_MAX:
+            memory.clear()
+        memory[key] = (now, answer)
+    return answer
 
 
 class MaildirHandler:
@@ -106,7 +128,7 @@ class MaildirHandler:
         )
         self._delivering = 0
         # address -> (when found, its Maildir); maildir path -> (when, has maildirsize)
-        self._found: dict[str, tuple[float, Maildir]] = {}
+        self._found: dict[str, tuple[float, Maildir | None]] = {}
         self._quota_files: dict[str, tuple[float, bool]] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -254,31 +276,21 @@ class MaildirHandler:
         """:meth:`lookup`, reusing a maildir found for the same address within
         :data:`FOUND_FOR` seconds (with the default syscall table): a mailbox removed
         meanwhile is refused that much later; one not found is looked for every time."""
-        now = time.monotonic()
-        found = self._found.get(address)
-        if found is not None and now - found[0] < FOUND_FOR:
-            return found[1]
-        md = self.lookup(address)
-        if md is not None and self.syscalls is DEFAULT_SYSCALLS:
-            if len(self._found) >= _FOUND_MAX:
-                self._found.clear()
-            self._found[address] = (now, md)
-        return md
+        default = self.syscalls is DEFAULT_SYSCALLS
+        return _recalled(
+            self._found, address, lambda: self.lookup(address),
+            keep=lambda md: default and md is not None,
+        )  # fmt: skip
 
     def _has_quota_file(self, md: Maildir) -> bool:
         # One stat on the loop (as in lookup) spares a thread hop when there is no quota;
         # its answer is reused for FOUND_FOR seconds (the delivery checks the file anyway).
         path = where(md)
-        now = time.monotonic()
-        known = self._quota_files.get(path)
-        if known is not None and now - known[0] < FOUND_FOR:
-            return known[1]
-        has = stat_or_none(md.syscalls, os.path.join(path, "maildirsize")) is not None
-        if md.syscalls is DEFAULT_SYSCALLS:
-            if len(self._quota_files) >= _FOUND_MAX:
-                self._quota_files.clear()
-            self._quota_files[path] = (now, has)
-        return has
+        return _recalled(
+            self._quota_files, path,
+            lambda: stat_or_none(md.syscalls, os.path.join(path, "maildirsize")) is not None,
+            keep=lambda _: md.syscalls is DEFAULT_SYSCALLS,
+        )  # fmt: skip
 
     # -- aiosmtpd hooks ------------------------------------------------------------------
 
