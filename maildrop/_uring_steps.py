@@ -44,7 +44,7 @@ __all__ = [
     "open_dirs",
     "open_under",
     "sync_dest",
-    "write_rest",
+    "write_at",
 ]
 
 _RESOLVE = abi.RESOLVE_BENEATH | abi.RESOLVE_NO_SYMLINKS
@@ -113,9 +113,9 @@ async def open_dirs(ring: Ring, tmp: DeliveryFiles) -> bool:
     return False
 
 
-async def write_rest(ring: Ring, fd: int, data: Chunks, done: int = 0, *, at: int = 0) -> None:
-    """Write *data* from byte *done* on, looping on short writes (as ``write_all`` does), at
-    explicit offsets: *data* starts at offset *at* of the file.
+async def write_at(ring: Ring, fd: int, data: Chunks, *, at: int) -> None:
+    """Write *data* to *fd* from offset *at* on, looping on short writes (as ``write_all``
+    does), at explicit offsets.
 
     Never at the file position (offset -1): after a short write on the ring (kernel 6.18,
     tmpfs filling up) the position had not moved, so the rest went over the start of the
@@ -123,13 +123,8 @@ async def write_rest(ring: Ring, fd: int, data: Chunks, done: int = 0, *, at: in
     (``tests/crash/test_diskfull.py``, 4MiB-streamed). A caller that shares the fd with
     thread steps moves its position itself.
     """
-    views: list[memoryview] = []
-    for chunk in data:
-        view = memoryview(chunk).cast("B")
-        views.append(view[done:] if done < len(view) else view[:0])
-        done = max(0, done - len(view))
-    offset = at + sum(map(len, data)) - sum(map(len, views))
-    views = [v for v in views if len(v)]
+    views = [memoryview(chunk).cast("B") for chunk in data if len(chunk)]
+    offset = at
     while views:
         (n,) = await ring.submit([ops.writev(fd, views[:_IOV_MAX], offset=offset)])
         if n <= 0:

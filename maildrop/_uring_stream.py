@@ -5,7 +5,7 @@ its caller owns the files, and any later step may run in a thread (copying a syn
 file, ``deliver_many``'s staging, a cleanup), which needs that fd. So the file is
 linked from ``/proc/self/fd/N`` with ``AT_SYMLINK_FOLLOW``, exactly as the thread step links
 it. Its writes go at explicit offsets from ``tmp.size`` (never at the file position: see
-``_uring_steps.write_rest``), and each ring step then moves the fd's position to the end, so
+``_uring_steps.write_at``), and each ring step then moves the fd's position to the end, so
 ring and thread writes follow each other correctly. Its fsync is a chain of its own, checked
 before the link: ``RWF_SYNC`` would cover only the last write, and a failed fsync does not
 sever a chain (see ``_uring_steps``).
@@ -20,7 +20,7 @@ from . import _uring_abi as abi
 from . import _uring_ops as ops
 from ._steps import Steps
 from ._uring import Ring
-from ._uring_steps import each, error, no_free_name, open_dirs, open_under, write_rest
+from ._uring_steps import each, error, no_free_name, open_dirs, open_under, write_at
 from ._writer import (
     _NAME_TRIES,
     _PROC_FD,
@@ -64,7 +64,7 @@ async def write(ring: Ring, steps: Steps, chunks: list[bytes | memoryview]) -> b
 async def _append(ring: Ring, tmp: DeliveryFiles, data: list[bytes | memoryview]) -> None:
     """Write *data* at the end of the file (``tmp.size``), then put the fd's position there:
     a later thread step (copying a file source) writes at the position."""
-    await write_rest(ring, tmp.fd, data, at=tmp.size)
+    await write_at(ring, tmp.fd, data, at=tmp.size)
     tmp.size += sum(map(len, data))
     os.lseek(tmp.fd, tmp.size, os.SEEK_SET)  # never blocks: no disk I/O
 
