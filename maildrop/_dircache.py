@@ -92,9 +92,12 @@ def _limit() -> int:
 class Entry:
     """The directory fds of one maildir (root, folder if any, tmp/, destination)."""
 
-    __slots__ = ("dest_fd", "dev_ino", "dir_fds", "dropped", "opened", "owner", "tmp_fd", "users")
+    __slots__ = (
+        "dest_fd", "dev_ino", "dir_fds", "dropped", "key", "opened", "owner", "tmp_fd", "users"
+    )  # fmt: skip
 
     def __init__(self, dirs: Dirs, dev_ino: tuple[int, int]) -> None:
+        self.key = _key(dirs)
         self.dir_fds = tuple(dirs.dir_fds)
         self.tmp_fd = dirs.tmp_fd
         self.dest_fd = dirs.dest_fd
@@ -127,7 +130,7 @@ def reuse(dirs: Dirs) -> Entry | None:
         if entry is None:
             return None
         if time.monotonic() - entry.opened > MAX_AGE:
-            _drop(key, entry)
+            _drop(entry)
             return None
         entry.users += 1
     try:
@@ -151,18 +154,16 @@ def keep(dirs: Dirs) -> Entry | None:
     except OSError:  # pragma: no cover - an fd we just opened
         return None
     entry = Entry(dirs, (st.st_dev, st.st_ino))
-    key = _key(dirs)
     limit = _limit()
     with _lock:
         if limit == 0:
             return None
-        old = _table.get(key)
+        old = _table.get(entry.key)
         if old is not None:
-            _drop(key, old)
+            _drop(old)
         while len(_table) >= limit:
-            first = next(iter(_table))
-            _drop(first, _table[first])
-        _table[key] = entry
+            _drop(next(iter(_table.values())))
+        _table[entry.key] = entry
     return entry
 
 
@@ -171,10 +172,8 @@ def give_back(entry: Entry, *, drop: bool = False) -> None:
     with _lock:
         entry.users -= 1
         if drop and not entry.dropped:
-            for key, value in _table.items():
-                if value is entry:
-                    _drop(key, entry)
-                    return
+            _drop(entry)  # closes the fds if this was the last user
+            return
         close = entry.dropped and entry.users == 0
     if close:
         _close(entry)
@@ -183,14 +182,14 @@ def give_back(entry: Entry, *, drop: bool = False) -> None:
 def forget_all() -> None:
     """Drop every entry (closing the fds no delivery uses)."""
     with _lock:
-        for key, entry in list(_table.items()):
-            _drop(key, entry)
+        for entry in list(_table.values()):
+            _drop(entry)
 
 
-def _drop(key: tuple[str, str | None, str], entry: Entry) -> None:
+def _drop(entry: Entry) -> None:
     """Remove *entry* from the table (lock held); close its fds if nobody uses them."""
-    if _table.get(key) is entry:
-        del _table[key]
+    if _table.get(entry.key) is entry:
+        del _table[entry.key]
     entry.dropped = True
     if entry.users == 0:
         _close(entry)
