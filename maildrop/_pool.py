@@ -218,12 +218,13 @@ class Pool:
     def _took(self) -> bool:
         """Count a job taken; return whether this worker, one beyond CORE_THREADS, should go
         once the job is done (fsyncs were fast and no worker blocked for a while)."""
-        now = time.monotonic()
         with self.lock:
             self.idle -= 1
             self.queued -= 1
             self.taken += 1
-            surplus = self.threads > CORE_THREADS and now - self.stuck >= SHRINK_SECONDS
+            surplus = (
+                self.threads > CORE_THREADS and time.monotonic() - self.stuck >= SHRINK_SECONDS
+            )
             if surplus:
                 self.threads -= 1
         return surplus
