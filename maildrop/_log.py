@@ -91,8 +91,6 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         try:
             n = os.write(fd, view)
-        except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for clarity
-            continue
         except BlockingIOError:
             # A non-blocking stderr (inherited): wait until it takes more.
             select.select([], [fd], [])
