@@ -21,8 +21,8 @@ Rules, each applied where the comment names it (checked on kernel 6.18, see test
 - Submission space for a whole chain is reserved before any of it is written; ops in flight
   never exceed the completion ring's size; an overflow is still flushed after every drain
   (``reap``), or the eventfd would stop firing; no ``IORING_SETUP_DEFER_TASKRUN`` (starves it).
-- Fork: rings are mapped ``MADV_DONTFORK``; a child forgets every ring it inherited untouched
-  (``os.register_at_fork``), so it can never reap the parent's completions.
+- Fork: rings are mapped ``MADV_DONTFORK``; a child forgets each inherited ring (at fork)
+  without reaping, ``remove_reader`` or munmap: it may have reused the range (SIGSEGV).
 - A process fd used by an op in flight is closed only after it completes (``close_fd``).
 """
 
@@ -49,6 +49,7 @@ __all__ = ["Availability", "Ring", "UringUnavailableError", "availability"]
 
 _U32 = 0xFFFF_FFFF
 _RINGS: weakref.WeakSet[Ring] = weakref.WeakSet()
+_INHERITED: list[tuple[mmap.mmap, ...]] = []  # a forked child's ring maps (Ring._forget)
 Done = Callable[[list[int]], None]
 _NOP = nop()
 _LINK_QUIET = abi.IOSQE_IO_LINK | abi.IOSQE_CQE_SKIP_SUCCESS
@@ -379,8 +380,8 @@ class Ring:
         _RINGS.discard(self)
 
     def _forget(self) -> None:  # pragma: no cover - runs in forked children (os._exit)
-        # A forked child: the maps are absent (MADV_DONTFORK), no remove_reader (shared epoll).
-        self._forked = True
+        _INHERITED.append(self._maps)  # kept, never closed: see the module's Fork rule
+        self._forked, self._maps = True, ()
         self._drop()
 
     def __enter__(self) -> Ring:
