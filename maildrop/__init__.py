@@ -46,8 +46,10 @@ The doors::
                    _wire_events its events, _wire_data scans DATA/BDAT in whole buffers,
                    _wire_parse reads arguments
     _lmtp_protocol the asyncio.Protocol that feeds _wire; _lmtp_deliver streams into sessions
-    _lmtp_flow     what a server's connections share: the turn budget, the read buffer,
-                   accept errors logged once a second
+    _lmtp_flow     what a server's connections share: the turn budget, the read buffer
+    _accept        accepts connections (not asyncio's server): accept errors logged once a
+                   second, and a Share of connection counts across forked workers, so the
+                   least loaded worker takes the next connection of a burst
     _log           the servers' log handler: a write per event-loop turn, not per line
     _uring         the io_uring driver of our own (ctypes + mmap): _uring_abi, _uring_setup,
                    _uring_ops, _uring_hooks (trace/faults); _uring_deliver the phase-1

@@ -11,7 +11,6 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._lmtp_flow import ACCEPT_RETRY, AcceptErrors
 from ._lmtp_retry import RetryMemory
 from ._log import LineFormatter, LineHandler
 from ._quota import Quota
@@ -311,14 +310,9 @@ async def serve(
     from .lmtp import MaildirHandler, MaildirServer
 
     undo = _setup_logging()
-    loop = asyncio.get_running_loop()
-    saved = loop.get_exception_handler()
-    loop.set_exception_handler(AcceptErrors())
     try:
         return await _serve(args, stop, ready, MaildirHandler, MaildirServer, listeners)
     finally:
-        # asyncio may still re-arm a closed listener after an accept error (a second later).
-        loop.call_later(ACCEPT_RETRY, loop.set_exception_handler, saved)
         undo()
 
 

@@ -1,17 +1,10 @@
-"""Flow control of a server: the turn budget and read buffer its connections share, and
-the handler that turns asyncio's accept errors into one log line a second."""
+"""Flow control of a server: the turn budget and read buffer its connections share."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
-from typing import Any
 
-__all__ = ["ACCEPT_RETRY", "READ_SIZE", "TURN_BUDGET", "AcceptErrors", "ReadBuffer", "TurnBudget"]
-
-log = logging.getLogger("maildrop")
-#: Seconds after which asyncio retries a listener that failed to accept (and a margin).
-ACCEPT_RETRY = 1.5
+__all__ = ["READ_SIZE", "TURN_BUDGET", "ReadBuffer", "TurnBudget"]
 
 #: Message bytes all connections together may process in one turn of the event loop.
 TURN_BUDGET = 256 * 1024
@@ -73,31 +66,3 @@ class TurnBudget:
         for fut in waiters:
             if not fut.done():
                 fut.set_result(None)
-
-
-class AcceptErrors:
-    """Log asyncio's accept errors (EMFILE...) as one line, at most once a second.
-
-    asyncio retries a listener after such an error a second later; a retry that finds the
-    listener closed (the server stopped meanwhile) is dropped silently; everything else goes
-    to the default handler.
-    """
-
-    def __init__(self) -> None:
-        self.last = -1.0
-
-    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        exc = context.get("exception")
-        callback = getattr(context.get("handle"), "_callback", None)
-        if isinstance(exc, ValueError) and getattr(callback, "__name__", "") == "_start_serving":
-            return  # the retry of a listener closed since: nothing to serve
-        if not isinstance(exc, OSError) or "accept" not in str(context.get("message")):
-            loop.default_exception_handler(context)
-            return
-        now = loop.time()
-        if now - self.last >= 1.0:
-            self.last = now
-            log.warning(
-                "cannot accept connections: %s (retrying); raise the file descriptor limit "
-                "(ulimit -n) or lower --max-connections", exc,
-            )  # fmt: skip

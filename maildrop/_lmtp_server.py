@@ -7,26 +7,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import sys
 from dataclasses import KW_ONLY, dataclass
-from typing import Any
 
 import anyio
 
 from . import _dircache
-from ._listen import BACKLOG, Listener, bind, describe, parse_hostport
+from ._accept import Acceptor
+from ._listen import Listener, bind, describe, parse_hostport
 from ._lmtp_flow import ReadBuffer, TurnBudget
 from ._lmtp_handler import MaildirHandler
 from ._lmtp_protocol import Connection
 from ._lmtp_retry import RetryMemory
 
 __all__ = ["MaildirServer", "parse_hostport"]
-
-# Python 3.13's asyncio removes a Unix server's socket file when the server closes, even for a
-# socket it was handed: forked workers would delete the socket their siblings still serve.
-_KEEP_SOCKET_FILE: dict[str, Any] = (
-    {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
-)
 
 
 # A dataclass: the options are declared once, as fields (the keyword-only __init__ stores
@@ -66,7 +59,7 @@ class MaildirServer:
     def __post_init__(self) -> None:
         if self.lmtp:
             self.retry = None  # LMTP replies per recipient: a retry is never partial
-        self._servers: list[asyncio.AbstractServer] = []
+        self._acceptors: list[Acceptor] = []
         self._conns: set[Connection] = set()
         self._listeners: list[Listener] = []
         self._holding = False  # whether this server holds _dircache (from its first socket)
@@ -85,6 +78,7 @@ class MaildirServer:
     def _forget(self, conn: Connection) -> None:
         self._conns.discard(conn)
         self._changes.set()
+        Acceptor.release()
 
     async def _hostname(self) -> None:
         if self.hostname is None:
@@ -125,23 +119,16 @@ class MaildirServer:
         if not self._holding:  # deliveries reuse maildir directories while this one serves
             _dircache.hold()
             self._holding = True
-        loop = asyncio.get_running_loop()
         sock.setblocking(False)
-        srv: asyncio.AbstractServer
-        # asyncio calls listen() again with its own backlog (100 by default): keep ours.
-        if sock.family == socket.AF_UNIX:
-            srv = await loop.create_unix_server(
-                lambda: Connection(self), sock=sock, backlog=BACKLOG, **_KEEP_SOCKET_FILE
-            )
-        else:
-            srv = await loop.create_server(lambda: Connection(self), sock=sock, backlog=BACKLOG)
-        self._servers.append(srv)
-        return _bound(srv)
+        acceptor = Acceptor(asyncio.get_running_loop(), sock, lambda: Connection(self))
+        acceptor.start()
+        self._acceptors.append(acceptor)
+        return [describe(sock)]
 
     @property
     def addresses(self) -> list[str]:
         """Every address listened on, as ``HOST:PORT`` or ``unix:/path``."""
-        return [a for srv in self._servers for a in _bound(srv)]
+        return [describe(a.sock) for a in self._acceptors]
 
     @property
     def connections(self) -> int:
@@ -159,8 +146,8 @@ class MaildirServer:
         **Cancellation:** connections are closed at once; deliveries in flight are
         cancelled (nothing partial stays in ``new/``).
         """
-        for srv in self._servers:
-            srv.close()
+        for acceptor in self._acceptors:
+            acceptor.close()
         self.handler.closing = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
@@ -174,17 +161,9 @@ class MaildirServer:
             # No await between the last check and the closes: no delivery can start.
             for conn in list(self._conns):
                 conn.shut()
-        try:
-            for srv in self._servers:
-                await srv.wait_closed()
-        finally:
-            for listener in self._listeners:
-                listener.close()  # removes a Unix socket file only if it is still ours
-            self._listeners.clear()
-            if self._holding:  # the kept maildir directories are closed with the last server
-                self._holding = False
-                _dircache.release()
-
-
-def _bound(srv: asyncio.AbstractServer) -> list[str]:
-    return [describe(sock) for sock in getattr(srv, "sockets", ())]
+        for listener in self._listeners:
+            listener.close()  # removes a Unix socket file only if it is still ours
+        self._listeners.clear()
+        if self._holding:  # the kept maildir directories are closed with the last server
+            self._holding = False
+            _dircache.release()

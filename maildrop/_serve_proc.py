@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from . import _pool
+from . import _accept, _pool
 from ._cli_serve import _announce, _quota, _serve_until_signal, _setup_logging
 from ._errors import outcome
 from ._listen import Listener, bind
@@ -89,7 +89,11 @@ def _supervised(args: argparse.Namespace, listeners: list[Listener], workers: in
     # Import before forking, so a missing server extra fails once and workers share the code.
     from . import lmtp  # noqa: F401
 
+    share = _accept.Share(workers)  # made before forking: every worker maps the same counts
+
     def run_worker(side: WorkerSide) -> int:
+        share.claim(side.slot)
+        _accept.SHARE = share
         try:
             return asyncio.run(
                 _serve_until_signal(
@@ -101,7 +105,9 @@ def _supervised(args: argparse.Namespace, listeners: list[Listener], workers: in
             return outcome(exc).exit_code
 
     addresses = [listener.address for listener in listeners]
-    return supervise(workers, run_worker, lambda: _announce(args, addresses, workers))
+    return supervise(
+        workers, run_worker, lambda: _announce(args, addresses, workers), share.vacate
+    )
 
 
 class _HardStop:

@@ -5,9 +5,10 @@ event loop (it never starts either). Each child inherits the listening sockets a
 module already imported, and a restart is one ``fork()``. Spawning fresh interpreters would
 cost each worker, and each restart, a whole interpreter start-up and import, and would need
 the sockets passed explicitly. The workers share one accept queue per socket (not
-``SO_REUSEPORT``, which gives each process its own queue): whichever worker is idle takes the
-next connection, Unix sockets work as TCP does, and a worker that dies takes no queued
-connection with it.
+``SO_REUSEPORT``, which gives each process its own queue): Unix sockets work as TCP does, and
+a worker that dies takes no queued connection with it. Which worker takes the next
+connection is the workers' business (``_accept.Share``: the least loaded); the supervisor
+only tells them, through *on_exit*, which slot lost its worker.
 
 Signals: SIGTERM or SIGINT to the parent stops the workers gracefully (each gets SIGTERM; a
 worker treats every SIGTERM/SIGINT as the same graceful stop, so a Ctrl-C that reaches the
@@ -188,15 +189,21 @@ class WorkerSide:
     ready: Callable[[], None]
     #: A file descriptor that becomes readable (end of file) once the supervisor is gone.
     lifeline: int
+    #: Which of the supervisor's slots (0 to count - 1) this worker fills.
+    slot: int = 0
 
 
 def supervise(
-    count: int, run_worker: Callable[[WorkerSide], int], on_ready: Callable[[], None]
+    count: int,
+    run_worker: Callable[[WorkerSide], int],
+    on_ready: Callable[[], None],
+    on_exit: Callable[[int], None] = lambda slot: None,
 ) -> int:
     """Run *count* forked workers, each ``run_worker(side)``, until a signal stops them.
 
     Must be called from the main thread of a process with no other thread and no event loop.
-    *on_ready* is called once, when every first worker is serving. Returns 0 after a
+    *on_ready* is called once, when every first worker is serving; *on_exit* with a worker's
+    slot each time a worker has exited. Returns 0 after a
     graceful stop, 130 after a second signal, non-zero when workers keep dying at start.
 
     Raises:
@@ -222,7 +229,8 @@ def supervise(
         try:
             pid = os.fork()
             if pid == 0:
-                _child(run_worker, WorkerSide(lambda: _tell_ready(ready_w), life_r), parent_only)
+                side = WorkerSide(lambda: _tell_ready(ready_w), life_r, slot)
+                _child(run_worker, side, parent_only)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
         return pid
@@ -231,7 +239,7 @@ def supervise(
     saved_wakeup = signal.set_wakeup_fd(wake_w)
     plan = Supervision(count, time.monotonic())
     try:
-        return _loop(plan, fork, ready_r, wake_r, on_ready)
+        return _loop(plan, fork, ready_r, wake_r, on_ready, on_exit)
     finally:
         signal.set_wakeup_fd(saved_wakeup)
         for sig, handler in saved.items():
@@ -246,6 +254,7 @@ def _loop(
     ready_r: int,
     wake_r: int,
     on_ready: Callable[[], None],
+    on_exit: Callable[[int], None],
 ) -> int:
     status = 0
     announced = False
@@ -274,12 +283,12 @@ def _loop(
             log.info("stopping %d worker(s): finishing deliveries in flight", len(plan.workers))
             plan.stop()
             _signal_all(plan, signal.SIGTERM)
-        status = _reap(plan, status)
+        status = _reap(plan, status, on_exit)
     log.info("all workers stopped")
     return status
 
 
-def _reap(plan: Supervision, status: int) -> int:
+def _reap(plan: Supervision, status: int, on_exit: Callable[[int], None]) -> int:
     """Collect every exited worker, log it and decide about its slot; return the status."""
     while True:
         try:
@@ -293,6 +302,7 @@ def _reap(plan: Supervision, status: int) -> int:
             continue
         how = _how(wait_status)
         w = death.worker
+        on_exit(w.slot)
         name = f"worker {w.slot + 1} (pid {w.pid})"
         if death.give_up:
             log.error(

@@ -276,3 +276,31 @@ def test_bad_worker_count_is_usage(capsys: pytest.CaptureFixture[str], tmp_path:
         argv = ["lmtp", "--listen", "127.0.0.1:0", "--root", str(tmp_path), "--workers", bad]
         assert cli.main(argv) == 64
         assert "invalid worker count" in capsys.readouterr().err
+
+
+def sockets_of(pid: int) -> int:
+    """How many sockets process *pid* holds open."""
+    fds = Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
+
+
+def test_workers_share_a_burst_of_connections_evenly(tmp_path: Path) -> None:
+    """Eight clients connecting at once end up four per worker, not all in the first one."""
+    sock = tmp_path / "lmtp.sock"
+    with serve(sock, tmp_path, 2) as server:
+        server.wait_for("listening on unix:")
+        pids = server.worker_pids(2)
+        before = [sockets_of(pid) for pid in pids]
+        clients = []
+        for _ in range(8):
+            client = socket.socket(socket.AF_UNIX)
+            client.connect(str(sock))
+            clients.append(client)
+        for client in clients:
+            assert client.recv(512).startswith(b"220 ")
+        held = [sockets_of(pid) - b for pid, b in zip(pids, before, strict=True)]
+        for client in clients:
+            client.close()
+        server.signal()
+        assert server.wait() == 0
+    assert held == [4, 4]

@@ -1,0 +1,204 @@
+"""Accepting connections: one :class:`Acceptor` per listening socket, and the
+:class:`Share` that spreads connections evenly over forked worker processes.
+
+Why not asyncio's own server: worker processes share one accept queue per socket, and
+asyncio accepts every queued connection of a burst in whichever process wakes first. A
+client that opens its sessions at once (a Postfix LMTP client, ``smtp-source -s 8``) then
+often lands all of them in one process, and one CPU serves them while the other idles. So
+each worker publishes how many connections it holds in a map shared with its siblings, and
+takes a queued connection only while it holds no more than any sibling; the others leave
+the connection in the queue for it. A worker that holds back looks again after
+:data:`HOLD_BACK` seconds, and takes the connection anyway once it has waited
+:data:`MAX_DEFER` (the sibling may be stuck or gone): a client is never kept waiting
+longer than that for a balance.
+
+Accept errors that mean "out of resources" (``EMFILE``...) pause the listener for
+:data:`RETRY_SECONDS` and are logged once per :data:`LOG_EVERY` seconds at most.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import mmap
+import socket
+from collections.abc import Callable
+
+__all__ = ["HOLD_BACK", "MAX_DEFER", "RETRY_SECONDS", "Acceptor", "Share"]
+
+log = logging.getLogger("maildrop")
+
+#: Seconds a worker that holds more connections than a sibling waits before looking again.
+HOLD_BACK = 0.002
+#: Seconds after which a worker takes a queued connection whatever its siblings hold.
+MAX_DEFER = 0.05
+#: Seconds a listener rests after an accept failed for want of resources (EMFILE...).
+RETRY_SECONDS = 1.0
+#: A listener's accept-error line is logged at most once per this many seconds.
+LOG_EVERY = 1.0
+#: Connections taken per wake-up at most (then the loop runs other work first).
+BURST = 16
+
+_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_GONE = 1 << 62  # a slot without a worker: never the least loaded
+
+
+class Share:
+    """Connection counts of sibling worker processes, in one map shared across ``fork()``.
+
+    The supervisor makes it before forking; each worker :meth:`claim`\\ s its slot and
+    writes only that slot; the supervisor :meth:`vacate`\\ s the slot of a worker that
+    exited. Reads of a sibling's count may be a moment stale: that only costs balance.
+    """
+
+    def __init__(self, workers: int) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, not {workers}")
+        self._map = mmap.mmap(-1, 8 * workers)  # anonymous and shared with forked children
+        self._counts = memoryview(self._map).cast("q")
+        for slot in range(workers):
+            self._counts[slot] = _GONE
+        self.slot = -1
+
+    def claim(self, slot: int) -> None:
+        """Make this process the worker of *slot*, holding no connection yet."""
+        self._counts[slot] = 0
+        self.slot = slot
+
+    def vacate(self, slot: int) -> None:
+        """Forget *slot*'s worker (it exited): siblings no longer leave connections to it."""
+        self._counts[slot] = _GONE
+
+    def add(self, n: int) -> None:
+        """Count *n* more (or fewer) connections for this process's slot."""
+        if self.slot >= 0:
+            self._counts[self.slot] += n
+
+    def least_loaded(self) -> bool:
+        """Whether this process holds no more connections than any sibling."""
+        if self.slot < 0:
+            return True
+        counts = self._counts
+        return counts[self.slot] <= min(counts)
+
+    def held(self) -> int:
+        """The connections this process's slot holds."""
+        return 0 if self.slot < 0 else self._counts[self.slot]
+
+
+#: The share of this process, set in a forked worker; None: no siblings, accept everything.
+SHARE: Share | None = None
+
+
+class Acceptor:
+    """Accept connections on one listening socket into *factory*'s protocols on *loop*.
+
+    Call :meth:`start` to listen, :meth:`close` to stop. Each accepted connection counts
+    in :data:`SHARE` (when set) until its protocol calls :meth:`release` when it loses the
+    connection.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        factory: Callable[[], asyncio.BaseProtocol],
+    ) -> None:
+        self.sock, self._loop, self._factory = sock, loop, factory
+        self._fd = sock.fileno()
+        self._reading = self.closed = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._deferred_since: float | None = None
+        self._logged = -LOG_EVERY
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        """Start accepting (the socket is bound and listening)."""
+        if not self.closed and not self._reading:
+            self._timer = None
+            self._reading = True
+            self._loop.add_reader(self._fd, self._ready)
+
+    def close(self) -> None:
+        """Stop accepting and close the socket; connections already accepted stay open."""
+        self.closed = True
+        self._rest(None)
+        self.sock.close()
+
+    @staticmethod
+    def release() -> None:
+        """Count one accepted connection as gone (its protocol lost it)."""
+        if SHARE is not None:
+            SHARE.add(-1)
+
+    def _rest(self, seconds: float | None) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if seconds is not None:
+            self._timer = self._loop.call_later(seconds, self.start)
+
+    def _ready(self) -> None:
+        for _ in range(BURST):
+            if not self._may_take():
+                self._rest(HOLD_BACK)
+                return
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                self._deferred_since = None
+                return
+            except ConnectionAbortedError:
+                continue  # the client gave up while queued
+            except OSError as exc:
+                self._failed(exc)
+                return
+            self._deferred_since = None
+            if SHARE is not None:
+                SHARE.add(1)
+            task = self._loop.create_task(self._connect(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _may_take(self) -> bool:
+        if SHARE is None or SHARE.least_loaded():
+            return True
+        now = self._loop.time()
+        if self._deferred_since is None:
+            self._deferred_since = now
+        return now - self._deferred_since >= MAX_DEFER
+
+    def _failed(self, exc: OSError) -> None:
+        now = self._loop.time()
+        if now - self._logged >= LOG_EVERY:
+            self._logged = now
+            hint = (
+                "; raise the file descriptor limit (ulimit -n) or lower --max-connections"
+                if exc.errno in _RESOURCES
+                else ""
+            )
+            log.warning("cannot accept connections: %s (retrying)%s", exc, hint)
+        self._rest(RETRY_SECONDS)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        made = False
+
+        def factory() -> asyncio.BaseProtocol:
+            nonlocal made
+            made = True
+            return self._factory()
+
+        try:
+            conn.setblocking(False)
+            await self._loop.connect_accepted_socket(factory, conn)
+        except BaseException as exc:
+            if not made:  # else the protocol's connection_lost releases the connection
+                conn.close()
+                self.release()
+            if not isinstance(exc, Exception):
+                raise
+            log.warning("cannot set up an accepted connection: %s", exc)
