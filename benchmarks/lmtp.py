@@ -155,6 +155,8 @@ def benchmark(
     deleted (unless *keep*): a bulk delete slows file creation on ext4 without a journal, so
     it comes after every timed run. After a failure they are kept for inspection.
     """
+    if where is not None:
+        os.makedirs(where, exist_ok=True)  # --dir may name a directory still to be made
     scratch = Path(tempfile.mkdtemp(prefix="maildrop-lmtp-bench-", dir=where))
     os.chmod(scratch, 0o755)  # Dovecot's mail uid must reach its maildirs below
     res = Results(plan)

@@ -15,7 +15,7 @@ from ._lmtp_retry import RetryMemory
 from ._log import LineFormatter, LineHandler
 from ._quota import Quota
 from ._supervisor import cpu_count
-from .cli import UsageError, parse_duration, parse_size
+from .cli import UsageError, parse_duration, parse_quota, parse_size
 
 if TYPE_CHECKING:
     from ._listen import Listener
@@ -104,8 +104,9 @@ def _add_limits(s: argparse.ArgumentParser, *, smtp: bool) -> None:
         "--quota",
         metavar="SIZE[,COUNT]",
         type=parse_quota,
-        help="Maildir++ quota of every mailbox, e.g. 1G or 1G,10000 (kept in its "
-        "maildirsize); default: honour the limits of an existing maildirsize",
+        help="Maildir++ quota of every mailbox, e.g. 1G, 1G,10000 or 0,10000 (a count "
+        "only; kept in its maildirsize); default: honour the limits of an existing "
+        "maildirsize",
     )
     s.add_argument(
         "--quota-permanent",
@@ -159,19 +160,6 @@ def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"invalid count {text!r}: use a positive integer")
     return int(text)
-
-
-def parse_quota(text: str) -> tuple[int, int | None]:
-    """Parse ``--quota SIZE[,COUNT]``: a byte limit (``1G``) and an optional message count."""
-    size, _, count = text.partition(",")
-    if count and (not count.strip().isdigit() or int(count) < 1):
-        raise argparse.ArgumentTypeError(
-            f"invalid quota {text!r}: use SIZE[,COUNT], e.g. 1G or 1G,10000"
-        )
-    limit = parse_size(size)
-    if limit < 1:
-        raise argparse.ArgumentTypeError(f"invalid quota {text!r}: the size must be positive")
-    return limit, int(count) if count else None
 
 
 def add_process_options(parser: argparse.ArgumentParser) -> None:
@@ -361,6 +349,7 @@ async def _serve(
             addresses = [a for lsn in listeners for a in await server.listen_socket(lsn.sock)]
         else:
             addresses = [a for spec in args.listen for a in await server.listen(spec)]
+            args.hostname = server.hostname  # looked up by listen() when not given
             _announce(args, addresses)
     except ValueError as exc:
         await server.shutdown(0)

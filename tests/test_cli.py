@@ -98,7 +98,7 @@ def test_parse_duration(text: str, value: float) -> None:
         ["clean-tmp", "--older-than", "soon", "md"],
         ["lmtp", "--root", "/"],
         ["lmtp", "--listen", "127.0.0.1:0", "--root", "/", "--quota", "lots"],
-        ["lmtp", "--listen", "127.0.0.1:0", "--root", "/", "--quota", "1M,0"],
+        ["lmtp", "--listen", "127.0.0.1:0", "--root", "/", "--quota", "1M,x"],
         ["lmtp", "--listen", "127.0.0.1:0", "--root", "/", "--quota", "0"],
         ["lmtp", "--listen", "127.0.0.1:0", "--root", "/", "--max-connections", "0"],
         ["lmtp", "--listen", "127.0.0.1:0", "--root", "/", "--no-quota", "--quota", "1M"],
@@ -767,3 +767,36 @@ async def test_cancelled_serve_closes_its_listeners(tmp_path: Path) -> None:
         await task
     with pytest.raises(ConnectionRefusedError, match="Connection refused"):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+@pytest.mark.asyncio
+async def test_serve_quota_may_be_a_count_only(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """--quota 0,1 (as `deliver` reads it): one message fits, then RCPT is 452 4.2.2."""
+    (tmp_path / "alice").mkdir()
+    task, stop, port = await serving_in_process(
+        ["smtp", "--listen", "127.0.0.1:0", "--root", str(tmp_path), "--quota", "0,1",
+         "--retry-memory", "0"]
+    )  # fmt: skip
+
+    def send() -> tuple[tuple[int, bytes], tuple[int, bytes]]:
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test") as s:
+            s.ehlo()
+            s.mail("s@x")
+            s.rcpt("alice@x")
+            first = s.data(b"Subject: q\r\n\r\nbody\r\n")
+            s.mail("s@x")
+            return first, s.rcpt("alice@x")
+
+    first, second = await asyncio.to_thread(send)
+    stop.set()
+    assert await asyncio.wait_for(task, 10) == 0
+    assert first[0] == 250
+    assert second[0] == 452
+    assert second[1].startswith(b"4.2.2 ")
+    assert (tmp_path / "alice" / "maildirsize").read_text().startswith("1C\n")
+    assert len(os.listdir(tmp_path / "alice" / "new")) == 1
+    err = capfd.readouterr().err
+    assert "listening on 127.0.0.1:" in err
+    assert " on None " not in err  # the looked-up host name is announced
