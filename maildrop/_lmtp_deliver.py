@@ -16,6 +16,7 @@ import time
 import unicodedata
 from collections.abc import AsyncIterator, Sequence
 
+from . import _log
 from ._errors import MaildirNotFoundError, outcome
 from ._folders import NAME_MAX, has_control
 from ._maildir import Maildir
@@ -289,8 +290,8 @@ class _Skipped(Exception):
 def reply_for(address: str, result: Delivery | Exception, elapsed: float) -> str:
     """Log one recipient's result and return its reply line."""
     if isinstance(result, Delivery):
-        log.info(
-            "delivered to=<%s> path=%s size=%d time=%.3fs",
+        _log.info(
+            log, "delivered to=<%s> path=%s size=%d time=%.3fs",
             address, os.fspath(result), result.size, elapsed,
         )  # fmt: skip
         return f"250 2.0.0 Delivered as {_ascii(result.name)}"
