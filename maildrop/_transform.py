@@ -15,7 +15,9 @@ what to write, so a message is never buffered whole:
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Sequence
 
 __all__ = ["PEEK", "Transform", "crlf_to_lf", "header_lines", "make_transform"]
 
@@ -58,6 +60,15 @@ def header_lines(return_path: str | None, delivered_to: str | None) -> list[byte
     return lines
 
 
+def _plain(value: object) -> bool:
+    return value is None or type(value) is str
+
+
+@functools.lru_cache(maxsize=256)  # a server stamps the same few senders and recipients
+def _known_lines(return_path: str | None, delivered_to: str | None) -> tuple[bytes, ...]:
+    return tuple(header_lines(return_path, delivered_to))
+
+
 _LONE_CR = re.compile(rb"\r(?!\n)")
 
 
@@ -74,7 +85,7 @@ def crlf_to_lf(raw: bytes) -> bytes:
 class Transform:
     """The state of one message's transforms; feed it chunks in order, then ``finish()``."""
 
-    def __init__(self, headers: list[bytes], *, crlf_to_lf: bool) -> None:
+    def __init__(self, headers: Sequence[bytes], *, crlf_to_lf: bool) -> None:
         self._headers = headers
         self._crlf = crlf_to_lf
         self._cr = False  # a CR held back from the end of the previous chunk
@@ -130,7 +141,10 @@ def make_transform(
     *, return_path: str | None, delivered_to: str | None, crlf_to_lf: bool
 ) -> Transform | None:
     """Validate the options and return a :class:`Transform`, or None when there is none."""
-    headers = header_lines(return_path, delivered_to)
+    if _plain(return_path) and _plain(delivered_to):
+        headers: Sequence[bytes] = _known_lines(return_path, delivered_to)
+    else:
+        headers = header_lines(return_path, delivered_to)  # raises the TypeError
     if not headers and not crlf_to_lf:
         return None
     return Transform(headers, crlf_to_lf=bool(crlf_to_lf))
