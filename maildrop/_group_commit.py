@@ -27,8 +27,16 @@ STATS = {"deliveries": 0, "dir_fsyncs": 0}
 _Key = tuple[str, str]  # (maildir path, "new" or "cur")
 
 
-def _table(loop: asyncio.AbstractEventLoop | None) -> dict[_Key, GroupCommit]:
-    return {}
+class _Table(dict[_Key, "GroupCommit"]):
+    """The group commits of one event loop (*loop*: None under trio), by directory."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        super().__init__()
+        self.loop = loop
+
+
+def _table(loop: asyncio.AbstractEventLoop | None) -> _Table:
+    return _Table(loop)
 
 
 _groups = per_loop("maildrop_group_commit", _table)
@@ -42,14 +50,16 @@ class GroupCommit:
     that the other deliveries wait for down with it.
     """
 
-    def __init__(self, key: _Key) -> None:
+    def __init__(self, key: _Key, table: _Table) -> None:
         self.key = key
+        self.table = table
         self.inflight = 0  # deliveries between commit() entry and return
         self.linked = 0  # links completed (as seen by the loop)
         self.synced = 0  # every link numbered <= this is durable
         self.failed = 0  # every link numbered <= this saw a failed fsync
         self.error: OSError | None = None
-        self.running: anyio.Event | None = None  # set when the fsync in flight ends
+        # Set when the fsync in flight ends; on asyncio an asyncio.Event (anyio's wraps one).
+        self.running: anyio.Event | asyncio.Event | None = None
         # Linked deliveries waiting for a directory fsync: the one that covers them closes
         # their directory fds in its worker (see sync_and_close).
         self.waiting: list[DeliveryFiles] = []
@@ -81,7 +91,7 @@ class GroupCommit:
     def _start(self, backend: Backend) -> None:
         target = self.linked
         covered, self.waiting = self.waiting, []
-        done = self.running = anyio.Event()
+        done = self.running = anyio.Event() if self.table.loop is None else asyncio.Event()
         STATS["dir_fsyncs"] += 1
 
         def finish(error: BaseException | None) -> None:
@@ -125,7 +135,7 @@ def group(key: _Key) -> GroupCommit:
     table = _groups()
     gc = table.get(key)
     if gc is None:
-        gc = table[key] = GroupCommit(key)
+        gc = table[key] = GroupCommit(key, table)
     gc.inflight += 1
     return gc
 
@@ -133,6 +143,6 @@ def group(key: _Key) -> GroupCommit:
 def release(gc: GroupCommit) -> None:
     """Forget *gc* once no delivery is in flight and no fsync runs (after ``inflight -= 1``)."""
     if gc.inflight == 0 and gc.running is None:
-        table = _groups()
+        table = gc.table
         if table.get(gc.key) is gc:
             del table[gc.key]
