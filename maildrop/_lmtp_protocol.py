@@ -116,11 +116,12 @@ class Connection(asyncio.BufferedProtocol):
                 self.transport.close()
                 return
             conv = self.conv
-            if self._stash is NEED_DATA and conv.in_data and conv.buffered < SMALL:
+            large = conv.in_data and conv.buffered >= SMALL
+            if self._stash is NEED_DATA and conv.in_data and not large:
                 # Right after DATA: the core holds its own line end; only message bytes that
                 # came along need the task (a large buffer waits for the turn budget there).
                 self._stash = conv.next_event()
-            if self._stash is NEED_DATA and not (conv.in_data and conv.buffered >= SMALL):
+            if self._stash is NEED_DATA and not large:
                 if self._reading_paused:  # a burst of commands, all answered
                     self.transport.resume_reading()
                     self._reading_paused = False

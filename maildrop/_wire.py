@@ -135,6 +135,8 @@ class Conversation:
             return self._data_event()
         if self._mode == "bdat":
             return self._bdat_event()
+        if not self._buf:  # (the driver asks again after every answered command)
+            return NEED_DATA
         return self._command_event()
 
     def _command_event(self) -> Event | _NeedData:
