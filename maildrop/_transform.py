@@ -74,11 +74,11 @@ _LONE_CR = re.compile(rb"\r(?!\n)")
 
 def crlf_to_lf(raw: bytes) -> bytes:
     """Return *raw* with every CRLF turned into LF; a CR not followed by LF stays."""
-    # When every CR starts a CRLF (mail as SMTP carries it), deleting the CRs is the same,
-    # and one search plus translate() take about half the time of replace(), which counts
-    # the matches and then copies the bytes between them one match at a time.
+    # When every CR starts a CRLF (mail as SMTP carries it), deleting the CRs is the same:
+    # replace() of one byte by nothing copies the runs between them with memchr, while a
+    # two-byte pattern (or translate()) goes byte by byte, several times slower.
     if _LONE_CR.search(raw) is None:
-        return raw.translate(None, b"\r")
+        return raw.replace(b"\r", b"")
     return raw.replace(b"\r\n", b"\n")
 
 
