@@ -69,7 +69,7 @@ def _known_lines(return_path: str | None, delivered_to: str | None) -> tuple[byt
     return tuple(header_lines(return_path, delivered_to))
 
 
-_LONE_CR = re.compile(rb"\r(?!\n)")
+_LONE_CR = re.compile(rb"\r[^\n]")  # a CR at the very end is checked apart (faster)
 
 
 def crlf_to_lf(raw: bytes) -> bytes:
@@ -77,7 +77,7 @@ def crlf_to_lf(raw: bytes) -> bytes:
     # When every CR starts a CRLF (mail as SMTP carries it), deleting the CRs is the same:
     # replace() of one byte by nothing copies the runs between them with memchr, while a
     # two-byte pattern (or translate()) goes byte by byte, several times slower.
-    if _LONE_CR.search(raw) is None:
+    if _LONE_CR.search(raw) is None and not raw.endswith(b"\r"):
         return raw.replace(b"\r", b"")
     return raw.replace(b"\r\n", b"\n")
 

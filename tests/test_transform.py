@@ -56,6 +56,7 @@ def test_crlf_to_lf_is_replace(data: bytes) -> None:
 def test_crlf_to_lf_keeps_a_lone_cr() -> None:
     """A CR not followed by LF is data and stays; the CRLFs around it still convert."""
     assert crlf_to_lf(b"a\r\nb\rc\r\n\r") == b"a\nb\rc\n\r"
+    assert crlf_to_lf(b"a\r\nb\r") == b"a\nb\r"  # the only lone CR ends the bytes
 
 
 @given(
