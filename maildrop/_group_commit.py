@@ -27,16 +27,11 @@ STATS = {"deliveries": 0, "dir_fsyncs": 0}
 _Key = tuple[str, str]  # (maildir path, "new" or "cur")
 
 
-class _Table(dict[_Key, "GroupCommit"]):
-    """The group commits of one event loop (*loop*: None under trio), by directory."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        super().__init__()
-        self.loop = loop
+_Table = dict[_Key, "GroupCommit"]
 
 
 def _table(loop: asyncio.AbstractEventLoop | None) -> _Table:
-    return _Table(loop)
+    return {}
 
 
 _groups = per_loop("maildrop_group_commit", _table)
@@ -58,8 +53,7 @@ class GroupCommit:
         self.synced = 0  # every link numbered <= this is durable
         self.failed = 0  # every link numbered <= this saw a failed fsync
         self.error: OSError | None = None
-        # Set when the fsync in flight ends; on asyncio an asyncio.Event (anyio's wraps one).
-        self.running: anyio.Event | asyncio.Event | None = None
+        self.running: anyio.Event | None = None  # set when the fsync in flight ends
         # Linked deliveries waiting for a directory fsync: the one that covers them closes
         # their directory fds in its worker (see sync_and_close).
         self.waiting: list[DeliveryFiles] = []
@@ -91,7 +85,7 @@ class GroupCommit:
     def _start(self, backend: Backend) -> None:
         target = self.linked
         covered, self.waiting = self.waiting, []
-        done = self.running = anyio.Event() if self.table.loop is None else asyncio.Event()
+        done = self.running = anyio.Event()
         STATS["dir_fsyncs"] += 1
 
         def finish(error: BaseException | None) -> None:
