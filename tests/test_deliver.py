@@ -482,6 +482,7 @@ async def test_hostile_hostname_is_escaped(
     from maildrop import _writer
 
     monkeypatch.setattr(_writer, "hostname", lambda: "evil/../host:25\0x")
+    monkeypatch.setattr(_writer, "_host", ("", -1))  # names read it again at once
     d = await deliver(maildir_path, MSG)
     assert d.path.parent == maildir_path / "new"
     assert "/" not in d.name
