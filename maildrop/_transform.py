@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Sequence
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # (`maildrop deliver` does not load collections.abc for this)
+    from collections.abc import Sequence
 
 __all__ = ["PEEK", "Transform", "crlf_to_lf", "header_lines", "make_transform"]
 
