@@ -34,7 +34,8 @@ import os
 import time
 
 from ._dirs import DIR_FLAGS, FILE_FLAGS, Dirs, Settings, parent_of
-from ._naming import published_name, unique_name
+from ._naming import published_name
+from ._unique import new_name
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -71,9 +72,6 @@ NO_LINKS = UNSUPPORTED | {errno.EPERM}
 LINK_REFUSED = NO_LINKS | {errno.EXDEV, errno.EMLINK}
 _NAME_TRIES = 100
 
-_counter_lock = _thread.allocate_lock()
-_counter = 0
-
 #: Names of the tmp files that deliveries of this process are writing right now; the tmp
 #: sweeper (``Maildir.clean_tmp``) never removes them. Names are unique per process.
 LIVE_TMP: set[str] = set()
@@ -92,49 +90,6 @@ def note_fsync(seconds: float) -> None:
     """Count one message file's fsync, which took *seconds*, into :data:`slow_fsyncs`."""
     global slow_fsyncs
     slow_fsyncs += ((seconds >= SLOW_FSYNC) - slow_fsyncs) / 16
-
-
-def hostname() -> str:
-    """Return this host's name: what ``socket.gethostname()`` returns on Linux (both read
-    uname), without loading the socket extension module at start-up."""
-    return os.uname().nodename
-
-
-#: Random bytes for the names' ``R`` part, read from ``os.urandom`` this many names at a time
-#: (a worker's syscall gives up the GIL, and the event loop's thread waits to get it back).
-_RANDOM_NAMES = 64
-_random = b""
-_random_at = 0
-#: The host name and the second it was read: names read it again once a second.
-_host = ("", -1)
-
-
-def _after_fork() -> None:
-    global _counter_lock, _random
-    _counter_lock = _thread.allocate_lock()
-    _random = b""  # the child never repeats the parent's random parts
-
-
-os.register_at_fork(after_in_child=_after_fork)
-
-
-def new_name() -> str:
-    """Return a fresh unique base name (clock and pid read now, the host name at most a
-    second old, random bits never shared with a forked process)."""
-    global _counter, _random, _random_at, _host
-    with _counter_lock:
-        _counter += 1
-        n = _counter
-        if _random_at >= len(_random):
-            _random, _random_at = os.urandom(8 * _RANDOM_NAMES), 0
-        rand = int.from_bytes(_random[_random_at : _random_at + 8], "little")
-        _random_at += 8
-        now = time.time_ns() // 1000
-        sec = now // 1_000_000
-        if _host[1] != sec:
-            _host = (hostname(), sec)
-        host = _host[0]
-    return unique_name(sec, now % 1_000_000, os.getpid(), n, rand, host)
 
 
 def write_all(sys: Syscalls, fd: int, chunks: Sequence[bytes | memoryview]) -> int:
