@@ -241,7 +241,8 @@ class Transaction:
                 except Exception as exc:
                     self._results[key] = exc
         finally:
-            await self.abort()
+            if self._sessions or (self._many is not None and not self._many.done()):
+                await self.abort()  # (cancelled or failed before every session was done)
         return [
             MaildirNotFoundError(address) if md is None else self._result(where(md), skip)
             for address, md in zip(self.rcpts, self.targets, strict=True)

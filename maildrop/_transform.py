@@ -97,7 +97,7 @@ class Transform:
         self._prefix = b"" if self._peek is not None else self._stamp(b"\n")
 
     def _stamp(self, eol: bytes) -> bytes:
-        return b"".join(line + eol for line in self._headers)
+        return b"".join([line + eol for line in self._headers])
 
     def feed(self, chunk: bytes | memoryview) -> bytes | memoryview:
         """Return what to write for *chunk* (possibly empty while bytes are held back)."""
