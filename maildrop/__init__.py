@@ -24,6 +24,7 @@ from the public face down::
                    fewer, more while fsyncs are slow or all blocked; anyio limiters)
     _steps         worker side: accept/write/copy/finish (shared with _mda)
     _writer        worker side: DeliveryFiles, the one publish path (link, retry, fallbacks)
+    _unique        worker side: unique base names (clock, pid, counter, random, host)
     _dirs          worker side: opening and creating the maildir's directories, ownership
     _dircache      worker side: a server's maildir directories kept open between deliveries
     _quota_io      worker side: the Maildir++ maildirsize ledger (checked, updated, recalculated)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._lmtp_retry import RetryMemory
-from ._log import LineFormatter, LineHandler
+from ._log import LineFormatter, LineHandler, install_direct
 from ._quota import Quota
 from ._supervisor import cpu_count
 from .cli import UsageError, parse_duration, parse_quota, parse_size
@@ -210,6 +210,7 @@ def _setup_logging() -> Callable[[], None]:
     else:
         sys.stderr.flush()
         handler = LineHandler(fd)
+        install_direct(handler)  # this process's logging is ours: no other handler to see
     # syslog's shape: time, host, program[pid].
     handler.setFormatter(LineFormatter(socket.gethostname()))
     saved = [(lg, lg.level, lg.propagate) for lg in (ours, theirs)]
@@ -224,6 +225,7 @@ def _setup_logging() -> Callable[[], None]:
     logging.logThreads = logging.logMultiprocessing = False
 
     def undo() -> None:
+        install_direct(None)
         handler.close()  # writes what the last loop turn logged
         for lg, level, propagate in saved:
             lg.removeHandler(handler)

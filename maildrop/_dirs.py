@@ -139,9 +139,10 @@ class Dirs:
     def open_dirs(self) -> None:
         """Open (creating if allowed) the maildir's ``tmp/`` and destination directories."""
         if self.reuse:  # (imported here: `maildrop deliver` never reuses, nor loads it)
-            from . import _dircache
+            # `from .mod import name`: no importlib call per delivery, as `from . import mod` has.
+            from ._dircache import reuse
 
-            kept = self._kept = _dircache.reuse(self)
+            kept = self._kept = reuse(self)
             if kept is not None:
                 self.dir_fds = list(kept.dir_fds)
                 self.tmp_fd, self.dest_fd, self.owner = kept.tmp_fd, kept.dest_fd, kept.owner
@@ -162,9 +163,9 @@ class Dirs:
         self.tmp_fd = self._open_sub(root, "tmp")
         self.dest_fd = self._open_sub(root, self.subdir)
         if self.reuse:
-            from . import _dircache
+            from ._dircache import keep
 
-            self._kept = _dircache.keep(self)
+            self._kept = keep(self)
 
     def _adopt_owner(self, st: os.stat_result) -> None:
         # Root delivering into a user's maildir (Postfix's mailbox_command for root, an
@@ -297,10 +298,10 @@ class Dirs:
         fds, self.dir_fds = self.dir_fds, []
         kept, self._kept = self._kept, None
         if kept is not None:
-            from . import _dircache
+            from ._dircache import give_back
 
             self.tmp_fd = self.dest_fd = -1
-            _dircache.give_back(kept, drop=failed)
+            give_back(kept, drop=failed)
             return
         for fd in reversed(fds):
             # A directory fd holds no data: its close cannot lose anything.

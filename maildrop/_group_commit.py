@@ -27,7 +27,10 @@ STATS = {"deliveries": 0, "dir_fsyncs": 0}
 _Key = tuple[str, str]  # (maildir path, "new" or "cur")
 
 
-def _table(loop: asyncio.AbstractEventLoop | None) -> dict[_Key, GroupCommit]:
+_Table = dict[_Key, "GroupCommit"]
+
+
+def _table(loop: asyncio.AbstractEventLoop | None) -> _Table:
     return {}
 
 
@@ -42,8 +45,9 @@ class GroupCommit:
     that the other deliveries wait for down with it.
     """
 
-    def __init__(self, key: _Key) -> None:
+    def __init__(self, key: _Key, table: _Table) -> None:
         self.key = key
+        self.table = table
         self.inflight = 0  # deliveries between commit() entry and return
         self.linked = 0  # links completed (as seen by the loop)
         self.synced = 0  # every link numbered <= this is durable
@@ -125,7 +129,7 @@ def group(key: _Key) -> GroupCommit:
     table = _groups()
     gc = table.get(key)
     if gc is None:
-        gc = table[key] = GroupCommit(key)
+        gc = table[key] = GroupCommit(key, table)
     gc.inflight += 1
     return gc
 
@@ -133,6 +137,6 @@ def group(key: _Key) -> GroupCommit:
 def release(gc: GroupCommit) -> None:
     """Forget *gc* once no delivery is in flight and no fsync runs (after ``inflight -= 1``)."""
     if gc.inflight == 0 and gc.running is None:
-        table = _groups()
+        table = gc.table
         if table.get(gc.key) is gc:
             del table[gc.key]

@@ -16,6 +16,7 @@ import time
 import unicodedata
 from collections.abc import AsyncIterator, Sequence
 
+from . import _log
 from ._errors import MaildirNotFoundError, outcome
 from ._folders import NAME_MAX, has_control
 from ._maildir import Maildir
@@ -240,7 +241,8 @@ class Transaction:
                 except Exception as exc:
                     self._results[key] = exc
         finally:
-            await self.abort()
+            if self._sessions or (self._many is not None and not self._many.done()):
+                await self.abort()  # (cancelled or failed before every session was done)
         return [
             MaildirNotFoundError(address) if md is None else self._result(where(md), skip)
             for address, md in zip(self.rcpts, self.targets, strict=True)
@@ -289,8 +291,8 @@ class _Skipped(Exception):
 def reply_for(address: str, result: Delivery | Exception, elapsed: float) -> str:
     """Log one recipient's result and return its reply line."""
     if isinstance(result, Delivery):
-        log.info(
-            "delivered to=<%s> path=%s size=%d time=%.3fs",
+        _log.info(
+            log, "delivered to=<%s> path=%s size=%d time=%.3fs",
             address, os.fspath(result), result.size, elapsed,
         )  # fmt: skip
         return f"250 2.0.0 Delivered as {_ascii(result.name)}"

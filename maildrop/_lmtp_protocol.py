@@ -60,7 +60,10 @@ class Connection(asyncio.BufferedProtocol):
         self._lost = False
         self._waiting_client = False
         self._stash: object = NEED_DATA  # an event taken by data_received for the task
-        self._last_command = self._last_byte = self._loop.time()
+        # The loop's clock (asyncio's is time.monotonic: called directly, once per read).
+        base = type(self._loop).time is asyncio.BaseEventLoop.time
+        self._clock = time.monotonic if base else self._loop.time
+        self._last_command = self._last_byte = self._clock()
         self._timer: asyncio.TimerHandle | None = None
         self._sender: str | None = None
         self._rcpts: list[str] = []
@@ -99,7 +102,7 @@ class Connection(asyncio.BufferedProtocol):
         """Take *data* (copied into the core at once: *data* may be reused afterwards)."""
         if self._lost or self.transport is None:
             return
-        self._last_byte = self._loop.time()
+        self._last_byte = self._clock()
         self.conv.receive(data)
         if self.conv.buffered > HIGH_WATER and not self._reading_paused:
             assert self.transport is not None
@@ -112,7 +115,13 @@ class Connection(asyncio.BufferedProtocol):
                 log.error("connection failed: %r", exc, exc_info=exc)
                 self.transport.close()
                 return
-            if self._stash is NEED_DATA and not (self.conv.in_data and self.conv.buffered):
+            conv = self.conv
+            large = conv.in_data and conv.buffered >= SMALL
+            if self._stash is NEED_DATA and conv.in_data and not large:
+                # Right after DATA: the core holds its own line end; only message bytes that
+                # came along need the task (a large buffer waits for the turn budget there).
+                self._stash = conv.next_event()
+            if self._stash is NEED_DATA and not large:
                 if self._reading_paused:  # a burst of commands, all answered
                     self.transport.resume_reading()
                     self._reading_paused = False
@@ -143,7 +152,7 @@ class Connection(asyncio.BufferedProtocol):
             while not conv.in_data:
                 ev = conv.next_event()
                 if isinstance(ev, Reply) and self._txn is None:
-                    self._last_command = self._loop.time()
+                    self._last_command = self._last_byte  # received in this read
                     out.append(ev.data)
                     if ev.close:  # QUIT: the task ends when the connection is lost
                         self._send(b"".join(out))
@@ -152,10 +161,10 @@ class Connection(asyncio.BufferedProtocol):
                         self.transport.close()
                         return NEED_DATA
                 elif isinstance(ev, Mail):
-                    self._last_command = self._loop.time()
+                    self._last_command = self._last_byte  # received in this read
                     out.append(conv.answer(self._mail(ev)))
                 elif isinstance(ev, Rcpt) and (now := self.handler.rcpt_reply_now(ev.address)):
-                    self._last_command = self._loop.time()
+                    self._last_command = self._last_byte  # received in this read
                     out.append(conv.answer(self._accept(ev.address, *now)))
                 else:
                     return ev

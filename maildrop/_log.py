@@ -17,9 +17,36 @@ import os
 import select
 import time
 
-__all__ = ["LineFormatter", "LineHandler", "flush_all"]
+__all__ = ["LineFormatter", "LineHandler", "flush_all", "info", "install_direct"]
 
 _PIPE_BUF = getattr(select, "PIPE_BUF", 4096)
+
+#: The server's own handler (``maildrop lmtp``/``smtp`` install it, see :func:`install_direct`):
+#: :func:`info` hands it lines without making a ``logging.LogRecord``.
+_direct: LineHandler | None = None
+
+
+def install_direct(handler: LineHandler | None) -> None:
+    """Make *handler* the one :func:`info` writes to straight (None: go through logging).
+
+    Only for a handler whose loggers have no filters and no other handlers: the command
+    line server's, which owns its process's logging configuration.
+    """
+    global _direct
+    _direct = handler
+
+
+def info(logger: logging.Logger, msg: str, *args: object) -> None:
+    """Log ``msg % args`` at INFO on *logger*: the same line as ``logger.info`` would write.
+
+    With a handler installed by :func:`install_direct`, the line goes to it without a
+    ``LogRecord`` (a server logs a line per delivery); otherwise through ``logging``.
+    """
+    handler = _direct
+    if handler is None:
+        logger.info(msg, *args)
+    elif logger.isEnabledFor(logging.INFO):
+        handler.line(logger.name, msg % args)
 
 
 class LineHandler(logging.Handler):
@@ -33,11 +60,25 @@ class LineHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = (self.format(record) + "\n").encode("utf-8", "backslashreplace")
+            line = self.format(record)
         except Exception:  # logging's rule: a broken record never breaks the caller
             self.handleError(record)
             return
-        self._lines.append(line)
+        self._add(line)
+
+    def line(self, name: str, message: str) -> None:
+        """Write *message* from the logger *name*, as a record of it would be written."""
+        fmt = self.formatter
+        if not isinstance(fmt, LineFormatter):
+            logging.getLogger(name).info("%s", message)  # any other format needs a record
+            return
+        now = time.time()
+        msecs = int((now - int(now)) * 1000)  # what logging.LogRecord.msecs holds
+        with self.lock:  # type: ignore[union-attr] # as in flush
+            self._add(fmt.text(now, msecs, name, os.getpid(), message))
+
+    def _add(self, line: str) -> None:
+        self._lines.append((line + "\n").encode("utf-8", "backslashreplace"))
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -115,14 +156,9 @@ class LineFormatter(logging.Formatter):
         self._stamp = ""
 
     def format(self, record: logging.LogRecord) -> str:
-        second = int(record.created)
-        if second != self._second:
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
-            self._second = second
         record.message = record.getMessage()
-        line = (
-            f"{self._stamp},{int(record.msecs):03d} {self.host} "
-            f"{record.name}[{record.process}]: {record.message}"
+        line = self.text(
+            record.created, int(record.msecs), record.name, record.process, record.message
         )
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
@@ -131,3 +167,12 @@ class LineFormatter(logging.Formatter):
         if record.stack_info:
             line = f"{line}\n{self.formatStack(record.stack_info)}"
         return line
+
+    def text(self, created: float, msecs: int, name: str, pid: int | None, message: str) -> str:
+        """Return the line for *message* logged at *created* (and its *msecs*) by *name* in
+        process *pid*."""
+        second = int(created)
+        if second != self._second:
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
+            self._second = second
+        return f"{self._stamp},{msecs:03d} {self.host} {name}[{pid}]: {message}"

@@ -70,6 +70,9 @@ class Conversation:
         self.max_recipients = max_recipients
         self._buf = bytearray()
         self._mode = "command"  # command | data | bdat | skip (an over-long command line)
+        self.in_data = False
+        """Whether message bytes are being received (DATA or BDAT): an attribute, not a
+        property, since the driver asks for every buffer (kept by :meth:`_enter`)."""
         self._hello = False
         self._mail: Mail | None = None
         self.recipients = 0
@@ -91,11 +94,6 @@ class Conversation:
         return len(self._buf)
 
     @property
-    def in_data(self) -> bool:
-        """Whether message bytes are being received (DATA or BDAT)."""
-        return self._mode in ("data", "bdat")
-
-    @property
     def line_too_long(self) -> bool:
         """Whether the message being received has a line over :data:`MAX_LINE` bytes (only
         DATA limits lines: BDAT carries the message as is)."""
@@ -105,6 +103,10 @@ class Conversation:
     def in_transaction(self) -> bool:
         """Whether ``MAIL`` was accepted and the transaction has not ended."""
         return self._mail is not None
+
+    def _enter(self, mode: str) -> None:
+        self._mode = mode
+        self.in_data = mode in ("data", "bdat")
 
     def greeting(self) -> bytes:
         """Return the ``220`` greeting."""
@@ -133,6 +135,8 @@ class Conversation:
             return self._data_event()
         if self._mode == "bdat":
             return self._bdat_event()
+        if not self._buf:  # (the driver asks again after every answered command)
+            return NEED_DATA
         return self._command_event()
 
     def _command_event(self) -> Event | _NeedData:
@@ -141,12 +145,12 @@ class Conversation:
         if nl < 0:
             if len(buf) > MAX_COMMAND:
                 del buf[:]
-                self._mode = "skip"
+                self._enter("skip")
             return NEED_DATA
         raw = bytes(buf[:nl]).removesuffix(b"\r")
         del buf[: nl + 1]
         if self._mode == "skip":
-            self._mode = "command"
+            self._enter("command")
             return self._reply("500 5.5.2 Line too long")
         if len(raw) > MAX_COMMAND:
             return self._reply("500 5.5.2 Line too long")
@@ -246,7 +250,7 @@ class Conversation:
         assert self._mail is not None
         if self._mail.body == "BINARYMIME":
             raise CommandError("503 5.5.1 BODY=BINARYMIME needs BDAT")
-        self._mode = "data"
+        self._enter("data")
         self._dots.start(self._buf)
         return self._reply("354 Start mail input; end with <CRLF>.<CRLF>")
 
@@ -259,7 +263,7 @@ class Conversation:
             or (len(parts) == 2 and parts[1].upper() != "LAST")
         ):
             raise CommandError("501 5.5.4 Syntax: BDAT size [LAST]")
-        self._mode = "bdat"
+        self._enter("bdat")
         self._bdat_left = int(parts[0])
         self._bdat_last = len(parts) == 2
         self._bdat_refused = None
@@ -277,7 +281,7 @@ class Conversation:
     def _data_event(self) -> Event | _NeedData:
         body, ended = self._dots.read(self._buf)
         if ended:
-            self._mode = "command"
+            self._enter("command")
             if not body:
                 return self._end(last=True)
             self._pending_end = True
@@ -296,7 +300,7 @@ class Conversation:
                 return Body(data)
             if self._bdat_left:
                 return NEED_DATA
-        self._mode = "command"
+        self._enter("command")
         if self._bdat_refused is not None:
             return Reply(self._bdat_refused)
         return self._end(last=self._bdat_last)
@@ -339,7 +343,9 @@ class Conversation:
         elif isinstance(ev, DataEnd) and (ev.last or not ok):
             self._reset()
             self._idle_commands = 0
-        return b"".join(_line(r) for r in replies)
+        if len(replies) == 1:
+            return _line(replies[0])
+        return b"".join([_line(r) for r in replies])
 
     def _reset(self) -> None:
         self._mail = None

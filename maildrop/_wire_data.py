@@ -11,12 +11,34 @@ measured, never collected.
 
 from __future__ import annotations
 
-__all__ = ["MAX_LINE", "DotReader"]
+__all__ = ["MAX_LINE", "DotReader", "find_dot_line"]
 
 #: The longest DATA line (on the wire, without its CRLF) that a message may have.
 MAX_LINE = 65536
 _END = b"\r\n.\r\n"
 _TAILS = (b"\r\n.\r", b"\r\n.", b"\r\n", b"\r")
+
+
+#: Dots looked at one by one before the search for a dot line goes byte by byte.
+_DOT_TRIES = 8
+
+
+def find_dot_line(buf: bytearray) -> int:
+    """Return ``buf.find(b"\\r\\n.")``, found faster where few dots start no line.
+
+    A search for one byte runs at memchr's speed; a search for three bytes in mail, where
+    CRLF comes every line, is many times slower. So the first few dots are looked at
+    one by one, and only a buffer with more dots than that inside lines is searched the
+    slow way (from the last dot looked at).
+    """
+    pos = buf.find(b".", 2)
+    for _ in range(_DOT_TRIES):
+        if pos < 0:
+            return -1
+        if buf[pos - 1] == 0x0A and buf[pos - 2] == 0x0D:
+            return pos - 2
+        pos = buf.find(b".", pos + 1)
+    return -1 if pos < 0 else buf.find(b"\r\n.", pos - 2)
 
 
 class DotReader:
@@ -43,7 +65,7 @@ class DotReader:
 
         After the end, *buf* holds what followed the final ``.`` line (commands).
         """
-        dot = buf.find(b"\r\n.")
+        dot = find_dot_line(buf)
         end = -1 if dot < 0 else buf.find(_END, dot)
         if end >= 0:
             cut = end + 2

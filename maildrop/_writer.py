@@ -34,7 +34,8 @@ import os
 import time
 
 from ._dirs import DIR_FLAGS, FILE_FLAGS, Dirs, Settings, parent_of
-from ._naming import published_name, unique_name
+from ._naming import published_name
+from ._unique import new_name
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -71,9 +72,6 @@ NO_LINKS = UNSUPPORTED | {errno.EPERM}
 LINK_REFUSED = NO_LINKS | {errno.EXDEV, errno.EMLINK}
 _NAME_TRIES = 100
 
-_counter_lock = _thread.allocate_lock()
-_counter = 0
-
 #: Names of the tmp files that deliveries of this process are writing right now; the tmp
 #: sweeper (``Maildir.clean_tmp``) never removes them. Names are unique per process.
 LIVE_TMP: set[str] = set()
@@ -92,25 +90,6 @@ def note_fsync(seconds: float) -> None:
     """Count one message file's fsync, which took *seconds*, into :data:`slow_fsyncs`."""
     global slow_fsyncs
     slow_fsyncs += ((seconds >= SLOW_FSYNC) - slow_fsyncs) / 16
-
-
-def hostname() -> str:
-    """Return this host's name: what ``socket.gethostname()`` returns on Linux (both read
-    uname), without loading the socket extension module at start-up."""
-    return os.uname().nodename
-
-
-def new_name() -> str:
-    """Return a fresh unique base name (clock, pid and host read now: fork-safe)."""
-    global _counter
-    with _counter_lock:
-        _counter += 1
-        n = _counter
-    now = time.time_ns() // 1000
-    return unique_name(
-        now // 1_000_000, now % 1_000_000, os.getpid(), n,
-        int.from_bytes(os.urandom(8), "little"), hostname(),
-    )  # fmt: skip
 
 
 def write_all(sys: Syscalls, fd: int, chunks: Sequence[bytes | memoryview]) -> int:

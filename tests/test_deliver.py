@@ -479,9 +479,10 @@ async def test_hostile_hostname_is_escaped(
     maildir_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A hostname with '/', ':' and NUL still gives one safe name inside new/."""
-    from maildrop import _writer
+    from maildrop import _unique
 
-    monkeypatch.setattr(_writer, "hostname", lambda: "evil/../host:25\0x")
+    monkeypatch.setattr(_unique, "hostname", lambda: "evil/../host:25\0x")
+    monkeypatch.setattr(_unique, "_host", ("", -1))  # names read it again at once
     d = await deliver(maildir_path, MSG)
     assert d.path.parent == maildir_path / "new"
     assert "/" not in d.name

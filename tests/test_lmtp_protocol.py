@@ -485,6 +485,27 @@ async def test_a_burst_of_pipelined_commands_keeps_the_connection_reading(tmp_pa
         assert await replies(reader, 1) == ["250 2.1.0 OK"]
 
 
+async def test_data_alone_leaves_the_task_asleep_and_a_pipelined_body_wakes_it(
+    tmp_path: Path,
+) -> None:
+    """DATA with nothing after it is answered without waking the connection's task; a body
+    that came in the same read as DATA is delivered."""
+    users(tmp_path, "alice")
+    async with greeted(tmp_path) as (server, reader, writer):
+        await asyncio.sleep(0.05)  # the connection's task waits for the client again
+        (conn,) = server._conns
+        waiting = conn._wakeup
+        conn.data_received(b"MAIL FROM:<s@x>\r\nRCPT TO:<alice@x>\r\nDATA\r\n")
+        assert [r[:3] for r in await replies(reader, 3)] == ["250", "250", "354"]
+        assert waiting is not None
+        assert not waiting.done()
+        assert conn._wakeup is waiting
+        writer.write(b"x\r\n.\r\nMAIL FROM:<s@x>\r\nRCPT TO:<alice@x>\r\nDATA\r\ny\r\n.\r\n")
+        got = await replies(reader, 5)
+        assert [r[:3] for r in got] == ["250", "250", "250", "354", "250"]
+    assert len(messages(tmp_path / "alice")) == 2
+
+
 # -- regressions --------------------------------------------------------------------------
 
 

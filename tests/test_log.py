@@ -8,13 +8,22 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from maildrop._log import _PIPE_BUF, LineFormatter, LineHandler, _pieces, flush_all
+from maildrop._log import (
+    _PIPE_BUF,
+    LineFormatter,
+    LineHandler,
+    _pieces,
+    flush_all,
+    info,
+    install_direct,
+)
 
 
 @pytest.fixture
@@ -191,3 +200,50 @@ def test_a_flush_lost_with_its_loop_is_made_up_on_the_next(pipe: tuple[int, int]
     finally:
         logging.getLogger("maildrop").removeHandler(handler)
     assert readable(r) == b"held\n"
+
+
+def test_info_without_a_direct_handler_goes_through_logging(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With no handler installed, info() is logger.info(): a record, with its arguments."""
+    lg = logging.getLogger("maildrop.test_log.plain")
+    with caplog.at_level(logging.INFO, logger="maildrop.test_log.plain"):
+        info(lg, "delivered to=<%s> size=%d", "a@x", 5)
+    assert [(r.getMessage(), r.args) for r in caplog.records] == [
+        ("delivered to=<a@x> size=5", ("a@x", 5))
+    ]
+
+
+def test_info_writes_the_line_a_record_would_make(
+    pipe: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The direct line equals the formatted record's (time, host, name, pid), and a logger
+    below INFO's level writes nothing."""
+    r, w = pipe
+    handler = LineHandler(w)
+    handler.setFormatter(LineFormatter("mx"))
+    log = logger_to(handler)
+    monkeypatch.setattr(time, "time", lambda: 1_700_000_000.25)
+    install_direct(handler)
+    try:
+        info(log, "delivered to=<%s> size=%d", "a@x", 5)
+        log.setLevel(logging.WARNING)
+        info(log, "not %s", "this")
+    finally:
+        install_direct(None)
+    record = logging.LogRecord(log.name, 20, "", 0, "delivered to=<%s> size=%d", ("a@x", 5), None)
+    assert readable(r) == (LineFormatter("mx").format(record) + "\n").encode()
+
+
+def test_a_direct_handler_with_another_formatter_makes_a_record(pipe: tuple[int, int]) -> None:
+    """A handler whose formatter is not a LineFormatter still gets its own format."""
+    r, w = pipe
+    handler = LineHandler(w)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    log = logger_to(handler)
+    install_direct(handler)
+    try:
+        info(log, "hello %s", "you")
+    finally:
+        install_direct(None)
+    assert readable(r) == b"INFO hello you\n"

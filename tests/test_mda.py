@@ -447,6 +447,7 @@ PLAIN = {
     "maildrop._mda",
     "maildrop._steps",
     "maildrop._writer",
+    "maildrop._unique",
     "maildrop._dirs",
     "maildrop._sys",
     "maildrop._naming",

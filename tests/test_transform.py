@@ -56,6 +56,7 @@ def test_crlf_to_lf_is_replace(data: bytes) -> None:
 def test_crlf_to_lf_keeps_a_lone_cr() -> None:
     """A CR not followed by LF is data and stays; the CRLFs around it still convert."""
     assert crlf_to_lf(b"a\r\nb\rc\r\n\r") == b"a\nb\rc\n\r"
+    assert crlf_to_lf(b"a\r\nb\r") == b"a\nb\r"  # the only lone CR ends the bytes
 
 
 @given(
@@ -92,6 +93,23 @@ def test_header_injection_is_refused(bad: str) -> None:
         header_lines(None, bad)
     with pytest.raises(TypeError, match="must be a str"):
         header_lines(b"a@b", None)  # type: ignore[arg-type]
+
+
+class _Addr(str):
+    """A str subclass (never taken from make_transform's cache)."""
+
+
+@pytest.mark.parametrize("bad", ["a\r@b", "a\0b", b"a@b", ["a@b"]])
+def test_make_transform_refuses_bad_values_every_time(bad: object) -> None:
+    """A refused value is refused again on the next message (errors are never remembered),
+    an unhashable one with the same TypeError, and the headers of a good one repeat."""
+    for _ in range(2):
+        with pytest.raises((ValueError, TypeError), match="return_path"):
+            make_transform(return_path=bad, delivered_to=None, crlf_to_lf=True)  # type: ignore[arg-type]
+    for value in ("s@x", "s@x", _Addr("s@x")):
+        t = make_transform(return_path=value, delivered_to="u@x", crlf_to_lf=True)
+        assert t is not None
+        assert t.feed(b"a\r\n") + t.finish() == b"Return-Path: <s@x>\nDelivered-To: u@x\na\n"
 
 
 def test_long_first_line_is_not_held_forever() -> None:

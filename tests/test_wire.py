@@ -20,6 +20,7 @@ from maildrop._wire import (
     Rcpt,
     Reply,
 )
+from maildrop._wire_data import find_dot_line
 from maildrop._wire_parse import MAX_COMMAND
 
 OK = "250 2.0.0 OK"
@@ -430,3 +431,18 @@ class ConversationMachine(RuleBasedStateMachine):
 
 TestConversationMachine = ConversationMachine.TestCase
 TestConversationMachine.settings = settings(max_examples=100, deadline=None)
+
+
+@given(st.lists(st.sampled_from([b"\r", b"\n", b".", b"x", b"\r\n", b"\r\n."]), max_size=60))
+def test_find_dot_line_is_find(parts: list[bytes]) -> None:
+    """find_dot_line answers what buf.find(b"\\r\\n.") answers, however many dots come first."""
+    buf = bytearray(b"".join(parts))
+    assert find_dot_line(buf) == buf.find(b"\r\n.")
+
+
+def test_find_dot_line_past_many_dots_inside_lines() -> None:
+    """More dots inside lines than are looked at one by one: the dot line is still found,
+    and a buffer without one answers -1."""
+    lines = b"a.b.c.d.e.f.g.h.i.j.k\r\n" * 3
+    assert find_dot_line(bytearray(lines + b"\r\n..x")) == len(lines)
+    assert find_dot_line(bytearray(lines)) == -1
