@@ -38,18 +38,21 @@ from ._uring import Ring
 from ._writer import DeliveryFiles
 
 __all__ = [
+    "IOV_MAX",
+    "dir_ops",
     "each",
     "error",
     "no_free_name",
     "open_dirs",
     "open_under",
     "sync_dest",
+    "take_dirs",
     "write_at",
 ]
 
 _RESOLVE = abi.RESOLVE_BENEATH | abi.RESOLVE_NO_SYMLINKS
 _NO_LINKS = abi.RESOLVE_NO_SYMLINKS
-_IOV_MAX = 1024
+IOV_MAX = 1024
 Chunks = Sequence[bytes | memoryview]
 
 
@@ -82,6 +85,37 @@ def each(ring: Ring, chain: list[ops.Op]) -> asyncio.Future[list[int]]:
     return future
 
 
+def dir_ops(ring: Ring, tmp: DeliveryFiles) -> list[ops.Op] | None:
+    """Return the ops that open the maildir's ``tmp/`` and destination directories (and
+    stat the maildir when running as root), or None where the thread step must do it."""
+    cfg = tmp.settings
+    if not ring.has_openat2:  # pragma: no cover - kernels before 5.6
+        return None
+    if cfg.fsync and creating():
+        return None
+    chain = [
+        ops.openat2(abi.AT_FDCWD, os.path.join(cfg.path, sub), DIR_FLAGS, 0, resolve=_NO_LINKS)
+        for sub in ("tmp", tmp.subdir)
+    ]
+    if os.geteuid() == 0:  # then what it creates must be the maildir owner's: see _dirs
+        chain.append(ops.statx(abi.AT_FDCWD, tmp.settings.root, abi.AT_SYMLINK_NOFOLLOW))
+    return chain
+
+
+def take_dirs(tmp: DeliveryFiles, chain: list[ops.Op], results: list[int]) -> bool:
+    """Keep the directories *chain* (:func:`dir_ops`) opened with *results*; False, with
+    nothing left open, where the thread step must open them (see :func:`open_dirs`)."""
+    tmp.dir_fds += [r for r in results[:2] if r >= 0]
+    ok = min(results) >= 0 and not (tmp.settings.fsync and creating())
+    if ok and len(chain) > 2 and ops.statx_result(chain[2]).uid != 0:
+        ok = False
+    if ok:
+        tmp.tmp_fd, tmp.dest_fd = results[0], results[1]
+        return True
+    tmp.close_dirs()
+    return False
+
+
 async def open_dirs(ring: Ring, tmp: DeliveryFiles) -> bool:
     """Open the maildir's ``tmp/`` and destination directories on *ring*, in one round trip.
 
@@ -91,26 +125,8 @@ async def open_dirs(ring: Ring, tmp: DeliveryFiles) -> bool:
     thread step must do it: a path with a symlink above the maildir (``ELOOP``), a missing
     directory, another owner (see the module), a directory not durable yet.
     """
-    cfg = tmp.settings
-    if not ring.has_openat2:  # pragma: no cover - kernels before 5.6
-        return False
-    chain = [
-        ops.openat2(abi.AT_FDCWD, os.path.join(cfg.path, sub), DIR_FLAGS, 0, resolve=_NO_LINKS)
-        for sub in ("tmp", tmp.subdir)
-    ]
-    root = os.geteuid() == 0  # then what it creates must be the maildir owner's: see _dirs
-    if root:
-        chain.append(ops.statx(abi.AT_FDCWD, cfg.root, abi.AT_SYMLINK_NOFOLLOW))
-    results = await each(ring, chain)
-    tmp.dir_fds += [r for r in results[:2] if r >= 0]
-    ok = min(results) >= 0 and not (cfg.fsync and creating())
-    if ok and root and ops.statx_result(chain[2]).uid != 0:
-        ok = False
-    if ok:
-        tmp.tmp_fd, tmp.dest_fd = results[0], results[1]
-        return True
-    tmp.close_dirs()
-    return False
+    chain = dir_ops(ring, tmp)
+    return chain is not None and take_dirs(tmp, chain, await each(ring, chain))
 
 
 async def write_at(ring: Ring, fd: int, data: Chunks, *, at: int) -> None:
@@ -126,7 +142,7 @@ async def write_at(ring: Ring, fd: int, data: Chunks, *, at: int) -> None:
     views = [memoryview(chunk).cast("B") for chunk in data if len(chunk)]
     offset = at
     while views:
-        (n,) = await ring.submit([ops.writev(fd, views[:_IOV_MAX], offset=offset)])
+        (n,) = await ring.submit([ops.writev(fd, views[:IOV_MAX], offset=offset)])
         if n <= 0:
             raise error(n) if n < 0 else OSError(errno.EIO, "write() wrote nothing")
         offset += n

@@ -15,12 +15,23 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import Literal
 
 from . import _uring_abi as abi
 from . import _uring_ops as ops
 from ._steps import Steps
 from ._uring import Ring
-from ._uring_steps import each, error, no_free_name, open_dirs, open_under, write_at
+from ._uring_steps import (
+    IOV_MAX,
+    dir_ops,
+    each,
+    error,
+    no_free_name,
+    open_dirs,
+    open_under,
+    take_dirs,
+    write_at,
+)
 from ._writer import (
     _NAME_TRIES,
     _PROC_FD,
@@ -32,7 +43,7 @@ from ._writer import (
     new_name,
 )
 
-__all__ = ["finish", "write"]
+__all__ = ["finish", "finish_one", "write"]
 
 
 async def write(ring: Ring, steps: Steps, chunks: list[bytes | memoryview]) -> bool:
@@ -44,21 +55,25 @@ async def write(ring: Ring, steps: Steps, chunks: list[bytes | memoryview]) -> b
     if not steps.started:
         if not await open_dirs(ring, tmp):
             return False
-        for _ in range(_NAME_TRIES):
-            name = new_name()
-            LIVE_TMP.add(name)  # before the file exists, so a sweep never sees it unowned
-            (fd,) = await ring.submit([open_under(ring, tmp.tmp_fd, name, FILE_FLAGS)])
-            if fd >= 0:
-                tmp.fd, tmp.tmp_name = fd, name
-                break
-            LIVE_TMP.discard(name)
-            if fd != -errno.EEXIST:
-                raise error(fd, name)
-        else:
-            raise no_free_name(tmp, "tmp")
+        await _create(ring, tmp)
         steps.started = True
     await _append(ring, tmp, chunks)
     return True
+
+
+async def _create(ring: Ring, tmp: DeliveryFiles) -> None:
+    """Create the tmp file under a free name in ``tmp/`` (open already)."""
+    for _ in range(_NAME_TRIES):
+        name = new_name()
+        LIVE_TMP.add(name)  # before the file exists, so a sweep never sees it unowned
+        (fd,) = await ring.submit([open_under(ring, tmp.tmp_fd, name, FILE_FLAGS)])
+        if fd >= 0:
+            tmp.fd, tmp.tmp_name = fd, name
+            return
+        LIVE_TMP.discard(name)
+        if fd != -errno.EEXIST:
+            raise error(fd, name)
+    raise no_free_name(tmp, "tmp")
 
 
 async def _append(ring: Ring, tmp: DeliveryFiles, data: list[bytes | memoryview]) -> None:
@@ -67,6 +82,69 @@ async def _append(ring: Ring, tmp: DeliveryFiles, data: list[bytes | memoryview]
     await write_at(ring, tmp.fd, data, at=tmp.size)
     tmp.size += sum(map(len, data))
     os.lseek(tmp.fd, tmp.size, os.SEEK_SET)  # never blocks: no disk I/O
+
+
+async def finish_one(
+    ring: Ring, steps: Steps, chunks: list[bytes | memoryview], sync_new: bool
+) -> str | Literal[False] | None:
+    """``Steps.finish`` for a whole message (nothing written yet) in two round trips.
+
+    The directories and the file are opened together (the file by its whole path, with
+    ``RESOLVE_NO_SYMLINKS`` as the directories), then one chain writes the message with
+    ``RWF_SYNC`` (one write: that is its fsync) and links it from ``/proc/self/fd``: a failed
+    or short write severs the chain before the link. A delivery cancelled while the chain ran
+    was linked all the same: its cleanup removes that link (``Aborted``), so the caller sees
+    what the thread step's abort check before the link gives. Return the published name,
+    None as :func:`finish` does, or False where the thread step must do it all (nothing was
+    done).
+    """
+    tmp = steps.tmp
+    dirs = None if tmp.settings.path in _FOREIGN else dir_ops(ring, tmp)
+    if dirs is None:
+        if not await write(ring, steps, chunks):
+            return False
+        return await finish(ring, steps, [], sync_new)
+    name = new_name()
+    LIVE_TMP.add(name)
+    path = os.path.join(tmp.settings.path, "tmp", name)
+    create = ops.openat2(abi.AT_FDCWD, path, FILE_FLAGS, 0o600, resolve=abi.RESOLVE_NO_SYMLINKS)
+    results = await each(ring, [*dirs, create])
+    fd = results.pop()
+    if not take_dirs(tmp, dirs, results):
+        if len(dirs) > 2 and min(results) >= 0:  # another user's maildir: threads from now on
+            _FOREIGN.add(tmp.settings.path)
+        if fd >= 0:
+            await each(ring, [ops.close(fd), ops.unlinkat(abi.AT_FDCWD, path)])
+        LIVE_TMP.discard(name)
+        return False
+    if fd >= 0:
+        tmp.fd, tmp.tmp_name = fd, name
+    else:
+        LIVE_TMP.discard(name)
+        if fd != -errno.EEXIST:
+            raise error(fd, path)
+        await _create(ring, tmp)
+    steps.started = True
+    data = [c for c in (*chunks, steps.tail(sum(map(len, chunks)))) if len(c)]
+    if not 0 < len(data) <= IOV_MAX:
+        return await _write_and_publish(ring, steps, data, sync_new)
+    fsync = tmp.settings.fsync
+    put = ops.writev(tmp.fd, data, offset=0, rw_flags=abi.RWF_SYNC if fsync else 0)
+    final = steps.name_for(str(tmp.tmp_name), put.expect)
+    results = await ring.submit([put, *_link_ops(tmp, final, sync_new and fsync)])
+    if results[0] < 0:
+        raise error(results[0], tmp.tmp_name)
+    if results[0] < put.expect:  # short: severed before the link; write it all again
+        return await _write_and_publish(ring, steps, data, sync_new)
+    tmp.size = put.expect
+    if tmp.aborted:  # cancelled meanwhile: the thread step would not have linked; unlink
+        if results[1] == 0:
+            tmp.final_name = final
+        raise Aborted
+    return await _publish(ring, steps, sync_new, (final, results[1:]))
+
+
+_FOREIGN: set[str] = set()  # maildirs of another user (root only): opened the two-step way
 
 
 async def finish(
@@ -79,25 +157,51 @@ async def finish(
     """
     tmp = steps.tmp
     data = [c for c in (*chunks, steps.tail(tmp.size + sum(map(len, chunks)))) if len(c)]
+    return await _write_and_publish(ring, steps, data, sync_new)
+
+
+async def _write_and_publish(
+    ring: Ring, steps: Steps, data: list[bytes | memoryview], sync_new: bool
+) -> str | None:
+    """Append *data* (the transform's tail included), fsync the file, publish it."""
+    tmp = steps.tmp
     await _append(ring, tmp, data)
-    fsync = tmp.settings.fsync
-    if fsync:
+    if tmp.settings.fsync:
         (result,) = await ring.submit([ops.fsync(tmp.fd)])
         if result < 0:
             raise error(result)
     if tmp.aborted:
         raise Aborted  # cancelled while writing or syncing: never publish after that
+    return await _publish(ring, steps, sync_new, None)
+
+
+def _link_ops(tmp: DeliveryFiles, final: str, sync_dest: bool) -> list[ops.Op]:
+    """Return the chain that links the file as *final*, then fsyncs and checks the
+    destination (*sync_dest*: the xfs check, see ``_uring_steps``)."""
+    if _PROC_FD:
+        src, src_dir, flags = f"/proc/self/fd/{tmp.fd}", abi.AT_FDCWD, abi.AT_SYMLINK_FOLLOW
+    else:  # pragma: no cover - every CI host has /proc
+        src, src_dir, flags = str(tmp.tmp_name), tmp.tmp_fd, 0
+    chain = [ops.linkat(src_dir, src, tmp.dest_fd, final, flags)]
+    if sync_dest:
+        chain += [ops.fsync(tmp.dest_fd), ops.statx(tmp.dest_fd, "", abi.AT_EMPTY_PATH)]
+    return chain
+
+
+async def _publish(
+    ring: Ring, steps: Steps, sync_new: bool, first: tuple[str, list[int]] | None
+) -> str | None:
+    """Link the written, synced file under a free name (*first*: the name and results of a
+    link chain already run), close it and remove its tmp name; None: no hard links here."""
+    tmp = steps.tmp
     base = str(tmp.tmp_name)
+    sync_dest = sync_new and tmp.settings.fsync
     for _ in range(_NAME_TRIES):
-        final = steps.name_for(base, tmp.size)
-        if _PROC_FD:
-            src, src_dir, flags = f"/proc/self/fd/{tmp.fd}", abi.AT_FDCWD, abi.AT_SYMLINK_FOLLOW
-        else:  # pragma: no cover - every CI host has /proc
-            src, src_dir, flags = str(tmp.tmp_name), tmp.tmp_fd, 0
-        chain = [ops.linkat(src_dir, src, tmp.dest_fd, final, flags)]
-        if sync_new and fsync:
-            chain += [ops.fsync(tmp.dest_fd), ops.statx(tmp.dest_fd, "", abi.AT_EMPTY_PATH)]
-        results = await ring.submit(chain)
+        if first is None:
+            final = steps.name_for(base, tmp.size)
+            results = await ring.submit(_link_ops(tmp, final, sync_dest))
+        else:
+            (final, results), first = first, None
         if results[0] != -errno.EEXIST:
             break
         base = new_name()
@@ -106,7 +210,7 @@ async def finish(
     if -results[0] in NO_LINKS:
         return None
     if results[0] < 0:
-        raise error(results[0], src, None, final)
+        raise error(results[0], f"/proc/self/fd/{tmp.fd}", None, final)
     tmp.final_name = final
     await _close_and_unlink(ring, tmp)
     for result in results[1:]:
