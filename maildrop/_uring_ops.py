@@ -93,27 +93,6 @@ class Op:
         """Return the operation's name (``"linkat"``)."""
         return abi.OP_NAMES[self.opcode]
 
-    def pack(self, sqe_flags: int, user_data: int) -> tuple[int, ...]:
-        """Return the fields of the submission queue entry, in :data:`abi.SQE` order."""
-        if self.fixed:
-            sqe_flags |= abi.IOSQE_FIXED_FILE
-        return (
-            self.opcode,
-            sqe_flags,
-            0,
-            self.fd,
-            self.addr2 & abi.U64,
-            self.addr,
-            self.length,
-            self.op_flags,
-            user_data,
-            0,
-            0,
-            self.file_index,
-            self.addr3,
-            0,
-        )
-
     def __repr__(self) -> str:
         where = f"slot {self.fd}" if self.fixed else f"fd {self.fd}"
         return f"<Op {self.name} {where} seq={self.seq}>"

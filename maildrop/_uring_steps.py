@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import os
 from collections.abc import Sequence
 
@@ -69,19 +68,14 @@ def open_under(ring: Ring, dir_fd: int, name: str, flags: int) -> ops.Op:
 
 
 def each(ring: Ring, chain: list[ops.Op]) -> asyncio.Future[list[int]]:
-    """Submit each op of *chain* on its own (they run concurrently); a future of the results."""
+    """Submit the ops of *chain* unlinked (they run concurrently); a future of the results."""
     future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-    results = [0] * len(chain)
-    left = [len(chain)]
 
-    def done(i: int, result: list[int]) -> None:
-        results[i] = result[0]
-        left[0] -= 1
-        if not left[0] and not future.cancelled():
+    def done(results: list[int]) -> None:
+        if not future.cancelled():
             future.set_result(results)
 
-    for i, op in enumerate(chain):
-        ring.queue([op], functools.partial(done, i))
+    ring.queue(chain, done, linked=False)
     return future
 
 
