@@ -91,12 +91,9 @@ async def finish_one(
 
     The directories and the file are opened together (the file by its whole path, with
     ``RESOLVE_NO_SYMLINKS`` as the directories), then one chain writes the message with
-    ``RWF_SYNC`` (one write: that is its fsync) and links it from ``/proc/self/fd``: a failed
-    or short write severs the chain before the link. A delivery cancelled while the chain ran
-    was linked all the same: its cleanup removes that link (``Aborted``), so the caller sees
-    what the thread step's abort check before the link gives. Return the published name,
-    None as :func:`finish` does, or False where the thread step must do it all (nothing was
-    done).
+    ``RWF_SYNC`` (one write: that is its fsync), links it from ``/proc/self/fd``, removes
+    its tmp name and closes it (:func:`_write_one`). Return the published name, None as
+    :func:`finish` does, or False where the thread step must do it all (nothing was done).
     """
     tmp = steps.tmp
     dirs = None if tmp.settings.path in _FOREIGN else dir_ops(ring, tmp)
@@ -111,8 +108,8 @@ async def finish_one(
     results = await each(ring, [*dirs, create])
     fd = results.pop()
     if not take_dirs(tmp, dirs, results):
-        if len(dirs) > 2 and min(results) >= 0:  # another user's maildir: threads from now on
-            _FOREIGN.add(tmp.settings.path)
+        if len(dirs) > 2 and min(results) >= 0 and ops.statx_result(dirs[2]).uid != 0:
+            _FOREIGN.add(tmp.settings.path)  # another user's maildir: the two-step way
         if fd >= 0:
             await each(ring, [ops.close(fd), ops.unlinkat(abi.AT_FDCWD, path)])
         LIVE_TMP.discard(name)
@@ -128,20 +125,58 @@ async def finish_one(
     data = [c for c in (*chunks, steps.tail(sum(map(len, chunks)))) if len(c)]
     if not 0 < len(data) <= IOV_MAX:
         return await _write_and_publish(ring, steps, data, sync_new)
-    fsync = tmp.settings.fsync
+    return await _write_one(ring, steps, data, sync_new)
+
+
+async def _write_one(
+    ring: Ring, steps: Steps, data: list[bytes | memoryview], sync_new: bool
+) -> str | None:
+    """Write, link, unlink and close the new, empty tmp file in one chain.
+
+    A failed or short write severs the chain before the link. A failed link does not (see
+    ``_uring_steps``): the unlink and close after it run, so a name already taken (EEXIST)
+    or a filesystem without hard links has the message written again into a new tmp file
+    and published the step-by-step way. A delivery cancelled while the chain ran was linked
+    all the same: its cleanup removes that link (``Aborted``), which leaves what the
+    thread step's abort check before the link leaves.
+    """
+    tmp = steps.tmp
+    name, fd, fsync = str(tmp.tmp_name), tmp.fd, tmp.settings.fsync
     put = ops.writev(tmp.fd, data, offset=0, rw_flags=abi.RWF_SYNC if fsync else 0)
-    final = steps.name_for(str(tmp.tmp_name), put.expect)
-    results = await ring.submit([put, *_link_ops(tmp, final, sync_new and fsync)])
-    if results[0] < 0:
-        raise error(results[0], tmp.tmp_name)
-    if results[0] < put.expect:  # short: severed before the link; write it all again
+    final = steps.name_for(name, put.expect)
+    link, *dest = _link_ops(tmp, final, sync_new and fsync)
+    chain = [put, link, ops.unlinkat(tmp.tmp_fd, name), ops.close(tmp.fd), *dest]
+    written, linked, unlinked, closed, *synced = await ring.submit(chain)
+    if closed != -errno.ECANCELED:
+        tmp.fd = -1  # Linux releases the fd even when close reports an error
+    if written < 0:
+        raise error(written, name)
+    if written < put.expect:  # short: severed before the link; write it all again
         return await _write_and_publish(ring, steps, data, sync_new)
-    tmp.size = put.expect
-    if tmp.aborted:  # cancelled meanwhile: the thread step would not have linked; unlink
-        if results[1] == 0:
-            tmp.final_name = final
-        raise Aborted
-    return await _publish(ring, steps, sync_new, (final, results[1:]))
+    tmp.size = written
+    if unlinked in (0, -errno.ENOENT):
+        LIVE_TMP.discard(name)
+        tmp.tmp_name = None
+    if linked == 0:
+        tmp.final_name = final
+    if tmp.aborted:
+        raise Aborted  # cancelled meanwhile: the thread step would not have linked
+    if linked in (-errno.EEXIST, *(-e for e in NO_LINKS)) and tmp.tmp_name is None:
+        await _create(ring, tmp)
+        tmp.size = 0
+        return await _write_and_publish(ring, steps, data, sync_new)
+    if linked < 0:
+        raise error(linked, f"/proc/self/fd/{fd}", None, final)
+    if closed < 0:
+        raise error(closed)
+    if tmp.tmp_name is not None:
+        raise error(unlinked, name)
+    for result in synced:
+        if result < 0:
+            raise error(result)
+    if sync_new:
+        tmp.close_dirs()
+    return final
 
 
 _FOREIGN: set[str] = set()  # maildirs of another user (root only): opened the two-step way

@@ -172,6 +172,22 @@ async def test_a_taken_name_is_never_clobbered(tmp_path: Path, op: str) -> None:
     assert listing(path)["tmp"] == []
 
 
+@pytest.mark.parametrize("times", [1, 2])
+async def test_a_filesystem_without_links_gets_the_message_again(
+    tmp_path: Path, times: int
+) -> None:
+    """EPERM on the chained link (its tmp file is gone): written again into a new tmp file,
+    then linked, or renamed by the thread step when the second link is refused too."""
+    hooks = Fail(named("linkat"), -errno.EPERM, times=times)
+    md, path = await ring_maildir(tmp_path, hooks)
+    d = await md.deliver(MSG)
+    assert d.path.read_bytes() == MSG
+    assert hooks.left == 0
+    assert [name for name, _ in hooks.trace].count("writev") == 2
+    assert len(listing(path)["new"]) == 2
+    assert listing(path)["tmp"] == []
+
+
 async def test_no_free_name_after_every_try(tmp_path: Path) -> None:
     """A link refused with EEXIST every time ends with FileExistsError naming new/."""
     hooks = Fail(named("linkat"), -errno.EEXIST, times=1000)
