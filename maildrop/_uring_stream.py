@@ -17,6 +17,7 @@ import errno
 import os
 from typing import Literal
 
+from . import _dircache
 from . import _uring_abi as abi
 from . import _uring_ops as ops
 from ._steps import Steps
@@ -89,18 +90,38 @@ async def finish_one(
 ) -> str | Literal[False] | None:
     """``Steps.finish`` for a whole message (nothing written yet) in two round trips.
 
-    The directories and the file are opened together (the file by its whole path, with
-    ``RESOLVE_NO_SYMLINKS`` as the directories), then one chain writes the message with
-    ``RWF_SYNC`` (one write: that is its fsync), links it from ``/proc/self/fd``, removes
-    its tmp name and closes it (:func:`_write_one`). Return the published name, None as
-    :func:`finish` does, or False where the thread step must do it all (nothing was done).
+    The directories and the file are opened together (:func:`_open_one`), then one chain
+    writes the message with ``RWF_SYNC`` (one write: that is its fsync), links it from
+    ``/proc/self/fd``, removes its tmp name and closes it (:func:`_write_one`). Return the
+    published name, None as :func:`finish` does, or False where the thread step must do it
+    all (nothing was done).
     """
     tmp = steps.tmp
-    dirs = None if tmp.settings.path in _FOREIGN else dir_ops(ring, tmp)
-    if dirs is None:
+    if tmp.reuse and _dircache.usable(tmp):  # a server's: the directories it keeps open
+        if not tmp.reuse_kept() or tmp.owner is not None:
+            tmp.close_dirs()  # none kept yet (the thread step keeps them), or a chown to do
+            return False
+        await _create(ring, tmp)
+    elif tmp.settings.path in _FOREIGN:
         if not await write(ring, steps, chunks):
             return False
         return await finish(ring, steps, [], sync_new)
+    elif not await _open_one(ring, tmp):
+        return False
+    steps.started = True
+    data = [c for c in (*chunks, steps.tail(sum(map(len, chunks)))) if len(c)]
+    if not 0 < len(data) <= IOV_MAX:
+        return await _write_and_publish(ring, steps, data, sync_new)
+    return await _write_one(ring, steps, data, sync_new)
+
+
+async def _open_one(ring: Ring, tmp: DeliveryFiles) -> bool:
+    """Open the directories and create the tmp file in one round trip (the file by its whole
+    path, with ``RESOLVE_NO_SYMLINKS`` as the directories); False, with nothing left, where
+    the thread step must do it (see ``open_dirs``)."""
+    dirs = dir_ops(ring, tmp)
+    if dirs is None:
+        return False
     name = new_name()
     LIVE_TMP.add(name)
     path = os.path.join(tmp.settings.path, "tmp", name)
@@ -116,16 +137,12 @@ async def finish_one(
         return False
     if fd >= 0:
         tmp.fd, tmp.tmp_name = fd, name
-    else:
-        LIVE_TMP.discard(name)
-        if fd != -errno.EEXIST:
-            raise error(fd, path)
-        await _create(ring, tmp)
-    steps.started = True
-    data = [c for c in (*chunks, steps.tail(sum(map(len, chunks)))) if len(c)]
-    if not 0 < len(data) <= IOV_MAX:
-        return await _write_and_publish(ring, steps, data, sync_new)
-    return await _write_one(ring, steps, data, sync_new)
+        return True
+    LIVE_TMP.discard(name)
+    if fd != -errno.EEXIST:
+        raise error(fd, path)
+    await _create(ring, tmp)
+    return True
 
 
 async def _write_one(
