@@ -10,17 +10,18 @@ ring changes, and why it is safe:
   user while running as root) is left to the thread step, which handles it with the same code
   and the same errors.
 * The tmp file (``_uring_stream``) is a process fd opened on the ring ``O_CREAT|O_EXCL|
-  O_NOFOLLOW`` with ``RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS``, written at its position, fsynced
-  by a chain of its own that is checked before the link (a failed fsync does not sever a
-  chain on kernel 6.18), and linked from ``/proc/self/fd``, as the thread step links it: the
-  file it wrote, never whatever a hostile user swapped in at its tmp name. (An earlier
-  single-chain version opened the file into a direct-descriptor slot, which has no
-  ``/proc/self/fd`` path, and linked it by its tmp name: a swapped symlink or hard link was
-  published. ``tests/crash/test_uring_hostile.py`` pins it.)
+  O_NOFOLLOW`` with ``RESOLVE_NO_SYMLINKS`` (``RESOLVE_BENEATH`` too where relative to
+  ``tmp/``) and linked from ``/proc/self/fd``, as the thread step links it: the file it
+  wrote, never whatever a hostile user swapped in at its tmp name. (An earlier single-chain
+  version opened the file into a direct-descriptor slot, which has no ``/proc/self/fd``
+  path, and linked it by its tmp name: a swapped symlink or hard link was published.
+  ``tests/crash/test_uring_hostile.py`` pins it.) A whole message is one write with
+  ``RWF_SYNC`` chained to its link; a streamed one is fsynced by a chain of its own,
+  checked before the link (a failed fsync does not sever a chain on kernel 6.18).
 * xfs: ``statx(dest, "", AT_EMPTY_PATH)`` after ``fsync(dest)`` plays ``fstat``'s part.
-* Cancellation: a chain cannot be stopped once submitted, but the link is a chain of its own
-  after the file's fsync, and the abort check the thread step makes between the two is
-  made here too.
+* Cancellation: a chain cannot be stopped once submitted. A streamed message's link is a
+  chain of its own, after the abort check the thread step makes; a whole message's chain
+  links it anyway, and the cleanup of a delivery cancelled meanwhile removes that link.
 """
 
 from __future__ import annotations

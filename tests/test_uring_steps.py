@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from maildrop import Maildir, _backend
+from maildrop import Maildir, _backend, _uring_stream
 from maildrop import _uring_abi as abi
 from maildrop._uring import availability
 from maildrop._uring_backend import UringBackend
@@ -256,11 +256,19 @@ async def test_a_symlink_above_the_maildir_goes_to_a_thread(tmp_path: Path) -> N
     assert len(listing(tmp_path / "real" / "m")["new"]) == 2
 
 
-async def test_a_maildir_of_another_owner_goes_to_a_thread(tmp_path: Path) -> None:
+async def test_a_maildir_of_another_owner_goes_to_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Running as root into another user's maildir: the thread step gives them the file."""
     if os.geteuid() != 0:
         pytest.skip("needs root (chown)")
     md, path = await ring_maildir(tmp_path)
     os.chown(path, 4242, 4242)
+    monkeypatch.setattr(_uring_stream, "_FOREIGN", {"/elsewhere"})
+    monkeypatch.setattr(_uring_stream, "_FOREIGN_MAX", 1)
     d = await md.deliver(MSG)
     assert d.path.stat().st_uid == 4242
+    assert {str(path)} == _uring_stream._FOREIGN  # remembered (the bounded set was full)
+    again = await md.deliver(MSG)  # opened the two-step way, then handed to the thread step
+    assert again.path.stat().st_uid == 4242
+    assert listing(path)["tmp"] == []
