@@ -234,7 +234,7 @@ async def _write_and_publish(
             raise error(result)
     if tmp.aborted:
         raise Aborted  # cancelled while writing or syncing: never publish after that
-    return await _publish(ring, steps, sync_new, None)
+    return await _publish(ring, steps, sync_new)
 
 
 def _link_ops(tmp: DeliveryFiles, final: str, sync_dest: bool) -> list[ops.Op]:
@@ -250,20 +250,15 @@ def _link_ops(tmp: DeliveryFiles, final: str, sync_dest: bool) -> list[ops.Op]:
     return chain
 
 
-async def _publish(
-    ring: Ring, steps: Steps, sync_new: bool, first: tuple[str, list[int]] | None
-) -> str | None:
-    """Link the written, synced file under a free name (*first*: the name and results of a
-    link chain already run), close it and remove its tmp name; None: no hard links here."""
+async def _publish(ring: Ring, steps: Steps, sync_new: bool) -> str | None:
+    """Link the written, synced file under a free name, close it and remove its tmp name;
+    None: no hard links here."""
     tmp = steps.tmp
     base = str(tmp.tmp_name)
     sync_dest = sync_new and tmp.settings.fsync
     for _ in range(_NAME_TRIES):
-        if first is None:
-            final = steps.name_for(base, tmp.size)
-            results = await ring.submit(_link_ops(tmp, final, sync_dest))
-        else:
-            (final, results), first = first, None
+        final = steps.name_for(base, tmp.size)
+        results = await ring.submit(_link_ops(tmp, final, sync_dest))
         if results[0] != -errno.EEXIST:
             break
         base = new_name()
