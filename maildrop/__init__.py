@@ -18,7 +18,8 @@ from the public face down::
                    which backend a maildir asked for (auto/uring/threads, MAILDROP_BACKEND)
     _uring_backend the io_uring Backend: the engine's own steps as ring chains, the rest
                    in the pool; _uring_steps those chains (open dirs, finish, dir fsync),
-                   _uring_stream a message written in ~1 MiB steps on the ring
+                   _uring_stream a message on the ring: whole (two round trips) or in
+                   ~1 MiB steps
     _loops         per_loop(): one value per running event loop
     _pool          the thread backends' workers (asyncio pool: CORE_THREADS, the server
                    fewer, more while fsyncs are slow or all blocked; anyio limiters)
@@ -53,7 +54,8 @@ The doors::
                    least loaded worker takes the next connection of a burst
     _log           the servers' log handler: a write per event-loop turn, not per line
     _uring         the io_uring driver of our own (ctypes + mmap): _uring_abi, _uring_setup,
-                   _uring_ops, _uring_hooks (trace/faults); _uring_deliver the phase-1
+                   _uring_ops, _uring_chain (a chain's bookkeeping), _uring_hooks
+                   (trace/faults); _uring_deliver the phase-1
                    prototype delivery (benchmarks.uring_proto's ur* contenders)
 
 Which thread owns a delivery's files when: the caller's task while it buffers; a worker

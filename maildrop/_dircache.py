@@ -46,6 +46,7 @@ __all__ = [
     "keep",
     "release",
     "reuse",
+    "usable",
 ]
 
 #: Seconds an entry may be reused after its directories were opened.
@@ -113,7 +114,8 @@ def _key(dirs: Dirs) -> tuple[str, str | None, str]:
     return (cfg.root, cfg.folder, dirs.subdir)
 
 
-def _usable(dirs: Dirs) -> bool:
+def usable(dirs: Dirs) -> bool:
+    """Whether *dirs* may take and leave its directories in the cache (a server runs)."""
     return _holders > 0 and dirs.sys is DEFAULT_SYSCALLS
 
 
@@ -122,7 +124,7 @@ def reuse(dirs: Dirs) -> Entry | None:
 
     Costs one ``lstat`` of the maildir's path when an entry exists.
     """
-    if not _usable(dirs):
+    if not usable(dirs):
         return None
     key = _key(dirs)
     with _lock:
@@ -147,7 +149,7 @@ def reuse(dirs: Dirs) -> Entry | None:
 def keep(dirs: Dirs) -> Entry | None:
     """Keep the directories *dirs* just opened for the deliveries after it; return the
     entry (counted as used by *dirs*), or None when they cannot be kept."""
-    if not _usable(dirs) or not dirs.dir_fds:
+    if not usable(dirs) or not dirs.dir_fds:
         return None
     try:
         st = dirs.sys.fstat(dirs.dir_fds[0])

@@ -138,15 +138,8 @@ class Dirs:
 
     def open_dirs(self) -> None:
         """Open (creating if allowed) the maildir's ``tmp/`` and destination directories."""
-        if self.reuse:  # (imported here: `maildrop deliver` never reuses, nor loads it)
-            # `from .mod import name`: no importlib call per delivery, as `from . import mod` has.
-            from ._dircache import reuse
-
-            kept = self._kept = reuse(self)
-            if kept is not None:
-                self.dir_fds = list(kept.dir_fds)
-                self.tmp_fd, self.dest_fd, self.owner = kept.tmp_fd, kept.dest_fd, kept.owner
-                return
+        if self.reuse and self.reuse_kept():
+            return
         cfg = self.settings
         root = self._open_root(cfg.root, None)
         if self.owner is None and os.geteuid() == 0:
@@ -166,6 +159,20 @@ class Dirs:
             from ._dircache import keep
 
             self._kept = keep(self)
+
+    def reuse_kept(self) -> bool:
+        """Take the directories from the process's cache (``_dircache``); False if it has
+        none for this maildir (open them yourself)."""
+        # Imported here: `maildrop deliver` never reuses, nor loads it. `from .mod import
+        # name`: no importlib call per delivery, as `from . import mod` has.
+        from ._dircache import reuse
+
+        kept = self._kept = reuse(self)
+        if kept is None:
+            return False
+        self.dir_fds = list(kept.dir_fds)
+        self.tmp_fd, self.dest_fd, self.owner = kept.tmp_fd, kept.dest_fd, kept.owner
+        return True
 
     def _adopt_owner(self, st: os.stat_result) -> None:
         # Root delivering into a user's maildir (Postfix's mailbox_command for root, an

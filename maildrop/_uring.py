@@ -37,12 +37,13 @@ import mmap
 import os
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from . import _uring_abi as abi
 from . import _uring_setup as setup
+from ._uring_chain import Chain, Done, put
 from ._uring_hooks import Hooks
-from ._uring_ops import Op, nop, quiet_result, severs, shorten
+from ._uring_ops import Op, quiet_result, severs
 from ._uring_setup import Availability, UringUnavailableError
 
 __all__ = ["Availability", "Ring", "UringUnavailableError", "availability"]
@@ -50,30 +51,14 @@ __all__ = ["Availability", "Ring", "UringUnavailableError", "availability"]
 _U32 = 0xFFFF_FFFF
 _RINGS: weakref.WeakSet[Ring] = weakref.WeakSet()
 _INHERITED: list[tuple[mmap.mmap, ...]] = []  # a forked child's ring maps (Ring._forget)
-Done = Callable[[list[int]], None]
-_NOP = nop()
 _LINK_QUIET = abi.IOSQE_IO_LINK | abi.IOSQE_CQE_SKIP_SUCCESS
+_SQE_SIZE, _CQE_SIZE = abi.SQE.size, abi.CQE.size
 
 
 @functools.cache
 def availability() -> Availability:
     """Return whether io_uring works in this process (probed once: opens a tiny ring)."""
     return setup.probe(lambda: Ring.open(entries=2, slots=0))
-
-
-class _Chain:
-    __slots__ = ("done", "injected", "next", "ops", "quiet", "reported", "results", "start", "uds")
-
-    def __init__(self, ops: list[Op], done: Done) -> None:
-        self.ops = ops
-        self.done = done
-        self.results: list[int] = [-errno.ECANCELED] * len(ops)
-        self.reported = [False] * len(ops)
-        self.quiet = [False] * len(ops)  # IOSQE_CQE_SKIP_SUCCESS: no completion on success
-        self.uds = [0] * len(ops)
-        self.injected: dict[int, int] = {}
-        # The first op of the part in the kernel, and the first not yet written to the queue.
-        self.start = self.next = 0
 
 
 class Ring:
@@ -98,8 +83,8 @@ class Ring:
         self._cq, self._cqes = cq, co.cqes
         self._tail, self._cq_head = self._sq_ktail.value, self._cq_khead.value
         self._unsubmitted, self._seq, self._next_ud = 0, 0, 1
-        self._pending: deque[_Chain] = deque()
-        self._inflight: dict[int, tuple[_Chain, int]] = {}
+        self._pending: deque[Chain] = deque()
+        self._inflight: dict[int, tuple[Chain, int]] = {}
         self._fd_users: dict[int, int] = {}  # not a Counter: its update() is slow (hot path)
         self._close_later: set[int] = set()
         self.free_slots: list[int] = []  # direct-descriptor slots (take_slot, give_slot)
@@ -169,20 +154,24 @@ class Ring:
                     os.close(fd)
 
     # -- submission -----------------------------------------------------------------------
-    def queue(self, ops: Sequence[Op], done: Done) -> None:
+    def queue(self, ops: Sequence[Op], done: Done, *, linked: bool = True) -> None:
         """Queue *ops* as one chain; call ``done(results)`` once every op has a result.
 
         Each result is the op's completion (``-errno`` on failure); an op that did not run
-        because an earlier one severed the chain reports ``-ECANCELED``.
+        because an earlier one severed the chain reports ``-ECANCELED``. With *linked*
+        False the ops are independent (no ``IOSQE_IO_LINK``: they may run concurrently and
+        none cancels another) and ``done`` runs once all of them completed.
         """
         if self._closed:
             why = "was inherited across fork" if self._forked else "is closed"
             raise RuntimeError(f"this io_uring ring {why}; open a new one")
         if not 0 < len(ops) <= min(self._sq_entries, self.max_inflight):
             raise ValueError(f"a chain holds 1 to {self._sq_entries} ops, not {len(ops)}")
-        for fd in (fd for op in ops for fd in op.fds):
-            self._fd_users[fd] = self._fd_users.get(fd, 0) + 1
-        self._pending.append(_Chain(list(ops), done))
+        users = self._fd_users
+        for op in ops:
+            for fd in op.fds:
+                users[fd] = users.get(fd, 0) + 1
+        self._pending.append(Chain(list(ops), done, linked))
         self._kick()
 
     def _live_loop(self) -> asyncio.AbstractEventLoop | None:
@@ -203,40 +192,42 @@ class Ring:
             self.reap()  # completions that are already there save a wake-up through the eventfd
 
     def _fill(self) -> None:
-        while self._pending:
-            chain = self._pending[0]
+        pending = self._pending
+        while pending:
+            chain = pending[0]
             count = len(chain.ops) - chain.next
             free = self._sq_entries - ((self._tail - self._sq_khead.value) & _U32)
             if count > free or len(self._inflight) + count > self.max_inflight:
                 return  # the whole rest of the chain, or nothing: see the module's rules
             self._write(chain)  # a hook that raises there leaves the chain queued
-            self._pending.popleft()
+            if chain.linked or chain.next == len(chain.ops):
+                pending.popleft()
 
-    def _write(self, chain: _Chain) -> None:
-        last, i, tail = len(chain.ops) - 1, chain.next, self._tail
+    def _write(self, chain: Chain) -> None:
+        ops, hooks, inflight = chain.ops, self.hooks, self._inflight
+        last, i, tail = len(ops) - 1, chain.next, self._tail
+        sqes, mask, quiet_ok = self._sqes, self._sq_mask, self._quiet_ok
         chain.start = i
         while True:
-            op = chain.ops[i]
+            op = ops[i]
             op.seq = self._seq
-            inject = None if self.hooks is None else self.hooks.before_submit(op)
+            if hooks is not None:
+                op = chain.inject(i, op, hooks)  # may raise: this op then keeps its number
             self._seq += 1
-            if inject is not None and 0 <= inject < op.expect:
-                shorten(op, inject)  # a real short write: the kernel severs the chain itself
-            elif inject is not None:
-                chain.injected[i] = inject
-                if inject < 0 and op.opcode != abi.OP_CLOSE:  # a failed close frees the fd
-                    op = _NOP  # an injected failure does nothing: a nop takes the op's place
             # With hooks, each op goes alone after its predecessor completed (_complete applies
             # the kernel's severing rules), so "stop before op N" means ops before it are done.
-            link = i < last and self.hooks is None
-            quiet = link and self._quiet_ok and quiet_result(op) is not None
-            ud, self._next_ud = self._next_ud, self._next_ud + 1
-            self._inflight[ud] = (chain, i)
-            chain.uds[i], chain.quiet[i] = ud, quiet
-            fields = op.pack(_LINK_QUIET if quiet else abi.IOSQE_IO_LINK if link else 0, ud)
-            abi.SQE.pack_into(self._sqes, (tail & self._sq_mask) * abi.SQE.size, *fields)
+            link = i < last and chain.linked and hooks is None
+            quiet = link and quiet_ok and quiet_result(op) is not None
+            ud = self._next_ud
+            self._next_ud = ud + 1
+            inflight[ud] = (chain, i)
+            chain.uds[i] = ud
+            if quiet:
+                chain.quiet[i] = True
+            flags = _LINK_QUIET if quiet else abi.IOSQE_IO_LINK if link else 0
+            put(sqes, (tail & mask) * _SQE_SIZE, op, flags, ud)
             tail, i = tail + 1, i + 1
-            if not link:
+            if i > last or (not link and chain.linked) or hooks is not None:
                 break
         self._unsubmitted += i - chain.next
         chain.next, self._tail = i, tail
@@ -254,11 +245,11 @@ class Ring:
     def reap(self) -> int:
         """Handle every completion in the ring; return how many there were."""
         handled = 0
+        cq, cqes, mask, unpack = self._cq, self._cqes, self._cq_mask, abi.CQE.unpack_from
         while True:
             head, tail = self._cq_head, self._cq_ktail.value
             while head != tail:
-                offset = self._cqes + (head & self._cq_mask) * abi.CQE.size
-                ud, result, _ = abi.CQE.unpack_from(self._cq, offset)
+                ud, result, _ = unpack(cq, cqes + (head & mask) * _CQE_SIZE)
                 head = (head + 1) & _U32
                 self._cq_head = self._cq_khead.value = head  # before the callback: it may raise
                 self._complete(ud, result)
@@ -274,28 +265,28 @@ class Ring:
     def _complete(self, ud: int, result: int) -> None:
         chain, i = self._inflight.pop(ud)
         op = chain.ops[i]
-        if i in chain.injected and result != -errno.ECANCELED:
+        if chain.injected is not None and i in chain.injected and result != -errno.ECANCELED:
             result = chain.injected[i]
         chain.results[i], chain.reported[i] = result, True
-        self._release(op)
+        if op.fds:
+            self._release(op)
+        if not chain.linked:
+            chain.left -= 1
+            if not chain.left:
+                chain.done(chain.results)
         # A chain's completions arrive in chain order. The part in the kernel ends with its
         # last op, or with a quiet op that reports: it failed (or wrote short), and the kernel
         # then cancels the rest without completions. A quiet op reporting ECANCELED was
         # cancelled by an earlier failure of a reporting op, after which every op reports.
-        if i == chain.next - 1 or (chain.quiet[i] and result != -errno.ECANCELED):
+        elif i == chain.next - 1 or (chain.quiet[i] and result != -errno.ECANCELED):
             self._end_part(chain, i)
         if self.hooks is not None:  # last: a hook that raises leaves the ring consistent
             self.hooks.after_reap(op, result)
 
-    def _end_part(self, chain: _Chain, stop: int) -> None:
-        for j in range(chain.start, chain.next):
-            if not chain.reported[j]:  # quiet: succeeded before *stop*, silenced after it
-                del self._inflight[chain.uds[j]]
-                self._release(chain.ops[j])
-                success = quiet_result(chain.ops[j])
-                chain.results[j] = (
-                    success if j < stop and success is not None else -errno.ECANCELED
-                )
+    def _end_part(self, chain: Chain, stop: int) -> None:
+        for j in chain.settle(stop):  # quiet ops, which report nothing on success
+            del self._inflight[chain.uds[j]]
+            self._release(chain.ops[j])
         if chain.next < len(chain.ops):  # the rest of the chain waits for this op (hooks)
             if not severs(chain.ops[stop], chain.results[stop]):
                 self._pending.appendleft(chain)

@@ -150,15 +150,17 @@ def _load_syscall() -> Any:
 _syscall = _load_syscall()
 
 
-def call(number: int, *args: object) -> int:
-    """Make system call *number*; return its result or raise ``OSError`` with its errno.
+def call(number: int, *args: object, via: Any = None) -> int:
+    """Make system call *number* (through the typed handle *via*, if given); return its
+    result or raise ``OSError`` with its errno.
 
     ``EINTR`` is retried: none of the three calls has done anything when it reports it.
     """
-    if _syscall is None:
+    function = _syscall if via is None else via
+    if function is None:
         raise OSError(errno.ENOSYS, "this C library has no syscall()")
     while True:
-        result: int = _syscall(number, *args)
+        result: int = function(number, *args)
         if result >= 0:
             return result
         code = ctypes.get_errno()
@@ -171,10 +173,26 @@ def setup(entries: int, params: Params) -> int:
     return call(SYS_SETUP, ctypes.c_uint(entries), ctypes.byref(params))
 
 
+def _typed(*argtypes: Any) -> Any:
+    """Return another handle on ``syscall()`` that converts its arguments to *argtypes*."""
+    if _syscall is None:  # pragma: no cover - a C library without syscall(): see call()
+        return None
+    function = ctypes.CDLL(None, use_errno=True)["syscall"]  # [] makes a new handle
+    function.restype, function.argtypes = ctypes.c_long, argtypes
+    return function
+
+
+# io_uring_enter(fd, to_submit, min_complete, flags, sig, sigsz), the hot one: typed once
+# instead of wrapping each argument in a ctypes object per call.
+_enter = _typed(
+    ctypes.c_long, ctypes.c_int, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p,
+    ctypes.c_size_t,
+)  # fmt: skip
+
+
 def enter(fd: int, to_submit: int, min_complete: int, flags: int) -> int:
     """Submit *to_submit* queued entries and/or wait for *min_complete* completions."""
-    args = (ctypes.c_uint(to_submit), ctypes.c_uint(min_complete), ctypes.c_uint(flags))
-    return call(SYS_ENTER, ctypes.c_int(fd), *args, None, ctypes.c_size_t(0))
+    return call(SYS_ENTER, fd, to_submit, min_complete, flags, None, 0, via=_enter)
 
 
 def register(fd: int, opcode: int, arg: ctypes.Array[Any] | ctypes.c_int, nr: int) -> int:

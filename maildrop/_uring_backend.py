@@ -153,11 +153,13 @@ class UringBackend(PoolBackend):
             hand_back(tmp)
 
     async def _finish(self, steps: Steps, chunks: list[bytes | memoryview], sync_new: bool) -> str:
-        # A message written in one step is written and linked as a streamed one: a process
-        # fd linked from /proc/self/fd, never by its tmp name (``_uring_steps`` says why).
-        if not await ring_stream.write(self.ring, steps, chunks):
+        # A whole message: opened, written and linked in two round trips (``finish_one``).
+        final = await ring_stream.finish_one(self.ring, steps, chunks, sync_new)
+        if final is False:
             return await self.pool.submit(steps.finish, (chunks, sync_new))
-        return await self._finish_streamed(steps, [], sync_new)
+        if final is None:  # no hard links here: the thread step's rename fallback
+            return await self.pool.submit(steps.publish, (sync_new,))
+        return final
 
     async def _finish_streamed(
         self, steps: Steps, chunks: list[bytes | memoryview], sync_new: bool

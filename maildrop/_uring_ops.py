@@ -15,6 +15,7 @@ not ``bytes`` is copied once.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from collections.abc import Sequence
 
@@ -93,27 +94,6 @@ class Op:
         """Return the operation's name (``"linkat"``)."""
         return abi.OP_NAMES[self.opcode]
 
-    def pack(self, sqe_flags: int, user_data: int) -> tuple[int, ...]:
-        """Return the fields of the submission queue entry, in :data:`abi.SQE` order."""
-        if self.fixed:
-            sqe_flags |= abi.IOSQE_FIXED_FILE
-        return (
-            self.opcode,
-            sqe_flags,
-            0,
-            self.fd,
-            self.addr2 & abi.U64,
-            self.addr,
-            self.length,
-            self.op_flags,
-            user_data,
-            0,
-            0,
-            self.file_index,
-            self.addr3,
-            0,
-        )
-
     def __repr__(self) -> str:
         where = f"slot {self.fd}" if self.fixed else f"fd {self.fd}"
         return f"<Op {self.name} {where} seq={self.seq}>"
@@ -182,6 +162,13 @@ def openat(dfd: int, path: Path, flags: int, mode: int = 0o600, *, slot: int | N
     return op
 
 
+@functools.lru_cache(maxsize=64)
+def _how(flags: int, mode: int, resolve: int) -> ctypes.Array[ctypes.c_char]:
+    """Return the ``open_how`` for these fields, shared by every op that uses them: the
+    kernel only reads it (when the entry is submitted), and an op keeps it alive."""
+    return ctypes.create_string_buffer(abi.OPEN_HOW.pack(flags, mode, resolve), abi.OPEN_HOW.size)
+
+
 def openat2(
     dfd: int,
     path: Path,
@@ -194,7 +181,7 @@ def openat2(
     """Prepare ``openat2(dfd, path, {flags, mode, resolve})``, optionally into *slot*."""
     op = Op(abi.OP_OPENAT2, dfd)
     raw = _path(path)
-    how = ctypes.create_string_buffer(abi.OPEN_HOW.pack(flags, mode, resolve), abi.OPEN_HOW.size)
+    how = _how(flags, mode, resolve)
     op.addr, op.addr2, op.length = abi.address(raw), ctypes.addressof(how), abi.OPEN_HOW.size
     op.keep = (raw, how)
     _slot_target(op, slot)

@@ -10,24 +10,24 @@ ring changes, and why it is safe:
   user while running as root) is left to the thread step, which handles it with the same code
   and the same errors.
 * The tmp file (``_uring_stream``) is a process fd opened on the ring ``O_CREAT|O_EXCL|
-  O_NOFOLLOW`` with ``RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS``, written at its position, fsynced
-  by a chain of its own that is checked before the link (a failed fsync does not sever a
-  chain on kernel 6.18), and linked from ``/proc/self/fd``, as the thread step links it: the
-  file it wrote, never whatever a hostile user swapped in at its tmp name. (An earlier
-  single-chain version opened the file into a direct-descriptor slot, which has no
-  ``/proc/self/fd`` path, and linked it by its tmp name: a swapped symlink or hard link was
-  published. ``tests/crash/test_uring_hostile.py`` pins it.)
+  O_NOFOLLOW`` with ``RESOLVE_NO_SYMLINKS`` (``RESOLVE_BENEATH`` too where relative to
+  ``tmp/``) and linked from ``/proc/self/fd``, as the thread step links it: the file it
+  wrote, never whatever a hostile user swapped in at its tmp name. (An earlier single-chain
+  version opened the file into a direct-descriptor slot, which has no ``/proc/self/fd``
+  path, and linked it by its tmp name: a swapped symlink or hard link was published.
+  ``tests/crash/test_uring_hostile.py`` pins it.) A whole message is one write with
+  ``RWF_SYNC`` chained to its link; a streamed one is fsynced by a chain of its own,
+  checked before the link (a failed fsync does not sever a chain on kernel 6.18).
 * xfs: ``statx(dest, "", AT_EMPTY_PATH)`` after ``fsync(dest)`` plays ``fstat``'s part.
-* Cancellation: a chain cannot be stopped once submitted, but the link is a chain of its own
-  after the file's fsync, and the abort check the thread step makes between the two is
-  made here too.
+* Cancellation: a chain cannot be stopped once submitted. A streamed message's link is a
+  chain of its own, after the abort check the thread step makes; a whole message's chain
+  links it anyway, and the cleanup of a delivery cancelled meanwhile removes that link.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import os
 from collections.abc import Sequence
 
@@ -38,18 +38,21 @@ from ._uring import Ring
 from ._writer import DeliveryFiles
 
 __all__ = [
+    "IOV_MAX",
+    "dir_ops",
     "each",
     "error",
     "no_free_name",
     "open_dirs",
     "open_under",
     "sync_dest",
+    "take_dirs",
     "write_at",
 ]
 
 _RESOLVE = abi.RESOLVE_BENEATH | abi.RESOLVE_NO_SYMLINKS
 _NO_LINKS = abi.RESOLVE_NO_SYMLINKS
-_IOV_MAX = 1024
+IOV_MAX = 1024
 Chunks = Sequence[bytes | memoryview]
 
 
@@ -66,20 +69,46 @@ def open_under(ring: Ring, dir_fd: int, name: str, flags: int) -> ops.Op:
 
 
 def each(ring: Ring, chain: list[ops.Op]) -> asyncio.Future[list[int]]:
-    """Submit each op of *chain* on its own (they run concurrently); a future of the results."""
+    """Submit the ops of *chain* unlinked (they run concurrently); a future of the results."""
     future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-    results = [0] * len(chain)
-    left = [len(chain)]
 
-    def done(i: int, result: list[int]) -> None:
-        results[i] = result[0]
-        left[0] -= 1
-        if not left[0] and not future.cancelled():
+    def done(results: list[int]) -> None:
+        if not future.cancelled():
             future.set_result(results)
 
-    for i, op in enumerate(chain):
-        ring.queue([op], functools.partial(done, i))
+    ring.queue(chain, done, linked=False)
     return future
+
+
+def dir_ops(ring: Ring, tmp: DeliveryFiles) -> list[ops.Op] | None:
+    """Return the ops that open the maildir's ``tmp/`` and destination directories (and
+    stat the maildir when running as root), or None where the thread step must do it."""
+    cfg = tmp.settings
+    if not ring.has_openat2:  # pragma: no cover - kernels before 5.6
+        return None
+    if cfg.fsync and creating():
+        return None
+    chain = [
+        ops.openat2(abi.AT_FDCWD, os.path.join(cfg.path, sub), DIR_FLAGS, 0, resolve=_NO_LINKS)
+        for sub in ("tmp", tmp.subdir)
+    ]
+    if os.geteuid() == 0:  # then what it creates must be the maildir owner's: see _dirs
+        chain.append(ops.statx(abi.AT_FDCWD, tmp.settings.root, abi.AT_SYMLINK_NOFOLLOW))
+    return chain
+
+
+def take_dirs(tmp: DeliveryFiles, chain: list[ops.Op], results: list[int]) -> bool:
+    """Keep the directories *chain* (:func:`dir_ops`) opened with *results*; False, with
+    nothing left open, where the thread step must open them (see :func:`open_dirs`)."""
+    tmp.dir_fds += [r for r in results[:2] if r >= 0]
+    ok = min(results) >= 0 and not (tmp.settings.fsync and creating())
+    if ok and len(chain) > 2 and ops.statx_result(chain[2]).uid != 0:
+        ok = False
+    if ok:
+        tmp.tmp_fd, tmp.dest_fd = results[0], results[1]
+        return True
+    tmp.close_dirs()
+    return False
 
 
 async def open_dirs(ring: Ring, tmp: DeliveryFiles) -> bool:
@@ -91,26 +120,8 @@ async def open_dirs(ring: Ring, tmp: DeliveryFiles) -> bool:
     thread step must do it: a path with a symlink above the maildir (``ELOOP``), a missing
     directory, another owner (see the module), a directory not durable yet.
     """
-    cfg = tmp.settings
-    if not ring.has_openat2:  # pragma: no cover - kernels before 5.6
-        return False
-    chain = [
-        ops.openat2(abi.AT_FDCWD, os.path.join(cfg.path, sub), DIR_FLAGS, 0, resolve=_NO_LINKS)
-        for sub in ("tmp", tmp.subdir)
-    ]
-    root = os.geteuid() == 0  # then what it creates must be the maildir owner's: see _dirs
-    if root:
-        chain.append(ops.statx(abi.AT_FDCWD, cfg.root, abi.AT_SYMLINK_NOFOLLOW))
-    results = await each(ring, chain)
-    tmp.dir_fds += [r for r in results[:2] if r >= 0]
-    ok = min(results) >= 0 and not (cfg.fsync and creating())
-    if ok and root and ops.statx_result(chain[2]).uid != 0:
-        ok = False
-    if ok:
-        tmp.tmp_fd, tmp.dest_fd = results[0], results[1]
-        return True
-    tmp.close_dirs()
-    return False
+    chain = dir_ops(ring, tmp)
+    return chain is not None and take_dirs(tmp, chain, await each(ring, chain))
 
 
 async def write_at(ring: Ring, fd: int, data: Chunks, *, at: int) -> None:
@@ -126,7 +137,7 @@ async def write_at(ring: Ring, fd: int, data: Chunks, *, at: int) -> None:
     views = [memoryview(chunk).cast("B") for chunk in data if len(chunk)]
     offset = at
     while views:
-        (n,) = await ring.submit([ops.writev(fd, views[:_IOV_MAX], offset=offset)])
+        (n,) = await ring.submit([ops.writev(fd, views[:IOV_MAX], offset=offset)])
         if n <= 0:
             raise error(n) if n < 0 else OSError(errno.EIO, "write() wrote nothing")
         offset += n

@@ -1,4 +1,9 @@
-"""A message's file on the io_uring backend, written in one step or in ~1 MiB batches.
+"""A message's file on the io_uring backend, written whole or in ~1 MiB batches.
+
+A whole message (the engine's ``finish`` with nothing written yet: the common case) takes
+two round trips, :func:`finish_one`: the directories and the file are opened together, then
+one chain writes it with ``RWF_SYNC``, links it, removes the tmp name and closes it. What
+follows is the general case, a message written in batches.
 
 The tmp file is a process fd, opened on the ring like the directories: between two steps
 its caller owns the files, and any later step may run in a thread (copying a synchronous
@@ -15,12 +20,24 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import Literal
 
+from . import _dircache
 from . import _uring_abi as abi
 from . import _uring_ops as ops
 from ._steps import Steps
 from ._uring import Ring
-from ._uring_steps import each, error, no_free_name, open_dirs, open_under, write_at
+from ._uring_steps import (
+    IOV_MAX,
+    dir_ops,
+    each,
+    error,
+    no_free_name,
+    open_dirs,
+    open_under,
+    take_dirs,
+    write_at,
+)
 from ._writer import (
     _NAME_TRIES,
     _PROC_FD,
@@ -32,7 +49,7 @@ from ._writer import (
     new_name,
 )
 
-__all__ = ["finish", "write"]
+__all__ = ["finish", "finish_one", "write"]
 
 
 async def write(ring: Ring, steps: Steps, chunks: list[bytes | memoryview]) -> bool:
@@ -44,21 +61,25 @@ async def write(ring: Ring, steps: Steps, chunks: list[bytes | memoryview]) -> b
     if not steps.started:
         if not await open_dirs(ring, tmp):
             return False
-        for _ in range(_NAME_TRIES):
-            name = new_name()
-            LIVE_TMP.add(name)  # before the file exists, so a sweep never sees it unowned
-            (fd,) = await ring.submit([open_under(ring, tmp.tmp_fd, name, FILE_FLAGS)])
-            if fd >= 0:
-                tmp.fd, tmp.tmp_name = fd, name
-                break
-            LIVE_TMP.discard(name)
-            if fd != -errno.EEXIST:
-                raise error(fd, name)
-        else:
-            raise no_free_name(tmp, "tmp")
+        await _create(ring, tmp)
         steps.started = True
     await _append(ring, tmp, chunks)
     return True
+
+
+async def _create(ring: Ring, tmp: DeliveryFiles) -> None:
+    """Create the tmp file under a free name in ``tmp/`` (open already)."""
+    for _ in range(_NAME_TRIES):
+        name = new_name()
+        LIVE_TMP.add(name)  # before the file exists, so a sweep never sees it unowned
+        (fd,) = await ring.submit([open_under(ring, tmp.tmp_fd, name, FILE_FLAGS)])
+        if fd >= 0:
+            tmp.fd, tmp.tmp_name = fd, name
+            return
+        LIVE_TMP.discard(name)
+        if fd != -errno.EEXIST:
+            raise error(fd, name)
+    raise no_free_name(tmp, "tmp")
 
 
 async def _append(ring: Ring, tmp: DeliveryFiles, data: list[bytes | memoryview]) -> None:
@@ -67,6 +88,125 @@ async def _append(ring: Ring, tmp: DeliveryFiles, data: list[bytes | memoryview]
     await write_at(ring, tmp.fd, data, at=tmp.size)
     tmp.size += sum(map(len, data))
     os.lseek(tmp.fd, tmp.size, os.SEEK_SET)  # never blocks: no disk I/O
+
+
+async def finish_one(
+    ring: Ring, steps: Steps, chunks: list[bytes | memoryview], sync_new: bool
+) -> str | Literal[False] | None:
+    """``Steps.finish`` for a whole message (nothing written yet) in two round trips.
+
+    The directories and the file are opened together (:func:`_open_one`), then one chain
+    writes the message with ``RWF_SYNC`` (one write: that is its fsync), links it from
+    ``/proc/self/fd``, removes its tmp name and closes it (:func:`_write_one`). Return the
+    published name, None as :func:`finish` does, or False where the thread step must do it
+    all (nothing was done).
+    """
+    tmp = steps.tmp
+    # A server's delivery takes the directories it keeps open, for one lstat of the maildir
+    # on the loop (a cached path: no disk I/O) instead of three ops.
+    if tmp.reuse and _dircache.usable(tmp):
+        if not tmp.reuse_kept() or tmp.owner is not None:
+            tmp.close_dirs()  # none kept yet (the thread step keeps them), or a chown to do
+            return False
+        await _create(ring, tmp)
+    elif tmp.settings.path in _FOREIGN:
+        if not await write(ring, steps, chunks):
+            return False
+        return await finish(ring, steps, [], sync_new)
+    elif not await _open_one(ring, tmp):
+        return False
+    steps.started = True
+    data = [c for c in (*chunks, steps.tail(sum(map(len, chunks)))) if len(c)]
+    if not 0 < len(data) <= IOV_MAX:
+        return await _write_and_publish(ring, steps, data, sync_new)
+    return await _write_one(ring, steps, data, sync_new)
+
+
+async def _open_one(ring: Ring, tmp: DeliveryFiles) -> bool:
+    """Open the directories and create the tmp file in one round trip (the file by its whole
+    path, with ``RESOLVE_NO_SYMLINKS`` as the directories); False, with nothing left, where
+    the thread step must do it (see ``open_dirs``)."""
+    dirs = dir_ops(ring, tmp)
+    if dirs is None:
+        return False
+    name = new_name()
+    LIVE_TMP.add(name)
+    path = os.path.join(tmp.settings.path, "tmp", name)
+    create = ops.openat2(abi.AT_FDCWD, path, FILE_FLAGS, 0o600, resolve=abi.RESOLVE_NO_SYMLINKS)
+    results = await each(ring, [*dirs, create])
+    fd = results.pop()
+    if not take_dirs(tmp, dirs, results):
+        if len(dirs) > 2 and min(results) >= 0 and ops.statx_result(dirs[2]).uid != 0:
+            if len(_FOREIGN) >= _FOREIGN_MAX:
+                _FOREIGN.clear()  # bounded: forgetting costs one wasted create, not more
+            _FOREIGN.add(tmp.settings.path)  # another user's maildir: the two-step way
+        if fd >= 0:
+            await each(ring, [ops.close(fd), ops.unlinkat(abi.AT_FDCWD, path)])
+        LIVE_TMP.discard(name)
+        return False
+    if fd >= 0:
+        tmp.fd, tmp.tmp_name = fd, name
+        return True
+    LIVE_TMP.discard(name)
+    if fd != -errno.EEXIST:
+        raise error(fd, path)
+    await _create(ring, tmp)
+    return True
+
+
+async def _write_one(
+    ring: Ring, steps: Steps, data: list[bytes | memoryview], sync_new: bool
+) -> str | None:
+    """Write, link, unlink and close the new, empty tmp file in one chain.
+
+    A failed or short write severs the chain before the link. A failed link does not (see
+    ``_uring_steps``): the unlink and close after it run, so a name already taken (EEXIST)
+    or a filesystem without hard links has the message written again into a new tmp file
+    and published the step-by-step way. A delivery cancelled while the chain ran was linked
+    all the same: its cleanup removes that link (``Aborted``), which leaves what the
+    thread step's abort check before the link leaves.
+    """
+    tmp = steps.tmp
+    name, fd, fsync = str(tmp.tmp_name), tmp.fd, tmp.settings.fsync
+    put = ops.writev(tmp.fd, data, offset=0, rw_flags=abi.RWF_SYNC if fsync else 0)
+    final = steps.name_for(name, put.expect)
+    link, *dest = _link_ops(tmp, final, sync_new and fsync)
+    chain = [put, link, ops.unlinkat(tmp.tmp_fd, name), ops.close(tmp.fd), *dest]
+    written, linked, unlinked, closed, *synced = await ring.submit(chain)
+    if closed != -errno.ECANCELED:
+        tmp.fd = -1  # Linux releases the fd even when close reports an error
+    if written < 0:
+        raise error(written, name)
+    if written < put.expect:  # short: severed before the link; write it all again
+        return await _write_and_publish(ring, steps, data, sync_new)
+    tmp.size = written
+    if unlinked in (0, -errno.ENOENT):
+        LIVE_TMP.discard(name)
+        tmp.tmp_name = None
+    if linked == 0:
+        tmp.final_name = final
+    if tmp.aborted:
+        raise Aborted  # cancelled meanwhile: the thread step would not have linked
+    if linked in (-errno.EEXIST, *(-e for e in NO_LINKS)) and tmp.tmp_name is None:
+        await _create(ring, tmp)
+        tmp.size = 0
+        return await _write_and_publish(ring, steps, data, sync_new)
+    if linked < 0:
+        raise error(linked, f"/proc/self/fd/{fd}", None, final)
+    if closed < 0:
+        raise error(closed)
+    if tmp.tmp_name is not None:
+        raise error(unlinked, name)
+    for result in synced:
+        if result < 0:
+            raise error(result)
+    if sync_new:
+        tmp.close_dirs()
+    return final
+
+
+_FOREIGN: set[str] = set()  # maildirs of another user (root only): opened the two-step way
+_FOREIGN_MAX = 1024
 
 
 async def finish(
@@ -79,25 +219,46 @@ async def finish(
     """
     tmp = steps.tmp
     data = [c for c in (*chunks, steps.tail(tmp.size + sum(map(len, chunks)))) if len(c)]
+    return await _write_and_publish(ring, steps, data, sync_new)
+
+
+async def _write_and_publish(
+    ring: Ring, steps: Steps, data: list[bytes | memoryview], sync_new: bool
+) -> str | None:
+    """Append *data* (the transform's tail included), fsync the file, publish it."""
+    tmp = steps.tmp
     await _append(ring, tmp, data)
-    fsync = tmp.settings.fsync
-    if fsync:
+    if tmp.settings.fsync:
         (result,) = await ring.submit([ops.fsync(tmp.fd)])
         if result < 0:
             raise error(result)
     if tmp.aborted:
         raise Aborted  # cancelled while writing or syncing: never publish after that
+    return await _publish(ring, steps, sync_new)
+
+
+def _link_ops(tmp: DeliveryFiles, final: str, sync_dest: bool) -> list[ops.Op]:
+    """Return the chain that links the file as *final*, then fsyncs and checks the
+    destination (*sync_dest*: the xfs check, see ``_uring_steps``)."""
+    if _PROC_FD:
+        src, src_dir, flags = f"/proc/self/fd/{tmp.fd}", abi.AT_FDCWD, abi.AT_SYMLINK_FOLLOW
+    else:  # pragma: no cover - every CI host has /proc
+        src, src_dir, flags = str(tmp.tmp_name), tmp.tmp_fd, 0
+    chain = [ops.linkat(src_dir, src, tmp.dest_fd, final, flags)]
+    if sync_dest:
+        chain += [ops.fsync(tmp.dest_fd), ops.statx(tmp.dest_fd, "", abi.AT_EMPTY_PATH)]
+    return chain
+
+
+async def _publish(ring: Ring, steps: Steps, sync_new: bool) -> str | None:
+    """Link the written, synced file under a free name, close it and remove its tmp name;
+    None: no hard links here."""
+    tmp = steps.tmp
     base = str(tmp.tmp_name)
+    sync_dest = sync_new and tmp.settings.fsync
     for _ in range(_NAME_TRIES):
         final = steps.name_for(base, tmp.size)
-        if _PROC_FD:
-            src, src_dir, flags = f"/proc/self/fd/{tmp.fd}", abi.AT_FDCWD, abi.AT_SYMLINK_FOLLOW
-        else:  # pragma: no cover - every CI host has /proc
-            src, src_dir, flags = str(tmp.tmp_name), tmp.tmp_fd, 0
-        chain = [ops.linkat(src_dir, src, tmp.dest_fd, final, flags)]
-        if sync_new and fsync:
-            chain += [ops.fsync(tmp.dest_fd), ops.statx(tmp.dest_fd, "", abi.AT_EMPTY_PATH)]
-        results = await ring.submit(chain)
+        results = await ring.submit(_link_ops(tmp, final, sync_dest))
         if results[0] != -errno.EEXIST:
             break
         base = new_name()
@@ -106,7 +267,7 @@ async def finish(
     if -results[0] in NO_LINKS:
         return None
     if results[0] < 0:
-        raise error(results[0], src, None, final)
+        raise error(results[0], f"/proc/self/fd/{tmp.fd}", None, final)
     tmp.final_name = final
     await _close_and_unlink(ring, tmp)
     for result in results[1:]:

@@ -189,8 +189,8 @@ def fsfreeze(flag: str, mnt: Path) -> None:
 @pytest.mark.asyncio
 async def test_a_caller_is_released_while_its_chain_is_stuck(tmp_path: Path) -> None:
     """A chain blocked in the kernel (fsfreeze): the cancelled caller is released within
-    50 ms; after the thaw the chain runs to its end and, as on threads, the abort check
-    before the link leaves nothing of the cancelled message."""
+    50 ms; after the thaw the chain runs to its end and, as on threads, nothing of the
+    cancelled message is left (the link the chain made is removed by the cleanup)."""
     if os.geteuid() != 0 or shutil.which("fsfreeze") is None:
         pytest.skip("needs root and fsfreeze (util-linux) to freeze a loop-mounted filesystem")
     with loop_fs(tmp_path, "ext4") as (_, mnt, _):
@@ -213,5 +213,5 @@ async def test_a_caller_is_released_while_its_chain_is_stuck(tmp_path: Path) -> 
         await asyncio.wait_for(asyncio.gather(*backend.jobs, return_exceptions=True), 10)
         files = listing(mnt / "m")
         assert files["tmp"] == []
-        # The chain in the kernel ran to its end; the link, a chain of its own, never ran.
+        # The chain in the kernel ran to its end, link included; the cleanup removed it.
         assert [(mnt / "m/new" / n).read_bytes() for n in files["new"]] == [b"first"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from maildrop import Maildir, _backend
+from maildrop import Maildir, _backend, _uring_stream
 from maildrop import _uring_abi as abi
 from maildrop._uring import availability
 from maildrop._uring_backend import UringBackend
@@ -33,6 +33,7 @@ class Fail:
     def __init__(self, match: Callable[[Op], bool], result: int, times: int = 1) -> None:
         self.match, self.result, self.left = match, result, times
         self.trace: list[tuple[str, int]] = []
+        self.ops: list[Op] = []  # every op reaped, in order
         self.dir_fsyncs: list[int] = []  # results of fsyncs of a directory
         self._on_dirs: set[int] = set()  # ids of the fsync ops in flight on a directory
 
@@ -48,6 +49,7 @@ class Fail:
     def after_reap(self, op: Op, result: int) -> None:
         """Record every op."""
         self.trace.append((op.name, result))
+        self.ops.append(op)
         if id(op) in self._on_dirs:
             self._on_dirs.discard(id(op))
             self.dir_fsyncs.append(result)
@@ -106,7 +108,6 @@ def only_first(path: Path) -> bool:
         (creates, errno.EDQUOT, "Disk quota exceeded"),
         (named("linkat"), errno.EIO, "Input/output error"),
         (named("close"), errno.EIO, "Input/output error"),
-        (named("fsync", on_a_dir=False), errno.EIO, "Input/output error"),
         (named("fsync", on_a_dir=True), errno.EROFS, "Read-only file system"),
         (lambda op: op.name == "statx" and op.fd >= 0, errno.EIO, "Input/output error"),
         (named("unlinkat"), errno.EIO, "Input/output error"),
@@ -124,6 +125,19 @@ async def test_a_failed_op_fails_the_delivery_and_leaves_nothing(
     assert hooks.left == 0
     await asyncio.sleep(0.05)  # a failed step's cleanup runs in a worker
     assert only_first(path)
+
+
+async def test_a_whole_message_is_one_synced_write_chained_to_its_link(tmp_path: Path) -> None:
+    """A message in one step: one writev with RWF_SYNC (no file fsync), then its link."""
+    hooks = Fail(named("nop"), 0)
+    md, _ = await ring_maildir(tmp_path, hooks)
+    d = await md.deliver(MSG)
+    assert d.path.read_bytes() == MSG
+    names = [name for name, _ in hooks.trace]
+    assert names[names.index("writev") + 1] == "linkat"
+    assert ("fsync", 0) in hooks.trace  # new/ only: the write synced the file
+    assert names.count("fsync") == 1
+    assert [op.op_flags for op in hooks.ops if op.name == "writev"] == [abi.RWF_SYNC]
 
 
 async def test_a_short_write_is_finished(tmp_path: Path) -> None:
@@ -154,6 +168,22 @@ async def test_a_taken_name_is_never_clobbered(tmp_path: Path, op: str) -> None:
     d = await md.deliver(MSG)
     assert d.path.read_bytes() == MSG
     assert hooks.left == 0
+    assert len(listing(path)["new"]) == 2
+    assert listing(path)["tmp"] == []
+
+
+@pytest.mark.parametrize("times", [1, 2])
+async def test_a_filesystem_without_links_gets_the_message_again(
+    tmp_path: Path, times: int
+) -> None:
+    """EPERM on the chained link (its tmp file is gone): written again into a new tmp file,
+    then linked, or renamed by the thread step when the second link is refused too."""
+    hooks = Fail(named("linkat"), -errno.EPERM, times=times)
+    md, path = await ring_maildir(tmp_path, hooks)
+    d = await md.deliver(MSG)
+    assert d.path.read_bytes() == MSG
+    assert hooks.left == 0
+    assert [name for name, _ in hooks.trace].count("writev") == 2
     assert len(listing(path)["new"]) == 2
     assert listing(path)["tmp"] == []
 
@@ -226,11 +256,19 @@ async def test_a_symlink_above_the_maildir_goes_to_a_thread(tmp_path: Path) -> N
     assert len(listing(tmp_path / "real" / "m")["new"]) == 2
 
 
-async def test_a_maildir_of_another_owner_goes_to_a_thread(tmp_path: Path) -> None:
+async def test_a_maildir_of_another_owner_goes_to_a_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Running as root into another user's maildir: the thread step gives them the file."""
     if os.geteuid() != 0:
         pytest.skip("needs root (chown)")
     md, path = await ring_maildir(tmp_path)
     os.chown(path, 4242, 4242)
+    monkeypatch.setattr(_uring_stream, "_FOREIGN", {"/elsewhere"})
+    monkeypatch.setattr(_uring_stream, "_FOREIGN_MAX", 1)
     d = await md.deliver(MSG)
     assert d.path.stat().st_uid == 4242
+    assert {str(path)} == _uring_stream._FOREIGN  # remembered (the bounded set was full)
+    again = await md.deliver(MSG)  # opened the two-step way, then handed to the thread step
+    assert again.path.stat().st_uid == 4242
+    assert listing(path)["tmp"] == []

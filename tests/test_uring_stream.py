@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from maildrop import _dircache
 from maildrop._uring import availability
 from maildrop._uring_ops import Op
 
@@ -138,3 +139,23 @@ async def test_a_filesystem_without_links_publishes_in_a_thread(tmp_path: Path) 
     d = await md.deliver(batches())
     assert d.path.read_bytes() == whole()
     assert listing(path)["tmp"] == []
+
+
+async def test_a_server_delivery_takes_the_kept_directories_on_the_ring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a server keeps directories, a whole message on the ring takes them (only the
+    tmp file is opened) and gives them back; the first delivery keeps them, in a thread."""
+    monkeypatch.setattr(_dircache, "_holders", 1)  # as while one server runs
+    hooks = Fail(named("nop"), 0)
+    md, path = await ring_maildir(tmp_path, hooks)
+    kept = _dircache._table[(str(path), None, "new")]
+    before = len(hooks.trace)
+    async with md.open_delivery() as session:
+        await session.write(b"kept\n")
+        d = await session.commit()
+    assert d.path.read_bytes() == b"kept\n"
+    assert [name for name, _ in hooks.trace[before:]][:3] == ["openat2", "writev", "linkat"]
+    assert _dircache._table[(str(path), None, "new")] is kept
+    assert kept.users == 0
+    _dircache.forget_all()

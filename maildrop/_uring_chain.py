@@ -1,0 +1,106 @@
+"""One chain of ops in maildrop's io_uring driver (``_uring``): its results, its quiet ops
+and the results a fault hook injects.
+
+A chain is *linked* (``IOSQE_IO_LINK`` between its ops: each runs after the one before it
+succeeded) or not (its ops are independent and its callback waits for all of them).
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+from collections.abc import Callable
+
+from . import _uring_abi as abi
+from ._uring_hooks import Hooks
+from ._uring_ops import Op, nop, quiet_result, shorten
+
+__all__ = ["Chain", "Done", "put"]
+
+Done = Callable[[list[int]], None]
+_NOP = nop()
+_PACK = abi.SQE.pack_into
+
+
+def put(sqes: mmap.mmap, offset: int, op: Op, flags: int, user_data: int) -> None:
+    """Write *op*'s submission queue entry at *offset* of *sqes*, with *flags*."""
+    if op.fixed:
+        flags |= abi.IOSQE_FIXED_FILE
+    _PACK(
+        sqes,
+        offset,
+        op.opcode,
+        flags,
+        0,
+        op.fd,
+        op.addr2 & abi.U64,
+        op.addr,
+        op.length,
+        op.op_flags,
+        user_data,
+        0,
+        0,
+        op.file_index,
+        op.addr3,
+        0,
+    )
+
+
+class Chain:
+    """The ops of one chain, their completion ids and results, and its callback."""
+
+    __slots__ = (
+        "done",
+        "injected",
+        "left",
+        "linked",
+        "next",
+        "ops",
+        "quiet",
+        "reported",
+        "results",
+        "start",
+        "uds",
+    )
+
+    def __init__(self, ops: list[Op], done: Done, linked: bool) -> None:
+        n = len(ops)
+        self.ops, self.done, self.linked = ops, done, linked
+        #: Ops of an unlinked chain not completed yet.
+        self.left = n
+        self.results: list[int] = [-errno.ECANCELED] * n
+        self.reported = [False] * n
+        self.quiet = [False] * n  # IOSQE_CQE_SKIP_SUCCESS: no completion on success
+        self.uds = [0] * n
+        self.injected: dict[int, int] | None = None
+        # The first op of the part in the kernel, and the first not yet written to the queue.
+        self.start = self.next = 0
+
+    def inject(self, i: int, op: Op, hooks: Hooks) -> Op:
+        """Ask *hooks* about op *i* before it is written; return the op to write in its place.
+
+        A shorter length for a write really shortens it (the kernel severs the chain
+        itself); an injected result replaces the op's completion, and a failure does nothing
+        (a nop is written), except a close, which runs: Linux frees the fd even when close
+        fails.
+        """
+        injected = hooks.before_submit(op)
+        if injected is not None and 0 <= injected < op.expect:
+            shorten(op, injected)
+        elif injected is not None:
+            if self.injected is None:
+                self.injected = {}
+            self.injected[i] = injected
+            if injected < 0 and op.opcode != abi.OP_CLOSE:
+                return _NOP
+        return op
+
+    def settle(self, stop: int) -> list[int]:
+        """End the part in the kernel at op *stop*: give each op that reported nothing its
+        result (a quiet op before *stop* succeeded, one after it was silenced by the kernel's
+        cancel) and return their indices."""
+        silent = [j for j in range(self.start, self.next) if not self.reported[j]]
+        for j in silent:
+            success = quiet_result(self.ops[j])
+            self.results[j] = success if j < stop and success is not None else -errno.ECANCELED
+        return silent
