@@ -1,12 +1,12 @@
 """Maildir++ quota enforcement on disk: read, recalculate and append to ``maildirsize``.
 
-Runs in worker threads only. The rules are Courier's (see ``_quota``); what this adds is an
-in-process ledger per maildir so that concurrent deliveries of this process never pass the
-quota together: each delivery reserves what it has written so far, a check counts the
-usage on disk plus every other delivery's reservation, and the link that publishes a
-message, the line appended for it and every recalculation happen under one lock. So a
-recalculation never sees a message that is linked but not yet appended (which would count
-it twice). Other processes are only as exact as the spec allows (a few messages over).
+Runs in worker threads (``QuotaGuard.absent`` aside). The rules are Courier's (``_quota``);
+this adds an in-process ledger per maildir so that concurrent deliveries of this process
+never pass the quota together: each reserves what it has written so far, a check counts the
+usage on disk plus every other reservation, and the link that publishes a message, the line
+appended for it and every recalculation happen under one lock. So a recalculation never
+sees a message linked but not yet appended (it would count it twice). Other processes are
+only as exact as the spec allows (a few messages over).
 
 A failed append after a successful link is ignored: the message is delivered, and the next
 recalculation corrects the totals. A message removed again after its line was appended (a
@@ -61,10 +61,9 @@ _ledgers_lock = _thread.allocate_lock()
 
 def _ledger(root: str) -> _Ledger:
     with _ledgers_lock:
-        led = _ledgers.get(root)
-        if led is None:
-            led = _ledgers[root] = _Ledger()
-        return led
+        if root not in _ledgers:
+            _ledgers[root] = _Ledger()
+        return _ledgers[root]
 
 
 @record(frozen=True, slots=True)
@@ -229,8 +228,7 @@ def recalculate(
     return QuotaFile(limit_bytes, limit_messages, total, messages, 1)
 
 
-def _fill(used: int, limit: int, unit: str) -> str:
-    """Return how full one limit is, e.g. ``18000 of 20000 bytes (90%)``."""
+def _fill(used: int, limit: int, unit: str) -> str:  # "18000 of 20000 bytes (90%)"
     return f"{used} of {limit} {unit} ({used * 100 // limit}%)"
 
 
@@ -248,10 +246,26 @@ class QuotaGuard:
         self.ledger = _ledger(settings.root)
         self.tmp: DeliveryFiles | None = None
         self.active = True
-        self.reserved_bytes = 0
-        self.reserved_messages = 0
+        self.reserved_bytes = self.reserved_messages = 0
         self.closed = False
         self._locked = False
+        self._probed = False
+
+    def absent(self) -> bool:
+        """Whether the guard keeps no quota: its limits would come from a missing
+        ``maildirsize`` (it then turns itself off, as its first check would). One ``lstat``
+        on the calling thread (the loop's, for io_uring), once per guard."""
+        if self._probed or not (self.active and self.quota.from_file):
+            return not self.active
+        self._probed = True
+        name = os.path.join(self.settings.root, NAME)
+        try:
+            self.settings.syscalls.stat(name, follow_symlinks=False)
+        except FileNotFoundError:
+            self.active = False  # one made after this counts from the next delivery on
+        except OSError:
+            pass  # unreadable, not a directory...: the check in a worker says why
+        return not self.active
 
     def check(self, root_fd: int, size: int) -> None:
         """Raise :class:`QuotaExceededError` if a message of *size* bytes does not fit."""

@@ -154,8 +154,9 @@ class Steps:
     @property
     def threads_only(self) -> bool:
         """Whether the steps must run in threads: they copy a synchronous file or keep a
-        quota ledger (blocking calls that no io_uring chain makes)."""
-        return self.file is not None or self._quota is not None
+        quota ledger (blocking calls that no io_uring chain makes). A quota whose limits
+        would come from a missing ``maildirsize`` keeps none (``QuotaGuard.absent``)."""
+        return self.file is not None or (self._quota is not None and not self._quota.absent())
 
     def name_for(self, base: str, size: int) -> str:
         """Return the published name of a message of *size* bytes whose base name is *base*."""

@@ -660,3 +660,46 @@ def test_folder_entries() -> None:
     """The Maildir++ folders of a listing are its dot entries but '.' and '..', sorted."""
     names = ["new", ".b", "..", ".", "cur", ".Trash", ".a", "maildirsize"]
     assert folder_entries(names) == [".Trash", ".a", ".b"]
+
+
+def test_a_guard_probes_for_its_maildirsize_once(tmp_path: Path) -> None:
+    """absent(): one lstat per guard; a missing file turns the guard off, a file keeps it."""
+    from maildrop._dirs import Settings
+    from maildrop._quota_io import QuotaGuard
+
+    seen: list[str] = []
+
+    def stat(path: Any, **kw: Any) -> os.stat_result:
+        seen.append(os.path.basename(path))
+        assert kw == {"follow_symlinks": False}
+        return os.stat(path, **kw)
+
+    table = DEFAULT_SYSCALLS.replace(stat=stat)
+    settings = Settings(str(tmp_path), None, True, True, table, quota=Quota())
+    missing = QuotaGuard(Quota(), settings)
+    assert missing.absent()
+    assert missing.absent()
+    assert not missing.active
+    (tmp_path / "maildirsize").write_bytes(b"10S\n0 0\n")
+    present = QuotaGuard(Quota(), settings)
+    assert not present.absent()
+    assert not present.absent()
+    assert present.active
+    assert seen == ["maildirsize", "maildirsize"]
+    in_code = QuotaGuard(Quota(bytes=10), settings)
+    assert not in_code.absent()
+    assert seen == ["maildirsize", "maildirsize"]  # limits in code: nothing to look for
+
+
+def test_a_maildirsize_that_cannot_be_looked_at_is_not_absent(tmp_path: Path) -> None:
+    """An lstat error other than ENOENT leaves the guard on (its check reports it)."""
+    from maildrop._dirs import Settings
+    from maildrop._quota_io import QuotaGuard
+
+    def stat(path: Any, **kw: Any) -> os.stat_result:
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    table = DEFAULT_SYSCALLS.replace(stat=stat)
+    guard = QuotaGuard(Quota(), Settings(str(tmp_path), None, True, True, table))
+    assert not guard.absent()
+    assert guard.active

@@ -8,10 +8,11 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from maildrop import DEFAULT_SYSCALLS, Maildir, UringUnavailableError, _backend
+from maildrop import DEFAULT_SYSCALLS, Maildir, Quota, UringUnavailableError, _backend
 from maildrop import _uring_backend as ub
 from maildrop._uring import availability
 from maildrop._uring_setup import Availability
@@ -215,3 +216,48 @@ async def test_a_caller_is_released_while_its_chain_is_stuck(tmp_path: Path) -> 
         assert files["tmp"] == []
         # The chain in the kernel ran to its end, link included; the cleanup removed it.
         assert [(mnt / "m/new" / n).read_bytes() for n in files["new"]] == [b"first"]
+
+
+@needs_uring
+@pytest.mark.asyncio
+async def test_a_quota_without_its_maildirsize_rides_the_ring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Quota() (limits from maildirsize) where there is no maildirsize: no thread, no file."""
+    md = Maildir(tmp_path / "m", backend="uring", quota=Quota())
+    await md.deliver(b"first")  # creates the maildir (a thread step)
+    backend = _backend.backend_for("uring")
+    assert isinstance(backend, ub.UringBackend)
+
+    def no_thread(*args: object) -> None:
+        raise AssertionError("a thread was used")
+
+    monkeypatch.setattr(backend.pool, "submit", no_thread)
+    d = await md.deliver(b"Subject: x\n\nbody\n")
+    assert d.path.read_bytes() == b"Subject: x\n\nbody\n"
+    assert not (tmp_path / "m" / "maildirsize").exists()
+
+
+@needs_uring
+@pytest.mark.asyncio
+async def test_a_maildirsize_keeps_the_delivery_on_threads(tmp_path: Path) -> None:
+    """With a maildirsize the quota ledger runs in a thread: checked and appended to."""
+    md = Maildir(tmp_path / "m", backend="uring", quota=Quota())
+    await md.deliver(b"first")
+    (tmp_path / "m" / "maildirsize").write_bytes(b"1000S\n0 0\n")
+    backend = _backend.backend_for("uring")
+    assert isinstance(backend, ub.UringBackend)
+    threads = []
+    real = backend.pool.submit
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        threads.append(args[0])
+        return real(*args, **kwargs)
+
+    backend.pool.submit = counted  # type: ignore[method-assign]
+    try:
+        await md.deliver(b"x" * 100)
+    finally:
+        del backend.pool.submit
+    assert threads
+    assert (tmp_path / "m" / "maildirsize").read_bytes() == b"1000S\n0 0\n100 1\n"
