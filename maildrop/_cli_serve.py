@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ._lmtp_retry import RetryMemory
 from ._log import LineFormatter, LineHandler, install_direct
 from ._quota import Quota
-from ._supervisor import cpu_count
+from ._supervisor import default_workers
 from .cli import UsageError, parse_duration, parse_quota, parse_size
 
 if TYPE_CHECKING:
@@ -169,7 +169,7 @@ def add_process_options(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         type=parse_workers,
         help="worker processes, each with its own event loop, sharing the listening "
-        f"sockets (default: one per CPU, {cpu_count()} here); the parent restarts a "
+        f"sockets (default: two per CPU, {default_workers()} here); the parent restarts a "
         "worker that dies; 1 serves in this process, without a supervisor",
     )
 

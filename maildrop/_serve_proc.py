@@ -21,7 +21,7 @@ from ._cli_serve import _announce, _quota, _serve_until_signal, _setup_logging
 from ._errors import outcome
 from ._listen import Listener, bind
 from ._log import flush_all
-from ._supervisor import WorkerSide, cpu_count, supervise
+from ._supervisor import WorkerSide, default_workers, supervise
 from .cli import UsageError
 
 __all__ = ["HARD_STOP_SECONDS", "run_server"]
@@ -43,7 +43,7 @@ def run_server(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.root):
         raise UsageError(f"--root {args.root!r} is not a directory")
     _quota(args)  # a contradiction among the quota flags is a usage error before any fork
-    workers = args.workers or cpu_count()
+    workers = args.workers or default_workers()
     if args.hostname is None:
         args.hostname = socket.getfqdn()  # once, not once per worker
     undo = _setup_logging()

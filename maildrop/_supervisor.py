@@ -43,6 +43,7 @@ __all__ = [
     "Worker",
     "WorkerSide",
     "cpu_count",
+    "default_workers",
     "restart_delay",
     "supervise",
 ]
@@ -381,8 +382,18 @@ def _child(
 
 
 def cpu_count() -> int:
-    """Return how many CPUs this process may run on (the default number of workers)."""
+    """Return how many CPUs this process may run on."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - platforms without sched_getaffinity
         return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """Return the default number of worker processes: two per CPU this process may use.
+
+    A delivery spends most of its time waiting for fsyncs, not on a CPU: a second process
+    per CPU serves its connections while the other's deliveries wait, for no more CPU per
+    message (``benchmarks/README.md``).
+    """
+    return 2 * cpu_count()

@@ -15,7 +15,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from maildrop._supervisor import MAX_DELAY, Supervision, restart_delay, supervise
+from maildrop._supervisor import (
+    MAX_DELAY,
+    Supervision,
+    default_workers,
+    restart_delay,
+    supervise,
+)
 
 from .lmtp_client import Client
 from .server_process import DEAD_WORKERS, ServerProcess, wait_gone
@@ -23,6 +29,12 @@ from .server_process import DEAD_WORKERS, ServerProcess, wait_gone
 MSG = b"From: s@example.org\nSubject: hi\n\nbody\n"
 
 # -- the rules ------------------------------------------------------------------------------
+
+
+def test_two_workers_per_usable_cpu_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default --workers counts the CPUs this process may run on, twice."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5})
+    assert default_workers() == 6
 
 
 @given(st.integers(-5, 10_000))
