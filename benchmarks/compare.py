@@ -487,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.smoke:
         args.rounds = 1
+    if args.dir is not None:
+        os.makedirs(args.dir, exist_ok=True)  # --dir may name a directory still to be made
     base = Path(tempfile.mkdtemp(prefix="maildrop-compare-", dir=args.dir))
 
     def log(msg: str) -> None:

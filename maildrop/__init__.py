@@ -76,9 +76,13 @@ Where the code differs from DESIGN.md (to be folded in):
 - Backends: ``Maildir(backend="auto"|"uring"|"threads")``; "auto" is threads until the ring
   backend is the faster one (``_backend.AUTO_USES_URING``).
 - The thread pool: a library keeps "~4 workers per CPU, 8-64" (THREADS), but the LMTP/SMTP
-  server starts SERVER_CORE_THREADS (two per CPU, at least 4) and grows towards THREADS only
+  server starts SERVER_CORE_THREADS (4 per worker process) and grows towards THREADS only
   while most message-file fsyncs are slow or every worker is blocked (``_pool``): fewer
   threads fighting the loop for the GIL cost the server 20-25% less CPU per message.
+- The servers run two worker processes per CPU by default (``_supervisor.default_workers``:
+  deliveries mostly wait on fsyncs), and accept through their own ``_accept.Acceptor``, not
+  asyncio's server: the workers share their connection counts so the least loaded one takes
+  the next connection of a burst.
 - A running server keeps each maildir's directory fds open between deliveries (``_dircache``,
   revalidated by one lstat per delivery); DESIGN.md has every delivery open its directories.
 """

@@ -8,12 +8,15 @@ often lands all of them in one process, and one CPU serves them while the other 
 each worker publishes how many connections it holds in a map shared with its siblings, and
 takes a queued connection only while it holds no more than any sibling; the others leave
 the connection in the queue for it. A worker that holds back looks again after
-:data:`HOLD_BACK` seconds, and takes the connection anyway once it has waited
-:data:`MAX_DEFER` (the sibling may be stuck or gone): a client is never kept waiting
-longer than that for a balance.
+:data:`HOLD_BACK` seconds, and once it has waited :data:`MAX_DEFER` (the sibling may be
+stuck, resting or gone) it takes every queued connection: a client is never kept waiting
+longer than that for a balance. A worker counts for its siblings from its first
+:meth:`Acceptor.start` until its server closes.
 
 Accept errors that mean "out of resources" (``EMFILE``...) pause the listener for
-:data:`RETRY_SECONDS` and are logged once per :data:`LOG_EVERY` seconds at most.
+:data:`RETRY_SECONDS`; the errors Linux says to retry (a network or protocol error of one
+queued connection) move on to the next one. Either is logged once per :data:`LOG_EVERY`
+seconds at most.
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ LOG_EVERY = 1.0
 BURST = 16
 
 _RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# accept(2), "Error handling": pending network errors of the new socket, to be retried.
+_RETRY = frozenset({
+    errno.ECONNABORTED, errno.EPROTO, errno.ENETDOWN, errno.ENOPROTOOPT, errno.EHOSTDOWN,
+    errno.ENONET, errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH, errno.EPERM,
+})  # fmt: skip
 _GONE = 1 << 62  # a slot without a worker: never the least loaded
 
 
@@ -65,6 +73,20 @@ class Share:
         """Make this process the worker of *slot*, holding no connection yet."""
         self._counts[slot] = 0
         self.slot = slot
+
+    def join(self, slot: int) -> None:
+        """Make this process the worker of *slot*, not counted until :meth:`open`."""
+        self.slot = slot
+
+    def open(self) -> None:
+        """Start counting this process's slot (it accepts now), if it is not yet."""
+        if self.slot >= 0 and self._counts[self.slot] == _GONE:
+            self._counts[self.slot] = 0
+
+    def leave(self) -> None:
+        """Stop counting this process's slot (it accepts no more): siblings take it all."""
+        if self.slot >= 0:
+            self._counts[self.slot] = _GONE
 
     def vacate(self, slot: int) -> None:
         """Forget *slot*'s worker (it exited): siblings no longer leave connections to it."""
@@ -119,12 +141,22 @@ class Acceptor:
             self._timer = None
             self._reading = True
             self._loop.add_reader(self._fd, self._ready)
+            if SHARE is not None:
+                SHARE.open()
 
     def close(self) -> None:
-        """Stop accepting and close the socket; connections already accepted stay open."""
+        """Stop accepting and close the socket; connections already accepted stay open
+        (:meth:`settled` waits for those whose setup is still running)."""
         self.closed = True
         self._rest(None)
         self.sock.close()
+        if SHARE is not None:
+            SHARE.leave()
+
+    async def settled(self) -> None:
+        """Wait until every accepted connection has its protocol (or failed to get one)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     @staticmethod
     def release() -> None:
@@ -140,7 +172,12 @@ class Acceptor:
             self._timer.cancel()
             self._timer = None
         if seconds is not None:
-            self._timer = self._loop.call_later(seconds, self.start)
+            self._timer = self._loop.call_later(seconds, self._resume)
+
+    def _resume(self) -> None:
+        self.start()
+        if self._reading:
+            self._ready()  # an empty queue ends a deferral (EAGAIN), or it would outlive it
 
     def _ready(self) -> None:
         for _ in range(BURST):
@@ -153,11 +190,13 @@ class Acceptor:
                 self._deferred_since = None
                 return
             except ConnectionAbortedError:
-                continue  # the client gave up while queued
+                continue  # the client gave up while queued: nothing to say
             except OSError as exc:
+                if exc.errno in _RETRY:  # that connection's own error: on to the next one
+                    self._log(exc, "")
+                    continue
                 self._failed(exc)
                 return
-            self._deferred_since = None
             if SHARE is not None:
                 SHARE.add(1)
             task = self._loop.create_task(self._connect(conn))
@@ -165,7 +204,10 @@ class Acceptor:
             task.add_done_callback(self._tasks.discard)
 
     def _may_take(self) -> bool:
+        """Whether to take a queued connection now. A deferral lasts until the queue is
+        empty (EAGAIN): once it has run MAX_DEFER, every connection queued is taken."""
         if SHARE is None or SHARE.least_loaded():
+            self._deferred_since = None
             return True
         now = self._loop.time()
         if self._deferred_since is None:
@@ -173,24 +215,24 @@ class Acceptor:
         return now - self._deferred_since >= MAX_DEFER
 
     def _failed(self, exc: OSError) -> None:
+        hint = "; raise the file descriptor limit (ulimit -n) or lower --max-connections"
+        self._log(exc, hint if exc.errno in _RESOURCES else "")
+        self._rest(RETRY_SECONDS)
+
+    def _log(self, exc: OSError, hint: str) -> None:
         now = self._loop.time()
         if now - self._logged >= LOG_EVERY:
             self._logged = now
-            hint = (
-                "; raise the file descriptor limit (ulimit -n) or lower --max-connections"
-                if exc.errno in _RESOURCES
-                else ""
-            )
             log.warning("cannot accept connections: %s (retrying)%s", exc, hint)
-        self._rest(RETRY_SECONDS)
 
     async def _connect(self, conn: socket.socket) -> None:
         made = False
 
         def factory() -> asyncio.BaseProtocol:
             nonlocal made
-            made = True
-            return self._factory()
+            protocol = self._factory()
+            made = True  # from here on its connection_lost releases the connection
+            return protocol
 
         try:
             conn.setblocking(False)

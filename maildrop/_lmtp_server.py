@@ -152,6 +152,8 @@ class MaildirServer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         try:
+            for acceptor in self._acceptors:  # connections accepted just now get in _conns
+                await acceptor.settled()
             while any(c.in_data for c in self._conns) and loop.time() < deadline:
                 self._changes.clear()
                 with contextlib.suppress(TimeoutError):

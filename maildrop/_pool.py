@@ -61,8 +61,9 @@ THREADS = min(64, max(8, 4 * (os.cpu_count() or 1)))
 #: comes back from each syscall wanting the GIL, and the event loop's thread queues behind
 #: them; eight cost the server ~25% more CPU per message than four on a fast disk.
 CORE_THREADS = THREADS
-#: The server's CORE_THREADS: two per CPU, at least 4.
-SERVER_CORE_THREADS = min(THREADS, max(4, 2 * (os.cpu_count() or 1)))
+#: The server's CORE_THREADS per worker process: 4, whatever the CPU count, because the
+#: server already runs two processes per CPU (``_supervisor.default_workers``).
+SERVER_CORE_THREADS = min(THREADS, 4)
 #: Beyond CORE_THREADS, workers are added as jobs find none idle while most message-file
 #: fsyncs are slow (``_writer.SLOW_FSYNC``: a slow disk, a journaled filesystem, whose
 #: concurrent fsyncs share a commit: more in flight help), and one is added when no worker

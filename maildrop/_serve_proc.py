@@ -92,7 +92,7 @@ def _supervised(args: argparse.Namespace, listeners: list[Listener], workers: in
     share = _accept.Share(workers)  # made before forking: every worker maps the same counts
 
     def run_worker(side: WorkerSide) -> int:
-        share.claim(side.slot)
+        share.join(side.slot)  # counted from its first listen: siblings wait for no one
         _accept.SHARE = share
         try:
             return asyncio.run(

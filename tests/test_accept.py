@@ -7,6 +7,7 @@ import errno
 import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
@@ -82,6 +83,26 @@ def test_share_least_loaded_ignores_gone_slots() -> None:
     assert share.held() == 2
 
 
+def test_a_worker_counts_from_its_first_listen_until_it_closes() -> None:
+    """join() publishes nothing; open() counts the slot from 0; leave() hands it all over."""
+    share = Share(2)
+    share.claim(1)
+    share.add(2)
+    share.join(0)
+    share.slot = 1
+    assert share.least_loaded()  # slot 0 joined but not listening: not waited for
+    share.slot = 0
+    share.open()
+    share.open()  # a second listener: still 0
+    assert share.held() == 0
+    share.slot = 1
+    assert not share.least_loaded()
+    share.slot = 0
+    share.leave()
+    share.slot = 1
+    assert share.least_loaded()
+
+
 def test_share_is_seen_across_fork() -> None:
     """A forked child's count is what its parent reads."""
     share = Share(2)
@@ -145,6 +166,56 @@ async def test_a_busier_worker_leaves_the_connection_to_its_sibling(
 
 
 @pytest.mark.asyncio
+async def test_a_deferral_ends_with_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sibling took the deferred connection: a later one is deferred afresh, not taken."""
+    monkeypatch.setattr(_accept, "MAX_DEFER", 0.3)
+    monkeypatch.setattr(_accept, "HOLD_BACK", 0.01)
+    share = _accept.SHARE = Share(2)
+    share.claim(1)
+    share.claim(0)
+    share.add(1)
+    sock = listening()
+    acceptor = Acceptor(asyncio.get_running_loop(), sock, Probe)
+    acceptor.start()
+    first = await connect(sock)
+    await settle(0.05)
+    taken, _ = sock.accept()  # the sibling's accept
+    await settle(0.4)  # longer than MAX_DEFER since the deferral began
+    second = await connect(sock)
+    await settle(0.05)
+    assert Probe.made == []  # left for the sibling again
+    await settle(0.4)
+    assert len(Probe.made) == 1  # ...until MAX_DEFER of this deferral
+    Probe.made[0].transport.close()
+    acceptor.close()
+    for s in (first, second, taken):
+        s.close()
+
+
+@pytest.mark.asyncio
+async def test_past_max_defer_every_queued_connection_is_taken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sibling that takes nothing costs the queue one MAX_DEFER, not one per connection."""
+    monkeypatch.setattr(_accept, "MAX_DEFER", 0.15)
+    share = _accept.SHARE = Share(2)
+    share.claim(1)
+    share.claim(0)
+    share.add(3)
+    sock = listening()
+    acceptor = Acceptor(asyncio.get_running_loop(), sock, Probe)
+    acceptor.start()
+    clients = [await connect(sock) for _ in range(5)]
+    await settle(0.4)
+    assert len(Probe.made) == 5
+    for p in Probe.made:
+        p.transport.close()
+    acceptor.close()
+    for c in clients:
+        c.close()
+
+
+@pytest.mark.asyncio
 async def test_a_stuck_sibling_delays_a_connection_by_max_defer_only(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -184,21 +255,44 @@ class Refusing(socket.socket):
 async def test_out_of_descriptors_rests_and_logs_once(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """EMFILE pauses the listener for RETRY_SECONDS, one log line a second; then it serves."""
-    monkeypatch.setattr(_accept, "RETRY_SECONDS", 0.05)
+    """EMFILE pauses the listener for RETRY_SECONDS (no accept meanwhile), one log line a
+    second; then it serves."""
+    monkeypatch.setattr(_accept, "RETRY_SECONDS", 0.3)
     emfile = OSError(errno.EMFILE, "Too many open files")
-    Refusing.errors, Refusing.calls = [emfile, emfile, emfile], 0
+    Refusing.errors, Refusing.calls = [emfile, emfile], 0
     sock = listening(Refusing)
     acceptor = Acceptor(asyncio.get_running_loop(), sock, Probe)
     acceptor.start()
     client = await connect(sock)
-    await settle(0.5)
-    assert Refusing.calls >= 4  # three failures, each followed by a rest, then the accept
+    await settle(0.15)
+    assert Refusing.calls == 1  # resting: the queued connection is not retried yet
+    await settle(0.9)
+    assert Refusing.calls >= 3  # two failures, each followed by a rest, then the accept
     assert len(Probe.made) == 1
     lines = [r.getMessage() for r in caplog.records]
     assert lines == [
         "cannot accept connections: [Errno 24] Too many open files (retrying); raise the file "
         "descriptor limit (ulimit -n) or lower --max-connections"
+    ]
+    Probe.made[0].transport.close()
+    acceptor.close()
+    client.close()
+
+
+@pytest.mark.asyncio
+async def test_a_connections_own_error_moves_on_without_resting(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """EPROTO (accept(2): retry) is logged and the next queued connection is taken at once."""
+    Refusing.errors, Refusing.calls = [OSError(errno.EPROTO, "Protocol error")], 0
+    sock = listening(Refusing)
+    acceptor = Acceptor(asyncio.get_running_loop(), sock, Probe)
+    acceptor.start()
+    client = await connect(sock)
+    await settle()
+    assert len(Probe.made) == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "cannot accept connections: [Errno 71] Protocol error (retrying)"
     ]
     Probe.made[0].transport.close()
     acceptor.close()
@@ -251,3 +345,49 @@ async def test_a_connection_no_protocol_got_is_closed_and_released(
     ]
     acceptor.close()
     client.close()
+
+
+@pytest.mark.asyncio
+async def test_a_protocol_that_cannot_be_made_closes_and_releases(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The protocol factory raises: the socket is closed and the count released."""
+    share = _accept.SHARE = Share(1)
+    share.claim(0)
+    sock = listening()
+
+    def refuse() -> asyncio.BaseProtocol:
+        raise MemoryError("no room for a protocol")
+
+    acceptor = Acceptor(asyncio.get_running_loop(), sock, refuse)
+    acceptor.start()
+    client = await connect(sock)
+    await settle()
+    assert share.held() == 0
+    assert client.recv(1) == b""
+    assert [r.getMessage() for r in caplog.records] == [
+        "cannot set up an accepted connection: no room for a protocol"
+    ]
+    acceptor.close()
+    client.close()
+
+
+@pytest.mark.asyncio
+async def test_shutdown_closes_a_connection_accepted_in_its_turn(tmp_path: Path) -> None:
+    """A connection accepted but not yet set up when shutdown starts is closed by it too."""
+    from maildrop.lmtp import MaildirHandler, MaildirServer
+
+    server = MaildirServer(MaildirHandler(tmp_path), hostname="h")
+    (address,) = await server.listen("127.0.0.1:0")
+    host, port = address.rsplit(":", 1)
+    client = socket.create_connection((host, int(port)))
+    server._acceptors[0]._ready()  # accepted: its protocol is made on a later turn
+    await server.shutdown(0)
+    await settle()  # the closed transports report their loss
+    assert server.connections == 0
+    client.settimeout(5)
+    data = b""
+    while chunk := client.recv(4096):
+        data += chunk
+    client.close()
+    assert data.startswith(b"220 ")  # greeted, then closed by the shutdown
