@@ -60,6 +60,23 @@ async def settle(seconds: float = 0.05) -> None:
     await asyncio.sleep(seconds)
 
 
+def busier_than_sibling(held: int) -> Share:
+    """Set SHARE: this process (slot 0) holds *held* connections, its sibling (slot 1) none."""
+    share = _accept.SHARE = Share(2)
+    share.claim(1)
+    share.claim(0)
+    share.add(held)
+    return share
+
+
+def accepting(cls: type[socket.socket] = socket.socket) -> tuple[Acceptor, socket.socket]:
+    """An Acceptor of Probe protocols, started on a fresh listening socket."""
+    sock = listening(cls)
+    acceptor = Acceptor(asyncio.get_running_loop(), sock, Probe)
+    acceptor.start()
+    return acceptor, sock
+
+
 def test_share_needs_a_worker() -> None:
     """A share for no worker is refused."""
     with pytest.raises(ValueError, match=r"^workers must be at least 1, not 0$"):
@@ -121,9 +138,7 @@ def test_share_is_seen_across_fork() -> None:
 @pytest.mark.asyncio
 async def test_accepts_into_protocols_and_close_stops() -> None:
     """Connections reach protocols; after close the socket is closed and nothing is taken."""
-    sock = listening()
-    acceptor = Acceptor(asyncio.get_running_loop(), sock, Probe)
-    acceptor.start()
+    acceptor, sock = accepting()
     clients = [await connect(sock) for _ in range(3)]
     await settle()
     assert len(Probe.made) == 3
@@ -142,13 +157,8 @@ async def test_a_busier_worker_leaves_the_connection_to_its_sibling(
 ) -> None:
     """Holding more than a sibling, the acceptor waits; it takes once the sibling catches up."""
     monkeypatch.setattr(_accept, "MAX_DEFER", 30.0)
-    share = _accept.SHARE = Share(2)
-    share.claim(1)
-    share.claim(0)
-    share.add(1)  # this process holds 1, its sibling 0
-    sock = listening()
-    acceptor = Acceptor(asyncio.get_running_loop(), sock, Probe)
-    acceptor.start()
+    share = busier_than_sibling(1)
+    acceptor, sock = accepting()
     client = await connect(sock)
     await settle(0.1)
     assert Probe.made == []  # left in the queue for the sibling
@@ -170,13 +180,8 @@ async def test_a_deferral_ends_with_the_queue(monkeypatch: pytest.MonkeyPatch) -
     """A sibling took the deferred connection: a later one is deferred afresh, not taken."""
     monkeypatch.setattr(_accept, "MAX_DEFER", 0.3)
     monkeypatch.setattr(_accept, "HOLD_BACK", 0.01)
-    share = _accept.SHARE = Share(2)
-    share.claim(1)
-    share.claim(0)
-    share.add(1)
-    sock = listening()
-    acceptor = Acceptor(asyncio.get_running_loop(), sock, Probe)
-    acceptor.start()
+    busier_than_sibling(1)
+    acceptor, sock = accepting()
     first = await connect(sock)
     await settle(0.05)
     taken, _ = sock.accept()  # the sibling's accept
@@ -198,13 +203,8 @@ async def test_past_max_defer_every_queued_connection_is_taken(
 ) -> None:
     """A sibling that takes nothing costs the queue one MAX_DEFER, not one per connection."""
     monkeypatch.setattr(_accept, "MAX_DEFER", 0.15)
-    share = _accept.SHARE = Share(2)
-    share.claim(1)
-    share.claim(0)
-    share.add(3)
-    sock = listening()
-    acceptor = Acceptor(asyncio.get_running_loop(), sock, Probe)
-    acceptor.start()
+    busier_than_sibling(3)
+    acceptor, sock = accepting()
     clients = [await connect(sock) for _ in range(5)]
     await settle(0.4)
     assert len(Probe.made) == 5
@@ -221,13 +221,8 @@ async def test_a_stuck_sibling_delays_a_connection_by_max_defer_only(
 ) -> None:
     """A sibling that never takes: the busier acceptor takes after MAX_DEFER."""
     monkeypatch.setattr(_accept, "MAX_DEFER", 0.3)
-    share = _accept.SHARE = Share(2)
-    share.claim(1)
-    share.claim(0)
-    share.add(5)
-    sock = listening()
-    acceptor = Acceptor(asyncio.get_running_loop(), sock, Probe)
-    acceptor.start()
+    busier_than_sibling(5)
+    acceptor, sock = accepting()
     client = await connect(sock)
     await settle(0.1)
     assert Probe.made == []
@@ -260,9 +255,7 @@ async def test_out_of_descriptors_rests_and_logs_once(
     monkeypatch.setattr(_accept, "RETRY_SECONDS", 0.3)
     emfile = OSError(errno.EMFILE, "Too many open files")
     Refusing.errors, Refusing.calls = [emfile, emfile], 0
-    sock = listening(Refusing)
-    acceptor = Acceptor(asyncio.get_running_loop(), sock, Probe)
-    acceptor.start()
+    acceptor, sock = accepting(Refusing)
     client = await connect(sock)
     await settle(0.15)
     assert Refusing.calls == 1  # resting: the queued connection is not retried yet
@@ -285,9 +278,7 @@ async def test_a_connections_own_error_moves_on_without_resting(
 ) -> None:
     """EPROTO (accept(2): retry) is logged and the next queued connection is taken at once."""
     Refusing.errors, Refusing.calls = [OSError(errno.EPROTO, "Protocol error")], 0
-    sock = listening(Refusing)
-    acceptor = Acceptor(asyncio.get_running_loop(), sock, Probe)
-    acceptor.start()
+    acceptor, sock = accepting(Refusing)
     client = await connect(sock)
     await settle()
     assert len(Probe.made) == 1
@@ -303,9 +294,7 @@ async def test_a_connections_own_error_moves_on_without_resting(
 async def test_an_aborted_connection_is_skipped(caplog: pytest.LogCaptureFixture) -> None:
     """ECONNABORTED (the client left while queued) moves on to the next one, unlogged."""
     Refusing.errors, Refusing.calls = [ConnectionAbortedError(errno.ECONNABORTED, "gone")], 0
-    sock = listening(Refusing)
-    acceptor = Acceptor(asyncio.get_running_loop(), sock, Probe)
-    acceptor.start()
+    acceptor, sock = accepting(Refusing)
     client = await connect(sock)
     await settle()
     assert len(Probe.made) == 1
