@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
+import sys
 from collections.abc import Sequence
 
 from . import _uring_abi as abi
@@ -121,8 +121,12 @@ def quiet_result(op: Op) -> int | None:
     return None
 
 
+_ENCODING, _ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+
+
 def _path(path: Path) -> bytes:
-    raw = os.fsencode(path)
+    # os.fsencode's own rule, without its two calls: every op of a delivery has a path.
+    raw = path.encode(_ENCODING, _ERRORS) if isinstance(path, str) else bytes(path)
     if b"\0" in raw:
         raise ValueError(f"embedded null byte in path {raw!r}")
     return raw
@@ -184,7 +188,8 @@ def openat2(
     how = _how(flags, mode, resolve)
     op.addr, op.addr2, op.length = abi.address(raw), ctypes.addressof(how), abi.OPEN_HOW.size
     op.keep = (raw, how)
-    _slot_target(op, slot)
+    if slot is not None:
+        op.file_index = slot + 1  # as _slot_target: inline, as this op runs per delivery
     return op
 
 
