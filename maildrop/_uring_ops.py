@@ -47,6 +47,7 @@ _KEEPS_CHAIN = frozenset(
 _WRITES = frozenset({abi.OP_WRITE, abi.OP_WRITEV})
 _OPENS = frozenset({abi.OP_OPENAT, abi.OP_OPENAT2})
 Path = str | bytes
+_IS_FD = (0).__le__  # 0 <= fd: AT_FDCWD is no fd of ours (a builtin: no Python call per op)
 Buffer = bytes | bytearray | memoryview
 
 
@@ -252,7 +253,7 @@ def _two_paths(opcode: int, olddfd: int, old: Path, newdfd: int, new: Path, flag
     src, dst = _path(old), _path(new)
     op.addr, op.addr2, op.length = abi.address(src), abi.address(dst), newdfd
     op.op_flags, op.keep = flags, (src, dst)
-    op.fds = tuple(fd for fd in (olddfd, newdfd) if fd >= 0)
+    op.fds = tuple(filter(_IS_FD, (olddfd, newdfd)))
     return op
 
 

@@ -96,8 +96,9 @@ def dir_ops(ring: Ring, tmp: DeliveryFiles) -> list[ops.Op] | None:
         return None
     if cfg.fsync and creating():
         return None
+    path = cfg.path
     chain = [
-        ops.openat2(abi.AT_FDCWD, encoded(cfg.path, sub), DIR_FLAGS, 0, resolve=_NO_LINKS)
+        ops.openat2(abi.AT_FDCWD, encoded(path, sub), DIR_FLAGS, 0, resolve=_NO_LINKS)
         for sub in ("tmp", tmp.subdir)
     ]
     if os.geteuid() == 0:  # then what it creates must be the maildir owner's: see _dirs

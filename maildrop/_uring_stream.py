@@ -188,7 +188,7 @@ async def _write_one(
         tmp.final_name = final
     if tmp.aborted:
         raise Aborted  # cancelled meanwhile: the thread step would not have linked
-    if linked in (-errno.EEXIST, *(-e for e in NO_LINKS)) and tmp.tmp_name is None:
+    if linked in _WRITE_AGAIN and tmp.tmp_name is None:
         await _create(ring, tmp)
         tmp.size = 0
         return await _write_and_publish(ring, steps, data, sync_new)
@@ -206,6 +206,8 @@ async def _write_one(
     return final
 
 
+#: A whole message's link results that have it written again and published step by step.
+_WRITE_AGAIN = frozenset({-errno.EEXIST, *(-e for e in NO_LINKS)})
 _FOREIGN: set[str] = set()  # maildirs of another user (root only): opened the two-step way
 _FOREIGN_MAX = 1024
 
