@@ -107,7 +107,7 @@ class UringBackend(PoolBackend):
         job = self._on_ring(fn, args)
         if job is None:
             return await super().run(fn, *args)
-        return await asyncio.shield(self._start(job))
+        return await self._released(job)
 
     def _on_ring(
         self, fn: Callable[..., Any], args: tuple[Any, ...]
@@ -127,11 +127,33 @@ class UringBackend(PoolBackend):
             return None
         return self._owned(fn.tmp, lambda: body(steps, *fn.args))
 
+    def _released(self, job: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+        """Start *job*; return a future of its outcome whose cancellation releases the waiter
+        only (``asyncio.shield``'s contract, with one done callback instead of three)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        task = loop.create_task(job)
+        self.jobs.add(task)  # the loop keeps only weak references to tasks
+
+        def settle(task: asyncio.Task[T]) -> None:
+            self.jobs.discard(task)
+            if future.cancelled():
+                retrieve(task)  # the caller left: nobody looks at the job's outcome
+            elif task.cancelled():
+                future.cancel()
+            elif (exc := task.exception()) is not None:
+                future.set_exception(exc)
+            else:
+                future.set_result(task.result())
+
+        task.add_done_callback(settle)
+        return future
+
     def _start(self, job: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         task = asyncio.get_running_loop().create_task(job)
         self.jobs.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self.jobs.discard)
-        task.add_done_callback(retrieve)  # a cancelled caller's shield no longer looks
+        task.add_done_callback(retrieve)  # nobody may look at a spawned job's outcome
         return task
 
     async def _owned(self, tmp: DeliveryFiles, body: Callable[[], Awaitable[T]]) -> T:
@@ -178,7 +200,7 @@ class UringBackend(PoolBackend):
         job = self._on_ring(fn, args)
         if job is None:
             return super().submit(fn, *args)
-        future = asyncio.shield(self._start(job))
+        future = self._released(job)
         future.add_done_callback(retrieve)
         return future
 

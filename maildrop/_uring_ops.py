@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
+import sys
 from collections.abc import Sequence
 
 from . import _uring_abi as abi
@@ -47,6 +47,7 @@ _KEEPS_CHAIN = frozenset(
 _WRITES = frozenset({abi.OP_WRITE, abi.OP_WRITEV})
 _OPENS = frozenset({abi.OP_OPENAT, abi.OP_OPENAT2})
 Path = str | bytes
+_IS_FD = (0).__le__  # 0 <= fd: AT_FDCWD is no fd of ours (a builtin: no Python call per op)
 Buffer = bytes | bytearray | memoryview
 
 
@@ -121,8 +122,12 @@ def quiet_result(op: Op) -> int | None:
     return None
 
 
+_ENCODING, _ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+
+
 def _path(path: Path) -> bytes:
-    raw = os.fsencode(path)
+    # os.fsencode's own rule, without its two calls: every op of a delivery has a path.
+    raw = path.encode(_ENCODING, _ERRORS) if isinstance(path, str) else bytes(path)
     if b"\0" in raw:
         raise ValueError(f"embedded null byte in path {raw!r}")
     return raw
@@ -184,7 +189,8 @@ def openat2(
     how = _how(flags, mode, resolve)
     op.addr, op.addr2, op.length = abi.address(raw), ctypes.addressof(how), abi.OPEN_HOW.size
     op.keep = (raw, how)
-    _slot_target(op, slot)
+    if slot is not None:
+        op.file_index = slot + 1  # as _slot_target: inline, as this op runs per delivery
     return op
 
 
@@ -247,7 +253,7 @@ def _two_paths(opcode: int, olddfd: int, old: Path, newdfd: int, new: Path, flag
     src, dst = _path(old), _path(new)
     op.addr, op.addr2, op.length = abi.address(src), abi.address(dst), newdfd
     op.op_flags, op.keep = flags, (src, dst)
-    op.fds = tuple(fd for fd in (olddfd, newdfd) if fd >= 0)
+    op.fds = tuple(filter(_IS_FD, (olddfd, newdfd)))
     return op
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
 from collections.abc import Sequence
 
@@ -41,6 +42,7 @@ __all__ = [
     "IOV_MAX",
     "dir_ops",
     "each",
+    "encoded",
     "error",
     "no_free_name",
     "open_dirs",
@@ -59,6 +61,12 @@ Chunks = Sequence[bytes | memoryview]
 def error(result: int, *names: str | None) -> OSError:
     """Return the ``OSError`` that ``os`` raises for *result* (``-errno``) on *names*."""
     return OSError(-result, os.strerror(-result), *names)
+
+
+@functools.lru_cache(maxsize=1024)
+def encoded(path: str, sub: str | None = None) -> bytes:
+    """Return *path* (joined with *sub*) as the ring's bytes: once per maildir, not per op."""
+    return os.fsencode(path if sub is None else os.path.join(path, sub))
 
 
 def open_under(ring: Ring, dir_fd: int, name: str, flags: int) -> ops.Op:
@@ -88,12 +96,13 @@ def dir_ops(ring: Ring, tmp: DeliveryFiles) -> list[ops.Op] | None:
         return None
     if cfg.fsync and creating():
         return None
+    path = cfg.path
     chain = [
-        ops.openat2(abi.AT_FDCWD, os.path.join(cfg.path, sub), DIR_FLAGS, 0, resolve=_NO_LINKS)
+        ops.openat2(abi.AT_FDCWD, encoded(path, sub), DIR_FLAGS, 0, resolve=_NO_LINKS)
         for sub in ("tmp", tmp.subdir)
     ]
     if os.geteuid() == 0:  # then what it creates must be the maildir owner's: see _dirs
-        chain.append(ops.statx(abi.AT_FDCWD, tmp.settings.root, abi.AT_SYMLINK_NOFOLLOW))
+        chain.append(ops.statx(abi.AT_FDCWD, encoded(cfg.root), abi.AT_SYMLINK_NOFOLLOW))
     return chain
 
 

@@ -31,6 +31,7 @@ from ._uring_steps import (
     IOV_MAX,
     dir_ops,
     each,
+    encoded,
     error,
     no_free_name,
     open_dirs,
@@ -131,7 +132,7 @@ async def _open_one(ring: Ring, tmp: DeliveryFiles) -> bool:
         return False
     name = new_name()
     LIVE_TMP.add(name)
-    path = os.path.join(tmp.settings.path, "tmp", name)
+    path = encoded(tmp.settings.path, "tmp") + b"/" + os.fsencode(name)
     create = ops.openat2(abi.AT_FDCWD, path, FILE_FLAGS, 0o600, resolve=abi.RESOLVE_NO_SYMLINKS)
     results = await each(ring, [*dirs, create])
     fd = results.pop()
@@ -149,7 +150,7 @@ async def _open_one(ring: Ring, tmp: DeliveryFiles) -> bool:
         return True
     LIVE_TMP.discard(name)
     if fd != -errno.EEXIST:
-        raise error(fd, path)
+        raise error(fd, os.fsdecode(path))
     await _create(ring, tmp)
     return True
 
@@ -187,7 +188,7 @@ async def _write_one(
         tmp.final_name = final
     if tmp.aborted:
         raise Aborted  # cancelled meanwhile: the thread step would not have linked
-    if linked in (-errno.EEXIST, *(-e for e in NO_LINKS)) and tmp.tmp_name is None:
+    if linked in _WRITE_AGAIN and tmp.tmp_name is None:
         await _create(ring, tmp)
         tmp.size = 0
         return await _write_and_publish(ring, steps, data, sync_new)
@@ -205,6 +206,8 @@ async def _write_one(
     return final
 
 
+#: A whole message's link results that have it written again and published step by step.
+_WRITE_AGAIN = frozenset({-errno.EEXIST, *(-e for e in NO_LINKS)})
 _FOREIGN: set[str] = set()  # maildirs of another user (root only): opened the two-step way
 _FOREIGN_MAX = 1024
 

@@ -181,6 +181,23 @@ async def test_a_cancelled_caller_is_released_and_the_chain_cleans_up(tmp_path: 
     )
 
 
+@needs_uring
+@pytest.mark.asyncio
+async def test_a_job_cancelled_under_its_caller_cancels_the_caller(tmp_path: Path) -> None:
+    """A ring job cancelled by another (a loop shutting down) cancels its waiter and is gone."""
+    md = Maildir(tmp_path / "m", backend="uring")
+    await md.deliver(b"warm")
+    backend = _backend.backend_for("uring")
+    assert isinstance(backend, ub.UringBackend)
+    waiter = backend._released(asyncio.Event().wait())
+    await asyncio.sleep(0)
+    (job,) = backend.jobs
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError, match=r"^$"):
+        await waiter
+    assert not backend.jobs
+
+
 def fsfreeze(flag: str, mnt: Path) -> None:
     """Freeze (``-f``) or thaw (``-u``) the filesystem mounted at *mnt*."""
     subprocess.run(["fsfreeze", flag, str(mnt)], check=True)
