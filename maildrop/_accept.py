@@ -55,7 +55,8 @@ _GONE = 1 << 62  # a slot without a worker: never the least loaded
 class Share:
     """Connection counts of sibling worker processes, in one map shared across ``fork()``.
 
-    The supervisor makes it before forking; each worker :meth:`claim`\\ s its slot and
+    The supervisor makes it before forking; each worker :meth:`join`\\ s its slot, counts
+    in it from its first listen (:meth:`open`) until its server closes (:meth:`leave`) and
     writes only that slot; the supervisor :meth:`vacate`\\ s the slot of a worker that
     exited. Reads of a sibling's count may be a moment stale: that only costs balance.
     """
@@ -69,11 +70,6 @@ class Share:
             self._counts[slot] = _GONE
         self.slot = -1
 
-    def claim(self, slot: int) -> None:
-        """Make this process the worker of *slot*, holding no connection yet."""
-        self._counts[slot] = 0
-        self.slot = slot
-
     def join(self, slot: int) -> None:
         """Make this process the worker of *slot*, not counted until :meth:`open`."""
         self.slot = slot
@@ -86,7 +82,7 @@ class Share:
     def leave(self) -> None:
         """Stop counting this process's slot (it accepts no more): siblings take it all."""
         if self.slot >= 0:
-            self._counts[self.slot] = _GONE
+            self.vacate(self.slot)
 
     def vacate(self, slot: int) -> None:
         """Forget *slot*'s worker (it exited): siblings no longer leave connections to it."""

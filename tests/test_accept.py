@@ -60,11 +60,17 @@ async def settle(seconds: float = 0.05) -> None:
     await asyncio.sleep(seconds)
 
 
+def listening_as(share: Share, slot: int) -> None:
+    """Make this process *slot*'s worker, listening (as a forked worker's first listen)."""
+    share.join(slot)
+    share.open()
+
+
 def busier_than_sibling(held: int) -> Share:
     """Set SHARE: this process (slot 0) holds *held* connections, its sibling (slot 1) none."""
     share = _accept.SHARE = Share(2)
-    share.claim(1)
-    share.claim(0)
+    listening_as(share, 1)
+    listening_as(share, 0)
     share.add(held)
     return share
 
@@ -86,11 +92,11 @@ def test_share_needs_a_worker() -> None:
 def test_share_least_loaded_ignores_gone_slots() -> None:
     """Only slots with a worker count; the least loaded may take, a busier one may not."""
     share = Share(3)
-    assert share.least_loaded()  # no slot claimed: a lone process
-    share.claim(1)
+    assert share.least_loaded()  # no slot joined: a lone process
+    listening_as(share, 1)
     share.add(2)
     assert share.least_loaded()  # slots 0 and 2 have no worker
-    share.claim(0)
+    listening_as(share, 0)
     assert share.least_loaded()
     assert share.held() == 0
     share.slot = 1
@@ -103,7 +109,7 @@ def test_share_least_loaded_ignores_gone_slots() -> None:
 def test_a_worker_counts_from_its_first_listen_until_it_closes() -> None:
     """join() publishes nothing; open() counts the slot from 0; leave() hands it all over."""
     share = Share(2)
-    share.claim(1)
+    listening_as(share, 1)
     share.add(2)
     share.join(0)
     share.slot = 1
@@ -123,10 +129,10 @@ def test_a_worker_counts_from_its_first_listen_until_it_closes() -> None:
 def test_share_is_seen_across_fork() -> None:
     """A forked child's count is what its parent reads."""
     share = Share(2)
-    share.claim(0)
+    listening_as(share, 0)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
-        share.claim(1)
+        listening_as(share, 1)
         share.add(3)
         os._exit(0)
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
@@ -311,7 +317,7 @@ async def test_a_connection_no_protocol_got_is_closed_and_released(
 ) -> None:
     """Setting up the transport fails before the protocol exists: closed, uncounted, logged."""
     share = _accept.SHARE = Share(1)
-    share.claim(0)
+    listening_as(share, 0)
     sock = listening()
     loop = asyncio.get_running_loop()
 
@@ -342,7 +348,7 @@ async def test_a_protocol_that_cannot_be_made_closes_and_releases(
 ) -> None:
     """The protocol factory raises: the socket is closed and the count released."""
     share = _accept.SHARE = Share(1)
-    share.claim(0)
+    listening_as(share, 0)
     sock = listening()
 
     def refuse() -> asyncio.BaseProtocol:
