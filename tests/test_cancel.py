@@ -124,9 +124,18 @@ async def test_cancel_scope_during_worker_call(tmp_path: Path, anyio_backend: st
     md = tmp_path / "m"
     started = threading.Event()
     table = slow("write", started, delay=0.2)
-    with anyio.move_on_after(0.05):
-        await Maildir(md, syscalls=table).deliver(b"x" * 4096)
-    assert started.is_set()
+
+    async def cancel_once_writing(scope: anyio.CancelScope) -> None:
+        with anyio.fail_after(10):  # a loaded machine may take a while to start the write
+            while not started.is_set():  # noqa: ASYNC110 - set by a worker thread
+                await anyio.sleep(0.001)
+        scope.cancel()
+
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cancel_once_writing, scope)
+            await Maildir(md, syscalls=table).deliver(b"x" * 4096)
+    assert scope.cancelled_caught  # cancelled mid-write (the write sleeps 0.2 s)
     await settle(lambda: listing(md) == EMPTY, "the worker's cleanup")
 
 
