@@ -289,8 +289,8 @@ class MaildirMailboxAppendMessageTask:
         return self._life.state is Phase.ENDED
 
     def _drained(self) -> None:
-        if self._feed.backlog > self.lowWaterMark:
-            return
+        if self._flow.state is Flow.FLOWING or self._feed.backlog > self.lowWaterMark:
+            return  # nothing held back, or not drained enough yet
         held = self._flow.on(FlowEvent.DRAIN)
         if held is Flow.PAUSED and self.myproducer is not None:
             self.myproducer.resumeProducing()
@@ -378,6 +378,8 @@ class MaildirMailboxAppendMessageTask:
             call.cancel()
         producer, self.myproducer = self.myproducer, None
         self.streaming = None
+        if self._flow.state is Flow.FLOWING:
+            return  # nothing to undo
         # Only undo what this task did; a stopped consumer does not stop the producer
         # (Twisted's never did, and e.g. a transport would drop its SMTP client).
         if self._flow.on(FlowEvent.RELEASE) is Flow.PAUSED and producer is not None:
