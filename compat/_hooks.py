@@ -49,9 +49,12 @@ class _Hooked(Protocol):
 
 def join(base: PathT, sub: str, name: str) -> str | bytes:
     """Return *base*/*sub*/*name*, typed like *base* (hooks and ``mbox.list`` get that type)."""
+    # os.path.join's result for these arguments, without its generality (once per message).
     if isinstance(base, bytes):
-        return os.path.join(base, sub.encode(), os.fsencode(name))
-    return os.path.join(os.fspath(base), sub, name)
+        cut = b"" if not base or base.endswith(b"/") else b"/"
+        return b"%s%s%s/%s" % (base, cut, sub.encode(), os.fsencode(name))
+    base = os.fspath(base)
+    return f"{base}{'' if not base or base.endswith('/') else '/'}{sub}/{name}"
 
 
 def _no_link(*args: Any, **kwargs: Any) -> None:
