@@ -6,17 +6,24 @@ fail them on cue). The engine instead works relative to directory fds and publis
 ``link()``. This table keeps the engine's way for every hook left at its ``os`` default and
 calls an overridden hook with the original arguments. The engine runs the table in its
 worker threads, so hooks do too.
+
+A task that overrides no hook gets a table shared by every such task on the same base table
+(it only records ``tmpname``/``fh``, for the task found through :func:`bind`), and a
+:class:`~maildrop.Maildir` shared by every such task on the same absolute path: built per
+message they are a large part of a small delivery's time on the loop, and a per-task
+closure makes its task a reference cycle, left for the garbage collector.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+from contextvars import ContextVar
 from typing import Any, Protocol
 
-from maildrop import Syscalls
+from maildrop import Maildir, Syscalls
 
-__all__ = ["PathT", "hook_table", "join"]
+__all__ = ["PathT", "bind", "hook_table", "join", "maildir_for"]
 
 PathT = str | bytes | os.PathLike[str]
 
@@ -42,9 +49,12 @@ class _Hooked(Protocol):
 
 def join(base: PathT, sub: str, name: str) -> str | bytes:
     """Return *base*/*sub*/*name*, typed like *base* (hooks and ``mbox.list`` get that type)."""
+    # os.path.join's result for these arguments, without its generality (once per message).
     if isinstance(base, bytes):
-        return os.path.join(base, sub.encode(), os.fsencode(name))
-    return os.path.join(os.fspath(base), sub, name)
+        cut = b"" if not base or base.endswith(b"/") else b"/"
+        return b"%s%s%s/%s" % (base, cut, sub.encode(), os.fsencode(name))
+    base = os.fspath(base)
+    return f"{base}{'' if not base or base.endswith('/') else '/'}{sub}/{name}"
 
 
 def _no_link(*args: Any, **kwargs: Any) -> None:
@@ -53,10 +63,64 @@ def _no_link(*args: Any, **kwargs: Any) -> None:
     raise OSError(errno.EOPNOTSUPP, "compat: publishing through osrename()")
 
 
+#: The task whose steps run in this context. Its pump sets it; the engine runs every step in
+#: a copy of its caller's contextvars, so a shared table's open finds it in the worker.
+_CURRENT: ContextVar[_Hooked | None] = ContextVar("compat_task", default=None)
+#: Shared tables by ``id()`` of their base table (which the entry keeps alive), and the
+#: maildirs of shared tables by (path, ``id()`` of the table); both dropped whole when full
+#: (a process uses a few).
+_SHARED: dict[int, tuple[Syscalls, Syscalls]] = {}
+_MAILDIRS: dict[tuple[str | bytes, int], tuple[Syscalls, Maildir]] = {}
+_MAX_SHARED = 64
+
+
+def bind(task: _Hooked) -> None:
+    """Make *task* the one a shared table records the tmp file for (in its pump's context)."""
+    _CURRENT.set(task)
+
+
+def maildir_for(path: PathT, table: Syscalls) -> Maildir:
+    """Return a ``Maildir`` of *path* delivering through *table*: one shared by every task
+    on a shared table and the same absolute path (a relative one follows the current
+    directory, and a table of hooks is one task's: those are built anew)."""
+    key = path if isinstance(path, str | bytes) else os.fspath(path)
+    entry = _MAILDIRS.get((key, id(table)))
+    if entry is not None and entry[0] is table:
+        return entry[1]
+    md = Maildir(os.fsdecode(key) if isinstance(key, bytes) else key, syscalls=table)
+    if os.path.isabs(key) and any(t is table for _, t in _SHARED.values()):
+        if len(_MAILDIRS) >= _MAX_SHARED:
+            _MAILDIRS.clear()
+        _MAILDIRS[key, id(table)] = (table, md)
+    return md
+
+
+def _shared_table(base: Syscalls) -> Syscalls:
+    """Return the table of tasks that override no hook: *base*, recording the tmp file."""
+    entry = _SHARED.get(id(base))
+    if entry is not None and entry[0] is base:
+        return entry[1]
+
+    def open_(name: str, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+        fd = base.open(name, flags, mode, dir_fd=dir_fd)
+        task = _CURRENT.get() if flags & os.O_CREAT else None
+        if task is not None:
+            task.tmpname, task.fh = join(task.mbox.path, "tmp", name), fd
+        return fd
+
+    table = base.replace(open=open_)
+    if len(_SHARED) >= _MAX_SHARED:
+        _SHARED.clear()
+        _MAILDIRS.clear()
+    _SHARED[id(base)] = (base, table)
+    return table
+
+
 def hook_table(task: _Hooked) -> Syscalls:
     """Return ``task.syscalls`` with the tmp-file steps routed through *task*'s hooks.
 
-    The tmp file's open always goes through here, to record ``task.tmpname``/``task.fh``.
+    The tmp file's open always goes through here, to record ``task.tmpname``/``task.fh``
+    (through :func:`bind` when the task overrides no hook).
     """
     base = task.syscalls
     path = task.mbox.path
@@ -64,6 +128,8 @@ def hook_table(task: _Hooked) -> Syscalls:
     oswrite = None if task.oswrite is os.write else task.oswrite
     osclose = None if task.osclose is os.close else task.osclose
     osrename = None if task.osrename is os.rename else task.osrename
+    if osopen is None and oswrite is None and osclose is None and osrename is None:
+        return _shared_table(base)
 
     def open_(name: str, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
         if not flags & os.O_CREAT:  # a directory: always the engine's way

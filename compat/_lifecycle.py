@@ -43,7 +43,14 @@ class InvalidTransition(RuntimeError):
     """An event that the current state has no transition for (a bug in the caller)."""
 
 
-class Phase(enum.Enum):
+class _Enum(enum.Enum):
+    """An enum hashed by identity: its members are singletons compared by identity, and
+    ``Enum.__hash__`` (Python code hashing the name) ran on every table lookup."""
+
+    __hash__ = object.__hash__
+
+
+class Phase(_Enum):
     """Where an append task is in its life."""
 
     IDLE = "idle"
@@ -54,7 +61,7 @@ class Phase(enum.Enum):
     FIRED = "fired"
 
 
-class Event(enum.Enum):
+class Event(_Enum):
     """What happens to an append task."""
 
     START = "start"  # the session is open and the pump started
@@ -132,7 +139,7 @@ class Lifecycle(_Machine[Phase, Event]):
         return self.state in _SCHEDULED
 
 
-class Flow(enum.Enum):
+class Flow(_Enum):
     """Whether the task holds its producer back."""
 
     FLOWING = "flowing"
@@ -140,7 +147,7 @@ class Flow(enum.Enum):
     WAITING = "waiting"  # a pull producer, not prodded until the backlog drains
 
 
-class FlowEvent(enum.Enum):
+class FlowEvent(_Enum):
     """What happens to the backlog or the producer."""
 
     PAUSE = "pause"  # a push producer's backlog passed the high-water mark

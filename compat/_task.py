@@ -34,11 +34,11 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from maildrop import DEFAULT_SYSCALLS, DeliverySession, Maildir, MaildropError, Syscalls
+from maildrop import DEFAULT_SYSCALLS, DeliverySession, MaildropError, Syscalls
 
 from . import _twisted
 from ._feed import Feed
-from ._hooks import hook_table, join
+from ._hooks import bind, hook_table, join, maildir_for
 from ._lifecycle import Event, Flow, FlowEvent, Lifecycle, Phase, ProducerFlow
 
 __all__ = ["DeliveryAborted", "MaildirMailboxAppendMessageTask"]
@@ -175,11 +175,7 @@ class MaildirMailboxAppendMessageTask:
             return
         try:
             loop = _twisted.find_loop("compat.MaildirMailboxAppendMessageTask")
-            path = self.mbox.path
-            md = Maildir(
-                os.fsdecode(path) if isinstance(path, bytes) else path,
-                syscalls=hook_table(self),
-            )
+            md = maildir_for(self.mbox.path, hook_table(self))
         except Exception as exc:
             self._abandon(exc)
             return
@@ -293,8 +289,8 @@ class MaildirMailboxAppendMessageTask:
         return self._life.state is Phase.ENDED
 
     def _drained(self) -> None:
-        if self._feed.backlog > self.lowWaterMark:
-            return
+        if self._flow.state is Flow.FLOWING or self._feed.backlog > self.lowWaterMark:
+            return  # nothing held back, or not drained enough yet
         held = self._flow.on(FlowEvent.DRAIN)
         if held is Flow.PAUSED and self.myproducer is not None:
             self.myproducer.resumeProducing()
@@ -306,6 +302,7 @@ class MaildirMailboxAppendMessageTask:
         loop = self._loop
         assert session is not None
         assert loop is not None
+        bind(self)  # this task's context: the engine's steps run in copies of it
         try:
             delivery = await self._feed.run(session, loop, self._ended, self._drained)
         except BaseException as exc:  # CancelledError too: _abandon cancels this task
@@ -321,6 +318,7 @@ class MaildirMailboxAppendMessageTask:
         self._decide(None, published, now=True)
 
     def _pump_done(self, pump: asyncio.Task[None]) -> None:
+        self._pump = None  # its context refers to this task (bind): no cycle for the GC
         # A pump cancelled before its first step never ran its except clause; it had
         # opened nothing either, so there is nothing to clean up.
         if not self._life.scheduled:
@@ -380,6 +378,8 @@ class MaildirMailboxAppendMessageTask:
             call.cancel()
         producer, self.myproducer = self.myproducer, None
         self.streaming = None
+        if self._flow.state is Flow.FLOWING:
+            return  # nothing to undo
         # Only undo what this task did; a stopped consumer does not stop the producer
         # (Twisted's never did, and e.g. a transport would drop its SMTP client).
         if self._flow.on(FlowEvent.RELEASE) is Flow.PAUSED and producer is not None:

@@ -24,6 +24,7 @@ SYS_REGISTER = 427
 OP_NOP = 0
 OP_WRITEV = 2
 OP_FSYNC = 3
+OP_SYNC_FILE_RANGE = 8
 OP_OPENAT = 18
 OP_CLOSE = 19
 OP_STATX = 21
@@ -37,6 +38,7 @@ OP_NAMES = {
     OP_NOP: "nop",
     OP_WRITEV: "writev",
     OP_FSYNC: "fsync",
+    OP_SYNC_FILE_RANGE: "sync_file_range",
     OP_OPENAT: "openat",
     OP_CLOSE: "close",
     OP_STATX: "statx",

@@ -248,6 +248,13 @@ def fsync(fd: int, *, datasync: bool = False, fixed: bool = False) -> Op:
     return op
 
 
+def sync_file_range(fd: int, offset: int, length: int, flags: int) -> Op:
+    """Prepare ``sync_file_range(fd, offset, length, flags)``."""
+    op = Op(abi.OP_SYNC_FILE_RANGE, fd)
+    op.addr2, op.length, op.op_flags = offset, length, flags
+    return op
+
+
 def _two_paths(opcode: int, olddfd: int, old: Path, newdfd: int, new: Path, flags: int) -> Op:
     op = Op(opcode, olddfd)
     src, dst = _path(old), _path(new)

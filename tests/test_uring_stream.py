@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from maildrop import _dircache
+from maildrop import Maildir, _backend, _dircache
 from maildrop._uring import availability
+from maildrop._uring_backend import UringBackend
 from maildrop._uring_ops import Op
 
 from .conftest import listing
@@ -52,6 +53,50 @@ async def test_a_streamed_message_runs_on_the_ring(tmp_path: Path) -> None:
     assert listing(path)["tmp"] == []
 
 
+async def test_each_durable_batch_starts_its_writeback(tmp_path: Path) -> None:
+    """Every batch's write is chained with sync_file_range(WRITE) of exactly its bytes."""
+    hooks = Fail(named("nop"), 0)
+    md, _ = await ring_maildir(tmp_path, hooks)
+    await md.deliver(batches())
+    ops = [op for op in hooks.ops if not op.fixed and op.name in ("writev", "sync_file_range")]
+    writes, syncs = ops[::2], ops[1::2]
+    assert len(writes) == len(syncs) >= 2
+    assert [(s.name, s.fd, s.addr2, s.length) for s in syncs] == [
+        ("sync_file_range", w.fd, w.addr2, w.expect) for w in writes
+    ]
+    assert all(s.op_flags == 2 for s in syncs)  # SYNC_FILE_RANGE_WRITE: waits for nothing
+    assert sum(w.expect for w in writes) == 8 * BATCH  # and the final fsync still runs
+    assert ("sync_file_range", 0) in hooks.trace
+    assert [name for name, _ in hooks.trace].count("fsync") >= 2
+
+
+async def test_no_writeback_is_started_without_fsync(tmp_path: Path) -> None:
+    """With fsync=False the batches are written alone."""
+    md = Maildir(tmp_path / "m", backend="uring", fsync=False)
+    await md.deliver(b"first")
+    hooks = Fail(named("nop"), 0)
+    backend = _backend.backend_for("uring")
+    assert isinstance(backend, UringBackend)
+    backend.ring.hooks = hooks
+    d = await md.deliver(batches())
+    assert d.path.read_bytes() == whole()
+    names = [name for name, _ in hooks.trace]
+    assert names.count("writev") >= 2
+    assert "sync_file_range" not in names
+
+
+async def test_a_short_batch_write_is_written_again(tmp_path: Path) -> None:
+    """A short write severs its sync_file_range; the batch is written again from its start."""
+    hooks = Fail(on_process_fd("writev"), 1000)
+    md, _ = await ring_maildir(tmp_path, hooks)
+    d = await md.deliver(batches())
+    assert d.path.read_bytes() == whole()
+    first = hooks.trace.index(("writev", 1000))
+    # Its sync_file_range was severed (no completion); the rewrite goes alone.
+    assert hooks.trace[first : first + 2] == [("writev", 1000), ("writev", 4 * BATCH)]
+    assert [name for name, _ in hooks.trace].count("sync_file_range") == 1  # the next batch's
+
+
 async def test_a_file_source_after_ring_batches_continues_in_a_thread(tmp_path: Path) -> None:
     """Ring batches, then a synchronous file: the thread step appends at the right place."""
     md, path = await ring_maildir(tmp_path)
@@ -71,6 +116,7 @@ async def test_a_file_source_after_ring_batches_continues_in_a_thread(tmp_path: 
     [
         (on_process_fd("writev"), errno.ENOSPC),
         (on_process_fd("fsync"), errno.EIO),
+        (on_process_fd("sync_file_range"), errno.EIO),
         (named("linkat"), errno.EDQUOT),
         (on_process_fd("close"), errno.EIO),
         (named("unlinkat"), errno.EROFS),
