@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import errno
 import os
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import Any, Protocol
 
 from maildrop import Maildir, Syscalls
 
-__all__ = ["PathT", "bind", "hook_table", "join", "maildir_for"]
+__all__ = ["PathT", "bind", "hook_table", "join", "maildir_for", "unbind"]
 
 PathT = str | bytes | os.PathLike[str]
 
@@ -74,9 +74,15 @@ _MAILDIRS: dict[tuple[str | bytes, int], tuple[Syscalls, Maildir]] = {}
 _MAX_SHARED = 64
 
 
-def bind(task: _Hooked) -> None:
-    """Make *task* the one a shared table records the tmp file for (in its pump's context)."""
-    _CURRENT.set(task)
+def bind(task: _Hooked) -> Token[_Hooked | None]:
+    """Make *task* the one a shared table records the tmp file for (in its pump's context);
+    undo it with :func:`unbind` before anything runs user code from that context."""
+    return _CURRENT.set(task)
+
+
+def unbind(token: Token[_Hooked | None]) -> None:
+    """Undo :func:`bind`: callbacks scheduled from the context must not keep the task alive."""
+    _CURRENT.reset(token)
 
 
 def maildir_for(path: PathT, table: Syscalls) -> Maildir:

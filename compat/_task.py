@@ -38,7 +38,7 @@ from maildrop import DEFAULT_SYSCALLS, DeliverySession, MaildropError, Syscalls
 
 from . import _twisted
 from ._feed import Feed
-from ._hooks import bind, hook_table, join, maildir_for
+from ._hooks import bind, hook_table, join, maildir_for, unbind
 from ._lifecycle import Event, Flow, FlowEvent, Lifecycle, Phase, ProducerFlow
 
 __all__ = ["DeliveryAborted", "MaildirMailboxAppendMessageTask"]
@@ -302,14 +302,18 @@ class MaildirMailboxAppendMessageTask:
         loop = self._loop
         assert session is not None
         assert loop is not None
-        bind(self)  # this task's context: the engine's steps run in copies of it
+        token = bind(self)  # this task's context: the engine's steps run in copies of it
         try:
             delivery = await self._feed.run(session, loop, self._ended, self._drained)
         except BaseException as exc:  # CancelledError too: _abandon cancels this task
+            # Unbound before ``defer`` fires: what its callbacks schedule copies this
+            # context, and must not keep this task (and its message) alive.
+            unbind(token)
             await session.abort()  # a no-op when the engine already cleaned up
             err = self._error if self._life.decided and self._error is not None else exc
             self._decide(err, now=True)
             return
+        unbind(token)
         if self._life.decided:  # abandoned after the link: the message stays, errback fires
             assert self._error is not None
             self._decide(self._error, now=True)

@@ -120,7 +120,9 @@ class _Wakeup:
         if hasattr(os, "eventfd"):
             fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             try:
-                loop.add_reader(fd, self._readable)
+                # In an empty context: the handle lives as long as the loop, and a copy of
+                # the first caller's context would keep whatever its variables refer to.
+                contextvars.Context().run(loop.add_reader, fd, self._readable)
             except NotImplementedError:  # a loop without add_reader (proactor)
                 os.close(fd)
             else:

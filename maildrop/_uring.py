@@ -8,10 +8,10 @@ Rules, each applied where the comment names it (checked on kernel 6.18, see test
 - Memory ordering: x86-64 keeps stores in order and loads in order, so writing an entry then
   the shared tail (and reading a tail then its entries) needs no fence; the driver refuses
   every other architecture (:func:`availability`).
-- Chains (``IOSQE_IO_LINK``): a failing fsync, linkat, unlinkat, renameat2 or statx does NOT
-  sever a chain; a failing or short write, openat or close does (a short write is a positive
-  result: compare it with the length). Callers check every result and never put an op after
-  one of the non-severing ones unless it may run when that one failed.
+- Chains (``IOSQE_IO_LINK``): a failing fsync, sync_file_range, linkat, unlinkat, renameat2 or
+  statx does NOT sever a chain; a failing or short write, openat or close does (a short write
+  is a positive result: compare it with the length). Callers check every result and never put
+  an op after one of the non-severing ones unless it may run when that one failed.
 - Quiet ops (``IOSQE_CQE_SKIP_SUCCESS``) post no completion on success, and after one fails
   none is posted for the rest of its chain: counting completions cannot find a chain's end.
   Only ops whose success value is known and whose failure severs are made quiet

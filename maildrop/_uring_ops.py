@@ -42,8 +42,16 @@ __all__ = [
 
 #: Ops whose failure leaves the rest of their chain running (kernel 6.18).
 _KEEPS_CHAIN = frozenset(
-    {abi.OP_FSYNC, abi.OP_LINKAT, abi.OP_UNLINKAT, abi.OP_RENAMEAT, abi.OP_STATX}
+    {
+        abi.OP_FSYNC,
+        abi.OP_SYNC_FILE_RANGE,
+        abi.OP_LINKAT,
+        abi.OP_UNLINKAT,
+        abi.OP_RENAMEAT,
+        abi.OP_STATX,
+    }
 )
+_U32 = 0xFFFF_FFFF
 _WRITES = frozenset({abi.OP_WRITE, abi.OP_WRITEV})
 _OPENS = frozenset({abi.OP_OPENAT, abi.OP_OPENAT2})
 Path = str | bytes
@@ -249,9 +257,13 @@ def fsync(fd: int, *, datasync: bool = False, fixed: bool = False) -> Op:
 
 
 def sync_file_range(fd: int, offset: int, length: int, flags: int) -> Op:
-    """Prepare ``sync_file_range(fd, offset, length, flags)``."""
+    """Prepare ``sync_file_range(fd, offset, length, flags)``.
+
+    The entry's length field has 32 bits: a longer range goes as 0, "to the end of the file"
+    (a superset of the range).
+    """
     op = Op(abi.OP_SYNC_FILE_RANGE, fd)
-    op.addr2, op.length, op.op_flags = offset, length, flags
+    op.addr2, op.length, op.op_flags = offset, length if length <= _U32 else 0, flags
     return op
 
 

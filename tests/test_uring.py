@@ -161,17 +161,25 @@ def test_a_failed_write_severs_the_chain(ring: Ring, tmp_path: Path) -> None:
 def test_failed_link_unlink_statx_do_not_sever_the_chain(
     ring: Ring, dfd: int, hooked: bool
 ) -> None:
-    """linkat, unlinkat and statx failing leave the chain running (kernel 6.18), hooks or not."""
+    """linkat, unlinkat, statx and sync_file_range failing leave the chain running (kernel
+    6.18), hooks or not."""
     ring.hooks = Script() if hooked else None
     results = ring.run(
         [
             ops.linkat(dfd, "missing", dfd, "b"),
             ops.unlinkat(dfd, "missing"),
             ops.statx(dfd, "missing"),
+            ops.sync_file_range(dfd, 0, 10, 0xFF),  # flags it refuses
             ops.nop(),
         ]
     )
-    assert results == [-errno.ENOENT] * 3 + [0]
+    assert results == [-errno.ENOENT] * 3 + [-errno.EINVAL, 0]
+
+
+def test_a_range_past_32_bits_is_synced_to_the_end_of_the_file() -> None:
+    """sync_file_range's length field has 32 bits: a longer range is "to the end" (0)."""
+    assert ops.sync_file_range(3, 0, 2**32 - 1, 2).length == 2**32 - 1
+    assert ops.sync_file_range(3, 4096, 2**32 + 4096, 2).length == 0
 
 
 @needs_uring

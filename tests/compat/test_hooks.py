@@ -114,3 +114,29 @@ async def test_a_delivered_task_is_freed_without_the_garbage_collector(tmp_path:
         assert gone() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.asyncio
+async def test_callbacks_scheduled_by_a_task_s_deferred_do_not_keep_it_alive(
+    tmp_path: Path,
+) -> None:
+    """A timer armed from ``defer``'s callback copies its context: the task is not in it."""
+    loop = asyncio.get_running_loop()
+    box = compat.MaildirMailbox(str(tmp_path / "m"))
+    handles: list[asyncio.TimerHandle] = []
+    refs = []
+    try:
+        for _ in range(3):
+            task = Task(box, b"Subject: x\n\n" + b"y" * 1000)
+            task.defer.addCallback(lambda _: handles.append(loop.call_later(3600, print)))
+            task.startUp()
+            await result(task.defer)
+            refs.append(weakref.ref(task))
+            del task
+        await asyncio.sleep(0)  # the pumps' done callbacks
+        gc.collect()
+        assert len(handles) == 3
+        assert [r() for r in refs] == [None, None, None]
+    finally:
+        for h in handles:
+            h.cancel()
