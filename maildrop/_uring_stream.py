@@ -158,7 +158,7 @@ class OneOpen:
         flags, resolve = FILE_FLAGS, abi.RESOLVE_NO_SYMLINKS
         self.ops = [*dirs, ops.openat2(abi.AT_FDCWD, self.path, flags, 0o600, resolve=resolve)]
 
-    def took(self, tmp: DeliveryFiles, results: list[int]) -> bool | None | list[ops.Op]:
+    def took(self, tmp: DeliveryFiles, results: list[int]) -> bool | list[ops.Op] | None:
         """Keep what the ops opened: True (the file is open), None (its name was taken:
         create it under another) or the ops that remove what was made before the thread
         step does it all (then :meth:`gone`); raise the create's error."""
