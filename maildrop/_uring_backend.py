@@ -29,18 +29,18 @@ import asyncio
 import errno
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from . import _uring_steps as ring_steps
 from . import _uring_stream as ring_stream
 from ._backend import Backend, Done, PoolBackend, current
 from ._group_commit import sync_and_close
-from ._handoff import Step, begin, hand_back, take_over
+from ._handoff import Step, begin, hand_back
 from ._loops import per_loop, running_loop
 from ._pool import retrieve
 from ._steps import Steps
 from ._uring import Ring, availability
 from ._uring_setup import UringUnavailableError
+from ._uring_whole import Shared, SyncAndClose, Whole, whole
 from ._writer import DeliveryFiles
 
 __all__ = ["UringBackend", "choose"]
@@ -91,7 +91,7 @@ def choose(choice: str) -> Backend:
 class UringBackend(PoolBackend):
     """The engine's own steps as chains on one ring per loop; the rest in the thread pool."""
 
-    __slots__ = ("jobs", "ring")
+    __slots__ = ("jobs", "loop", "ring", "shared")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
@@ -100,14 +100,39 @@ class UringBackend(PoolBackend):
         ring.attach(loop)
         # The loop never closes the ring: it goes with the loop (the ring holds it weakly).
         weakref.finalize(loop, ring.close)
-        self.jobs: set[asyncio.Task[Any]] = set()
+        self.jobs: set[asyncio.Future[Any]] = set()
+        self.loop = loop
+        #: Directories held open by the deliveries in flight (``_uring_whole``).
+        self.shared = Shared()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run the step ``fn(*args)`` on the ring or in a worker (see :meth:`Backend.run`)."""
+        whole = self._whole(fn, args)
+        if whole is not None:
+            try:
+                return cast(T, await whole.future)  # Steps.finish returns the name
+            except asyncio.CancelledError:
+                ending = whole.ending()  # the chain's completion cleans up: wait for it as
+                self.jobs.add(ending)  # for a job (shutdown, tests)
+                ending.add_done_callback(self.jobs.discard)
+                raise
         job = self._on_ring(fn, args)
         if job is None:
             return await super().run(fn, *args)
         return await self._released(job)
+
+    def _whole(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Whole | None:
+        """Start a whole message's ``Steps.finish`` from completion callbacks
+        (``_uring_whole``); None where it is not one, or takes the coroutine path."""
+        steps = getattr(fn, "fn", None)
+        steps = getattr(steps, "__self__", None)
+        if args or not isinstance(fn, Step) or not isinstance(steps, Steps):
+            return None
+        if getattr(fn.fn, "__func__", None) is not Steps.finish or steps.started:
+            return None
+        if steps.threads_only:
+            return None
+        return whole(self, steps, *fn.args)
 
     def _on_ring(
         self, fn: Callable[..., Any], args: tuple[Any, ...]
@@ -149,11 +174,11 @@ class UringBackend(PoolBackend):
         task.add_done_callback(settle)
         return future
 
-    def _start(self, job: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-        task = asyncio.get_running_loop().create_task(job)
+    def job(self, job: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run *job* as a task the backend holds until it ends."""
+        task = self.loop.create_task(job)
         self.jobs.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self.jobs.discard)
-        task.add_done_callback(retrieve)  # nobody may look at a spawned job's outcome
         return task
 
     async def _owned(self, tmp: DeliveryFiles, body: Callable[[], Awaitable[T]]) -> T:
@@ -209,22 +234,7 @@ class UringBackend(PoolBackend):
         if fn is not sync_and_close:
             super().spawn(fn, *args, done=done)
             return
-        task = self._start(self._sync_and_close(*args))
-        task.add_done_callback(lambda t: done(t.exception()))
-
-    async def _sync_and_close(self, covered: list[DeliveryFiles]) -> None:
-        """``_group_commit.sync_and_close`` on the ring (same order, same owners)."""
-        for tmp in covered:
-            if take_over(tmp):
-                try:
-                    await ring_steps.sync_dest(self.ring, tmp)
-                finally:
-                    await self._hand_back(tmp)
-                break
-        for tmp in covered:
-            if take_over(tmp):
-                tmp.close_dirs()  # directory fds: a close holds no data and never blocks
-                await self._hand_back(tmp)
+        SyncAndClose(self, args[0], done).start()
 
 
 def _hand_back_failed(tmp: DeliveryFiles) -> None:
