@@ -33,15 +33,17 @@ from typing import Any, TypeVar, cast
 
 from . import _uring_stream as ring_stream
 from ._backend import Backend, Done, PoolBackend, current
+from ._delivery import Delivery
 from ._group_commit import sync_and_close
 from ._handoff import Step, begin, hand_back
 from ._loops import per_loop, running_loop
 from ._pool import retrieve
 from ._steps import Steps
 from ._uring import Ring, availability
+from ._uring_commit import Delivering, SyncAndClose
 from ._uring_setup import UringUnavailableError
-from ._uring_whole import Shared, SyncAndClose, Whole, whole
-from ._writer import DeliveryFiles
+from ._uring_whole import Shared, Whole, whole
+from ._writer import DeliveryFiles, Settings
 
 __all__ = ["UringBackend", "choose"]
 
@@ -109,17 +111,35 @@ class UringBackend(PoolBackend):
         """Run the step ``fn(*args)`` on the ring or in a worker (see :meth:`Backend.run`)."""
         whole = self._whole(fn, args)
         if whole is not None:
-            try:
-                return cast(T, await whole.future)  # Steps.finish returns the name
-            except asyncio.CancelledError:
-                ending = whole.ending()  # the chain's completion cleans up: wait for it as
-                self.jobs.add(ending)  # for a job (shutdown, tests)
-                ending.add_done_callback(self.jobs.discard)
-                raise
+            return cast(T, await self._outcome(whole))  # Steps.finish returns the name
         job = self._on_ring(fn, args)
         if job is None:
             return await super().run(fn, *args)
         return await self._released(job)
+
+    async def _outcome(self, whole: Whole) -> Any:
+        """Wait for *whole*'s outcome; a cancelled caller leaves at once, and the backend
+        waits for the chain's cleanup as for a job (shutdown, tests)."""
+        try:
+            return await whole.future
+        except asyncio.CancelledError:
+            ending = whole.ending()
+            self.jobs.add(ending)
+            ending.add_done_callback(self.jobs.discard)
+            raise
+
+    def deliver(self, settings: Settings, data: bytes) -> Coroutine[Any, Any, Delivery] | None:
+        """Return ``Maildir.deliver(data)`` from completion callbacks (``_uring_commit``),
+        or None where the session must do it (see ``Whole.fits``).
+
+        **Cancellation:** the caller is released at once; the chain's completion cleans up
+        (a message linked already stays, and becomes durable with the next fsync).
+        """
+        if not Whole.fits(settings):
+            return None
+        job = Delivering(self, settings, data)
+        job.start()
+        return self._outcome(job)
 
     def _whole(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Whole | None:
         """Start a whole message's ``Steps.finish`` from completion callbacks

@@ -2,8 +2,8 @@
 
 The common delivery (the message in memory, written in one step) needs no task and no
 coroutine per step: :class:`Whole` is ``_uring_stream.finish_one`` as a chain of completion
-callbacks, with one future for its caller, and :class:`SyncAndClose` is the group commit's
-job (``_group_commit.sync_and_close``) the same way. The ops, their order and what each
+callbacks, with one future for its caller, and ``_uring_commit`` runs the group commit
+that follows the same way. The ops, their order and what each
 result means are ``_uring_stream``'s (:class:`~maildrop._uring_stream.OneOpen`,
 :func:`~maildrop._uring_stream.one_chain`, :func:`~maildrop._uring_stream.after_one`); what
 those send back to step-by-step work (a short write, a taken name, a maildir of another
@@ -25,28 +25,23 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import time
 from collections.abc import Coroutine
 from typing import Any
 
 from . import _dircache
-from . import _uring_abi as abi
 from . import _uring_stream as stream
 from ._dircache import MAX_AGE, Entry
-from ._handoff import begin, hand_back, take_over
+from ._handoff import abort, begin, hand_back
 from ._steps import Steps
-from ._uring_ops import fsync as fsync_op
-from ._uring_ops import statx
 from ._uring_steps import IOV_MAX, dir_ops, error, no_free_name, open_under
-from ._writer import _NAME_TRIES, FILE_FLAGS, LIVE_TMP, DeliveryFiles, new_name
+from ._writer import _NAME_TRIES, FILE_FLAGS, LIVE_TMP, DeliveryFiles, Settings, new_name
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from ._backend import Done
     from ._uring_backend import UringBackend
 
-__all__ = ["Shared", "SyncAndClose", "Whole"]
+__all__ = ["Shared", "Whole", "whole"]
 
 
 class Shared(dict[tuple[str, str], Entry]):
@@ -89,8 +84,8 @@ class Whole:
     """One whole message's ``Steps.finish`` on the ring; :attr:`future` has its outcome."""
 
     __slots__ = (
-        "backend", "chain", "chunks", "data", "ended", "final", "future", "opening", "steps",
-        "sync",
+        "backend", "chain", "chunks", "data", "ended", "final", "future", "opening", "over",
+        "steps", "sync",
     )  # fmt: skip
 
     def __init__(
@@ -99,28 +94,34 @@ class Whole:
         self.backend, self.steps, self.chunks = backend, steps, chunks
         #: Whether the destination is synced in the delivery's own chain (no group commit).
         self.sync = sync
-        self.future: asyncio.Future[str] = backend.loop.create_future()
+        self.future: asyncio.Future[Any] = backend.loop.create_future()
         self.final = ""
         self.data: list[bytes | memoryview] = []
         self.chain: list[Any] = []
         self.opening: stream.OneOpen | None = None
         self.ended: asyncio.Future[None] | None = None  # see ending()
+        self.over = False  # reported: the delivery's files are handed back
 
     @staticmethod
-    def fits(steps: Steps) -> bool:
-        """Whether a whole message of *steps* takes this path (else the coroutine's)."""
-        tmp = steps.tmp
-        return not (tmp.reuse and _dircache.usable(tmp)) and tmp.settings.path not in (
-            stream.FOREIGN
-        )
+    def fits(settings: Settings) -> bool:
+        """Whether a whole message into *settings*' maildir takes this path (else the
+        coroutine's: a maildir of another user, as root)."""
+        return settings.path not in stream.FOREIGN
 
     def start(self) -> None:
-        """Open what the message needs: the shared directories' file, or all of it."""
+        """Open what the message needs: the shared or kept directories' file, or all of it."""
         tmp = self.steps.tmp
         try:
             begin(tmp)
         except BaseException as exc:
-            self.future.set_exception(exc)
+            self._report(exc, "")
+            return
+        if tmp.reuse and _dircache.usable(tmp):  # a server: the directories it keeps open
+            if tmp.reuse_kept() and tmp.owner is None:
+                self._create(_NAME_TRIES)
+            else:  # none kept yet (the thread step keeps them), or a chown to do
+                tmp.close_dirs()
+                self._in_thread()
             return
         if self.backend.shared.take(tmp):
             self._create(_NAME_TRIES)
@@ -195,6 +196,7 @@ class Whole:
 
     def _written(self, results: list[int]) -> None:
         steps = self.steps
+        self._check_cancelled()
         try:
             outcome = stream.after_one(steps, self.chain, self.final, self.sync, results)
         except BaseException as exc:
@@ -231,6 +233,7 @@ class Whole:
     def _end(self, exc: BaseException | None, final: str = "") -> None:
         """Hand the files back (cleaning up after a failure or an abort), then report."""
         tmp = self.steps.tmp
+        self._check_cancelled()
         if exc is None and not tmp.aborted:
             hand_back(tmp)
             self._report(None, final)
@@ -240,84 +243,36 @@ class Whole:
         cleaned = self.backend.pool.submit(_hand_back, (tmp, exc is not None))
         cleaned.add_done_callback(lambda _: self._report(exc, final))
 
+    def _check_cancelled(self) -> None:
+        """Abort the delivery if its caller left: a caller of :class:`Delivering` cannot
+        (it has no session), a session's has already."""
+        if self.future.cancelled() and not self.steps.tmp.aborted:
+            abort(self.steps.tmp, keep_published=False)
+
     def ending(self) -> asyncio.Future[None]:
         """Return a future that is done once the delivery's files are handed back (a
         cancelled caller's backend waits for it as for a job)."""
         if self.ended is None:
             self.ended = self.backend.loop.create_future()
-            if self.steps.tmp.cleaned or not self.steps.tmp.running:
+            if self.over:
                 self.ended.set_result(None)
         return self.ended
 
-    def _report(self, exc: BaseException | None, final: str) -> None:
-        if self.ended is not None and not self.ended.done():
+    def _report(self, exc: BaseException | None, result: Any) -> None:
+        """Give the caller *result* or *exc* (the files are handed back)."""
+        self.over = True
+        if self.ended is not None:
             self.ended.set_result(None)
         if self.future.cancelled():
             return  # the caller left: nobody looks at the outcome
         if exc is not None:
             self.future.set_exception(exc)
         else:
-            self.future.set_result(final)
+            self.future.set_result(result)
 
 
 def _hand_back(tmp: DeliveryFiles, failed: bool) -> None:
     hand_back(tmp, failed=failed)
-
-
-class SyncAndClose:
-    """``_group_commit.sync_and_close`` on the ring: fsync the destination through the
-    first covered delivery it can take over, then the xfs check, then close (give back)
-    every covered delivery's directories; ``done(error)`` when all is over."""
-
-    __slots__ = ("backend", "covered", "done", "error", "left")
-
-    def __init__(self, backend: UringBackend, covered: list[DeliveryFiles], done: Done) -> None:
-        self.backend, self.covered, self.done = backend, covered, done
-        self.error: BaseException | None = None
-        self.left = 1  # the hand-backs in a worker still running, and this job's own part
-
-    def start(self) -> None:
-        """Queue the fsync, or end at once if every covered delivery is gone."""
-        for tmp in self.covered:
-            if take_over(tmp):
-                if not tmp.settings.fsync:  # pragma: no cover - no group commit without fsync
-                    self._synced(tmp, [0])
-                    return
-                chain = [fsync_op(tmp.dest_fd), statx(tmp.dest_fd, "", abi.AT_EMPTY_PATH)]
-                self.backend.ring.queue(chain, functools.partial(self._synced, tmp))
-                return
-        self._close()
-        self._settle()
-
-    def _synced(self, tmp: DeliveryFiles, results: list[int]) -> None:
-        failed = [r for r in results if r < 0]
-        if failed:
-            self.error = error(failed[0])
-        self._give(tmp)
-        if self.error is None:  # a failed fsync closes nothing: each removes its own link
-            self._close()
-        self._settle()
-
-    def _close(self) -> None:
-        for tmp in self.covered:
-            if take_over(tmp):
-                tmp.close_dirs()  # directory fds: a close holds no data and never blocks
-                self._give(tmp)
-
-    def _give(self, tmp: DeliveryFiles) -> None:
-        if not tmp.aborted:  # only the loop's thread sets `aborted`: no race here
-            hand_back(tmp)
-            return
-        self.left += 1
-        self.backend.pool.submit(hand_back, (tmp,)).add_done_callback(self._cleaned)
-
-    def _cleaned(self, _: asyncio.Future[None]) -> None:
-        self._settle()
-
-    def _settle(self) -> None:
-        self.left -= 1
-        if not self.left:
-            self.done(self.error)
 
 
 def whole(
@@ -325,7 +280,7 @@ def whole(
 ) -> Whole | None:
     """Start a whole message's ``Steps.finish`` on *backend*'s ring (its ``future`` has the
     published name), or return None where the coroutine path takes it (``Whole.fits``)."""
-    if not Whole.fits(steps):
+    if not Whole.fits(steps.tmp.settings):
         return None
     job = Whole(backend, steps, chunks, sync_new)
     job.start()
