@@ -41,9 +41,9 @@ from collections.abc import Sequence
 
 from . import _uring_abi as abi
 from . import _uring_setup as setup
-from ._uring_chain import Chain, Done, put
+from ._uring_chain import Chain, Done
 from ._uring_hooks import Hooks
-from ._uring_ops import Op, quiet_result, severs
+from ._uring_ops import Op, severs
 from ._uring_setup import Availability, UringUnavailableError
 
 __all__ = ["Availability", "Ring", "UringUnavailableError", "availability"]
@@ -53,6 +53,7 @@ _RINGS: weakref.WeakSet[Ring] = weakref.WeakSet()
 _INHERITED: list[tuple[mmap.mmap, ...]] = []  # a forked child's ring maps (Ring._forget)
 _LINK_QUIET = abi.IOSQE_IO_LINK | abi.IOSQE_CQE_SKIP_SUCCESS
 _SQE_SIZE, _CQE_SIZE = abi.SQE.size, abi.CQE.size
+_PACK, _U64 = abi.SQE.pack_into, abi.U64
 
 
 @functools.cache
@@ -179,8 +180,10 @@ class Ring:
 
     def _kick(self) -> None:
         # One io_uring_enter per loop iteration: every chain queued in this turn goes together.
-        loop = self._live_loop()
-        if loop is not None and not self._flush_scheduled:
+        if self._flush_scheduled or self._loop is None:
+            return
+        loop = self._loop()
+        if loop is not None:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
 
@@ -217,7 +220,7 @@ class Ring:
             # With hooks, each op goes alone after its predecessor completed (_complete applies
             # the kernel's severing rules), so "stop before op N" means ops before it are done.
             link = i < last and chain.linked and hooks is None
-            quiet = link and quiet_ok and quiet_result(op) is not None
+            quiet = link and quiet_ok and op.success is not None  # quiet_result(op)
             ud = self._next_ud
             self._next_ud = ud + 1
             inflight[ud] = (chain, i)
@@ -225,7 +228,12 @@ class Ring:
             if quiet:
                 chain.quiet[i] = True
             flags = _LINK_QUIET if quiet else abi.IOSQE_IO_LINK if link else 0
-            put(sqes, (tail & mask) * _SQE_SIZE, op, flags, ud)
+            if op.fixed:
+                flags |= abi.IOSQE_FIXED_FILE
+            # put(), inline: one entry per op of every delivery
+            _PACK(sqes, (tail & mask) * _SQE_SIZE, op.opcode, flags, 0, op.fd,
+                  op.addr2 & _U64, op.addr, op.length, op.op_flags, ud, 0, 0, op.file_index,
+                  op.addr3, 0)  # fmt: skip
             tail, i = tail + 1, i + 1
             if i > last or (not link and chain.linked) or hooks is not None:
                 break
@@ -268,8 +276,15 @@ class Ring:
         if chain.injected is not None and i in chain.injected and result != -errno.ECANCELED:
             result = chain.injected[i]
         chain.results[i], chain.reported[i] = result, True
-        if op.fds:
-            self._release(op)
+        if op.fds:  # _release(op), inline: most ops use a process fd
+            users = self._fd_users
+            for fd in op.fds:
+                users[fd] -= 1
+                if not users[fd]:
+                    del users[fd]
+                    if fd in self._close_later:
+                        self._close_later.discard(fd)
+                        os.close(fd)
         if not chain.linked:
             chain.left -= 1
             if not chain.left:

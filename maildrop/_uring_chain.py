@@ -8,42 +8,16 @@ succeeded) or not (its ops are independent and its callback waits for all of the
 from __future__ import annotations
 
 import errno
-import mmap
 from collections.abc import Callable
 
 from . import _uring_abi as abi
 from ._uring_hooks import Hooks
-from ._uring_ops import Op, nop, quiet_result, shorten
+from ._uring_ops import Op, nop, shorten
 
-__all__ = ["Chain", "Done", "put"]
+__all__ = ["Chain", "Done"]
 
 Done = Callable[[list[int]], None]
 _NOP = nop()
-_PACK = abi.SQE.pack_into
-
-
-def put(sqes: mmap.mmap, offset: int, op: Op, flags: int, user_data: int) -> None:
-    """Write *op*'s submission queue entry at *offset* of *sqes*, with *flags*."""
-    if op.fixed:
-        flags |= abi.IOSQE_FIXED_FILE
-    _PACK(
-        sqes,
-        offset,
-        op.opcode,
-        flags,
-        0,
-        op.fd,
-        op.addr2 & abi.U64,
-        op.addr,
-        op.length,
-        op.op_flags,
-        user_data,
-        0,
-        0,
-        op.file_index,
-        op.addr3,
-        0,
-    )
 
 
 class Chain:
@@ -101,6 +75,6 @@ class Chain:
         cancel) and return their indices."""
         silent = [j for j in range(self.start, self.next) if not self.reported[j]]
         for j in silent:
-            success = quiet_result(self.ops[j])
+            success = self.ops[j].success  # quiet_result()
             self.results[j] = success if j < stop and success is not None else -errno.ECANCELED
         return silent

@@ -69,7 +69,7 @@ def encoded(path: str, sub: str | None = None) -> bytes:
     return os.fsencode(path if sub is None else os.path.join(path, sub))
 
 
-def open_under(ring: Ring, dir_fd: int, name: str, flags: int) -> ops.Op:
+def open_under(ring: Ring, dir_fd: int, name: str | bytes, flags: int) -> ops.Op:
     mode = 0o600 if flags & os.O_CREAT else 0  # openat2 refuses a mode without O_CREAT
     if ring.has_openat2:
         return ops.openat2(dir_fd, name, flags, mode, resolve=_RESOLVE)

@@ -141,7 +141,9 @@ async def finish_one(
 
 def whole_data(steps: Steps, chunks: list[bytes | memoryview]) -> list[bytes | memoryview]:
     """Return a whole message's chunks with the transform's tail, empty ones left out."""
-    return [c for c in (*chunks, steps.tail(sum(map(len, chunks)))) if len(c)]
+    if steps.transform is not None:
+        chunks = [*chunks, steps.tail(sum(map(len, chunks)))]
+    return [c for c in chunks if len(c)]
 
 
 class OneOpen:
@@ -218,7 +220,8 @@ def one_chain(
     put = ops.writev(tmp.fd, data, offset=0, rw_flags=abi.RWF_SYNC if fsync else 0)
     final = steps.name_for(name, put.expect)
     link, *dest = _link_ops(tmp, final, sync_new and fsync)
-    return [put, link, ops.unlinkat(tmp.tmp_fd, name), ops.close(tmp.fd), *dest], final
+    unlink = ops.unlinkat(tmp.tmp_fd, ops.fspath(name))
+    return [put, link, unlink, ops.close(tmp.fd), *dest], final
 
 
 def after_one(
@@ -313,11 +316,12 @@ async def _write_and_publish(
 def _link_ops(tmp: DeliveryFiles, final: str, sync_dest: bool) -> list[ops.Op]:
     """Return the chain that links the file as *final*, then fsyncs and checks the
     destination (*sync_dest*: the xfs check, see ``_uring_steps``)."""
+    src: bytes | str
     if _PROC_FD:
-        src, src_dir, flags = f"/proc/self/fd/{tmp.fd}", abi.AT_FDCWD, abi.AT_SYMLINK_FOLLOW
+        src, src_dir, flags = b"/proc/self/fd/%d" % tmp.fd, abi.AT_FDCWD, abi.AT_SYMLINK_FOLLOW
     else:  # pragma: no cover - every CI host has /proc
         src, src_dir, flags = str(tmp.tmp_name), tmp.tmp_fd, 0
-    chain = [ops.linkat(src_dir, src, tmp.dest_fd, final, flags)]
+    chain = [ops.linkat(src_dir, src, tmp.dest_fd, ops.fspath(final), flags)]
     if sync_dest:
         chain += [ops.fsync(tmp.dest_fd), ops.statx(tmp.dest_fd, "", abi.AT_EMPTY_PATH)]
     return chain

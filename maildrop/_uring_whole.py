@@ -34,6 +34,7 @@ from . import _uring_stream as stream
 from ._dircache import MAX_AGE, Entry
 from ._handoff import abort, begin, hand_back
 from ._steps import Steps
+from ._uring_ops import fspath
 from ._uring_steps import IOV_MAX, dir_ops, error, no_free_name, open_under
 from ._writer import _NAME_TRIES, FILE_FLAGS, LIVE_TMP, DeliveryFiles, Settings, new_name
 
@@ -165,7 +166,7 @@ class Whole:
             return
         name = new_name()
         LIVE_TMP.add(name)  # before the file exists, so a sweep never sees it unowned
-        op = open_under(self.backend.ring, self.steps.tmp.tmp_fd, name, FILE_FLAGS)
+        op = open_under(self.backend.ring, self.steps.tmp.tmp_fd, fspath(name), FILE_FLAGS)
         self.backend.ring.queue([op], lambda results: self._created(name, tries, results[0]))
 
     def _created(self, name: str, tries: int, fd: int) -> None:
