@@ -217,9 +217,15 @@ def backend_for(choice: str) -> Backend:
     (``"auto"``, ``"uring"`` or ``"threads"``: ``_uring_backend.backend_for``)."""
     if choice == "threads" or (choice == "auto" and not AUTO_USES_URING):
         return current()
-    from ._uring_backend import choose  # loaded only where io_uring may be used
+    global _choose
+    if _choose is None:  # loaded only where io_uring may be used, and only once
+        from ._uring_backend import choose
 
-    return choose(choice)
+        _choose = choose
+    return _choose(choice)
+
+
+_choose: Callable[[str], Backend] | None = None
 
 
 async def run_sync(fn: Callable[..., T], *args: Any) -> T:

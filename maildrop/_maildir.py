@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypedDict, Unpack, cast
+from typing import TypedDict, Unpack
 
 from ._backend import backend_for, requested, run_sync
 from ._folders import folder_dirname
@@ -245,8 +245,9 @@ def _whole(cfg: Settings, data: bytes) -> Awaitable[Delivery] | None:
         return None
     if cfg.max_size is not None and len(data) > cfg.max_size:
         return None
+    deliver: Callable[[Settings, bytes], Awaitable[Delivery] | None] | None
     deliver = getattr(backend_for(cfg.backend), "deliver", None)
-    return None if deliver is None else cast("Awaitable[Delivery] | None", deliver(cfg, data))
+    return None if deliver is None else deliver(cfg, data)
 
 
 async def deliver(

@@ -74,6 +74,7 @@ class Ring:
         sq, cq, self._sqes = maps
         so, co = params.sq_off, params.cq_off
         self._sq_entries, self.max_inflight = params.sq_entries, params.cq_entries
+        self._max_chain = min(self._sq_entries, self.max_inflight)
         self._sq_khead = ctypes.c_uint32.from_buffer(sq, so.head)
         self._sq_ktail = ctypes.c_uint32.from_buffer(sq, so.tail)
         self._sq_flags = ctypes.c_uint32.from_buffer(sq, so.flags)
@@ -166,7 +167,7 @@ class Ring:
         if self._closed:
             why = "was inherited across fork" if self._forked else "is closed"
             raise RuntimeError(f"this io_uring ring {why}; open a new one")
-        if not 0 < len(ops) <= min(self._sq_entries, self.max_inflight):
+        if not 0 < len(ops) <= self._max_chain:
             raise ValueError(f"a chain holds 1 to {self._sq_entries} ops, not {len(ops)}")
         users = self._fd_users
         for op in ops:
@@ -198,17 +199,17 @@ class Ring:
         pending = self._pending
         while pending:
             chain = pending[0]
-            count = len(chain.ops) - chain.next
+            count = chain.count - chain.next
             free = self._sq_entries - ((self._tail - self._sq_khead.value) & _U32)
             if count > free or len(self._inflight) + count > self.max_inflight:
                 return  # the whole rest of the chain, or nothing: see the module's rules
             self._write(chain)  # a hook that raises there leaves the chain queued
-            if chain.linked or chain.next == len(chain.ops):
+            if chain.linked or chain.next == chain.count:
                 pending.popleft()
 
     def _write(self, chain: Chain) -> None:
         ops, hooks, inflight = chain.ops, self.hooks, self._inflight
-        last, i, tail = len(ops) - 1, chain.next, self._tail
+        last, i, tail = chain.count - 1, chain.next, self._tail
         sqes, mask, quiet_ok = self._sqes, self._sq_mask, self._quiet_ok
         chain.start = i
         while True:

@@ -24,6 +24,7 @@ class Chain:
     """The ops of one chain, their completion ids and results, and its callback."""
 
     __slots__ = (
+        "count",
         "done",
         "injected",
         "left",
@@ -38,7 +39,7 @@ class Chain:
     )
 
     def __init__(self, ops: list[Op], done: Done, linked: bool) -> None:
-        n = len(ops)
+        n = self.count = len(ops)
         self.ops, self.done, self.linked = ops, done, linked
         #: Ops of an unlinked chain not completed yet.
         self.left = n
@@ -73,8 +74,11 @@ class Chain:
         """End the part in the kernel at op *stop*: give each op that reported nothing its
         result (a quiet op before *stop* succeeded, one after it was silenced by the kernel's
         cancel) and return their indices."""
-        silent = [j for j in range(self.start, self.next) if not self.reported[j]]
-        for j in silent:
-            success = self.ops[j].success  # quiet_result()
-            self.results[j] = success if j < stop and success is not None else -errno.ECANCELED
+        silent = []
+        for j in range(self.start, self.next):
+            if not self.reported[j]:
+                success = self.ops[j].success  # quiet_result()
+                ok = j < stop and success is not None
+                self.results[j] = -errno.ECANCELED if success is None or not ok else success
+                silent.append(j)
         return silent

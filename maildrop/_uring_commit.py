@@ -99,7 +99,7 @@ class Delivering(Whole):
     def __init__(self, backend: UringBackend, settings: Settings, data: bytes) -> None:
         steps = Steps(settings)
         steps.tmp.reuse = True  # as a session's: a server's kept directories
-        gc = group((settings.path, "new"))
+        gc = group((settings.path, "new"))  # (the maildir's path: Whole.path)
         # Without fsync there is no directory fsync to share: the chain is all.
         super().__init__(backend, steps, [data], not settings.fsync or gc.alone())
         self.gc = gc
@@ -135,5 +135,4 @@ class Delivering(Whole):
             super()._report(exc, None)
             return
         STATS["deliveries"] += 1
-        tmp = self.steps.tmp
-        super()._report(None, Delivery(f"{tmp.settings.path}/new/{final}", final, tmp.size))
+        super()._report(None, Delivery(f"{self.path}/new/{final}", final, self.steps.tmp.size))

@@ -52,9 +52,10 @@ class Shared(dict[tuple[str, str], Entry]):
     process-wide table): ``_dircache.give_back`` closes its fds when its last user leaves.
     """
 
-    def take(self, tmp: DeliveryFiles) -> bool:
-        """Give *tmp* the directories of a delivery in flight; False if none are fresh."""
-        entry = self.get((tmp.settings.path, tmp.subdir))
+    def take(self, tmp: DeliveryFiles, path: str) -> bool:
+        """Give *tmp* (into the maildir at *path*) the directories of a delivery in flight;
+        False if none are fresh."""
+        entry = self.get((path, tmp.subdir))
         if entry is None or time.monotonic() - entry.opened > MAX_AGE:
             return False
         with _dircache._lock:  # a worker's cleanup may give an entry back meanwhile
@@ -86,13 +87,14 @@ class Whole:
 
     __slots__ = (
         "backend", "chain", "chunks", "data", "ended", "final", "future", "opening", "over",
-        "steps", "sync",
+        "path", "steps", "sync",
     )  # fmt: skip
 
     def __init__(
         self, backend: UringBackend, steps: Steps, chunks: list[bytes | memoryview], sync: bool
     ) -> None:
         self.backend, self.steps, self.chunks = backend, steps, chunks
+        self.path = steps.tmp.settings.path  # the maildir's (a property: computed once)
         #: Whether the destination is synced in the delivery's own chain (no group commit).
         self.sync = sync
         self.future: asyncio.Future[Any] = backend.loop.create_future()
@@ -124,7 +126,7 @@ class Whole:
                 tmp.close_dirs()
                 self._in_thread()
             return
-        if self.backend.shared.take(tmp):
+        if self.backend.shared.take(tmp, self.path):
             self._create(_NAME_TRIES)
             return
         dirs = dir_ops(self.backend.ring, tmp)
@@ -197,7 +199,8 @@ class Whole:
 
     def _written(self, results: list[int]) -> None:
         steps = self.steps
-        self._check_cancelled()
+        if self.future.cancelled():
+            self._check_cancelled()
         try:
             outcome = stream.after_one(steps, self.chain, self.final, self.sync, results)
         except BaseException as exc:
@@ -234,7 +237,8 @@ class Whole:
     def _end(self, exc: BaseException | None, final: str = "") -> None:
         """Hand the files back (cleaning up after a failure or an abort), then report."""
         tmp = self.steps.tmp
-        self._check_cancelled()
+        if self.future.cancelled():
+            self._check_cancelled()
         if exc is None and not tmp.aborted:
             hand_back(tmp)
             self._report(None, final)
@@ -245,9 +249,9 @@ class Whole:
         cleaned.add_done_callback(lambda _: self._report(exc, final))
 
     def _check_cancelled(self) -> None:
-        """Abort the delivery if its caller left: a caller of :class:`Delivering` cannot
+        """Abort the delivery, whose caller left: a caller of :class:`Delivering` cannot
         (it has no session), a session's has already."""
-        if self.future.cancelled() and not self.steps.tmp.aborted:
+        if not self.steps.tmp.aborted:
             abort(self.steps.tmp, keep_published=False)
 
     def ending(self) -> asyncio.Future[None]:

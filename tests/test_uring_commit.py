@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import errno
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from maildrop import Maildir, _group_commit
 from maildrop._steps import Steps
 from maildrop._uring import availability
+from maildrop._uring_backend import UringBackend
 from maildrop._uring_commit import SyncAndClose
 
 from .conftest import listing
@@ -50,20 +52,30 @@ async def test_an_aborted_covered_delivery_is_cleaned_up_before_the_job_ends(
     assert open_dirs_of(path) == []
 
 
-async def test_a_cancelled_waiter_keeps_its_linked_message(tmp_path: Path) -> None:
+async def test_a_cancelled_waiter_keeps_its_linked_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Cancelled while it waits for the shared fsync: the message was linked, it stays and
     the fsync still makes it durable; nothing is left open."""
     md, path = await ring_maildir(tmp_path)
-    first = asyncio.create_task(md.deliver(MSG))
-    await asyncio.sleep(0)
-    second = asyncio.create_task(md.deliver(MSG + b"2"))
-    while len(listing(path)["new"]) < 3:  # noqa: ASYNC110 - the disk's state, no event
-        await asyncio.sleep(0.001)  # both linked: the second waits for a fsync
+    backend = ring_backend()
+    held: list[tuple[Any, tuple[Any, ...], Any]] = []
+    spawn = UringBackend.spawn
+    monkeypatch.setattr(UringBackend, "spawn", lambda _, fn, *a, done: held.append((fn, a, done)))
+    first = asyncio.create_task(md.deliver(MSG))  # alone: its chain syncs new/
+    second = asyncio.create_task(md.deliver(MSG + b"2"))  # waits for a shared fsync
+    while not held:  # noqa: ASYNC110 - the job is held by the stand-in above
+        await asyncio.sleep(0.001)
     second.cancel()
-    await first
     with pytest.raises(asyncio.CancelledError):
         await second
-    await asyncio.sleep(0.05)
+    await first
+    assert len(listing(path)["new"]) == 3  # linked before the cancel: kept
+    ended = asyncio.get_running_loop().create_future()
+    fn, args, done = held[0]
+    spawn(backend, fn, *args, done=lambda e: (done(e), ended.set_result(e)))
+    assert await asyncio.wait_for(ended, 5) is None
+    await asyncio.sleep(0.01)
     assert len(listing(path)["new"]) == 3
     assert listing(path)["tmp"] == []
     assert open_dirs_of(path) == []
