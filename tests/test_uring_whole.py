@@ -212,13 +212,13 @@ async def test_the_shared_table_keeps_fresh_live_directories_only(tmp_path: Path
     md, _ = await ring_maildir(tmp_path)
     shared = ring_backend().shared
     steps = Steps(md._settings)
-    assert not shared.take(steps.tmp)  # nothing shared
+    assert not shared.take(steps.tmp, md._settings.path)  # nothing shared
     key = (md._settings.path, "new")
     steps.tmp.dir_fds, steps.tmp.tmp_fd, steps.tmp.dest_fd = [], -1, -1
     dead = Entry(steps.tmp, (0, 0))
     dead.users = 0
     shared[key] = dead
-    assert not shared.take(steps.tmp)  # closed: not taken
+    assert not shared.take(steps.tmp, md._settings.path)  # closed: not taken
     await md.deliver(MSG)
     assert shared[key] is not dead  # the next opener offered its own
 
