@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -35,7 +36,7 @@ from ._dircache import MAX_AGE, Entry
 from ._handoff import abort, begin, hand_back
 from ._steps import Steps
 from ._uring_ops import fspath
-from ._uring_steps import IOV_MAX, dir_ops, error, no_free_name, open_under
+from ._uring_steps import IOV_MAX, dir_ops, encoded, error, no_free_name, open_under
 from ._writer import _NAME_TRIES, FILE_FLAGS, LIVE_TMP, DeliveryFiles, Settings, new_name
 
 TYPE_CHECKING = False
@@ -50,6 +51,9 @@ class Shared(dict[tuple[str, str], Entry]):
 
     An :class:`~maildrop._dircache.Entry` made here is *dropped* from the start (it is in no
     process-wide table): ``_dircache.give_back`` closes its fds when its last user leaves.
+    As in ``_dircache``, an entry is taken only while the maildir's path still names the
+    directories it holds: one ``lstat`` of its ``tmp/`` per delivery (a cached path, no disk
+    I/O), compared by device and inode; a replaced ``new/`` is picked up within ``MAX_AGE``.
     """
 
     def take(self, tmp: DeliveryFiles, path: str) -> bool:
@@ -57,6 +61,12 @@ class Shared(dict[tuple[str, str], Entry]):
         False if none are fresh."""
         entry = self.get((path, tmp.subdir))
         if entry is None or time.monotonic() - entry.opened > MAX_AGE:
+            return False
+        try:
+            st = os.lstat(encoded(path, "tmp"))
+        except OSError:  # moved or removed: the opener's rules decide what happens
+            return False
+        if (st.st_dev, st.st_ino) != entry.dev_ino:
             return False
         with _dircache._lock:  # a worker's cleanup may give an entry back meanwhile
             if not entry.users:
@@ -73,6 +83,8 @@ class Shared(dict[tuple[str, str], Entry]):
         key = (tmp.settings.path, tmp.subdir)
         old = self.get(key)
         if old is None or not old.users or entry.opened - old.opened > MAX_AGE:
+            st = os.fstat(tmp.tmp_fd)  # an open fd: no disk I/O
+            entry.dev_ino = (st.st_dev, st.st_ino)
             self[key] = entry
 
     def forget(self, tmp: DeliveryFiles) -> None:

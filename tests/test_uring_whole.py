@@ -54,17 +54,22 @@ def open_dirs_of(path: Path) -> list[str]:
     return fds
 
 
+async def in_workers(md: Maildir, workers: int, each: int) -> None:
+    """Deliver *each* messages one after another in each of *workers* concurrent tasks."""
+
+    async def worker() -> None:
+        for _ in range(each):
+            await md.deliver(MSG)
+
+    await asyncio.gather(*(worker() for _ in range(workers)))
+
+
 async def test_deliveries_in_flight_share_their_directories(tmp_path: Path) -> None:
     """Four workers delivering four messages each open tmp/ and new/ fewer times than
     sixteen (a delivery finds others in flight), and nothing stays open once they returned."""
     hooks = Fail(named("nop"), 0)
     md, path = await ring_maildir(tmp_path, hooks)
-
-    async def worker() -> None:
-        for _ in range(4):
-            await md.deliver(MSG)
-
-    await asyncio.gather(*(worker() for _ in range(4)))
+    await in_workers(md, 4, 4)
     assert len(listing(path)["new"]) == 17
     assert 0 < dir_opens(hooks) < 2 * 16
     assert open_dirs_of(path) == []
@@ -88,12 +93,7 @@ async def test_old_shared_directories_are_not_taken(
     monkeypatch.setattr(_uring_whole, "MAX_AGE", -1.0)
     hooks = Fail(named("nop"), 0)
     md, path = await ring_maildir(tmp_path, hooks)
-
-    async def worker() -> None:
-        for _ in range(2):
-            await md.deliver(MSG)
-
-    await asyncio.gather(*(worker() for _ in range(2)))
+    await in_workers(md, 2, 2)
     assert dir_opens(hooks) == 2 * 4
     assert open_dirs_of(path) == []
 
@@ -117,6 +117,7 @@ async def test_a_failed_delivery_stops_sharing_its_directories(tmp_path: Path) -
     shared = ring_backend().shared
     key = (md._settings.path, "new")
     one, other = Steps(md._settings).tmp, Steps(md._settings).tmp
+    one.open_dirs()
     shared.offer(one)
     assert shared[key] is one._kept
     other._kept = Entry(other, (0, 0))
@@ -124,6 +125,7 @@ async def test_a_failed_delivery_stops_sharing_its_directories(tmp_path: Path) -
     assert shared[key] is one._kept
     shared.forget(one)
     assert key not in shared
+    one.close_dirs()
 
 
 async def test_an_aborted_delivery_is_refused_before_any_op(tmp_path: Path) -> None:
@@ -240,3 +242,26 @@ async def test_a_delivery_on_threads_never_takes_this_path(tmp_path: Path) -> No
     md = Maildir(tmp_path / "m", backend="threads")
     d = await md.deliver(MSG)
     assert d.path.read_bytes() == MSG
+
+
+async def test_a_replaced_maildir_is_not_shared(tmp_path: Path) -> None:
+    """Shared directories are taken only while the maildir's path still names them: after
+    the maildir is moved away and made again, a delivery opens the new one."""
+    md, path = await ring_maildir(tmp_path)
+    shared = ring_backend().shared
+    opener = Steps(md._settings).tmp
+    opener.open_dirs()
+    shared.offer(opener)
+    taker = Steps(md._settings).tmp
+    assert shared.take(taker, md._settings.path)
+    taker.close_dirs()
+    path.rename(tmp_path / "old")
+    assert not shared.take(taker, md._settings.path)  # gone: nothing to compare with
+    for sub in ("tmp", "new", "cur"):
+        (path / sub).mkdir(parents=True)
+    assert not shared.take(taker, md._settings.path)  # another tmp/ at the same path
+    d = await md.deliver(MSG)
+    assert d.path.parent == path / "new"
+    assert (path / "new" / d.name).read_bytes() == MSG
+    opener.close_dirs()
+    assert open_dirs_of(tmp_path) == []
