@@ -87,7 +87,10 @@ class SyncAndClose:
     def _settle(self) -> None:
         self.left -= 1
         if not self.left:
-            self.done(self.error)
+            # In the next loop turn, as a job's end is reported: the links the rest of this
+            # turn's completions make then wait for the next fsync all together (one more
+            # fsync started in the middle of a turn would cover fewer of them).
+            self.backend.loop.call_soon(self.done, self.error)
 
 
 class Delivering(Whole):
