@@ -177,10 +177,10 @@ current = per_loop("maildrop_backend", _make)
 
 #: The backends a ``Maildir`` may ask for.
 BACKENDS = ("auto", "uring", "threads")
-#: Whether "auto" picks io_uring where it runs. Not yet: through the engine's session every
-#: step's Python runs on the loop's thread, and the ring backend is at best level with the
-#: thread pool at 16 and 64 in flight and slower for a lone delivery
-#: (``benchmarks/README.md``); "auto" takes it once it is the faster one.
+#: Whether "auto" picks io_uring where it runs. Not yet: every step's Python runs on the
+#: loop's thread, so the ring backend is ahead of the thread pool at 16 and 64 in flight only
+#: while a CPU is free, and slower for a lone delivery (``benchmarks/README.md``); "auto"
+#: takes it once it is the faster one.
 AUTO_USES_URING = False
 #: The environment variable that replaces ``"auto"`` (see ``_uring_backend``).
 ENV = "MAILDROP_BACKEND"
