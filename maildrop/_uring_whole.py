@@ -35,6 +35,7 @@ from . import _uring_stream as stream
 from ._dircache import MAX_AGE, Entry
 from ._handoff import abort, begin, hand_back
 from ._steps import Steps
+from ._uring_chain import Done
 from ._uring_ops import fspath
 from ._uring_steps import IOV_MAX, dir_ops, encoded, error, no_free_name, open_under
 from ._writer import _NAME_TRIES, FILE_FLAGS, LIVE_TMP, DeliveryFiles, Settings, new_name
@@ -146,7 +147,15 @@ class Whole:
             self._in_thread()
             return
         opening = self.opening = stream.OneOpen(self.backend.ring, tmp, dirs)
-        self.backend.ring.queue(opening.ops, self._opened, linked=False)
+        self._queue(opening.ops, self._opened, linked=False)
+
+    def _queue(self, ops: list[Any], then: Done, linked: bool = True) -> None:
+        """Queue *ops* on the ring, *then* with their results; a ring that refuses them (closed
+        with its loop) fails the delivery instead of raising into a completion callback."""
+        try:
+            self.backend.ring.queue(ops, then, linked=linked)
+        except (RuntimeError, ValueError) as exc:
+            self._end(exc)
 
     def _opened(self, results: list[int]) -> None:
         tmp, opening = self.steps.tmp, self.opening
@@ -158,7 +167,7 @@ class Whole:
             return
         if isinstance(took, list):
             if took:
-                self.backend.ring.queue(took, lambda _: self._gone(opening), linked=False)
+                self._queue(took, lambda _: self._gone(opening), linked=False)
             else:
                 self._gone(opening)
             return
@@ -181,7 +190,7 @@ class Whole:
         name = new_name()
         LIVE_TMP.add(name)  # before the file exists, so a sweep never sees it unowned
         op = open_under(self.backend.ring, self.steps.tmp.tmp_fd, fspath(name), FILE_FLAGS)
-        self.backend.ring.queue([op], lambda results: self._created(name, tries, results[0]))
+        self._queue([op], lambda results: self._created(name, tries, results[0]))
 
     def _created(self, name: str, tries: int, fd: int) -> None:
         tmp = self.steps.tmp
@@ -207,7 +216,7 @@ class Whole:
             self._job(stream.redo(self.backend.ring, steps, data, self.sync, stream.Again.SHORT))
             return
         self.chain, self.final = stream.one_chain(steps, data, self.sync)
-        self.backend.ring.queue(self.chain, self._written)
+        self._queue(self.chain, self._written)
 
     def _written(self, results: list[int]) -> None:
         steps = self.steps

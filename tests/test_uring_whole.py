@@ -265,3 +265,16 @@ async def test_a_replaced_maildir_is_not_shared(tmp_path: Path) -> None:
     assert (path / "new" / d.name).read_bytes() == MSG
     opener.close_dirs()
     assert open_dirs_of(tmp_path) == []
+
+
+async def test_a_closed_ring_fails_the_delivery_and_leaves_nothing(tmp_path: Path) -> None:
+    """A ring closed under the delivery (its loop going away) fails it with the ring's
+    error instead of raising into a completion callback; nothing is left behind."""
+    md, path = await ring_maildir(tmp_path)
+    ring_backend().ring.close()
+    with pytest.raises(RuntimeError, match="ring is closed"):
+        await md.deliver(MSG)
+    await asyncio.sleep(0.05)  # the cleanup runs in a worker
+    assert listing(path)["tmp"] == []
+    assert [(path / "new" / n).read_bytes() for n in listing(path)["new"]] == [b"first"]
+    assert open_dirs_of(path) == []
