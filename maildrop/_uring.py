@@ -222,12 +222,9 @@ class Ring:
             # the kernel's severing rules), so "stop before op N" means ops before it are done.
             link = i < last and chain.linked and hooks is None
             quiet = link and quiet_ok and op.success is not None  # quiet_result(op)
-            ud = self._next_ud
-            self._next_ud = ud + 1
+            ud = self._next_ud = self._next_ud + 1
             inflight[ud] = (chain, i)
-            chain.uds[i] = ud
-            if quiet:
-                chain.quiet[i] = True
+            chain.uds[i], chain.quiet[i] = ud, quiet
             flags = _LINK_QUIET if quiet else abi.IOSQE_IO_LINK if link else 0
             if op.fixed:
                 flags |= abi.IOSQE_FIXED_FILE
@@ -277,15 +274,8 @@ class Ring:
         if chain.injected is not None and i in chain.injected and result != -errno.ECANCELED:
             result = chain.injected[i]
         chain.results[i], chain.reported[i] = result, True
-        if op.fds:  # _release(op), inline: most ops use a process fd
-            users = self._fd_users
-            for fd in op.fds:
-                users[fd] -= 1
-                if not users[fd]:
-                    del users[fd]
-                    if fd in self._close_later:
-                        self._close_later.discard(fd)
-                        os.close(fd)
+        if op.fds:
+            self._release(op)
         if not chain.linked:
             chain.left -= 1
             if not chain.left:
