@@ -166,9 +166,9 @@ class UringBackend(PoolBackend):
         body: Callable[..., Awaitable[Any]]
         if func is Steps.write:
             body = self._write
-        elif func is Steps.finish:
-            body = self._finish_streamed if steps.started else self._finish
-        else:
+        elif func is Steps.finish and steps.started:
+            body = self._finish_streamed
+        else:  # a whole message that _whole() declined (another user's maildir): a thread
             return None
         return self._owned(fn.tmp, lambda: body(steps, *fn.args))
 
@@ -218,15 +218,6 @@ class UringBackend(PoolBackend):
             await self.pool.submit(_hand_back_failed if failed else hand_back, (tmp,))
         else:
             hand_back(tmp)
-
-    async def _finish(self, steps: Steps, chunks: list[bytes | memoryview], sync_new: bool) -> str:
-        # A whole message: opened, written and linked in two round trips (``finish_one``).
-        final = await ring_stream.finish_one(self.ring, steps, chunks, sync_new)
-        if final is False:
-            return await self.pool.submit(steps.finish, (chunks, sync_new))
-        if final is None:  # no hard links here: the thread step's rename fallback
-            return await self.pool.submit(steps.publish, (sync_new,))
-        return final
 
     async def _finish_streamed(
         self, steps: Steps, chunks: list[bytes | memoryview], sync_new: bool

@@ -1,9 +1,12 @@
 """A message's file on the io_uring backend, written whole or in ~1 MiB batches.
 
 A whole message (the engine's ``finish`` with nothing written yet: the common case) takes
-two round trips, :func:`finish_one`: the directories and the file are opened together, then
-one chain writes it with ``RWF_SYNC``, links it, removes the tmp name and closes it. What
-follows is the general case, a message written in batches.
+two round trips: the directories and the file are opened together (:class:`OneOpen`), then
+one chain writes it with ``RWF_SYNC`` (one write: that is its fsync), links it from
+``/proc/self/fd``, removes the tmp name and closes it (:func:`one_chain`, whose results
+:func:`after_one` reads). ``_uring_whole`` drives those from completion callbacks; what they
+leave (:class:`Again`) is done step by step here (:func:`redo`). What follows is the general
+case, a message written in batches.
 
 The tmp file is a process fd, opened on the ring like the directories: between two steps
 its caller owns the files, and any later step may run in a thread (copying a synchronous
@@ -21,16 +24,12 @@ from __future__ import annotations
 import enum
 import errno
 import os
-from typing import Literal
 
-from . import _dircache
 from . import _uring_abi as abi
 from . import _uring_ops as ops
 from ._steps import Steps
 from ._uring import Ring
 from ._uring_steps import (
-    IOV_MAX,
-    dir_ops,
     each,
     encoded,
     error,
@@ -57,7 +56,6 @@ __all__ = [
     "OneOpen",
     "after_one",
     "finish",
-    "finish_one",
     "one_chain",
     "redo",
     "whole_data",
@@ -101,42 +99,6 @@ async def _append(ring: Ring, tmp: DeliveryFiles, data: list[bytes | memoryview]
     await write_at(ring, tmp.fd, data, at=tmp.size)
     tmp.size += sum(map(len, data))
     os.lseek(tmp.fd, tmp.size, os.SEEK_SET)  # never blocks: no disk I/O
-
-
-async def finish_one(
-    ring: Ring, steps: Steps, chunks: list[bytes | memoryview], sync_new: bool
-) -> str | Literal[False] | None:
-    """``Steps.finish`` for a whole message (nothing written yet) in two round trips.
-
-    The directories and the file are opened together (:class:`OneOpen`), then one chain
-    writes the message with ``RWF_SYNC`` (one write: that is its fsync), links it from
-    ``/proc/self/fd``, removes its tmp name and closes it (:func:`one_chain`). Return the
-    published name, None as :func:`finish` does, or False where the thread step must do it
-    all (nothing was done). ``_uring_whole`` runs the same steps from completion callbacks.
-    """
-    tmp = steps.tmp
-    # A server's delivery takes the directories it keeps open, for one lstat of the maildir
-    # on the loop (a cached path: no disk I/O) instead of three ops.
-    if tmp.reuse and _dircache.usable(tmp):
-        if not tmp.reuse_kept() or tmp.owner is not None:
-            tmp.close_dirs()  # none kept yet (the thread step keeps them), or a chown to do
-            return False
-        await _create(ring, tmp)
-    elif tmp.settings.path in FOREIGN:
-        if not await write(ring, steps, chunks):
-            return False
-        return await finish(ring, steps, [], sync_new)
-    elif not await _open_one(ring, tmp):
-        return False
-    steps.started = True
-    data = whole_data(steps, chunks)
-    if not 0 < len(data) <= IOV_MAX:
-        return await _write_and_publish(ring, steps, data, sync_new)
-    chain, final = one_chain(steps, data, sync_new)
-    outcome = after_one(steps, chain, final, sync_new, await ring.submit(chain))
-    if isinstance(outcome, Again):
-        return await redo(ring, steps, data, sync_new, outcome)
-    return outcome
 
 
 def whole_data(steps: Steps, chunks: list[bytes | memoryview]) -> list[bytes | memoryview]:
@@ -183,24 +145,6 @@ class OneOpen:
     def gone(self) -> None:
         """Forget the tmp name once the ops :meth:`took` returned have removed the file."""
         LIVE_TMP.discard(self.name)
-
-
-async def _open_one(ring: Ring, tmp: DeliveryFiles) -> bool:
-    """Open the directories and create the tmp file in one round trip (:class:`OneOpen`);
-    False, with nothing left, where the thread step must do it (see ``open_dirs``)."""
-    dirs = dir_ops(ring, tmp)
-    if dirs is None:
-        return False
-    opening = OneOpen(ring, tmp, dirs)
-    took = opening.took(tmp, await each(ring, opening.ops))
-    if isinstance(took, list):
-        if took:
-            await each(ring, took)
-        opening.gone()
-        return False
-    if took is None:
-        await _create(ring, tmp)
-    return True
 
 
 class Again(enum.Enum):
@@ -281,7 +225,7 @@ async def redo(
 
 #: A whole message's link results that have it written again and published step by step.
 _WRITE_AGAIN = frozenset({-errno.EEXIST, *(-e for e in NO_LINKS)})
-FOREIGN: set[str] = set()  # maildirs of another user (root only): opened the two-step way
+FOREIGN: set[str] = set()  # maildirs of another user (root only): the thread step's
 _FOREIGN_MAX = 1024
 
 

@@ -1,13 +1,14 @@
 """A whole message on the io_uring backend, driven by completion callbacks.
 
 The common delivery (the message in memory, written in one step) needs no task and no
-coroutine per step: :class:`Whole` is ``_uring_stream.finish_one`` as a chain of completion
+coroutine per step: :class:`Whole` opens, writes and publishes it from a chain of completion
 callbacks, with one future for its caller, and ``_uring_commit`` runs the group commit
 that follows the same way. The ops, their order and what each
 result means are ``_uring_stream``'s (:class:`~maildrop._uring_stream.OneOpen`,
 :func:`~maildrop._uring_stream.one_chain`, :func:`~maildrop._uring_stream.after_one`); what
-those send back to step-by-step work (a short write, a taken name, a maildir of another
-user) runs as the coroutine it is there, in a job of its own.
+those send back to step-by-step work (a short write, a taken name, no hard links) runs as
+the coroutine it is there, in a job of its own; a maildir of another user (as root) is the
+thread step's, as everything the ring does not take.
 
 Directories shared by the deliveries in flight (:class:`Shared`): a delivery into a maildir
 whose ``tmp/`` and destination another delivery of this loop holds open, opened at most

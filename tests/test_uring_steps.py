@@ -269,6 +269,6 @@ async def test_a_maildir_of_another_owner_goes_to_a_thread(
     d = await md.deliver(MSG)
     assert d.path.stat().st_uid == 4242
     assert {str(path)} == _uring_stream.FOREIGN  # remembered (the bounded set was full)
-    again = await md.deliver(MSG)  # opened the two-step way, then handed to the thread step
+    again = await md.deliver(MSG)  # remembered: straight to the thread step
     assert again.path.stat().st_uid == 4242
     assert listing(path)["tmp"] == []

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from maildrop import Maildir, _backend, _uring_whole
+from maildrop import Maildir, MessageTooLargeError, _backend, _uring_whole
 from maildrop._dircache import Entry
 from maildrop._steps import Steps
 from maildrop._uring import availability
@@ -278,3 +278,41 @@ async def test_a_closed_ring_fails_the_delivery_and_leaves_nothing(tmp_path: Pat
     assert listing(path)["tmp"] == []
     assert [(path / "new" / n).read_bytes() for n in listing(path)["new"]] == [b"first"]
     assert open_dirs_of(path) == []
+
+
+async def test_no_free_tmp_name_after_every_try(tmp_path: Path) -> None:
+    """Every tmp name taken (EEXIST on each create): FileExistsError naming tmp/, nothing
+    left behind."""
+    hooks = Fail(creates, -errno.EEXIST, times=1000)
+    md, path = await ring_maildir(tmp_path, hooks)
+    with pytest.raises(FileExistsError, match=r"could not find a free name in .*/tmp/"):
+        await md.deliver(MSG)
+    await asyncio.sleep(0.05)
+    assert listing(path)["tmp"] == []
+    assert open_dirs_of(path) == []
+
+
+async def test_a_failed_second_create_fails_the_delivery(tmp_path: Path) -> None:
+    """A taken name, then a create refused (EDQUOT): the delivery fails with its errno."""
+    hooks = Series(creates, [-errno.EEXIST, -errno.EDQUOT])
+    md, path = await ring_maildir(tmp_path, hooks)
+    with pytest.raises(OSError, match="Disk quota exceeded") as info:
+        await md.deliver(MSG)
+    assert info.value.errno == errno.EDQUOT
+    assert hooks.left == 0
+    await asyncio.sleep(0.05)
+    assert listing(path)["tmp"] == []
+    assert open_dirs_of(path) == []
+
+
+async def test_a_transform_tail_past_max_size_fails_before_the_write(tmp_path: Path) -> None:
+    """A CR held back by ``crlf_to_lf`` and written at the end passes ``max_size``: the
+    delivery fails with MessageTooLargeError and nothing is left."""
+    path = tmp_path / "m"
+    md = Maildir(path, backend="uring", max_size=10)
+    await md.deliver(b"first")
+    with pytest.raises(MessageTooLargeError, match="10"):
+        await md.deliver(b"1234567890\r", crlf_to_lf=True)
+    await asyncio.sleep(0.05)
+    assert listing(path)["tmp"] == []
+    assert [(path / "new" / n).read_bytes() for n in listing(path)["new"]] == [b"first"]
