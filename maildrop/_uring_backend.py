@@ -9,9 +9,11 @@ other step, and a step the ring cannot take (a quota ledger, a synchronous file 
 directory to create, ``deliver_many``'s staging), runs in the thread pool, the same code as
 on the thread backend.
 
-A ring step runs as a job of its own (an asyncio task) that owns the delivery's files like a
-worker thread does: a cancelled caller is released at once, the chain in flight runs to its
-end, and the job then cleans up after an abort (``_handoff``).
+A ring step owns the delivery's files like a worker thread does: a cancelled caller is
+released at once, the chain in flight runs to its end, and the step then cleans up after an
+abort (``_handoff``). A whole message's step, and ``Maildir.deliver(bytes)`` altogether
+(:meth:`UringBackend.deliver`), run from completion callbacks (``_uring_whole``,
+``_uring_commit``); a streamed message's steps run as jobs of their own (asyncio tasks).
 
 Which backend (``_backend.requested`` when a ``Maildir`` is made, :func:`choose` when a
 delivery starts): ``"threads"`` always; ``"uring"`` or an error saying why it cannot run
@@ -143,7 +145,7 @@ class UringBackend(PoolBackend):
 
     def _whole(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Whole | None:
         """Start a whole message's ``Steps.finish`` from completion callbacks
-        (``_uring_whole``); None where it is not one, or takes the coroutine path."""
+        (``_uring_whole``); None where it is not one, or the thread step takes it."""
         steps = getattr(fn, "fn", None)
         steps = getattr(steps, "__self__", None)
         if args or not isinstance(fn, Step) or not isinstance(steps, Steps):
