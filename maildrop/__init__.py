@@ -57,10 +57,15 @@ The doors::
                    _uring_ops, _uring_chain (a chain's bookkeeping), _uring_hooks
                    (trace/faults); _uring_deliver the phase-1
                    prototype delivery (benchmarks.uring_proto's ur* contenders)
+    _uring_whole   a whole message on the ring from completion callbacks (no task per
+                   step), and the directories shared by the deliveries in flight
+    _uring_commit  the group commit's ring job, and Maildir.deliver(bytes) on the ring as
+                   one future from its first op to the fsync that covers it
 
 Which thread owns a delivery's files when: the caller's task while it buffers; a worker
 for the length of each step (it cleans up itself if the request was aborted meanwhile), or on
-the io_uring backend a ring job (an asyncio task) until its chain's last completion;
+the io_uring backend a ring job (an asyncio task, or a whole message's completion
+callbacks) until its chain's last completion;
 the group-commit job while it fsyncs and closes the directory fds of the deliveries it
 covers; a spawned cleanup job after an abort that found no owner. Never the event loop
 while I/O is due: it hands over and returns at once.

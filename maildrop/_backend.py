@@ -177,10 +177,10 @@ current = per_loop("maildrop_backend", _make)
 
 #: The backends a ``Maildir`` may ask for.
 BACKENDS = ("auto", "uring", "threads")
-#: Whether "auto" picks io_uring where it runs. Not yet: through the engine's session every
-#: step's Python runs on the loop's thread, and the ring backend is at best level with the
-#: thread pool at 16 and 64 in flight and slower for a lone delivery
-#: (``benchmarks/README.md``); "auto" takes it once it is the faster one.
+#: Whether "auto" picks io_uring where it runs. Not yet: every step's Python runs on the
+#: loop's thread, so the ring backend is ahead of the thread pool at 16 and 64 in flight only
+#: while a CPU is free, and slower for a lone delivery (``benchmarks/README.md``); "auto"
+#: takes it once it is the faster one.
 AUTO_USES_URING = False
 #: The environment variable that replaces ``"auto"`` (see ``_uring_backend``).
 ENV = "MAILDROP_BACKEND"
@@ -217,9 +217,15 @@ def backend_for(choice: str) -> Backend:
     (``"auto"``, ``"uring"`` or ``"threads"``: ``_uring_backend.backend_for``)."""
     if choice == "threads" or (choice == "auto" and not AUTO_USES_URING):
         return current()
-    from ._uring_backend import choose  # loaded only where io_uring may be used
+    global _choose
+    if _choose is None:  # loaded only where io_uring may be used, and only once
+        from ._uring_backend import choose
 
-    return choose(choice)
+        _choose = choose
+    return _choose(choice)
+
+
+_choose: Callable[[str], Backend] | None = None
 
 
 async def run_sync(fn: Callable[..., T], *args: Any) -> T:

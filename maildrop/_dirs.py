@@ -19,6 +19,7 @@ from ._sys import Syscalls
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import threading
+    from collections.abc import Callable
 
     from ._dircache import Entry
     from ._quota import Quota
@@ -305,10 +306,8 @@ class Dirs:
         fds, self.dir_fds = self.dir_fds, []
         kept, self._kept = self._kept, None
         if kept is not None:
-            from ._dircache import give_back
-
             self.tmp_fd = self.dest_fd = -1
-            give_back(kept, drop=failed)
+            _give_back()(kept, drop=failed)
             return
         for fd in reversed(fds):
             # A directory fd holds no data: its close cannot lose anything.
@@ -317,3 +316,17 @@ class Dirs:
             except OSError:
                 pass
         self.tmp_fd = self.dest_fd = -1
+
+
+def _give_back() -> Callable[..., None]:
+    """Return ``_dircache.give_back``, imported on first use (``maildrop deliver`` never
+    keeps directories, nor loads the cache)."""
+    global _GIVE_BACK
+    if _GIVE_BACK is None:
+        from ._dircache import give_back
+
+        _GIVE_BACK = give_back
+    return _GIVE_BACK
+
+
+_GIVE_BACK: Callable[..., None] | None = None

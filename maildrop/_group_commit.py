@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from collections.abc import Callable
 
 import anyio
 
@@ -28,6 +29,8 @@ _Key = tuple[str, str]  # (maildir path, "new" or "cur")
 
 
 _Table = dict[_Key, "GroupCommit"]
+#: What :meth:`GroupCommit.on_durable` calls: with None, or the failed fsync's error.
+Durable = Callable[[OSError | None], None]
 
 
 def _table(loop: asyncio.AbstractEventLoop | None) -> _Table:
@@ -57,6 +60,8 @@ class GroupCommit:
         # Linked deliveries waiting for a directory fsync: the one that covers them closes
         # their directory fds in its worker (see sync_and_close).
         self.waiting: list[DeliveryFiles] = []
+        # Callers of on_durable() waiting for a fsync: (link number, callback).
+        self.callbacks: list[tuple[int, Durable]] = []
 
     def alone(self) -> bool:
         """Whether the one delivery in flight may fsync the directory in its own step."""
@@ -75,12 +80,31 @@ class GroupCommit:
         """
         while self.synced < seq:
             if self.failed >= seq and self.error is not None:
-                err = self.error
-                raise OSError(err.errno, f"fsync of the maildir failed: {err.strerror}")
+                raise _failed(self.error)
             if self.running is None:
                 self._start(backend)
             else:
                 await self.running.wait()
+
+    def on_durable(self, seq: int, backend: Backend, then: Durable) -> None:
+        """Call ``then(None)`` once a directory fsync covered link number *seq*, or
+        ``then(error)`` once one failed (:meth:`wait_durable` without a task, on the loop's
+        thread; a fsync this call starts runs on *backend*)."""
+        if self.synced >= seq:
+            then(None)
+        elif self.failed >= seq and self.error is not None:
+            then(_failed(self.error))
+        else:
+            self.callbacks.append((seq, then))
+            if self.running is None:
+                self._start(backend)
+
+    def _call_back(self, backend: Backend) -> None:
+        """Call the callbacks whose link a fsync covered or failed; start the next fsync
+        for those it did not cover."""
+        waiting, self.callbacks = self.callbacks, []
+        for seq, then in waiting:
+            self.on_durable(seq, backend, then)
 
     def _start(self, backend: Backend) -> None:
         target = self.linked
@@ -97,11 +121,17 @@ class GroupCommit:
                 self.failed, self.error = max(self.failed, target), error
             self.running = None
             done.set()
+            if self.callbacks:
+                self._call_back(backend)
             release(self)
 
         # The job belongs to no delivery: a waiter cancelled meanwhile leaves at once, the
         # others are woken when it ends.
         backend.spawn(sync_and_close, covered, done=finish)
+
+
+def _failed(err: OSError) -> OSError:
+    return OSError(err.errno, f"fsync of the maildir failed: {err.strerror}")
 
 
 def sync_and_close(covered: list[DeliveryFiles]) -> None:

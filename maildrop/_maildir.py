@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypedDict, Unpack
 
-from ._backend import requested, run_sync
+from ._backend import backend_for, requested, run_sync
 from ._folders import folder_dirname
 from ._naming import format_flags
 from ._quota import Quota
@@ -205,6 +206,10 @@ class Maildir:
         linked into ``new/``, it stays there: it is complete, and becomes durable with the
         next directory fsync.
         """
+        if not options and type(source) is bytes:
+            whole = _whole(self._settings, source)
+            if whole is not None:
+                return await whole
         session = self.open_delivery(**options, pipeline=True)
         async with session:
             await feed(session, source)
@@ -230,6 +235,19 @@ class Maildir:
             raise ValueError(f"older_than must not be negative, not {older_than!r}")
         cutoff = (time.time() if now is None else now) - older_than
         return await run_sync(sweep_tmp, self._settings, cutoff)
+
+
+def _whole(cfg: Settings, data: bytes) -> Awaitable[Delivery] | None:
+    """Return the delivery of *data* from the backend's own callbacks, where it has them
+    (io_uring: ``_uring_commit``) and nothing needs a session (no quota, within
+    ``max_size``); else None."""
+    if cfg.backend == "threads" or cfg.quota is not None:
+        return None
+    if cfg.max_size is not None and len(data) > cfg.max_size:
+        return None
+    deliver: Callable[[Settings, bytes], Awaitable[Delivery] | None] | None
+    deliver = getattr(backend_for(cfg.backend), "deliver", None)
+    return None if deliver is None else deliver(cfg, data)
 
 
 async def deliver(

@@ -41,9 +41,9 @@ from collections.abc import Sequence
 
 from . import _uring_abi as abi
 from . import _uring_setup as setup
-from ._uring_chain import Chain, Done, put
+from ._uring_chain import Chain, Done
 from ._uring_hooks import Hooks
-from ._uring_ops import Op, quiet_result, severs
+from ._uring_ops import Op, severs
 from ._uring_setup import Availability, UringUnavailableError
 
 __all__ = ["Availability", "Ring", "UringUnavailableError", "availability"]
@@ -53,6 +53,7 @@ _RINGS: weakref.WeakSet[Ring] = weakref.WeakSet()
 _INHERITED: list[tuple[mmap.mmap, ...]] = []  # a forked child's ring maps (Ring._forget)
 _LINK_QUIET = abi.IOSQE_IO_LINK | abi.IOSQE_CQE_SKIP_SUCCESS
 _SQE_SIZE, _CQE_SIZE = abi.SQE.size, abi.CQE.size
+_PACK, _U64 = abi.SQE.pack_into, abi.U64
 
 
 @functools.cache
@@ -73,6 +74,7 @@ class Ring:
         sq, cq, self._sqes = maps
         so, co = params.sq_off, params.cq_off
         self._sq_entries, self.max_inflight = params.sq_entries, params.cq_entries
+        self._max_chain = min(self._sq_entries, self.max_inflight)
         self._sq_khead = ctypes.c_uint32.from_buffer(sq, so.head)
         self._sq_ktail = ctypes.c_uint32.from_buffer(sq, so.tail)
         self._sq_flags = ctypes.c_uint32.from_buffer(sq, so.flags)
@@ -165,7 +167,7 @@ class Ring:
         if self._closed:
             why = "was inherited across fork" if self._forked else "is closed"
             raise RuntimeError(f"this io_uring ring {why}; open a new one")
-        if not 0 < len(ops) <= min(self._sq_entries, self.max_inflight):
+        if not 0 < len(ops) <= self._max_chain:
             raise ValueError(f"a chain holds 1 to {self._sq_entries} ops, not {len(ops)}")
         users = self._fd_users
         for op in ops:
@@ -179,8 +181,10 @@ class Ring:
 
     def _kick(self) -> None:
         # One io_uring_enter per loop iteration: every chain queued in this turn goes together.
-        loop = self._live_loop()
-        if loop is not None and not self._flush_scheduled:
+        if self._flush_scheduled or self._loop is None:
+            return
+        loop = self._loop()
+        if loop is not None:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
 
@@ -195,17 +199,17 @@ class Ring:
         pending = self._pending
         while pending:
             chain = pending[0]
-            count = len(chain.ops) - chain.next
+            count = chain.count - chain.next
             free = self._sq_entries - ((self._tail - self._sq_khead.value) & _U32)
             if count > free or len(self._inflight) + count > self.max_inflight:
                 return  # the whole rest of the chain, or nothing: see the module's rules
             self._write(chain)  # a hook that raises there leaves the chain queued
-            if chain.linked or chain.next == len(chain.ops):
+            if chain.linked or chain.next == chain.count:
                 pending.popleft()
 
     def _write(self, chain: Chain) -> None:
         ops, hooks, inflight = chain.ops, self.hooks, self._inflight
-        last, i, tail = len(ops) - 1, chain.next, self._tail
+        last, i, tail = chain.count - 1, chain.next, self._tail
         sqes, mask, quiet_ok = self._sqes, self._sq_mask, self._quiet_ok
         chain.start = i
         while True:
@@ -217,15 +221,17 @@ class Ring:
             # With hooks, each op goes alone after its predecessor completed (_complete applies
             # the kernel's severing rules), so "stop before op N" means ops before it are done.
             link = i < last and chain.linked and hooks is None
-            quiet = link and quiet_ok and quiet_result(op) is not None
-            ud = self._next_ud
-            self._next_ud = ud + 1
+            quiet = link and quiet_ok and op.success is not None  # quiet_result(op)
+            ud = self._next_ud = self._next_ud + 1
             inflight[ud] = (chain, i)
-            chain.uds[i] = ud
-            if quiet:
-                chain.quiet[i] = True
+            chain.uds[i], chain.quiet[i] = ud, quiet
             flags = _LINK_QUIET if quiet else abi.IOSQE_IO_LINK if link else 0
-            put(sqes, (tail & mask) * _SQE_SIZE, op, flags, ud)
+            if op.fixed:
+                flags |= abi.IOSQE_FIXED_FILE
+            # put(), inline: one entry per op of every delivery
+            _PACK(sqes, (tail & mask) * _SQE_SIZE, op.opcode, flags, 0, op.fd,
+                  op.addr2 & _U64, op.addr, op.length, op.op_flags, ud, 0, 0, op.file_index,
+                  op.addr3, 0)  # fmt: skip
             tail, i = tail + 1, i + 1
             if i > last or (not link and chain.linked) or hooks is not None:
                 break

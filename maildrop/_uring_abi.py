@@ -228,6 +228,8 @@ def _address_by_ctypes(buffer: bytes) -> int:
 _PROBE = b"maildrop"
 _HEADER = bytes.__basicsize__ - 1
 _FAST = sys.implementation.name == "cpython" and id(_PROBE) + _HEADER == _address_by_ctypes(_PROBE)
+#: Whether a bytes object's data is at ``id(obj) + HEADER`` (CPython: hot paths inline it).
+FAST, HEADER = _FAST, _HEADER
 
 
 def address(buffer: bytes) -> int:

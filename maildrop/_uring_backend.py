@@ -9,9 +9,11 @@ other step, and a step the ring cannot take (a quota ledger, a synchronous file 
 directory to create, ``deliver_many``'s staging), runs in the thread pool, the same code as
 on the thread backend.
 
-A ring step runs as a job of its own (an asyncio task) that owns the delivery's files like a
-worker thread does: a cancelled caller is released at once, the chain in flight runs to its
-end, and the job then cleans up after an abort (``_handoff``).
+A ring step owns the delivery's files like a worker thread does: a cancelled caller is
+released at once, the chain in flight runs to its end, and the step then cleans up after an
+abort (``_handoff``). A whole message's step, and ``Maildir.deliver(bytes)`` altogether
+(:meth:`UringBackend.deliver`), run from completion callbacks (``_uring_whole``,
+``_uring_commit``); a streamed message's steps run as jobs of their own (asyncio tasks).
 
 Which backend (``_backend.requested`` when a ``Maildir`` is made, :func:`choose` when a
 delivery starts): ``"threads"`` always; ``"uring"`` or an error saying why it cannot run
@@ -29,19 +31,21 @@ import asyncio
 import errno
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from . import _uring_steps as ring_steps
 from . import _uring_stream as ring_stream
 from ._backend import Backend, Done, PoolBackend, current
+from ._delivery import Delivery
 from ._group_commit import sync_and_close
-from ._handoff import Step, begin, hand_back, take_over
+from ._handoff import Step, begin, hand_back
 from ._loops import per_loop, running_loop
 from ._pool import retrieve
 from ._steps import Steps
 from ._uring import Ring, availability
+from ._uring_commit import Delivering, SyncAndClose
 from ._uring_setup import UringUnavailableError
-from ._writer import DeliveryFiles
+from ._uring_whole import Shared, Whole, whole
+from ._writer import DeliveryFiles, Settings
 
 __all__ = ["UringBackend", "choose"]
 
@@ -91,7 +95,7 @@ def choose(choice: str) -> Backend:
 class UringBackend(PoolBackend):
     """The engine's own steps as chains on one ring per loop; the rest in the thread pool."""
 
-    __slots__ = ("jobs", "ring")
+    __slots__ = ("jobs", "loop", "ring", "shared")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
@@ -100,14 +104,57 @@ class UringBackend(PoolBackend):
         ring.attach(loop)
         # The loop never closes the ring: it goes with the loop (the ring holds it weakly).
         weakref.finalize(loop, ring.close)
-        self.jobs: set[asyncio.Task[Any]] = set()
+        self.jobs: set[asyncio.Future[Any]] = set()
+        self.loop = loop
+        #: Directories held open by the deliveries in flight (``_uring_whole``).
+        self.shared = Shared()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run the step ``fn(*args)`` on the ring or in a worker (see :meth:`Backend.run`)."""
+        whole = self._whole(fn, args)
+        if whole is not None:
+            return cast(T, await self._outcome(whole))  # Steps.finish returns the name
         job = self._on_ring(fn, args)
         if job is None:
             return await super().run(fn, *args)
         return await self._released(job)
+
+    async def _outcome(self, whole: Whole) -> Any:
+        """Wait for *whole*'s outcome; a cancelled caller leaves at once, and the backend
+        waits for the chain's cleanup as for a job (shutdown, tests)."""
+        try:
+            return await whole.future
+        except asyncio.CancelledError:
+            ending = whole.ending()
+            self.jobs.add(ending)
+            ending.add_done_callback(self.jobs.discard)
+            raise
+
+    def deliver(self, settings: Settings, data: bytes) -> Coroutine[Any, Any, Delivery] | None:
+        """Return ``Maildir.deliver(data)`` from completion callbacks (``_uring_commit``),
+        or None where the session must do it (see ``Whole.fits``).
+
+        **Cancellation:** the caller is released at once; the chain's completion cleans up
+        (a message linked already stays, and becomes durable with the next fsync).
+        """
+        if settings.path in ring_stream.FOREIGN:  # Whole.fits(), inline
+            return None
+        job = Delivering(self, settings, data)
+        job.start()
+        return self._outcome(job)
+
+    def _whole(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Whole | None:
+        """Start a whole message's ``Steps.finish`` from completion callbacks
+        (``_uring_whole``); None where it is not one, or the thread step takes it."""
+        steps = getattr(fn, "fn", None)
+        steps = getattr(steps, "__self__", None)
+        if args or not isinstance(fn, Step) or not isinstance(steps, Steps):
+            return None
+        if getattr(fn.fn, "__func__", None) is not Steps.finish or steps.started:
+            return None
+        if steps.threads_only:
+            return None
+        return whole(self, steps, *fn.args)
 
     def _on_ring(
         self, fn: Callable[..., Any], args: tuple[Any, ...]
@@ -121,9 +168,9 @@ class UringBackend(PoolBackend):
         body: Callable[..., Awaitable[Any]]
         if func is Steps.write:
             body = self._write
-        elif func is Steps.finish:
-            body = self._finish_streamed if steps.started else self._finish
-        else:
+        elif func is Steps.finish and steps.started:
+            body = self._finish_streamed
+        else:  # a whole message that _whole() declined (another user's maildir): a thread
             return None
         return self._owned(fn.tmp, lambda: body(steps, *fn.args))
 
@@ -149,11 +196,11 @@ class UringBackend(PoolBackend):
         task.add_done_callback(settle)
         return future
 
-    def _start(self, job: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-        task = asyncio.get_running_loop().create_task(job)
+    def job(self, job: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run *job* as a task the backend holds until it ends."""
+        task = self.loop.create_task(job)
         self.jobs.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self.jobs.discard)
-        task.add_done_callback(retrieve)  # nobody may look at a spawned job's outcome
         return task
 
     async def _owned(self, tmp: DeliveryFiles, body: Callable[[], Awaitable[T]]) -> T:
@@ -173,15 +220,6 @@ class UringBackend(PoolBackend):
             await self.pool.submit(_hand_back_failed if failed else hand_back, (tmp,))
         else:
             hand_back(tmp)
-
-    async def _finish(self, steps: Steps, chunks: list[bytes | memoryview], sync_new: bool) -> str:
-        # A whole message: opened, written and linked in two round trips (``finish_one``).
-        final = await ring_stream.finish_one(self.ring, steps, chunks, sync_new)
-        if final is False:
-            return await self.pool.submit(steps.finish, (chunks, sync_new))
-        if final is None:  # no hard links here: the thread step's rename fallback
-            return await self.pool.submit(steps.publish, (sync_new,))
-        return final
 
     async def _finish_streamed(
         self, steps: Steps, chunks: list[bytes | memoryview], sync_new: bool
@@ -209,22 +247,7 @@ class UringBackend(PoolBackend):
         if fn is not sync_and_close:
             super().spawn(fn, *args, done=done)
             return
-        task = self._start(self._sync_and_close(*args))
-        task.add_done_callback(lambda t: done(t.exception()))
-
-    async def _sync_and_close(self, covered: list[DeliveryFiles]) -> None:
-        """``_group_commit.sync_and_close`` on the ring (same order, same owners)."""
-        for tmp in covered:
-            if take_over(tmp):
-                try:
-                    await ring_steps.sync_dest(self.ring, tmp)
-                finally:
-                    await self._hand_back(tmp)
-                break
-        for tmp in covered:
-            if take_over(tmp):
-                tmp.close_dirs()  # directory fds: a close holds no data and never blocks
-                await self._hand_back(tmp)
+        SyncAndClose(self, args[0], done).start()
 
 
 def _hand_back_failed(tmp: DeliveryFiles) -> None:

@@ -8,48 +8,23 @@ succeeded) or not (its ops are independent and its callback waits for all of the
 from __future__ import annotations
 
 import errno
-import mmap
 from collections.abc import Callable
 
 from . import _uring_abi as abi
 from ._uring_hooks import Hooks
-from ._uring_ops import Op, nop, quiet_result, shorten
+from ._uring_ops import Op, nop, shorten
 
-__all__ = ["Chain", "Done", "put"]
+__all__ = ["Chain", "Done"]
 
 Done = Callable[[list[int]], None]
 _NOP = nop()
-_PACK = abi.SQE.pack_into
-
-
-def put(sqes: mmap.mmap, offset: int, op: Op, flags: int, user_data: int) -> None:
-    """Write *op*'s submission queue entry at *offset* of *sqes*, with *flags*."""
-    if op.fixed:
-        flags |= abi.IOSQE_FIXED_FILE
-    _PACK(
-        sqes,
-        offset,
-        op.opcode,
-        flags,
-        0,
-        op.fd,
-        op.addr2 & abi.U64,
-        op.addr,
-        op.length,
-        op.op_flags,
-        user_data,
-        0,
-        0,
-        op.file_index,
-        op.addr3,
-        0,
-    )
 
 
 class Chain:
     """The ops of one chain, their completion ids and results, and its callback."""
 
     __slots__ = (
+        "count",
         "done",
         "injected",
         "left",
@@ -64,7 +39,7 @@ class Chain:
     )
 
     def __init__(self, ops: list[Op], done: Done, linked: bool) -> None:
-        n = len(ops)
+        n = self.count = len(ops)
         self.ops, self.done, self.linked = ops, done, linked
         #: Ops of an unlinked chain not completed yet.
         self.left = n
@@ -99,8 +74,11 @@ class Chain:
         """End the part in the kernel at op *stop*: give each op that reported nothing its
         result (a quiet op before *stop* succeeded, one after it was silenced by the kernel's
         cancel) and return their indices."""
-        silent = [j for j in range(self.start, self.next) if not self.reported[j]]
-        for j in silent:
-            success = quiet_result(self.ops[j])
-            self.results[j] = success if j < stop and success is not None else -errno.ECANCELED
+        silent = []
+        for j in range(self.start, self.next):
+            if not self.reported[j]:
+                success = self.ops[j].success  # quiet_result()
+                ok = j < stop and success is not None
+                self.results[j] = -errno.ECANCELED if success is None or not ok else success
+                silent.append(j)
         return silent

@@ -25,6 +25,7 @@ __all__ = [
     "Op",
     "Statx",
     "close",
+    "fspath",
     "fsync",
     "linkat",
     "nop",
@@ -53,7 +54,6 @@ _KEEPS_CHAIN = frozenset(
 )
 _U32 = 0xFFFF_FFFF
 _WRITES = frozenset({abi.OP_WRITE, abi.OP_WRITEV})
-_OPENS = frozenset({abi.OP_OPENAT, abi.OP_OPENAT2})
 Path = str | bytes
 _IS_FD = (0).__le__  # 0 <= fd: AT_FDCWD is no fd of ours (a builtin: no Python call per op)
 Buffer = bytes | bytearray | memoryview
@@ -76,6 +76,7 @@ class Op:
         "op_flags",
         "opcode",
         "seq",
+        "success",
     )
 
     def __init__(self, opcode: int, fd: int, *, fixed: bool = False) -> None:
@@ -97,6 +98,8 @@ class Op:
         self.fds: tuple[int, ...] = () if fixed or fd < 0 else (fd,)
         #: Position in the driver's submission order (set when the entry is written).
         self.seq = -1
+        #: The result on success when it is known in advance (see :func:`quiet_result`).
+        self.success: int | None = None
 
     @property
     def name(self) -> str:
@@ -123,28 +126,33 @@ def quiet_result(op: Op) -> int | None:
     renameat2 are never quiet: their failure does not sever the chain, and the kernel then
     skips their failed completion too (an EEXIST link would look like a success).
     """
-    if op.opcode in _WRITES:
-        return op.expect
-    if op.opcode == abi.OP_CLOSE or (op.file_index and op.opcode in _OPENS):
-        return 0  # a close, or an open into a registered slot
-    return None
+    return op.success
 
 
 _ENCODING, _ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
 
+def fspath(name: str) -> bytes:
+    """Return *name* as the bytes of a path (``os.fsencode`` in one call, not three)."""
+    return name.encode(_ENCODING, _ERRORS)
+
+
 def _path(path: Path) -> bytes:
     # os.fsencode's own rule, without its two calls: every op of a delivery has a path.
+    # Bytes (the engine encodes its paths once) go through without a call.
     raw = path.encode(_ENCODING, _ERRORS) if isinstance(path, str) else bytes(path)
     if b"\0" in raw:
         raise ValueError(f"embedded null byte in path {raw!r}")
     return raw
 
 
+_HEADER, _FAST = abi.HEADER, abi.FAST  # a bytes object's data is at id() + _HEADER (CPython)
+
+
 def _buffer(data: Buffer) -> tuple[int, int, object]:
     """Return (address, length, object to keep) for *data*."""
-    if isinstance(data, bytes):
-        return abi.address(data), len(data), data
+    if type(data) is bytes:
+        return id(data) + _HEADER if _FAST else abi.address(data), len(data), data
     view = memoryview(data).cast("B")
     if view.readonly:
         copy = bytes(view)
@@ -156,6 +164,7 @@ def _buffer(data: Buffer) -> tuple[int, int, object]:
 def _slot_target(op: Op, slot: int | None) -> None:
     if slot is not None:
         op.file_index = slot + 1  # the ABI numbers direct-descriptor slots from 1
+        op.success = 0
 
 
 def nop() -> Op:
@@ -193,12 +202,13 @@ def openat2(
 ) -> Op:
     """Prepare ``openat2(dfd, path, {flags, mode, resolve})``, optionally into *slot*."""
     op = Op(abi.OP_OPENAT2, dfd)
-    raw = _path(path)
+    raw = path if type(path) is bytes and b"\0" not in path else _path(path)
     how = _how(flags, mode, resolve)
-    op.addr, op.addr2, op.length = abi.address(raw), ctypes.addressof(how), abi.OPEN_HOW.size
-    op.keep = (raw, how)
+    op.addr = id(raw) + _HEADER if _FAST else abi.address(raw)
+    op.addr2, op.length, op.keep = ctypes.addressof(how), abi.OPEN_HOW.size, (raw, how)
     if slot is not None:
         op.file_index = slot + 1  # as _slot_target: inline, as this op runs per delivery
+        op.success = 0
     return op
 
 
@@ -212,7 +222,7 @@ def write(
     """
     op = Op(abi.OP_WRITE, fd, fixed=fixed)
     op.addr, op.length, kept = _buffer(data)
-    op.expect = op.length
+    op.expect = op.success = op.length
     op.addr2, op.op_flags, op.keep = offset, rw_flags, (kept,)
     return op
 
@@ -229,7 +239,7 @@ def writev(
         op.expect += iov[2 * i + 1]
         kept.append(obj)
     op.addr, op.length, op.addr2 = ctypes.addressof(iov), len(buffers), offset
-    op.op_flags, op.keep = rw_flags, tuple(kept)
+    op.op_flags, op.keep, op.success = rw_flags, tuple(kept), op.expect
     return op
 
 
@@ -269,8 +279,12 @@ def sync_file_range(fd: int, offset: int, length: int, flags: int) -> Op:
 
 def _two_paths(opcode: int, olddfd: int, old: Path, newdfd: int, new: Path, flags: int) -> Op:
     op = Op(opcode, olddfd)
-    src, dst = _path(old), _path(new)
-    op.addr, op.addr2, op.length = abi.address(src), abi.address(dst), newdfd
+    src = old if type(old) is bytes and b"\0" not in old else _path(old)
+    dst = new if type(new) is bytes and b"\0" not in new else _path(new)
+    if _FAST:
+        op.addr, op.addr2, op.length = id(src) + _HEADER, id(dst) + _HEADER, newdfd
+    else:  # pragma: no cover - CPython has the fast path
+        op.addr, op.addr2, op.length = abi.address(src), abi.address(dst), newdfd
     op.op_flags, op.keep = flags, (src, dst)
     op.fds = tuple(filter(_IS_FD, (olddfd, newdfd)))
     return op
@@ -289,8 +303,9 @@ def renameat2(olddfd: int, old: Path, newdfd: int, new: Path, flags: int = 0) ->
 def unlinkat(dfd: int, path: Path, flags: int = 0) -> Op:
     """Prepare ``unlinkat(dfd, path, flags)``."""
     op = Op(abi.OP_UNLINKAT, dfd)
-    raw = _path(path)
-    op.addr, op.op_flags, op.keep = abi.address(raw), flags, (raw,)
+    raw = path if type(path) is bytes and b"\0" not in path else _path(path)
+    op.addr = id(raw) + _HEADER if _FAST else abi.address(raw)
+    op.op_flags, op.keep = flags, (raw,)
     return op
 
 
@@ -299,7 +314,10 @@ def close(fd: int, *, fixed: bool = False) -> Op:
     op = Op(abi.OP_CLOSE, 0 if fixed else fd)
     if fixed:
         op.file_index = fd + 1
-    op.fds = ()  # a close must not wait for itself: the caller no longer uses this fd
+    op.fds, op.success = (
+        (),
+        0,
+    )  # a close must not wait for itself: the caller no longer uses this fd
     return op
 
 

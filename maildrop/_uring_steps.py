@@ -47,7 +47,6 @@ __all__ = [
     "no_free_name",
     "open_dirs",
     "open_under",
-    "sync_dest",
     "take_dirs",
     "write_at",
 ]
@@ -69,7 +68,7 @@ def encoded(path: str, sub: str | None = None) -> bytes:
     return os.fsencode(path if sub is None else os.path.join(path, sub))
 
 
-def open_under(ring: Ring, dir_fd: int, name: str, flags: int) -> ops.Op:
+def open_under(ring: Ring, dir_fd: int, name: str | bytes, flags: int) -> ops.Op:
     mode = 0o600 if flags & os.O_CREAT else 0  # openat2 refuses a mode without O_CREAT
     if ring.has_openat2:
         return ops.openat2(dir_fd, name, flags, mode, resolve=_RESOLVE)
@@ -161,12 +160,3 @@ def no_free_name(tmp: DeliveryFiles, sub: str) -> FileExistsError:
     """Return the error of a delivery that found every name it tried in *sub* taken."""
     where = os.path.join(tmp.settings.path, sub)
     return FileExistsError(errno.EEXIST, f"could not find a free name in {where}/")
-
-
-async def sync_dest(ring: Ring, tmp: DeliveryFiles) -> None:
-    """``DeliveryFiles.sync_dest`` on *ring*: fsync the destination, then the xfs check."""
-    if tmp.settings.fsync:
-        chain = [ops.fsync(tmp.dest_fd), ops.statx(tmp.dest_fd, "", abi.AT_EMPTY_PATH)]
-        for result in await ring.submit(chain):
-            if result < 0:
-                raise error(result)

@@ -1,9 +1,12 @@
 """A message's file on the io_uring backend, written whole or in ~1 MiB batches.
 
 A whole message (the engine's ``finish`` with nothing written yet: the common case) takes
-two round trips, :func:`finish_one`: the directories and the file are opened together, then
-one chain writes it with ``RWF_SYNC``, links it, removes the tmp name and closes it. What
-follows is the general case, a message written in batches.
+two round trips: the directories and the file are opened together (:class:`OneOpen`), then
+one chain writes it with ``RWF_SYNC`` (one write: that is its fsync), links it from
+``/proc/self/fd``, removes the tmp name and closes it (:func:`one_chain`, whose results
+:func:`after_one` reads). ``_uring_whole`` drives those from completion callbacks; what they
+leave (:class:`Again`) is done step by step here (:func:`redo`). What follows is the general
+case, a message written in batches.
 
 The tmp file is a process fd, opened on the ring like the directories: between two steps
 its caller owns the files, and any later step may run in a thread (copying a synchronous
@@ -18,18 +21,16 @@ sever a chain (see ``_uring_steps``).
 
 from __future__ import annotations
 
+import enum
 import errno
 import os
-from typing import Literal
 
-from . import _dircache
 from . import _uring_abi as abi
 from . import _uring_ops as ops
 from ._steps import Steps
 from ._uring import Ring
 from ._uring_steps import (
     IOV_MAX,
-    dir_ops,
     each,
     encoded,
     error,
@@ -50,7 +51,17 @@ from ._writer import (
     new_name,
 )
 
-__all__ = ["finish", "finish_one", "write"]
+__all__ = [
+    "FOREIGN",
+    "Again",
+    "OneOpen",
+    "after_one",
+    "finish",
+    "one_chain",
+    "redo",
+    "whole_data",
+    "write",
+]
 
 
 async def write(ring: Ring, steps: Steps, chunks: list[bytes | memoryview]) -> bool:
@@ -116,74 +127,77 @@ async def _append(ring: Ring, tmp: DeliveryFiles, data: list[bytes | memoryview]
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-async def finish_one(
-    ring: Ring, steps: Steps, chunks: list[bytes | memoryview], sync_new: bool
-) -> str | Literal[False] | None:
-    """``Steps.finish`` for a whole message (nothing written yet) in two round trips.
-
-    The directories and the file are opened together (:func:`_open_one`), then one chain
-    writes the message with ``RWF_SYNC`` (one write: that is its fsync), links it from
-    ``/proc/self/fd``, removes its tmp name and closes it (:func:`_write_one`). Return the
-    published name, None as :func:`finish` does, or False where the thread step must do it
-    all (nothing was done).
-    """
-    tmp = steps.tmp
-    # A server's delivery takes the directories it keeps open, for one lstat of the maildir
-    # on the loop (a cached path: no disk I/O) instead of three ops.
-    if tmp.reuse and _dircache.usable(tmp):
-        if not tmp.reuse_kept() or tmp.owner is not None:
-            tmp.close_dirs()  # none kept yet (the thread step keeps them), or a chown to do
-            return False
-        await _create(ring, tmp)
-    elif tmp.settings.path in _FOREIGN:
-        if not await write(ring, steps, chunks):
-            return False
-        return await finish(ring, steps, [], sync_new)
-    elif not await _open_one(ring, tmp):
-        return False
-    steps.started = True
-    data = [c for c in (*chunks, steps.tail(sum(map(len, chunks)))) if len(c)]
-    if not 0 < len(data) <= IOV_MAX:
-        return await _write_and_publish(ring, steps, data, sync_new)
-    return await _write_one(ring, steps, data, sync_new)
+def whole_data(steps: Steps, chunks: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    """Return a whole message's chunks with the transform's tail, empty ones left out."""
+    if steps.transform is not None:
+        chunks = [*chunks, steps.tail(sum(map(len, chunks)))]
+    return [c for c in chunks if len(c)]
 
 
-async def _open_one(ring: Ring, tmp: DeliveryFiles) -> bool:
-    """Open the directories and create the tmp file in one round trip (the file by its whole
-    path, with ``RESOLVE_NO_SYMLINKS`` as the directories); False, with nothing left, where
-    the thread step must do it (see ``open_dirs``)."""
-    dirs = dir_ops(ring, tmp)
-    if dirs is None:
-        return False
-    name = new_name()
-    LIVE_TMP.add(name)
-    path = encoded(tmp.settings.path, "tmp") + b"/" + os.fsencode(name)
-    create = ops.openat2(abi.AT_FDCWD, path, FILE_FLAGS, 0o600, resolve=abi.RESOLVE_NO_SYMLINKS)
-    results = await each(ring, [*dirs, create])
-    fd = results.pop()
-    if not take_dirs(tmp, dirs, results):
-        if len(dirs) > 2 and min(results) >= 0 and ops.statx_result(dirs[2]).uid != 0:
-            if len(_FOREIGN) >= _FOREIGN_MAX:
-                _FOREIGN.clear()  # bounded: forgetting costs one wasted create, not more
-            _FOREIGN.add(tmp.settings.path)  # another user's maildir: the two-step way
+class OneOpen:
+    """The ops that open the directories and create the tmp file in one round trip (the file
+    by its whole path, with ``RESOLVE_NO_SYMLINKS`` as the directories), and what their
+    results mean (:meth:`took`)."""
+
+    __slots__ = ("dirs", "name", "ops", "path")
+
+    def __init__(self, ring: Ring, tmp: DeliveryFiles, dirs: list[ops.Op]) -> None:
+        self.dirs, self.name = dirs, new_name()
+        LIVE_TMP.add(self.name)
+        self.path = encoded(tmp.settings.path, "tmp") + b"/" + os.fsencode(self.name)
+        flags, resolve = FILE_FLAGS, abi.RESOLVE_NO_SYMLINKS
+        self.ops = [*dirs, ops.openat2(abi.AT_FDCWD, self.path, flags, 0o600, resolve=resolve)]
+
+    def took(self, tmp: DeliveryFiles, results: list[int]) -> bool | list[ops.Op] | None:
+        """Keep what the ops opened: True (the file is open), None (its name was taken:
+        create it under another) or the ops that remove what was made before the thread
+        step does it all (then :meth:`gone`); raise the create's error."""
+        fd = results.pop()
+        if not take_dirs(tmp, self.dirs, results):
+            dirs = self.dirs
+            if len(dirs) > 2 and min(results) >= 0 and ops.statx_result(dirs[2]).uid != 0:
+                if len(FOREIGN) >= _FOREIGN_MAX:
+                    FOREIGN.clear()  # bounded: forgetting costs one wasted create, not more
+                FOREIGN.add(tmp.settings.path)  # another user's maildir: the two-step way
+            return [ops.close(fd), ops.unlinkat(abi.AT_FDCWD, self.path)] if fd >= 0 else []
         if fd >= 0:
-            await each(ring, [ops.close(fd), ops.unlinkat(abi.AT_FDCWD, path)])
-        LIVE_TMP.discard(name)
-        return False
-    if fd >= 0:
-        tmp.fd, tmp.tmp_name = fd, name
-        return True
-    LIVE_TMP.discard(name)
-    if fd != -errno.EEXIST:
-        raise error(fd, os.fsdecode(path))
-    await _create(ring, tmp)
-    return True
+            tmp.fd, tmp.tmp_name = fd, self.name
+            return True
+        LIVE_TMP.discard(self.name)
+        if fd != -errno.EEXIST:
+            raise error(fd, os.fsdecode(self.path))
+        return None
+
+    def gone(self) -> None:
+        """Forget the tmp name once the ops :meth:`took` returned have removed the file."""
+        LIVE_TMP.discard(self.name)
 
 
-async def _write_one(
-    ring: Ring, steps: Steps, data: list[bytes | memoryview], sync_new: bool
-) -> str | None:
-    """Write, link, unlink and close the new, empty tmp file in one chain.
+class Again(enum.Enum):
+    """What a whole message's chain left to do step by step (:func:`redo`)."""
+
+    SHORT = "write the rest"  # a short write severed the chain before the link
+    RECREATE = "write it into a new tmp file"  # the link failed: a name taken, no hard links
+
+
+def one_chain(
+    steps: Steps, data: list[bytes | memoryview], sync_new: bool
+) -> tuple[list[ops.Op], str]:
+    """Return the chain that writes, links, unlinks and closes the new, empty tmp file (and
+    with *sync_new* fsyncs the destination), and the name it publishes."""
+    tmp = steps.tmp
+    name, fsync = str(tmp.tmp_name), tmp.settings.fsync
+    put = ops.writev(tmp.fd, data, offset=0, rw_flags=abi.RWF_SYNC if fsync else 0)
+    final = steps.name_for(name, put.expect)
+    link, *dest = _link_ops(tmp, final, sync_new and fsync)
+    unlink = ops.unlinkat(tmp.tmp_fd, ops.fspath(name))
+    return [put, link, unlink, ops.close(tmp.fd), *dest], final
+
+
+def after_one(
+    steps: Steps, chain: list[ops.Op], final: str, sync_new: bool, results: list[int]
+) -> str | Again:
+    """Return the name :func:`one_chain` published given its *results*, or what is left.
 
     A failed or short write severs the chain before the link. A failed link does not (see
     ``_uring_steps``): the unlink and close after it run, so a name already taken (EEXIST)
@@ -193,18 +207,14 @@ async def _write_one(
     thread step's abort check before the link leaves.
     """
     tmp = steps.tmp
-    name, fd, fsync = str(tmp.tmp_name), tmp.fd, tmp.settings.fsync
-    put = ops.writev(tmp.fd, data, offset=0, rw_flags=abi.RWF_SYNC if fsync else 0)
-    final = steps.name_for(name, put.expect)
-    link, *dest = _link_ops(tmp, final, sync_new and fsync)
-    chain = [put, link, ops.unlinkat(tmp.tmp_fd, name), ops.close(tmp.fd), *dest]
-    written, linked, unlinked, closed, *synced = await ring.submit(chain)
+    written, linked, unlinked, closed, *synced = results
+    name, fd = str(tmp.tmp_name), tmp.fd
     if closed != -errno.ECANCELED:
         tmp.fd = -1  # Linux releases the fd even when close reports an error
     if written < 0:
         raise error(written, name)
-    if written < put.expect:  # short: severed before the link; write it all again
-        return await _write_and_publish(ring, steps, data, sync_new)
+    if written < chain[0].expect:  # short: severed before the link; write it all again
+        return Again.SHORT
     tmp.size = written
     if unlinked in (0, -errno.ENOENT):
         LIVE_TMP.discard(name)
@@ -214,9 +224,7 @@ async def _write_one(
     if tmp.aborted:
         raise Aborted  # cancelled meanwhile: the thread step would not have linked
     if linked in _WRITE_AGAIN and tmp.tmp_name is None:
-        await _create(ring, tmp)
-        tmp.size = 0
-        return await _write_and_publish(ring, steps, data, sync_new)
+        return Again.RECREATE
     if linked < 0:
         raise error(linked, f"/proc/self/fd/{fd}", None, final)
     if closed < 0:
@@ -231,9 +239,19 @@ async def _write_one(
     return final
 
 
+async def redo(
+    ring: Ring, steps: Steps, data: list[bytes | memoryview], sync_new: bool, again: Again
+) -> str | None:
+    """Do what a whole message's chain left (:class:`Again`) step by step."""
+    if again is Again.RECREATE:
+        await _create(ring, steps.tmp)
+        steps.tmp.size = 0
+    return await _write_and_publish(ring, steps, data, sync_new)
+
+
 #: A whole message's link results that have it written again and published step by step.
 _WRITE_AGAIN = frozenset({-errno.EEXIST, *(-e for e in NO_LINKS)})
-_FOREIGN: set[str] = set()  # maildirs of another user (root only): opened the two-step way
+FOREIGN: set[str] = set()  # maildirs of another user (root only): the thread step's
 _FOREIGN_MAX = 1024
 
 
@@ -268,11 +286,12 @@ async def _write_and_publish(
 def _link_ops(tmp: DeliveryFiles, final: str, sync_dest: bool) -> list[ops.Op]:
     """Return the chain that links the file as *final*, then fsyncs and checks the
     destination (*sync_dest*: the xfs check, see ``_uring_steps``)."""
+    src: bytes | str
     if _PROC_FD:
-        src, src_dir, flags = f"/proc/self/fd/{tmp.fd}", abi.AT_FDCWD, abi.AT_SYMLINK_FOLLOW
+        src, src_dir, flags = b"/proc/self/fd/%d" % tmp.fd, abi.AT_FDCWD, abi.AT_SYMLINK_FOLLOW
     else:  # pragma: no cover - every CI host has /proc
         src, src_dir, flags = str(tmp.tmp_name), tmp.tmp_fd, 0
-    chain = [ops.linkat(src_dir, src, tmp.dest_fd, final, flags)]
+    chain = [ops.linkat(src_dir, src, tmp.dest_fd, ops.fspath(final), flags)]
     if sync_dest:
         chain += [ops.fsync(tmp.dest_fd), ops.statx(tmp.dest_fd, "", abi.AT_EMPTY_PATH)]
     return chain

@@ -238,3 +238,59 @@ async def test_group_commit_returns_only_after_a_covering_dir_fsync(
     for name, at in returned.items():
         linked = links[name]
         assert any(linked < s and e < at for s, e in syncs), name
+
+
+class SpawnRecorder:
+    """A backend stand-in: ``spawn`` records each job's ``done`` instead of running it."""
+
+    def __init__(self) -> None:
+        self.done: list[Any] = []
+
+    def spawn(self, fn: Any, *args: Any, done: Any) -> None:
+        """Record *done*; the test ends the job."""
+        self.done.append(done)
+
+
+def callback_table() -> tuple[Any, SpawnRecorder, list[tuple[str, OSError | None]]]:
+    """A group commit, a recording backend and a log of callbacks."""
+    from maildrop._group_commit import GroupCommit
+
+    table: dict[Any, Any] = {}
+    gc = table[("m", "new")] = GroupCommit(("m", "new"), table)
+    return gc, SpawnRecorder(), []
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_on_durable_calls_back_once_a_fsync_started_after_the_link_ends() -> None:
+    """A link made while a fsync runs waits for the next one, which the end of the first
+    starts; each callback runs once, after the fsync that covers its link."""
+    gc, backend, log = callback_table()
+    gc.add(object())
+    gc.on_durable(1, backend, lambda e: log.append(("one", e)))
+    assert len(backend.done) == 1
+    assert log == []
+    gc.add(object())
+    gc.on_durable(2, backend, lambda e: log.append(("two", e)))
+    assert len(backend.done) == 1  # the running fsync may predate link 2
+    backend.done[0](None)
+    assert log == [("one", None)]
+    assert len(backend.done) == 2  # started for link 2
+    backend.done[1](None)
+    assert log == [("one", None), ("two", None)]
+    gc.on_durable(2, backend, lambda e: log.append(("again", e)))
+    assert log[-1] == ("again", None)  # covered already: at once
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_on_durable_reports_a_failed_fsync() -> None:
+    """A failed fsync fails every callback whose link it covered, then and later."""
+    gc, backend, log = callback_table()
+    gc.add(object())
+    gc.on_durable(1, backend, lambda e: log.append(("one", e)))
+    backend.done[0](OSError(errno.EIO, "Input/output error"))
+    gc.on_durable(1, backend, lambda e: log.append(("late", e)))
+    assert [name for name, _ in log] == ["one", "late"]
+    for _, err in log:
+        assert isinstance(err, OSError)
+        assert err.errno == errno.EIO
+        assert "fsync of the maildir failed" in str(err)

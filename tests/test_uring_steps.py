@@ -264,11 +264,11 @@ async def test_a_maildir_of_another_owner_goes_to_a_thread(
         pytest.skip("needs root (chown)")
     md, path = await ring_maildir(tmp_path)
     os.chown(path, 4242, 4242)
-    monkeypatch.setattr(_uring_stream, "_FOREIGN", {"/elsewhere"})
+    monkeypatch.setattr(_uring_stream, "FOREIGN", {"/elsewhere"})
     monkeypatch.setattr(_uring_stream, "_FOREIGN_MAX", 1)
     d = await md.deliver(MSG)
     assert d.path.stat().st_uid == 4242
-    assert {str(path)} == _uring_stream._FOREIGN  # remembered (the bounded set was full)
-    again = await md.deliver(MSG)  # opened the two-step way, then handed to the thread step
+    assert {str(path)} == _uring_stream.FOREIGN  # remembered (the bounded set was full)
+    again = await md.deliver(MSG)  # remembered: straight to the thread step
     assert again.path.stat().st_uid == 4242
     assert listing(path)["tmp"] == []
