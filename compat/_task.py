@@ -306,9 +306,7 @@ class MaildirMailboxAppendMessageTask:
         try:
             delivery = await self._feed.run(session, loop, self._ended, self._drained)
         except BaseException as exc:  # CancelledError too: _abandon cancels this task
-            # Unbound before ``defer`` fires: what its callbacks schedule copies this
-            # context, and must not keep this task (and its message) alive.
-            unbind(token)
+            unbind(token)  # before defer fires: what its callbacks schedule copies the context
             await session.abort()  # a no-op when the engine already cleaned up
             err = self._error if self._life.decided and self._error is not None else exc
             self._decide(err, now=True)
