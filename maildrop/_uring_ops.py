@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from . import _uring_abi as abi
 
 __all__ = [
+    "MAX_RW_COUNT",
     "Op",
     "Statx",
     "close",
@@ -53,6 +54,8 @@ _KEEPS_CHAIN = frozenset(
     }
 )
 _U32 = 0xFFFF_FFFF
+#: The most one read or write moves on Linux (INT_MAX rounded down to a page).
+MAX_RW_COUNT = 0x7FFF_F000
 _WRITES = frozenset({abi.OP_WRITE, abi.OP_WRITEV})
 Path = str | bytes
 _IS_FD = (0).__le__  # 0 <= fd: AT_FDCWD is no fd of ours (a builtin: no Python call per op)
@@ -218,10 +221,13 @@ def write(
     """Prepare ``pwritev2(fd, data, offset, rw_flags)`` (``-1``: the file position).
 
     The result is the number of bytes written: a short write is a positive result, compare it
-    with the length (the driver's chains treat it as a failure, as the kernel does).
+    with the length (the driver's chains treat it as a failure, as the kernel does). Linux
+    writes at most ``MAX_RW_COUNT`` bytes at once, and the entry's length field has 32 bits:
+    a longer *data* is a write of its first ``MAX_RW_COUNT`` bytes (a short one).
     """
     op = Op(abi.OP_WRITE, fd, fixed=fixed)
-    op.addr, op.length, kept = _buffer(data)
+    op.addr, length, kept = _buffer(data)
+    op.length = min(length, MAX_RW_COUNT)
     op.expect = op.success = op.length
     op.addr2, op.op_flags, op.keep = offset, rw_flags, (kept,)
     return op

@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import errno
 import gc
+import mmap
 import os
 import stat
 import sys
@@ -641,3 +642,13 @@ def test_sigkill_after_a_delivery_op_leaves_only_what_the_protocol_allows(
     for sub, names in found.items():
         for name in names:
             assert (tmp_path / sub / name).read_bytes() == message
+
+
+def test_a_write_past_what_linux_moves_at_once_is_a_short_one() -> None:
+    """A write of more than MAX_RW_COUNT bytes asks for MAX_RW_COUNT (its length field has
+    32 bits; the kernel would stop there anyway): its result is then a short write."""
+    with mmap.mmap(-1, 5 << 30) as big:  # address space only: no page is touched
+        op = ops.write(3, big)
+        assert (op.length, op.expect) == (ops.MAX_RW_COUNT, ops.MAX_RW_COUNT)
+        del op
+    assert ops.write(3, b"abc").length == 3
