@@ -103,8 +103,14 @@ class GroupCommit:
         """Call the callbacks whose link a fsync covered or failed; start the next fsync
         for those it did not cover."""
         waiting, self.callbacks = self.callbacks, []
+        error: Exception | None = None
         for seq, then in waiting:
-            self.on_durable(seq, backend, then)
+            try:
+                self.on_durable(seq, backend, then)
+            except Exception as exc:  # a callback's bug: the others still get their outcome
+                error = error or exc
+        if error is not None:
+            raise error
 
     def _start(self, backend: Backend) -> None:
         target = self.linked

@@ -95,7 +95,7 @@ def choose(choice: str) -> Backend:
 class UringBackend(PoolBackend):
     """The engine's own steps as chains on one ring per loop; the rest in the thread pool."""
 
-    __slots__ = ("jobs", "loop", "ring", "shared")
+    __slots__ = ("_loop", "jobs", "ring", "shared")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
@@ -105,9 +105,19 @@ class UringBackend(PoolBackend):
         # The loop never closes the ring: it goes with the loop (the ring holds it weakly).
         weakref.finalize(loop, ring.close)
         self.jobs: set[asyncio.Future[Any]] = set()
-        self.loop = loop
+        # Weakly: this backend is the loop's own per-loop value (``current``), so a strong
+        # reference would keep every loop that used the ring alive, with its ring.
+        self._loop = weakref.ref(loop)
         #: Directories held open by the deliveries in flight (``_uring_whole``).
         self.shared = Shared()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop this backend serves."""
+        loop = self._loop()
+        if loop is None:  # pragma: no cover - nothing runs on a collected loop
+            raise RuntimeError("the event loop of this io_uring backend is gone")
+        return loop
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run the step ``fn(*args)`` on the ring or in a worker (see :meth:`Backend.run`)."""

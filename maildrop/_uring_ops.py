@@ -221,13 +221,16 @@ def write(
     """Prepare ``pwritev2(fd, data, offset, rw_flags)`` (``-1``: the file position).
 
     The result is the number of bytes written: a short write is a positive result, compare it
-    with the length (the driver's chains treat it as a failure, as the kernel does). Linux
-    writes at most ``MAX_RW_COUNT`` bytes at once, and the entry's length field has 32 bits:
-    a longer *data* is a write of its first ``MAX_RW_COUNT`` bytes (a short one).
+    with the length (the driver's chains treat it as a failure, as the kernel does).
+
+    Raises:
+        ValueError: *data* is longer than ``MAX_RW_COUNT``, the most Linux writes at once
+            (the entry's length field has 32 bits; :func:`writev` takes any length).
     """
     op = Op(abi.OP_WRITE, fd, fixed=fixed)
-    op.addr, length, kept = _buffer(data)
-    op.length = min(length, MAX_RW_COUNT)
+    op.addr, op.length, kept = _buffer(data)
+    if op.length > MAX_RW_COUNT:
+        raise ValueError(f"one write op takes at most {MAX_RW_COUNT} bytes, not {op.length}")
     op.expect = op.success = op.length
     op.addr2, op.op_flags, op.keep = offset, rw_flags, (kept,)
     return op

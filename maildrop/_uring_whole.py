@@ -48,6 +48,10 @@ if TYPE_CHECKING:
 __all__ = ["Shared", "Whole", "whole"]
 
 
+#: Maildirs whose directories :class:`Shared` remembers before it drops the idle ones.
+_MAX_SHARED = 256
+
+
 class Shared(dict[tuple[str, str], Entry]):
     """The directories that deliveries in flight on one loop hold open, by (maildir, subdir).
 
@@ -87,6 +91,9 @@ class Shared(dict[tuple[str, str], Entry]):
         if old is None or not old.users or entry.opened - old.opened > MAX_AGE:
             st = os.fstat(tmp.tmp_fd)  # an open fd: no disk I/O
             entry.dev_ino = (st.st_dev, st.st_ino)
+            if old is None and len(self) >= _MAX_SHARED:  # bounded: drop those nobody holds
+                for stale in [k for k, e in self.items() if not e.users]:
+                    del self[stale]
             self[key] = entry
 
     def forget(self, tmp: DeliveryFiles) -> None:
@@ -206,6 +213,10 @@ class Whole:
             self._end(error(fd, name))
 
     def _write(self) -> None:
+        if self.future.cancelled():  # the caller left: neither write nor publish the message
+            self._check_cancelled()
+            self._end(asyncio.CancelledError())
+            return
         steps = self.steps
         steps.started = True
         try:
@@ -235,6 +246,8 @@ class Whole:
 
     def _in_thread(self) -> None:
         """Have the thread step do it all (nothing was done on the ring)."""
+        if self.future.cancelled():
+            self._check_cancelled()  # the thread step then publishes nothing
         pooled = self.backend.pool.submit(self.steps.finish, (self.chunks, self.sync))
         pooled.add_done_callback(self._joined)
 
@@ -288,7 +301,7 @@ class Whole:
     def _report(self, exc: BaseException | None, result: Any) -> None:
         """Give the caller *result* or *exc* (the files are handed back)."""
         self.over = True
-        if self.ended is not None:
+        if self.ended is not None and not self.ended.done():  # a waiter may cancel it
             self.ended.set_result(None)
         if self.future.cancelled():
             return  # the caller left: nobody looks at the outcome

@@ -294,3 +294,19 @@ async def test_on_durable_reports_a_failed_fsync() -> None:
         assert isinstance(err, OSError)
         assert err.errno == errno.EIO
         assert "fsync of the maildir failed" in str(err)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_raising_callback_does_not_lose_the_others() -> None:
+    """Every callback a fsync covered is called even if one raises; the error goes on."""
+    gc, backend, log = callback_table()
+    gc.add(object())
+
+    def boom(error: BaseException | None) -> None:
+        raise RuntimeError("a callback's bug")
+
+    gc.on_durable(1, backend, boom)
+    gc.on_durable(1, backend, lambda e: log.append(("after", e)))
+    with pytest.raises(RuntimeError, match="a callback's bug"):
+        backend.done[0](None)
+    assert log == [("after", None)]

@@ -644,11 +644,43 @@ def test_sigkill_after_a_delivery_op_leaves_only_what_the_protocol_allows(
             assert (tmp_path / sub / name).read_bytes() == message
 
 
-def test_a_write_past_what_linux_moves_at_once_is_a_short_one() -> None:
-    """A write of more than MAX_RW_COUNT bytes asks for MAX_RW_COUNT (its length field has
-    32 bits; the kernel would stop there anyway): its result is then a short write."""
-    with mmap.mmap(-1, 5 << 30) as big:  # address space only: no page is touched
-        op = ops.write(3, big)
-        assert (op.length, op.expect) == (ops.MAX_RW_COUNT, ops.MAX_RW_COUNT)
-        del op
+def test_a_write_op_refuses_more_than_linux_moves_at_once() -> None:
+    """One write op takes at most MAX_RW_COUNT bytes (its length field has 32 bits): more is
+    an error where the op is made, never an entry that cannot be packed."""
+    big = mmap.mmap(-1, 5 << 30)  # address space only: no page is touched
+    with big, pytest.raises(ValueError, match="one write op takes at most"):
+        ops.write(3, big)
     assert ops.write(3, b"abc").length == 3
+
+
+@needs_uring
+def test_a_raising_callback_strands_no_other_completion(
+    ring: Ring, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A completion callback that raises is logged; the chains reaped with it still end."""
+    seen: list[str] = []
+
+    def boom(results: list[int]) -> None:
+        seen.append("boom")
+        raise RuntimeError("a callback's bug")
+
+    ring.queue([ops.nop()], boom)
+    ring.queue([ops.nop()], lambda results: seen.append("second"))
+    ring.drain()
+    assert seen == ["boom", "second"]
+    assert "an io_uring completion callback failed" in caplog.text
+
+
+@needs_uring
+def test_close_unmaps_even_when_a_callback_raises_while_draining() -> None:
+    """close() drains, and releases the ring's fds whatever the drained callbacks do."""
+    before = set(os.listdir("/proc/self/fd"))
+    ring = Ring.open(entries=8, slots=0)
+
+    def boom(results: list[int]) -> None:
+        raise KeyboardInterrupt  # not an Exception: the driver lets it through
+
+    ring.queue([ops.nop()], boom)
+    with pytest.raises(KeyboardInterrupt):
+        ring.close()
+    assert set(os.listdir("/proc/self/fd")) <= before

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import subprocess
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -278,3 +280,29 @@ async def test_a_maildirsize_keeps_the_delivery_on_threads(tmp_path: Path) -> No
         del backend.pool.submit
     assert threads
     assert (tmp_path / "m" / "maildirsize").read_bytes() == b"1000S\n0 0\n100 1\n"
+
+
+@pytest.mark.skipif(not availability().ok, reason=f"io_uring: {availability().reason}")
+def test_a_loop_that_used_the_ring_is_collected_with_its_ring(tmp_path: Path) -> None:
+    """The backend holds its loop weakly: a closed loop goes, and its ring's fds with it."""
+
+    def ring_fds() -> int:
+        n = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                n += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[io_uring]"
+            except OSError:
+                continue
+        return n
+
+    gc.collect()
+    before, loops = ring_fds(), []
+    for _ in range(3):
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(Maildir(tmp_path / "m", backend="uring").deliver(b"x"))
+        loop.close()
+        loops.append(weakref.ref(loop))
+        del loop
+    gc.collect()
+    assert [ref() for ref in loops] == [None, None, None]
+    assert ring_fds() == before

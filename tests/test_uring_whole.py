@@ -21,7 +21,7 @@ from maildrop._uring_whole import Whole
 from maildrop._writer import Aborted
 
 from .conftest import listing
-from .test_uring_steps import MSG, Fail, creates, named, ring_maildir
+from .test_uring_steps import MSG, Fail, creates, named, only_first, ring_maildir
 
 pytestmark = [
     pytest.mark.skipif(not availability().ok, reason=f"io_uring: {availability().reason}"),
@@ -316,3 +316,30 @@ async def test_a_transform_tail_past_max_size_fails_before_the_write(tmp_path: P
     await asyncio.sleep(0.05)
     assert listing(path)["tmp"] == []
     assert [(path / "new" / n).read_bytes() for n in listing(path)["new"]] == [b"first"]
+
+
+async def test_a_caller_that_left_before_the_write_gets_nothing_written(tmp_path: Path) -> None:
+    """Cancelled while its directories open: no write and no link is ever queued."""
+    hooks = Fail(lambda op: False, 0)
+    md, path = await ring_maildir(tmp_path, hooks)
+    task = asyncio.create_task(md.deliver(MSG))
+    await asyncio.sleep(0)  # its opens are queued, not yet completed
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError, match=r"^$"):
+        await task
+    await asyncio.gather(*ring_backend().jobs)
+    await asyncio.sleep(0.05)
+    names = [name for name, _ in hooks.trace]
+    assert "openat2" in names  # it had started
+    assert not {"write", "writev", "linkat"} & set(names)
+    assert only_first(path)
+
+
+async def test_the_shared_table_drops_idle_maildirs_past_its_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past _MAX_SHARED maildirs, entries nobody holds are dropped: the table stays bounded."""
+    monkeypatch.setattr(_uring_whole, "_MAX_SHARED", 2)
+    for i in range(5):
+        await Maildir(tmp_path / f"m{i}", backend="uring").deliver(MSG)
+    assert len(ring_backend().shared) <= 2
