@@ -34,7 +34,6 @@ import contextvars
 import ctypes
 import errno
 import functools
-import logging
 import mmap
 import os
 import weakref
@@ -51,7 +50,6 @@ from ._uring_setup import Availability, UringUnavailableError
 __all__ = ["Availability", "Ring", "UringUnavailableError", "availability"]
 
 _U32 = 0xFFFF_FFFF
-_log = logging.getLogger("maildrop")
 _RINGS: weakref.WeakSet[Ring] = weakref.WeakSet()
 _INHERITED: list[tuple[mmap.mmap, ...]] = []  # a forked child's ring maps (Ring._forget)
 _LINK_QUIET = abi.IOSQE_IO_LINK | abi.IOSQE_CQE_SKIP_SUCCESS
@@ -282,7 +280,7 @@ class Ring:
         if not chain.linked:
             chain.left -= 1
             if not chain.left:
-                self._done(chain)
+                chain.finish(self._live_loop())
         # A chain's completions arrive in chain order. The part in the kernel ends with its
         # last op, or with a quiet op that reports: it failed (or wrote short), and the kernel
         # then cancels the rest without completions. A quiet op reporting ECANCELED was
@@ -303,18 +301,7 @@ class Ring:
                 return
             for rest in chain.ops[chain.next :]:
                 self._release(rest)
-        self._done(chain)
-
-    def _done(self, chain: Chain) -> None:
-        try:
-            chain.done(chain.results)
-        except Exception as exc:  # a callback's bug must not strand the completions after it
-            loop = self._live_loop()
-            context = {"message": "an io_uring completion callback failed", "exception": exc}
-            if loop is not None and not loop.is_closed():
-                loop.call_exception_handler(context)
-            else:
-                _log.error(context["message"], exc_info=exc)
+        chain.finish(self._live_loop())
 
     # -- driving it -----------------------------------------------------------------------
 
@@ -339,8 +326,7 @@ class Ring:
         """Reap on *loop* (an eventfd reader) and flush submissions once per loop iteration
         (held weakly: a ring kept per loop must not keep a closed loop alive)."""
         self._loop = weakref.ref(loop)
-        # In an empty context: the handle lives as long as the loop, and a copy of the first
-        # caller's context would keep whatever its variables refer to.
+        # In an empty context: the handle lives as long as the loop (see _pool._Wakeup).
         contextvars.Context().run(loop.add_reader, self._efd, self._on_eventfd)
 
     def _on_eventfd(self) -> None:
@@ -380,8 +366,7 @@ class Ring:
         try:
             self.drain()
         finally:
-            loop = self._live_loop()
-            if loop is not None and not loop.is_closed():
+            if (loop := self._live_loop()) is not None and not loop.is_closed():
                 loop.remove_reader(self._efd)
             self._drop()
 

@@ -7,7 +7,9 @@ succeeded) or not (its ops are independent and its callback waits for all of the
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import logging
 from collections.abc import Callable
 
 from . import _uring_abi as abi
@@ -17,6 +19,7 @@ from ._uring_ops import Op, nop, shorten
 __all__ = ["Chain", "Done"]
 
 Done = Callable[[list[int]], None]
+_log = logging.getLogger("maildrop")
 _NOP = nop()
 
 
@@ -50,6 +53,18 @@ class Chain:
         self.injected: dict[int, int] | None = None
         # The first op of the part in the kernel, and the first not yet written to the queue.
         self.start = self.next = 0
+
+    def finish(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Call the callback with the results. One that raises is reported to *loop*'s
+        exception handler (or logged): a bug there must not strand the completions after it."""
+        try:
+            self.done(self.results)
+        except Exception as exc:
+            context = {"message": "an io_uring completion callback failed", "exception": exc}
+            if loop is not None and not loop.is_closed():
+                loop.call_exception_handler(context)
+            else:
+                _log.error(context["message"], exc_info=exc)
 
     def inject(self, i: int, op: Op, hooks: Hooks) -> Op:
         """Ask *hooks* about op *i* before it is written; return the op to write in its place.

@@ -678,9 +678,9 @@ def test_close_unmaps_even_when_a_callback_raises_while_draining() -> None:
     ring = Ring.open(entries=8, slots=0)
 
     def boom(results: list[int]) -> None:
-        raise KeyboardInterrupt  # not an Exception: the driver lets it through
+        raise KeyboardInterrupt("stop")  # not an Exception: the driver lets it through
 
     ring.queue([ops.nop()], boom)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="stop"):
         ring.close()
     assert set(os.listdir("/proc/self/fd")) <= before
