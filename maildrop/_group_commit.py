@@ -127,9 +127,11 @@ class GroupCommit:
                 self.failed, self.error = max(self.failed, target), error
             self.running = None
             done.set()
-            if self.callbacks:
-                self._call_back(backend)
-            release(self)
+            try:
+                if self.callbacks:
+                    self._call_back(backend)
+            finally:
+                release(self)
 
         # The job belongs to no delivery: a waiter cancelled meanwhile leaves at once, the
         # others are woken when it ends.

@@ -280,7 +280,7 @@ class Ring:
         if not chain.linked:
             chain.left -= 1
             if not chain.left:
-                chain.finish(self._live_loop())
+                chain.finish(self._loop)
         # A chain's completions arrive in chain order. The part in the kernel ends with its
         # last op, or with a quiet op that reports: it failed (or wrote short), and the kernel
         # then cancels the rest without completions. A quiet op reporting ECANCELED was
@@ -301,7 +301,7 @@ class Ring:
                 return
             for rest in chain.ops[chain.next :]:
                 self._release(rest)
-        chain.finish(self._live_loop())
+        chain.finish(self._loop)
 
     # -- driving it -----------------------------------------------------------------------
 

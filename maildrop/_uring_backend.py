@@ -186,14 +186,10 @@ class UringBackend(PoolBackend):
 
     def _released(self, job: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
         """Start *job*; return a future of its outcome whose cancellation releases the waiter
-        only (``asyncio.shield``'s contract, with one done callback instead of three)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        task = loop.create_task(job)
-        self.jobs.add(task)  # the loop keeps only weak references to tasks
+        only (``asyncio.shield``'s contract, without its extra future and callbacks)."""
+        future: asyncio.Future[T] = self.loop.create_future()
 
         def settle(task: asyncio.Task[T]) -> None:
-            self.jobs.discard(task)
             if future.cancelled():
                 retrieve(task)  # the caller left: nobody looks at the job's outcome
             elif task.cancelled():
@@ -203,7 +199,7 @@ class UringBackend(PoolBackend):
             else:
                 future.set_result(task.result())
 
-        task.add_done_callback(settle)
+        self.job(job).add_done_callback(settle)
         return future
 
     def job(self, job: Coroutine[Any, Any, T]) -> asyncio.Task[T]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import weakref
 from collections.abc import Callable
 
 from . import _uring_abi as abi
@@ -54,13 +55,15 @@ class Chain:
         # The first op of the part in the kernel, and the first not yet written to the queue.
         self.start = self.next = 0
 
-    def finish(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        """Call the callback with the results. One that raises is reported to *loop*'s
-        exception handler (or logged): a bug there must not strand the completions after it."""
+    def finish(self, loop_ref: weakref.ref[asyncio.AbstractEventLoop] | None) -> None:
+        """Call the callback with the results. One that raises is reported to the exception
+        handler of the loop *loop_ref* names (or logged): a bug there must not strand the
+        completions after it."""
         try:
             self.done(self.results)
         except Exception as exc:
             context = {"message": "an io_uring completion callback failed", "exception": exc}
+            loop = None if loop_ref is None else loop_ref()
             if loop is not None and not loop.is_closed():
                 loop.call_exception_handler(context)
             else:

@@ -214,8 +214,7 @@ class Whole:
 
     def _write(self) -> None:
         if self.future.cancelled():  # the caller left: neither write nor publish the message
-            self._check_cancelled()
-            self._end(asyncio.CancelledError())
+            self._end(asyncio.CancelledError())  # (which aborts the delivery)
             return
         steps = self.steps
         steps.started = True
