@@ -21,6 +21,13 @@ CONTENDERS = [
     ("ur64", "maildrop io_uring c=64", 64, True, {"msgs"}),
     ("ur16nofsync", "maildrop io_uring fsync=False, c=16", 16, False, {"msgs"}),
 ]
+#: The default, ``backend="auto"``: threads for a delivery that starts alone, the ring for
+#: one that starts while others are in flight (the same keys' shape).
+AUTO = [
+    ("au1", "maildrop auto c=1", 1, True, {"msgs"}),
+    ("au16", "maildrop auto c=16", 16, True, {"msgs"}),
+    ("au64", "maildrop auto c=64", 64, True, {"msgs"}),
+]
 Row = tuple[str, float | None, str, float, bool]
 
 
@@ -29,8 +36,9 @@ def contenders(md: Callable[..., Any], make: Callable[..., Any]) -> list[Any]:
     if c.uring_reason() is not None:
         return []
     return [
-        make(key, label, md(conc, fsync, backend="uring"), frozenset(kinds))
-        for key, label, conc, fsync, kinds in CONTENDERS
+        make(key, label, md(conc, fsync, backend=backend), frozenset(kinds))
+        for backend, table in (("uring", CONTENDERS), ("auto", AUTO))
+        for key, label, conc, fsync, kinds in table
     ]
 
 
@@ -56,6 +64,12 @@ def targets(all_res: dict[str, dict[str, Any]], paired: Callable[..., float | No
          paired(small, "ur16nofsync", "twisted16"), ">=", 1.0, True),
         ("CPU per durable delivery, io_uring c=64 / thread backend c=64",
          None if cpu_ur is None or cpu_md is None else cpu_ur / cpu_md, "<=", 0.75, True),
+        ("auto (the default) c=1 vs raw sync durable, 2 KiB", paired(small, "au1", "raw"),
+         ">=", 0.85, True),
+        ("auto (the default) c=16 vs thread backend c=16, 2 KiB",
+         paired(small, "au16", "md16"), ">=", 1.4, True),
+        ("auto (the default) c=64 vs thread backend c=64, 2 KiB",
+         paired(small, "au64", "md64"), ">=", 1.4, True),
         ("256 MiB stream, io_uring vs raw sync durable", paired(stream, "ur1", "raw"), ">=",
          0.9, True),
     ]  # fmt: skip

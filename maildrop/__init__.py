@@ -78,8 +78,13 @@ Where the code differs from DESIGN.md (to be folded in):
 - The layout line "lmtp (handler and server)" is many modules now (above); the MDA is
   ``_mda`` plus ``cli``'s argparse-free fast path.
 - ``--max-connections`` is per worker process (each process has its own event loop).
-- Backends: ``Maildir(backend="auto"|"uring"|"threads")``; "auto" is threads until the ring
-  backend is the faster one (``_backend.AUTO_USES_URING``).
+- Backends: ``Maildir(backend="auto"|"uring"|"threads")``. "auto" chooses per delivery on
+  Linux asyncio loops where io_uring works: a delivery that starts while others are in
+  flight on its loop (the pool or the ring busy) runs on the ring, which is ahead under
+  concurrency; one that starts alone runs in threads, which are ahead for a lone delivery,
+  and makes no ring (``_uring_backend.alone``). Both share the loop's group commit and its
+  worker pool. The servers' maildirs take threads unless ``MAILDROP_BACKEND`` is set
+  (``_backend.server_backend``: rings in one worker process per CPU cost more CPU).
 - The thread pool: a library keeps "~4 workers per CPU, 8-64" (THREADS), but the LMTP/SMTP
   server starts SERVER_CORE_THREADS (4 per worker process) and grows towards THREADS only
   while most message-file fsyncs are slow or every worker is blocked (``_pool``): fewer

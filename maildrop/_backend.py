@@ -27,6 +27,7 @@ import asyncio
 import contextvars
 import errno
 import os
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -48,6 +49,7 @@ __all__ = [
     "current",
     "requested",
     "run_sync",
+    "server_backend",
 ]
 
 T = TypeVar("T")
@@ -177,11 +179,12 @@ current = per_loop("maildrop_backend", _make)
 
 #: The backends a ``Maildir`` may ask for.
 BACKENDS = ("auto", "uring", "threads")
-#: Whether "auto" picks io_uring where it runs. Not yet: every step's Python runs on the
-#: loop's thread, so the ring backend is ahead of the thread pool at 16 and 64 in flight only
-#: while a CPU is free, and slower for a lone delivery (``benchmarks/README.md``); "auto"
-#: takes it once it is the faster one.
-AUTO_USES_URING = False
+#: Whether "auto" may pick io_uring where it runs: for a delivery that starts while others
+#: are in flight on its loop (the ring is ahead of the thread pool under concurrency, and
+#: behind it for a lone delivery, which pays two ring round trips where a worker makes the
+#: same calls in one go: ``benchmarks/README.md``); a lone one runs in threads
+#: (``_uring_backend.alone``).
+AUTO_USES_URING = True
 #: The environment variable that replaces ``"auto"`` (see ``_uring_backend``).
 ENV = "MAILDROP_BACKEND"
 
@@ -212,20 +215,63 @@ def requested(backend: str, syscalls: Syscalls) -> str:
     return env
 
 
+def server_backend() -> str:
+    """Return the backend a server's maildirs take by default: ``"threads"``, unless the
+    operator set ``MAILDROP_BACKEND`` to ``uring`` or ``threads`` (then ``"auto"``, which
+    reads it; ``auto`` or nothing leaves the choice to maildrop, which is threads here).
+
+    A server runs one worker process per CPU; on io_uring each has its ring and its io-wq
+    kernel threads, which compete with the other workers for the CPUs, and costs more CPU
+    per message than on threads (``benchmarks/README.md``, the LMTP server).
+    """
+    return "threads" if os.environ.get(ENV, "auto") in ("", "auto") else "auto"
+
+
 def backend_for(choice: str) -> Backend:
     """Return the running loop's backend for a maildir's *choice* of backend
-    (``"auto"``, ``"uring"`` or ``"threads"``: ``_uring_backend.backend_for``)."""
+    (``"auto"``, ``"uring"`` or ``"threads"``: ``_uring_backend.choose``)."""
     if choice == "threads" or (choice == "auto" and not AUTO_USES_URING):
         return current()
-    global _choose
-    if _choose is None:  # loaded only where io_uring may be used, and only once
-        from ._uring_backend import choose
+    if _choose is not None:
+        return _choose(choice)
+    if choice == "auto":
+        # The ring's modules are not loaded yet: a delivery that starts alone takes threads
+        # without them (an MDA's one delivery; a process that dropped privileges opens no
+        # more files than it needs). One that finds work in flight has them loaded in a
+        # thread (tens of ms of imports would stall the loop) and takes threads meanwhile.
+        threads = current()
+        if isinstance(threads, PoolBackend) and threads.pool.pending:
+            _load_in_background()
+        return threads
+    from ._uring_backend import choose  # noqa: F401 - loading it sets _choose (uring_loaded)
 
-        _choose = choose
+    assert _choose is not None
     return _choose(choice)
 
 
 _choose: Callable[[str], Backend] | None = None
+_loading = False
+
+
+def uring_loaded(choose: Callable[[str], Backend]) -> None:
+    """Take *choose* (``_uring_backend.choose``), once its module is wholly loaded."""
+    global _choose
+    _choose = choose
+
+
+def _load_in_background() -> None:
+    global _loading
+    if not _loading:
+        _loading = True
+        threading.Thread(target=_load, name="maildrop io_uring import", daemon=True).start()
+
+
+def _load() -> None:
+    try:
+        from ._uring_backend import choose
+    except (ImportError, OSError):  # pragma: no cover - no ring here: "auto" stays threads
+        return
+    uring_loaded(choose)
 
 
 async def run_sync(fn: Callable[..., T], *args: Any) -> T:

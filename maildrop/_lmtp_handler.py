@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ._backend import run_sync
+from ._backend import BACKENDS, run_sync, server_backend
 from ._errors import MaildirNotFoundError, QuotaExceededError, outcome
 from ._lmtp_deliver import (
     SHUTTING_DOWN,
@@ -96,6 +96,10 @@ class MaildirHandler:
         crlf_to_lf: store lines ending in LF, as maildir readers expect (SMTP sends CRLF).
         recipient_delimiter: ``alice+tag`` is delivered to ``alice`` (``None``: off).
         syscalls: the syscall table for the maildirs (fault injection).
+        backend: the maildirs' backend (``Maildir(backend=...)``). The default, ``None``,
+            is threads unless ``MAILDROP_BACKEND`` names one: a server's worker processes
+            (one per CPU) cost more CPU per message on io_uring, whose io-wq threads
+            compete with the other workers (``_backend.server_backend``).
     """
 
     def __init__(
@@ -111,7 +115,11 @@ class MaildirHandler:
         crlf_to_lf: bool = True,
         recipient_delimiter: str | None = "+",
         syscalls: Syscalls = DEFAULT_SYSCALLS,
+        backend: str | None = None,
     ) -> None:
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        self.backend = backend
         self.root = os.path.abspath(os.fspath(root))
         self.fsync = fsync
         self.max_size = max_size
@@ -183,7 +191,7 @@ class MaildirHandler:
         """Return the :class:`Maildir` at *path* with this handler's settings."""
         return Maildir(
             path, fsync=self.fsync, max_size=self.max_size, quota=self.quota,
-            syscalls=self.syscalls,
+            syscalls=self.syscalls, backend=self.backend or server_backend(),
         )  # fmt: skip
 
     async def resolve(self, address: str) -> Maildir | None:

@@ -56,6 +56,10 @@ class PerLoop(Generic[T]):
             found = self._weak[loop] = self._factory(loop)
         return found
 
+    def made(self, loop: asyncio.AbstractEventLoop) -> T | None:
+        """Return asyncio *loop*'s value if it was made, without making it."""
+        return self._weak.get(loop)
+
 
 def per_loop(name: str, factory: Callable[[asyncio.AbstractEventLoop | None], T]) -> PerLoop[T]:
     """Return a getter of one ``factory(loop)`` value per event loop (see :class:`PerLoop`)."""

@@ -168,6 +168,9 @@ class Pool:
         self.collecting = False  # the loop was woken and has not collected yet
         self.stuck = 0.0  # when fsyncs were last slow or the workers all blocked
         self.taken = 0  # jobs taken by workers so far
+        #: Jobs submitted whose outcome the loop has not collected yet (only the loop's
+        #: thread changes it): whether the pool has work in flight (``_uring_backend``).
+        self.pending = 0
         self.watching = False  # a _watch is scheduled on the loop
         self.wakeup = _Wakeup(loop, self._collect)
 
@@ -176,6 +179,7 @@ class Pool:
         CORE_THREADS run (THREADS while fsyncs are slow; see also :meth:`_watch`)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[T] = loop.create_future()
+        self.pending += 1
         with self.lock:
             self.queued += 1
             waits = self.queued > self.idle
@@ -297,6 +301,7 @@ class Pool:
         with self.lock:
             results, self.results = self.results, []
             self.collecting = False
+        self.pending -= len(results)
         for fut, result, error in results:
             if fut.done():  # the caller was cancelled
                 continue

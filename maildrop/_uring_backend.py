@@ -18,8 +18,10 @@ abort (``_handoff``). A whole message's step, and ``Maildir.deliver(bytes)`` alt
 Which backend (``_backend.requested`` when a ``Maildir`` is made, :func:`choose` when a
 delivery starts): ``"threads"`` always; ``"uring"`` or an error saying why it cannot run
 (kernel, ``kernel.io_uring_disabled``, a seccomp filter, a trio loop, a custom ``Syscalls``
-table); ``"auto"`` (the default) io_uring where it runs, else threads, silently (while
-``_backend.AUTO_USES_URING`` is False, "auto" is threads: see there why). The
+table); ``"auto"`` (the default) io_uring where it runs, else threads, silently, and even
+there a delivery that starts alone on its loop (:func:`alone`) takes threads: a lone
+delivery is faster there, and such a process never makes a ring (see
+``_backend.AUTO_USES_URING``). The
 environment variable ``MAILDROP_BACKEND`` (``auto``/``uring``/``threads``) replaces
 ``"auto"`` for operators; it never overrides a program's own choice, and a custom
 ``Syscalls`` table (code that needs Python callables) keeps ``"auto"`` on threads.
@@ -34,7 +36,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
 from . import _uring_stream as ring_stream
-from ._backend import Backend, Done, PoolBackend, current
+from ._backend import Backend, Done, PoolBackend, current, uring_loaded
 from ._delivery import Delivery
 from ._group_commit import sync_and_close
 from ._handoff import Step, begin, hand_back
@@ -84,6 +86,8 @@ def choose(choice: str) -> Backend:
                 "use backend='threads' or 'auto'",
             )
         return current()
+    if choice == "auto" and alone(loop):
+        return current(loop)
     made = _backends(loop)
     if isinstance(made, UringUnavailableError):
         if choice == "uring":
@@ -92,19 +96,36 @@ def choose(choice: str) -> Backend:
     return made
 
 
+def alone(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether a delivery starting now on *loop* would run alone: no work in flight in its
+    thread pool or on its ring (``"auto"`` then takes threads, without making a ring)."""
+    made = _backends.made(loop)
+    if isinstance(made, UringBackend) and (made.active or made.jobs):
+        return False
+    threads = current(loop)
+    return not (isinstance(threads, PoolBackend) and threads.pool.pending)
+
+
 class UringBackend(PoolBackend):
     """The engine's own steps as chains on one ring per loop; the rest in the thread pool."""
 
-    __slots__ = ("_loop", "jobs", "ring", "shared")
+    __slots__ = ("_loop", "active", "jobs", "ring", "shared")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(loop)
+        # The loop's thread pool, shared with its thread backend: "auto" runs a loop's
+        # deliveries on both, and one set of workers serves them.
+        threads = current(loop)
+        assert isinstance(threads, PoolBackend)  # an asyncio loop's
+        self.pool = threads.pool
         # No direct-descriptor slots: a message's file is a process fd (see _uring_steps).
         ring = self.ring = Ring.open(slots=0)
         ring.attach(loop)
         # The loop never closes the ring: it goes with the loop (the ring holds it weakly).
         weakref.finalize(loop, ring.close)
         self.jobs: set[asyncio.Future[Any]] = set()
+        #: Whole messages in flight on the ring (``_uring_whole``); with :attr:`jobs`, what
+        #: makes a delivery that starts now not alone (:func:`alone`).
+        self.active = 0
         # Weakly: this backend is the loop's own per-loop value (``current``), so a strong
         # reference would keep every loop that used the ring alive, with its ring.
         self._loop = weakref.ref(loop)
@@ -258,3 +279,8 @@ class UringBackend(PoolBackend):
 
 def _hand_back_failed(tmp: DeliveryFiles) -> None:
     hand_back(tmp, failed=True)
+
+
+# Last: "auto" may take the ring only once everything above exists (``_backend.backend_for``
+# may have this module loaded in a thread while the loop runs).
+uring_loaded(choose)

@@ -115,6 +115,7 @@ class Whole:
         self, backend: UringBackend, steps: Steps, chunks: list[bytes | memoryview], sync: bool
     ) -> None:
         self.backend, self.steps, self.chunks = backend, steps, chunks
+        backend.active += 1  # until _report
         self.path = steps.tmp.settings.path  # the maildir's (a property: computed once)
         #: Whether the destination is synced in the delivery's own chain (no group commit).
         self.sync = sync
@@ -300,6 +301,7 @@ class Whole:
     def _report(self, exc: BaseException | None, result: Any) -> None:
         """Give the caller *result* or *exc* (the files are handed back)."""
         self.over = True
+        self.backend.active -= 1
         if self.ended is not None and not self.ended.done():  # a waiter may cancel it
             self.ended.set_result(None)
         if self.future.cancelled():

@@ -237,3 +237,23 @@ async def test_a_quota_set_just_after_rcpt_is_still_enforced(tmp_path: Path) -> 
     assert t.rcpt[0].startswith("250")
     assert t.data[0].startswith("452 4.2.2")
     assert listing(tmp_path / "alice")["new"] == []
+
+
+async def test_the_handler_s_maildirs_run_in_threads_unless_the_operator_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By default a server's maildirs take threads; MAILDROP_BACKEND or *backend* rule."""
+    monkeypatch.delenv("MAILDROP_BACKEND", raising=False)
+    assert MaildirHandler(tmp_path).maildir(str(tmp_path))._settings.backend == "threads"
+    picked = MaildirHandler(tmp_path, backend="auto").maildir(str(tmp_path))
+    assert picked._settings.backend == "auto"
+    monkeypatch.setenv("MAILDROP_BACKEND", "uring")
+    assert MaildirHandler(tmp_path).maildir(str(tmp_path))._settings.backend == "uring"
+    forced = MaildirHandler(tmp_path, backend="threads").maildir(str(tmp_path))
+    assert forced._settings.backend == "threads"
+
+
+async def test_the_handler_refuses_an_unknown_backend(tmp_path: Path) -> None:
+    """A backend that is not auto, uring or threads is a clear error."""
+    with pytest.raises(ValueError, match="backend must be one of auto, uring, threads"):
+        MaildirHandler(tmp_path, backend="fast")

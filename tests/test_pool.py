@@ -264,3 +264,23 @@ def test_a_library_keeps_a_thread_per_delivery_in_flight() -> None:
     as many fsyncs in flight as deliveries; only the server starts fewer."""
     assert _pool.CORE_THREADS == _pool.THREADS
     assert 4 <= _pool.SERVER_CORE_THREADS <= _pool.THREADS
+
+
+async def test_pending_counts_jobs_until_the_loop_collects_them(anyio_backend: str) -> None:
+    """``Pool.pending`` is the jobs submitted and not collected, failed or cancelled ones too."""
+    if anyio_backend != "asyncio":
+        pytest.skip("maildrop's own pool runs on asyncio")
+    backend = current()
+    assert isinstance(backend, PoolBackend)
+    pool = backend.pool
+    release = threading.Event()
+    held = pool.submit(release.wait, (10,))
+    failed = pool.submit(int, ("not a number",))
+    assert pool.pending == 2
+    with pytest.raises(ValueError, match="invalid literal"):
+        await failed
+    assert pool.pending == 1
+    held.cancel()  # the caller leaves; the job still runs and is still counted
+    assert pool.pending == 1
+    release.set()
+    await settle(lambda: pool.pending == 0, "the held job's outcome collected")

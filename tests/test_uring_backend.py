@@ -7,6 +7,7 @@ import gc
 import os
 import shutil
 import subprocess
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -19,7 +20,7 @@ from maildrop import _uring_backend as ub
 from maildrop._uring import availability
 from maildrop._uring_setup import Availability
 
-from .conftest import listing
+from .conftest import listing, settle
 from .crash._harness import loop_fs
 
 needs_uring = pytest.mark.skipif(
@@ -93,19 +94,149 @@ async def test_auto_on_trio_is_threads_even_once_it_may_be_the_ring(
 
 
 @pytest.mark.asyncio
-async def test_auto_is_threads_until_the_ring_is_faster() -> None:
-    """While AUTO_USES_URING is False, "auto" runs on the thread backend."""
-    assert not _backend.AUTO_USES_URING
-    assert not isinstance(_backend.backend_for("auto"), ub.UringBackend)
+async def test_auto_runs_a_lone_delivery_in_threads_without_a_ring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nothing in flight on the loop, "auto" is the thread backend and makes no ring."""
+    monkeypatch.delenv(_backend.ENV, raising=False)
+    loop = asyncio.get_running_loop()
+    assert _backend.AUTO_USES_URING
     assert isinstance(_backend.backend_for("auto"), _backend.PoolBackend)
+    assert not isinstance(_backend.backend_for("auto"), ub.UringBackend)
+    md = Maildir(tmp_path / "m")
+    for _ in range(3):
+        await md.deliver(b"alone")
+    assert ub._backends.made(loop) is None
+    assert len(listing(tmp_path / "m")["new"]) == 3
+
+
+async def _while_a_worker_is_busy(check: Any) -> Any:
+    """Return ``await check()`` while a job holds one of the loop's pool workers."""
+    pool = _backend.current()
+    assert isinstance(pool, _backend.PoolBackend)
+    release = threading.Event()
+    held = pool.submit(release.wait, 10)
+    try:
+        return await check()
+    finally:
+        release.set()
+        await held
+
+
+@needs_uring
+@pytest.mark.asyncio
+async def test_auto_takes_the_ring_while_other_work_is_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery that starts while the pool or the ring is busy runs on the ring."""
+    monkeypatch.delenv(_backend.ENV, raising=False)
+    md = Maildir(tmp_path / "m")
+    await md.deliver(b"first")  # creates the maildir, in threads
+
+    async def deliver() -> ub.UringBackend:
+        backend = _backend.backend_for("auto")
+        assert isinstance(backend, ub.UringBackend)
+        before = backend.ring.completions
+        await md.deliver(b"second")
+        assert backend.ring.completions > before
+        return backend
+
+    backend = await _while_a_worker_is_busy(deliver)
+    assert backend.pool is _backend.current().pool  # one set of workers for both backends
+    loop = asyncio.get_running_loop()
+    assert ub.alone(loop)
+    on_ring = asyncio.ensure_future(Maildir(tmp_path / "m", backend="uring").deliver(b"ring"))
+    await asyncio.sleep(0)  # started: its chain is in flight, the pool idle
+    assert backend.active == 1
+    threads = _backend.current()
+    assert isinstance(threads, _backend.PoolBackend)
+    assert not threads.pool.pending
+    assert not ub.alone(loop)
+    assert isinstance(_backend.backend_for("auto"), ub.UringBackend)
+    await on_ring
+    assert backend.active == 0
+    assert ub.alone(loop)
+    assert not isinstance(_backend.backend_for("auto"), ub.UringBackend)
+    assert len(listing(tmp_path / "m")["new"]) == 3
+
+
+@pytest.mark.asyncio
+async def test_auto_loads_the_ring_in_a_thread_once_deliveries_overlap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Alone, "auto" loads nothing; with work in flight it has the ring's modules loaded in
+    a thread (not on the loop) and takes threads until they are there."""
+    monkeypatch.setattr(_backend, "_choose", None)
+    monkeypatch.setattr(_backend, "_loading", False)
+    assert isinstance(_backend.backend_for("auto"), _backend.PoolBackend)
+    assert not _backend._loading
+    loaded = threading.Event()
+    monkeypatch.setattr(ub, "choose", _recorded(ub.choose, loaded))
+
+    async def check() -> object:
+        return _backend.backend_for("auto")
+
+    picked = await _while_a_worker_is_busy(check)
+    assert not isinstance(picked, ub.UringBackend)
+    assert _backend._loading
+    await settle(lambda: _backend._choose is not None, "the ring's modules loaded")
+    if availability().ok:
+        assert isinstance(await _while_a_worker_is_busy(check), ub.UringBackend)
+        assert loaded.is_set()
+
+
+def _recorded(fn: Any, called: threading.Event) -> Any:
+    def wrapper(choice: str) -> Any:
+        called.set()
+        return fn(choice)
+
+    return wrapper
+
+
+@needs_uring
+@pytest.mark.asyncio
+async def test_auto_under_concurrency_delivers_every_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concurrent deliveries split between the backends all arrive, once each."""
+    monkeypatch.delenv(_backend.ENV, raising=False)
+    md = Maildir(tmp_path / "m")
+    await md.deliver(b"first")
+    bodies = [b"message %d" % i for i in range(40)]
+    await asyncio.gather(*(md.deliver(body) for body in bodies))
+    made = ub._backends.made(asyncio.get_running_loop())
+    assert isinstance(made, ub.UringBackend)
+    assert made.ring.completions > 0
+    got = sorted(
+        (tmp_path / "m" / "new" / name).read_bytes() for name in listing(tmp_path / "m")["new"]
+    )
+    assert got == sorted([b"first", *bodies])
+    assert listing(tmp_path / "m")["tmp"] == []
 
 
 @needs_uring
 @pytest.mark.asyncio
 async def test_auto_may_pick_the_ring(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With AUTO_USES_URING, "auto" is the ring where io_uring works."""
+    """With AUTO_USES_URING, "auto" is the ring where io_uring works and work is in flight."""
     monkeypatch.setattr(_backend, "AUTO_USES_URING", True)
-    assert isinstance(_backend.backend_for("auto"), ub.UringBackend)
+
+    async def check() -> object:
+        return _backend.backend_for("auto")
+
+    assert isinstance(await _while_a_worker_is_busy(check), ub.UringBackend)
+
+
+@pytest.mark.asyncio
+async def test_auto_is_threads_when_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without AUTO_USES_URING, "auto" is the thread backend even under load."""
+    monkeypatch.setattr(_backend, "AUTO_USES_URING", False)
+
+    async def check() -> object:
+        return _backend.backend_for("auto")
+
+    picked = await _while_a_worker_is_busy(check)
+    assert isinstance(picked, _backend.PoolBackend)
+    assert not isinstance(picked, ub.UringBackend)
 
 
 @pytest.mark.asyncio

@@ -42,6 +42,8 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import anyio
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _device import wait_released
@@ -267,7 +269,13 @@ def run(cfg: dict[str, Any]) -> None:
 
         async def warm_up() -> None:
             md = open_maildir(cfg, warm, DEFAULT_SYSCALLS)
-            await asyncio.gather(md.deliver(b"warm-up"), md.deliver(b"warm-up"))
+            await asyncio.gather(*(md.deliver(b"warm-up") for _ in range(8)))
+            # Whether a shared fsync ran above depends on timing ("auto" may have put some
+            # of them on the ring): the thread path's group commit waits on an anyio.Event,
+            # whose first use imports anyio's asyncio backend.
+            anyio.Event()
+            # And "auto" loads the ring's modules in a thread once deliveries overlap.
+            import maildrop._uring_backend  # noqa: F401
 
         asyncio.run(warm_up())
         shutil.rmtree(warm)
