@@ -267,11 +267,22 @@ def _load_in_background() -> None:
 
 
 def _load() -> None:
+    global _loading
     try:
         from ._uring_backend import choose
-    except (ImportError, OSError):  # pragma: no cover - no ring here: "auto" stays threads
+    except Exception:  # a failed import (EMFILE, a broken install): a later overlap retries
+        _loading = False
         return
     uring_loaded(choose)
+
+
+def _forked() -> None:  # pragma: no cover - runs in forked children
+    global _loading
+    _loading = False  # the loading thread, if any, did not come along
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - only Windows lacks it (no fork)
+    os.register_at_fork(after_in_child=_forked)
 
 
 async def run_sync(fn: Callable[..., T], *args: Any) -> T:

@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ._backend import BACKENDS, run_sync, server_backend
+from ._backend import requested, run_sync, server_backend
 from ._errors import MaildirNotFoundError, QuotaExceededError, outcome
 from ._lmtp_deliver import (
     SHUTTING_DOWN,
@@ -117,8 +117,8 @@ class MaildirHandler:
         syscalls: Syscalls = DEFAULT_SYSCALLS,
         backend: str | None = None,
     ) -> None:
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+        if backend is not None:
+            requested(backend, syscalls)  # a bad choice fails here, not at every recipient
         self.backend = backend
         self.root = os.path.abspath(os.fspath(root))
         self.fsync = fsync

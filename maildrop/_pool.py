@@ -305,7 +305,16 @@ class Pool:
         for fut, result, error in results:
             if fut.done():  # the caller was cancelled
                 continue
+            if isinstance(error, StopIteration):  # which a future refuses (TypeError)
+                error = _stop_iteration(error)
             if error is not None:
                 fut.set_exception(error)
             else:
                 fut.set_result(result)
+
+
+def _stop_iteration(exc: StopIteration) -> RuntimeError:
+    """Return what a step's StopIteration becomes (as in a coroutine: PEP 479)."""
+    error = RuntimeError(f"a worker's call raised StopIteration: {exc!r}")
+    error.__cause__ = exc
+    return error

@@ -65,6 +65,9 @@ def _make(loop: asyncio.AbstractEventLoop | None) -> UringBackend | UringUnavail
         return exc
     except OSError as exc:  # EMFILE, ENOMEM (locked memory): this process cannot have a ring
         return UringUnavailableError(exc.errno, f"io_uring cannot be used here: {exc}")
+    except NotImplementedError:  # a loop that cannot watch fds: the ring reaps on an eventfd
+        why = "the event loop cannot watch file descriptors (add_reader)"
+        return UringUnavailableError(errno.ENOTSUP, f"io_uring cannot be used here: {why}")
 
 
 _backends = per_loop("maildrop_uring_backend", _make)
@@ -119,7 +122,11 @@ class UringBackend(PoolBackend):
         self.pool = threads.pool
         # No direct-descriptor slots: a message's file is a process fd (see _uring_steps).
         ring = self.ring = Ring.open(slots=0)
-        ring.attach(loop)
+        try:
+            ring.attach(loop)
+        except BaseException:
+            ring.close()
+            raise
         # The loop never closes the ring: it goes with the loop (the ring holds it weakly).
         weakref.finalize(loop, ring.close)
         self.jobs: set[asyncio.Future[Any]] = set()

@@ -257,3 +257,10 @@ async def test_the_handler_refuses_an_unknown_backend(tmp_path: Path) -> None:
     """A backend that is not auto, uring or threads is a clear error."""
     with pytest.raises(ValueError, match="backend must be one of auto, uring, threads"):
         MaildirHandler(tmp_path, backend="fast")
+
+
+async def test_the_handler_refuses_the_ring_with_a_custom_table(tmp_path: Path) -> None:
+    """backend="uring" with a fault table fails when the handler is made, not per recipient."""
+    table = DEFAULT_SYSCALLS.replace(fsync=DEFAULT_SYSCALLS.fsync)
+    with pytest.raises(OSError, match="cannot run a custom Syscalls table"):
+        MaildirHandler(tmp_path, backend="uring", syscalls=table)

@@ -284,3 +284,20 @@ async def test_pending_counts_jobs_until_the_loop_collects_them(anyio_backend: s
     assert pool.pending == 1
     release.set()
     await settle(lambda: pool.pending == 0, "the held job's outcome collected")
+
+
+async def test_a_step_s_stop_iteration_reaches_its_caller_as_runtime_error(
+    anyio_backend: str,
+) -> None:
+    """A future refuses StopIteration: the caller gets a RuntimeError caused by it, and the
+    other results of the same wake-up still arrive."""
+    if anyio_backend != "asyncio":
+        pytest.skip("maildrop's own pool runs on asyncio")
+    backend = current()
+    assert isinstance(backend, PoolBackend)
+    stop = backend.pool.submit(next, (iter(()),))
+    fine = backend.pool.submit(int, ("7",))
+    with pytest.raises(RuntimeError, match="raised StopIteration") as info:
+        await stop
+    assert isinstance(info.value.__cause__, StopIteration)
+    assert await fine == 7

@@ -7,6 +7,7 @@ import gc
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -437,3 +438,50 @@ def test_a_loop_that_used_the_ring_is_collected_with_its_ring(tmp_path: Path) ->
     gc.collect()
     assert [ref() for ref in loops] == [None, None, None]
     assert ring_fds() == before
+
+
+def test_a_failed_background_load_is_tried_again_later(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An import that fails in the loading thread leaves "auto" on threads, ready to retry."""
+    monkeypatch.setattr(_backend, "_choose", None)
+    monkeypatch.setattr(_backend, "_loading", True)
+    monkeypatch.setitem(sys.modules, "maildrop._uring_backend", None)  # import -> ImportError
+    _backend._load()
+    assert _backend._choose is None
+    assert not _backend._loading
+
+
+class _NoReaderLoop(asyncio.SelectorEventLoop):
+    """An asyncio loop that cannot watch file descriptors (as some embedders' loops)."""
+
+    def add_reader(self, *args: Any) -> None:
+        raise NotImplementedError
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@needs_uring
+def test_a_loop_without_add_reader_keeps_auto_on_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No add_reader: "auto" delivers every overlapping message in threads, leaking no fd, and
+    "uring" says why it cannot run."""
+    monkeypatch.delenv(_backend.ENV, raising=False)
+
+    async def main() -> list[object]:
+        md = Maildir(tmp_path / "m")
+        await md.deliver(b"first")
+        before = _fds()
+        got = await asyncio.gather(*(md.deliver(b"m%d" % i) for i in range(10)))
+        assert _fds() == before
+        with pytest.raises(UringUnavailableError, match=r"cannot watch file descriptors"):
+            await Maildir(tmp_path / "m", backend="uring").deliver(b"x")
+        return list(got)
+
+    loop = _NoReaderLoop()
+    try:
+        assert len(loop.run_until_complete(main())) == 10
+    finally:
+        loop.close()
+    assert len(listing(tmp_path / "m")["new"]) == 11
