@@ -11,6 +11,7 @@ import functools
 __all__ = [
     "VALID_FLAGS",
     "escape_host",
+    "escaped_name",
     "format_flags",
     "published_name",
     "unique_name",
@@ -46,7 +47,12 @@ def unique_name(sec: int, usec: int, pid: int, counter: int, rand: int, host: st
 
     *host* is escaped here; the result never contains ``/``, ``:`` or NUL.
     """
-    return f"{sec}.M{usec}P{pid}Q{counter}R{rand:016x}.{escape_host(host)}"
+    return escaped_name(sec, usec, pid, counter, rand, escape_host(host))
+
+
+def escaped_name(sec: int, usec: int, pid: int, counter: int, rand: int, host: str) -> str:
+    """:func:`unique_name` with *host* already escaped (``escape_host``)."""
+    return f"{sec}.M{usec}P{pid}Q{counter}R{rand:016x}.{host}"
 
 
 def format_flags(flags: str) -> str:

@@ -13,7 +13,7 @@ import _thread
 import os
 import time
 
-from ._naming import unique_name
+from ._naming import escape_host, escaped_name
 
 __all__ = ["hostname", "new_name"]
 
@@ -31,7 +31,7 @@ def hostname() -> str:
 _RANDOM_NAMES = 64
 _random = b""
 _random_at = 0
-#: The host name and the second it was read: names read it again once a second.
+#: The host name (escaped) and the second it was read: names read it again once a second.
 _host = ("", -1)
 
 
@@ -58,6 +58,6 @@ def new_name() -> str:
         now = time.time_ns() // 1000
         sec = now // 1_000_000
         if _host[1] != sec:
-            _host = (hostname(), sec)
+            _host = (escape_host(hostname()), sec)
         host = _host[0]
-    return unique_name(sec, now % 1_000_000, os.getpid(), n, rand, host)
+    return escaped_name(sec, now % 1_000_000, os.getpid(), n, rand, host)

@@ -51,3 +51,12 @@ def test_a_forked_child_never_repeats_the_parents_random_parts() -> None:
     os.waitpid(pid, 0)
     parent = [_rand_and_host(_unique.new_name())[0] for _ in range(70)]
     assert _rand_and_host(child)[0] not in parent
+
+
+def test_a_host_name_with_odd_characters_is_escaped_in_new_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """new_name escapes the host name (read once a second) as unique_name does."""
+    monkeypatch.setattr(_unique, "_host", ("", -1))
+    monkeypatch.setattr(_unique, "hostname", lambda: ".a/b:c")
+    assert _rand_and_host(_unique.new_name())[1] == "\\056a\\057b\\072c"
