@@ -72,6 +72,9 @@ def power_cycle(
             assert failed == [f"FAILED {errno.EIO}"] * AFTER, (name, failed)
             got = acks(proc.stdout)
             assert len(got) >= k, (name, len(got))
+            if backend == "auto":  # the rounds with concurrency must have used the ring
+                (ring,) = [int(line.split()[1]) for line in lines if line.startswith("RING ")]
+                assert (ring > 0) == (conc > 1), (name, ring)
             remount(dev, mnt, fstype, opts)
             attempted = {f"r{i}-{n}" for n in range(len(PLAN) * cfg["repeat"])}
             if fsync and not prefix:

@@ -40,6 +40,17 @@ def test_uring_power_cut_before_every_op(work: Path, fstype: str) -> None:
     FIGURES["uring_powerloss_rounds"] += points
 
 
+@pytest.mark.parametrize("fstype", ["ext4", "xfs"])
+def test_auto_power_loss_right_after_deliver_returns(work: Path, fstype: str) -> None:
+    """The default backend mixes the ring and threads in the concurrent round (their links
+    share one group commit): nothing acked is lost."""
+    require_uring()
+    acked, lost = power_cycle(work, fstype, backend="auto")
+    assert lost == 0
+    FIGURES["uring_powerloss_rounds"] += len(ROUNDS)
+    FIGURES["uring_powerloss_acked_survived"] += acked
+
+
 def test_uring_power_loss_harness_is_not_blind(work: Path) -> None:
     """Negative control: the io_uring backend without fsync loses acked mail here."""
     require_uring()
