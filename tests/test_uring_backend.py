@@ -124,15 +124,22 @@ async def _while_a_worker_is_busy(check: Any) -> Any:
         await held
 
 
+async def _auto_maildir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Maildir:
+    """A maildir with the default backend (no MAILDROP_BACKEND), made by a first delivery
+    (alone: in threads)."""
+    monkeypatch.delenv(_backend.ENV, raising=False)
+    md = Maildir(tmp_path / "m")
+    await md.deliver(b"first")
+    return md
+
+
 @needs_uring
 @pytest.mark.asyncio
 async def test_auto_takes_the_ring_while_other_work_is_in_flight(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A delivery that starts while the pool or the ring is busy runs on the ring."""
-    monkeypatch.delenv(_backend.ENV, raising=False)
-    md = Maildir(tmp_path / "m")
-    await md.deliver(b"first")  # creates the maildir, in threads
+    md = await _auto_maildir(tmp_path, monkeypatch)
 
     async def deliver() -> ub.UringBackend:
         backend = _backend.backend_for("auto")
@@ -200,9 +207,7 @@ async def test_auto_under_concurrency_delivers_every_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Concurrent deliveries split between the backends all arrive, once each."""
-    monkeypatch.delenv(_backend.ENV, raising=False)
-    md = Maildir(tmp_path / "m")
-    await md.deliver(b"first")
+    md = await _auto_maildir(tmp_path, monkeypatch)
     bodies = [b"message %d" % i for i in range(40)]
     await asyncio.gather(*(md.deliver(body) for body in bodies))
     made = ub._backends.made(asyncio.get_running_loop())
