@@ -112,11 +112,17 @@ class Whole:
     )  # fmt: skip
 
     def __init__(
-        self, backend: UringBackend, steps: Steps, chunks: list[bytes | memoryview], sync: bool
+        self,
+        backend: UringBackend,
+        steps: Steps,
+        chunks: list[bytes | memoryview],
+        sync: bool,
+        path: str | None = None,
     ) -> None:
         self.backend, self.steps, self.chunks = backend, steps, chunks
         backend.active += 1  # until _report
-        self.path = steps.tmp.settings.path  # the maildir's (a property: computed once)
+        #: The maildir's (``settings.path``, a property: computed once, or given).
+        self.path = steps.tmp.settings.path if path is None else path
         #: Whether the destination is synced in the delivery's own chain (no group commit).
         self.sync = sync
         self.future: asyncio.Future[Any] = backend.loop.create_future()
