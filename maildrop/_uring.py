@@ -202,22 +202,23 @@ class Ring:
 
     def _write(self, chain: Chain) -> None:
         ops, hooks, inflight = chain.ops, self.hooks, self._inflight
+        uds, quiets, seq, ud = chain.uds, chain.quiet, self._seq, self._next_ud
         last, i, tail = chain.count - 1, chain.next, self._tail
         sqes, mask, quiet_ok = self._sqes, self._sq_mask, self._quiet_ok
+        # With hooks, each op goes alone after its predecessor completed (reap applies the
+        # kernel's severing rules), so "stop before op N" means ops before it are done.
+        linked = chain.linked and hooks is None
         chain.start = i
         while True:
             op = ops[i]
-            op.seq = self._seq
+            op.seq = seq
             if hooks is not None:
                 op = chain.inject(i, op, hooks)  # may raise: this op then keeps its number
-            self._seq += 1
-            # With hooks, each op goes alone after its predecessor completed (reap applies
-            # the kernel's severing rules), so "stop before op N" means ops before it are done.
-            link = i < last and chain.linked and hooks is None
+            seq, ud = seq + 1, ud + 1
+            link = i < last and linked
             quiet = link and quiet_ok and op.success is not None  # quiet_result(op)
-            ud = self._next_ud = self._next_ud + 1
             inflight[ud] = (chain, i)
-            chain.uds[i], chain.quiet[i] = ud, quiet
+            uds[i], quiets[i] = ud, quiet
             flags = _LINK_QUIET if quiet else abi.IOSQE_IO_LINK if link else 0
             if op.fixed:
                 flags |= abi.IOSQE_FIXED_FILE
@@ -226,9 +227,9 @@ class Ring:
                   op.addr2 & _U64, op.addr, op.length, op.op_flags, ud, 0, 0, op.file_index,
                   op.addr3, 0)  # fmt: skip
             tail, i = tail + 1, i + 1
-            if i > last or (not link and chain.linked) or hooks is not None:
+            if i > last or hooks is not None:  # a linked chain's ops go together, or alone
                 break
-        self._unsubmitted += i - chain.next
+        self._seq, self._next_ud, self._unsubmitted = seq, ud, self._unsubmitted + i - chain.next
         chain.next, self._tail = i, tail
         self._sq_ktail.value = tail & _U32  # after the entries: x86-64 keeps stores in order
 
@@ -260,10 +261,10 @@ class Ring:
                     chain.left -= 1
                     if not chain.left:
                         self._finish(chain)
-                # Completions arrive in chain order. The part in the kernel ends with its
-                # last op, or a quiet op that reports: it failed (or wrote short) and the
-                # kernel cancels the rest silently. A quiet op reporting ECANCELED was
-                # cancelled by a reporting op's failure, after which every op reports.
+                # Completions come in chain order. The part in the kernel ends with its
+                # last op, or a quiet op that reports: it failed (or wrote short), the rest
+                # is cancelled silently; one reporting ECANCELED was cancelled by a
+                # reporting op's failure, after which every op reports.
                 elif i == chain.next - 1 or (chain.quiet[i] and result != canceled):
                     self._end_part(chain, i)
                 if self.hooks is not None:  # last: a hook that raises leaves the ring sound
@@ -277,8 +278,7 @@ class Ring:
         return handled
 
     def _end_part(self, chain: Chain, stop: int) -> None:
-        # Without a quiet op every op of the part reported (see reap): nothing to settle.
-        if True in chain.quiet:
+        if True in chain.quiet:  # else every op of the part reported: nothing to settle
             for j in chain.settle(stop):  # quiet ops, which report nothing on success
                 del self._inflight[chain.uds[j]]
         # The rest of the chain waits for this op (hooks) unless this one severed it.
