@@ -701,3 +701,25 @@ def test_close_unmaps_even_when_a_callback_raises_while_draining() -> None:
     with pytest.raises(KeyboardInterrupt, match="stop"):
         ring.close()
     assert set(os.listdir("/proc/self/fd")) <= before
+
+
+@needs_uring
+@pytest.mark.asyncio
+async def test_a_raising_callback_goes_to_the_loops_exception_handler(ring: Ring) -> None:
+    """On a ring attached to a loop, a callback that raises reaches the loop's exception
+    handler; the chain after it still ends."""
+    loop = asyncio.get_running_loop()
+    seen: list[object] = []
+    loop.set_exception_handler(lambda _, context: seen.append(context["exception"]))
+    ring.attach(loop)
+    bug = RuntimeError("a callback's bug")
+
+    def boom(results: list[int]) -> None:
+        raise bug
+
+    try:
+        ring.queue([ops.nop()], boom)
+        assert await ring.submit([ops.nop()]) == [0]
+    finally:
+        loop.set_exception_handler(None)
+    assert seen == [bug]
