@@ -162,9 +162,16 @@ def sync_and_close(covered: list[DeliveryFiles]) -> None:
         run_owned(t, t.close_dirs)
 
 
-def group(key: _Key) -> GroupCommit:
-    """Return the running loop's group commit of the directory *key*; count one more in flight."""
-    table = _groups()
+def groups(loop: asyncio.AbstractEventLoop) -> _Table:
+    """Return *loop*'s group commits by directory (to pass to :func:`group`)."""
+    return _groups(loop)
+
+
+def group(key: _Key, table: _Table | None = None) -> GroupCommit:
+    """Return the running loop's group commit of the directory *key* (*table*: the loop's
+    :func:`groups`, looked up once by a caller that knows its loop); count one more in flight."""
+    if table is None:
+        table = _groups()
     gc = table.get(key)
     if gc is None:
         gc = table[key] = GroupCommit(key, table)

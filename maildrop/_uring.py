@@ -17,13 +17,13 @@ Rules, each applied where the comment names it (checked on kernel 6.18, see test
   Only ops whose success value is known and whose failure severs are made quiet
   (``quiet_result``); fsync/linkat/unlinkat/renameat2 never (an EEXIST link would look like
   a success), nor a chain's last op. A chain ends at its last op's completion or a quiet op's
-  (``_complete``); every result is then known.
+  (``reap``); every result is then known.
 - Submission space for a whole chain is reserved before any of it is written; ops in flight
   never exceed the completion ring's size; an overflow is still flushed after every drain
   (``reap``), or the eventfd would stop firing; no ``IORING_SETUP_DEFER_TASKRUN`` (starves it).
 - Fork: rings are mapped ``MADV_DONTFORK``; a child forgets each inherited ring (at fork)
   without reaping, ``remove_reader`` or munmap: it may have reused the range (SIGSEGV).
-- A process fd used by an op in flight is closed only after it completes (``close_fd``).
+- A process fd used by an op in flight is closed only after its chain ends (``close_fd``).
 """
 
 from __future__ import annotations
@@ -147,23 +147,14 @@ class Ring:
         else:
             os.close(fd)
 
-    def _release(self, op: Op) -> None:
-        for fd in op.fds:
-            self._fd_users[fd] -= 1
-            if not self._fd_users[fd]:
-                del self._fd_users[fd]
-                if fd in self._close_later:
-                    self._close_later.discard(fd)
-                    os.close(fd)
-
     # -- submission -----------------------------------------------------------------------
     def queue(self, ops: Sequence[Op], done: Done, *, linked: bool = True) -> None:
         """Queue *ops* as one chain; call ``done(results)`` once every op has a result.
 
         Each result is the op's completion (``-errno`` on failure); an op that did not run
-        because an earlier one severed the chain reports ``-ECANCELED``. With *linked*
-        False the ops are independent (no ``IOSQE_IO_LINK``: they may run concurrently and
-        none cancels another) and ``done`` runs once all of them completed.
+        because an earlier one severed the chain reports ``-ECANCELED``. With *linked* False
+        the ops are independent (no ``IOSQE_IO_LINK``: they may run concurrently, none
+        cancels another); ``done`` runs once all of them completed.
         """
         if self._closed:
             why = "was inherited across fork" if self._forked else "is closed"
@@ -175,7 +166,8 @@ class Ring:
             for fd in op.fds:
                 users[fd] = users.get(fd, 0) + 1
         self._pending.append(Chain(list(ops), done, linked))
-        self._kick()
+        if not self._flush_scheduled:  # _kick(), whose test this is, saved a call per chain
+            self._kick()
 
     def _live_loop(self) -> asyncio.AbstractEventLoop | None:
         return None if self._loop is None else self._loop()
@@ -210,22 +202,23 @@ class Ring:
 
     def _write(self, chain: Chain) -> None:
         ops, hooks, inflight = chain.ops, self.hooks, self._inflight
+        uds, quiets, seq, ud = chain.uds, chain.quiet, self._seq, self._next_ud
         last, i, tail = chain.count - 1, chain.next, self._tail
         sqes, mask, quiet_ok = self._sqes, self._sq_mask, self._quiet_ok
+        # With hooks, each op goes alone after its predecessor completed (reap applies the
+        # kernel's severing rules), so "stop before op N" means ops before it are done.
+        linked = chain.linked and hooks is None
         chain.start = i
         while True:
             op = ops[i]
-            op.seq = self._seq
+            op.seq = seq
             if hooks is not None:
                 op = chain.inject(i, op, hooks)  # may raise: this op then keeps its number
-            self._seq += 1
-            # With hooks, each op goes alone after its predecessor completed (_complete applies
-            # the kernel's severing rules), so "stop before op N" means ops before it are done.
-            link = i < last and chain.linked and hooks is None
+            seq, ud = seq + 1, ud + 1
+            link = i < last and linked
             quiet = link and quiet_ok and op.success is not None  # quiet_result(op)
-            ud = self._next_ud = self._next_ud + 1
             inflight[ud] = (chain, i)
-            chain.uds[i], chain.quiet[i] = ud, quiet
+            uds[i], quiets[i] = ud, quiet
             flags = _LINK_QUIET if quiet else abi.IOSQE_IO_LINK if link else 0
             if op.fixed:
                 flags |= abi.IOSQE_FIXED_FILE
@@ -234,9 +227,9 @@ class Ring:
                   op.addr2 & _U64, op.addr, op.length, op.op_flags, ud, 0, 0, op.file_index,
                   op.addr3, 0)  # fmt: skip
             tail, i = tail + 1, i + 1
-            if i > last or (not link and chain.linked) or hooks is not None:
+            if i > last or hooks is not None:  # a linked chain's ops go together, or alone
                 break
-        self._unsubmitted += i - chain.next
+        self._seq, self._next_ud, self._unsubmitted = seq, ud, self._unsubmitted + i - chain.next
         chain.next, self._tail = i, tail
         self._sq_ktail.value = tail & _U32  # after the entries: x86-64 keeps stores in order
 
@@ -248,10 +241,9 @@ class Ring:
         self._unsubmitted -= abi.enter(self._fd, self._unsubmitted, wait, flags)
 
     # -- completion -----------------------------------------------------------------------
-
     def reap(self) -> int:
         """Handle every completion in the ring; return how many there were."""
-        handled = 0
+        handled, inflight, canceled = 0, self._inflight, -errno.ECANCELED
         cq, cqes, mask, unpack = self._cq, self._cqes, self._cq_mask, abi.CQE.unpack_from
         while True:
             head, tail = self._cq_head, self._cq_ktail.value
@@ -259,8 +251,24 @@ class Ring:
                 ud, result, _ = unpack(cq, cqes + (head & mask) * _CQE_SIZE)
                 head = (head + 1) & _U32
                 self._cq_head = self._cq_khead.value = head  # before the callback: it may raise
-                self._complete(ud, result)
                 handled += 1
+                # One completion (inline: a call fewer for each op of every delivery).
+                chain, i = inflight.pop(ud)
+                if chain.injected is not None and i in chain.injected and result != canceled:
+                    result = chain.injected[i]
+                chain.results[i], chain.reported[i] = result, True
+                if not chain.linked:
+                    chain.left -= 1
+                    if not chain.left:
+                        self._finish(chain)
+                # Completions come in chain order. The part in the kernel ends with its
+                # last op, or a quiet op that reports: it failed (or wrote short), the rest
+                # is cancelled silently; one reporting ECANCELED was cancelled by a
+                # reporting op's failure, after which every op reports.
+                elif i == chain.next - 1 or (chain.quiet[i] and result != canceled):
+                    self._end_part(chain, i)
+                if self.hooks is not None:  # last: a hook that raises leaves the ring sound
+                    self.hooks.after_reap(chain.ops[i], result)
             if not self._sq_flags.value & abi.SQ_CQ_OVERFLOW:
                 break
             abi.enter(self._fd, 0, 0, abi.ENTER_GETEVENTS)  # move parked completions into the ring
@@ -269,42 +277,34 @@ class Ring:
         self.completions += handled
         return handled
 
-    def _complete(self, ud: int, result: int) -> None:
-        chain, i = self._inflight.pop(ud)
-        op = chain.ops[i]
-        if chain.injected is not None and i in chain.injected and result != -errno.ECANCELED:
-            result = chain.injected[i]
-        chain.results[i], chain.reported[i] = result, True
-        if op.fds:
-            self._release(op)
-        if not chain.linked:
-            chain.left -= 1
-            if not chain.left:
-                chain.finish(self._loop)
-        # A chain's completions arrive in chain order. The part in the kernel ends with its
-        # last op, or with a quiet op that reports: it failed (or wrote short), and the kernel
-        # then cancels the rest without completions. A quiet op reporting ECANCELED was
-        # cancelled by an earlier failure of a reporting op, after which every op reports.
-        elif i == chain.next - 1 or (chain.quiet[i] and result != -errno.ECANCELED):
-            self._end_part(chain, i)
-        if self.hooks is not None:  # last: a hook that raises leaves the ring consistent
-            self.hooks.after_reap(op, result)
-
     def _end_part(self, chain: Chain, stop: int) -> None:
-        for j in chain.settle(stop):  # quiet ops, which report nothing on success
-            del self._inflight[chain.uds[j]]
-            self._release(chain.ops[j])
-        if chain.next < len(chain.ops):  # the rest of the chain waits for this op (hooks)
-            if not severs(chain.ops[stop], chain.results[stop]):
-                self._pending.appendleft(chain)
-                self._kick()
-                return
-            for rest in chain.ops[chain.next :]:
-                self._release(rest)
-        chain.finish(self._loop)
+        if True in chain.quiet:  # else every op of the part reported: nothing to settle
+            for j in chain.settle(stop):  # quiet ops, which report nothing on success
+                del self._inflight[chain.uds[j]]
+        # The rest of the chain waits for this op (hooks) unless this one severed it.
+        if chain.next < chain.count and not severs(chain.ops[stop], chain.results[stop]):
+            self._pending.appendleft(chain)
+            self._kick()
+            return
+        self._finish(chain)
+
+    def _finish(self, chain: Chain) -> None:
+        """Release the process fds of the ended *chain*'s ops, then call its callback."""
+        users = self._fd_users
+        for op in chain.ops:
+            for fd in op.fds:
+                users[fd] -= 1
+                if not users[fd]:
+                    del users[fd]
+                    if fd in self._close_later:
+                        self._close_later.discard(fd)
+                        os.close(fd)
+        try:
+            chain.done(chain.results)
+        except Exception as exc:
+            chain.failed(exc, self._loop)
 
     # -- driving it -----------------------------------------------------------------------
-
     def run(self, ops: Sequence[Op]) -> list[int]:
         """Submit *ops* as a chain and block until it is done; return the results."""
         box: list[list[int]] = []

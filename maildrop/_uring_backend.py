@@ -38,9 +38,9 @@ from typing import Any, TypeVar, cast
 from . import _uring_stream as ring_stream
 from ._backend import Backend, Done, PoolBackend, current, uring_loaded
 from ._delivery import Delivery
-from ._group_commit import sync_and_close
+from ._group_commit import groups, sync_and_close
 from ._handoff import Step, begin, hand_back
-from ._loops import per_loop, running_loop
+from ._loops import per_loop
 from ._pool import retrieve
 from ._steps import Steps
 from ._uring import Ring, availability
@@ -80,7 +80,10 @@ def choose(choice: str) -> Backend:
         UringUnavailableError: *choice* is ``"uring"`` and io_uring cannot run here (the
             message says why).
     """
-    loop = running_loop()
+    try:  # running_loop(), inline: once per delivery
+        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
     if loop is None:
         if choice == "uring":
             raise UringUnavailableError(
@@ -112,7 +115,7 @@ def alone(loop: asyncio.AbstractEventLoop) -> bool:
 class UringBackend(PoolBackend):
     """The engine's own steps as chains on one ring per loop; the rest in the thread pool."""
 
-    __slots__ = ("_loop", "active", "jobs", "ring", "shared")
+    __slots__ = ("_loop", "active", "groups", "jobs", "ring", "shared")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         # The loop's thread pool, shared with its thread backend: "auto" runs a loop's
@@ -130,6 +133,8 @@ class UringBackend(PoolBackend):
         # The loop never closes the ring: it goes with the loop (the ring holds it weakly).
         weakref.finalize(loop, ring.close)
         self.jobs: set[asyncio.Future[Any]] = set()
+        #: The loop's group commits (``_group_commit.groups``: one lookup, not one a delivery).
+        self.groups = groups(loop)
         #: Whole messages in flight on the ring (``_uring_whole``); with :attr:`jobs`, what
         #: makes a delivery that starts now not alone (:func:`alone`).
         self.active = 0
@@ -175,9 +180,10 @@ class UringBackend(PoolBackend):
         **Cancellation:** the caller is released at once; the chain's completion cleans up
         (a message linked already stays, and becomes durable with the next fsync).
         """
-        if settings.path in ring_stream.FOREIGN:  # Whole.fits(), inline
+        path = settings.path  # a property: computed once for the delivery
+        if path in ring_stream.FOREIGN:  # Whole.fits(), inline
             return None
-        job = Delivering(self, settings, data)
+        job = Delivering(self, settings, data, path)
         job.start()
         return self._outcome(job)
 

@@ -55,19 +55,17 @@ class Chain:
         # The first op of the part in the kernel, and the first not yet written to the queue.
         self.start = self.next = 0
 
-    def finish(self, loop_ref: weakref.ref[asyncio.AbstractEventLoop] | None) -> None:
-        """Call the callback with the results. One that raises is reported to the exception
-        handler of the loop *loop_ref* names (or logged): a bug there must not strand the
-        completions after it."""
-        try:
-            self.done(self.results)
-        except Exception as exc:
-            context = {"message": "an io_uring completion callback failed", "exception": exc}
-            loop = None if loop_ref is None else loop_ref()
-            if loop is not None and not loop.is_closed():
-                loop.call_exception_handler(context)
-            else:
-                _log.error(context["message"], exc_info=exc)
+    def failed(
+        self, exc: Exception, loop_ref: weakref.ref[asyncio.AbstractEventLoop] | None
+    ) -> None:
+        """Report *exc*, raised by the callback, to the exception handler of the loop
+        *loop_ref* names (or log it): a bug there must not strand the completions after it."""
+        context = {"message": "an io_uring completion callback failed", "exception": exc}
+        loop = None if loop_ref is None else loop_ref()
+        if loop is not None and not loop.is_closed():
+            loop.call_exception_handler(context)
+        else:
+            _log.error(context["message"], exc_info=exc)
 
     def inject(self, i: int, op: Op, hooks: Hooks) -> Op:
         """Ask *hooks* about op *i* before it is written; return the op to write in its place.

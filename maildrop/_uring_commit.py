@@ -99,12 +99,12 @@ class Delivering(Whole):
 
     __slots__ = ("gc",)
 
-    def __init__(self, backend: UringBackend, settings: Settings, data: bytes) -> None:
+    def __init__(self, backend: UringBackend, settings: Settings, data: bytes, path: str) -> None:
         steps = Steps(settings)
         steps.tmp.reuse = True  # as a session's: a server's kept directories
-        gc = group((settings.path, "new"))  # (the maildir's path: Whole.path)
+        gc = group((path, "new"), backend.groups)  # path: settings.path, the maildir's
         # Without fsync there is no directory fsync to share: the chain is all.
-        super().__init__(backend, steps, [data], not settings.fsync or gc.alone())
+        super().__init__(backend, steps, [data], not settings.fsync or gc.alone(), path)
         self.gc = gc
 
     def _report(self, exc: BaseException | None, result: Any) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import struct
 import sys
 from collections.abc import Sequence
 
@@ -150,6 +151,7 @@ def _path(path: Path) -> bytes:
 
 
 _HEADER, _FAST = abi.HEADER, abi.FAST  # a bytes object's data is at id() + _HEADER (CPython)
+_IOV = struct.Struct("=QQ")  # struct iovec: base, length
 
 
 def _buffer(data: Buffer) -> tuple[int, int, object]:
@@ -241,6 +243,14 @@ def writev(
 ) -> Op:
     """Prepare ``pwritev2(fd, buffers, offset, rw_flags)``; the result is as for :func:`write`."""
     op = Op(abi.OP_WRITEV, fd, fixed=fixed)
+    if len(buffers) == 1 and type(data := buffers[0]) is bytes and _FAST:
+        # A whole message: its one iovec is packed into bytes (the kernel only reads it), with
+        # no ctypes array to build and fill; shorten() turns it into one when it must.
+        op.expect = op.success = n = len(data)
+        iov1 = _IOV.pack(id(data) + _HEADER, n)
+        op.addr, op.length, op.addr2 = id(iov1) + _HEADER, 1, offset
+        op.op_flags, op.keep = rw_flags, (iov1, data)
+        return op
     iov = (ctypes.c_uint64 * (2 * len(buffers)))()
     kept: list[object] = [iov]
     for i, data in enumerate(buffers):
@@ -259,6 +269,9 @@ def shorten(op: Op, length: int) -> None:
         op.length = length
         return
     iov = op.keep[0]
+    if isinstance(iov, bytes):  # writev's packed single iovec: made writable here
+        iov = (ctypes.c_uint64 * 2).from_buffer_copy(iov)
+        op.addr, op.keep = ctypes.addressof(iov), (iov, *op.keep[1:])
     assert isinstance(iov, ctypes.Array)
     for i in range(op.length):
         if length < iov[2 * i + 1]:

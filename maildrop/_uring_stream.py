@@ -181,16 +181,17 @@ class Again(enum.Enum):
 
 
 def one_chain(
-    steps: Steps, data: list[bytes | memoryview], sync_new: bool
+    steps: Steps, data: list[bytes | memoryview], sync_new: bool, raw: bytes | None = None
 ) -> tuple[list[ops.Op], str]:
     """Return the chain that writes, links, unlinks and closes the new, empty tmp file (and
-    with *sync_new* fsyncs the destination), and the name it publishes."""
+    with *sync_new* fsyncs the destination), and the name it publishes (*raw*: the tmp
+    name's bytes, if the caller has them)."""
     tmp = steps.tmp
     name, fsync = str(tmp.tmp_name), tmp.settings.fsync
     put = ops.writev(tmp.fd, data, offset=0, rw_flags=abi.RWF_SYNC if fsync else 0)
     final = steps.name_for(name, put.expect)
     link, *dest = _link_ops(tmp, final, sync_new and fsync)
-    unlink = ops.unlinkat(tmp.tmp_fd, ops.fspath(name))
+    unlink = ops.unlinkat(tmp.tmp_fd, ops.fspath(name) if raw is None else raw)
     return [put, link, unlink, ops.close(tmp.fd), *dest], final
 
 

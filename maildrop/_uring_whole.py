@@ -107,16 +107,22 @@ class Whole:
     """One whole message's ``Steps.finish`` on the ring; :attr:`future` has its outcome."""
 
     __slots__ = (
-        "backend", "chain", "chunks", "data", "ended", "final", "future", "opening", "over",
-        "path", "steps", "sync",
+        "backend", "chain", "chunks", "creating", "data", "ended", "final", "future", "opening",
+        "over", "path", "steps", "sync",
     )  # fmt: skip
 
     def __init__(
-        self, backend: UringBackend, steps: Steps, chunks: list[bytes | memoryview], sync: bool
+        self,
+        backend: UringBackend,
+        steps: Steps,
+        chunks: list[bytes | memoryview],
+        sync: bool,
+        path: str | None = None,
     ) -> None:
         self.backend, self.steps, self.chunks = backend, steps, chunks
         backend.active += 1  # until _report
-        self.path = steps.tmp.settings.path  # the maildir's (a property: computed once)
+        #: The maildir's (``settings.path``, a property: computed once, or given).
+        self.path = steps.tmp.settings.path if path is None else path
         #: Whether the destination is synced in the delivery's own chain (no group commit).
         self.sync = sync
         self.future: asyncio.Future[Any] = backend.loop.create_future()
@@ -124,6 +130,8 @@ class Whole:
         self.data: list[bytes | memoryview] = []
         self.chain: list[Any] = []
         self.opening: stream.OneOpen | None = None
+        #: The tmp file being created: its name, that name's bytes, the tries left after it.
+        self.creating: tuple[str, bytes, int] | None = None
         self.ended: asyncio.Future[None] | None = None  # see ending()
         self.over = False  # reported: the delivery's files are handed back
 
@@ -198,11 +206,15 @@ class Whole:
             return
         name = new_name()
         LIVE_TMP.add(name)  # before the file exists, so a sweep never sees it unowned
-        op = open_under(self.backend.ring, self.steps.tmp.tmp_fd, fspath(name), FILE_FLAGS)
-        self._queue([op], lambda results: self._created(name, tries, results[0]))
+        raw = fspath(name)  # encoded once: the chain's unlink of the tmp name takes it too
+        self.creating = (name, raw, tries)
+        op = open_under(self.backend.ring, self.steps.tmp.tmp_fd, raw, FILE_FLAGS)
+        self._queue([op], self._created)
 
-    def _created(self, name: str, tries: int, fd: int) -> None:
-        tmp = self.steps.tmp
+    def _created(self, results: list[int]) -> None:
+        tmp, fd = self.steps.tmp, results[0]
+        assert self.creating is not None
+        name, _, tries = self.creating
         if fd >= 0:
             tmp.fd, tmp.tmp_name = fd, name
             self._write()
@@ -227,7 +239,8 @@ class Whole:
         if not 0 < len(data) <= IOV_MAX:
             self._job(stream.redo(self.backend.ring, steps, data, self.sync, stream.Again.SHORT))
             return
-        self.chain, self.final = stream.one_chain(steps, data, self.sync)
+        raw = None if self.creating is None else self.creating[1]  # None: OneOpen's name
+        self.chain, self.final = stream.one_chain(steps, data, self.sync, raw)
         self._queue(self.chain, self._written)
 
     def _written(self, results: list[int]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import threading
@@ -310,3 +311,20 @@ async def test_a_raising_callback_does_not_lose_the_others() -> None:
     with pytest.raises(RuntimeError, match="a callback's bug"):
         backend.done[0](None)
     assert log == [("after", None)]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_group_with_the_loops_table_is_the_running_loops_group() -> None:
+    """group(key, groups(loop)) finds and counts the same group commit as group(key)."""
+    from maildrop._group_commit import group, groups, release
+
+    key = ("/nowhere/table-test", "new")
+    table = groups(asyncio.get_running_loop())
+    first = group(key)
+    second = group(key, table)
+    assert second is first
+    assert table[key] is first
+    assert first.inflight == 2
+    first.inflight -= 2
+    release(first)
+    assert key not in table

@@ -207,13 +207,30 @@ def test_an_injected_failure_of_a_close_still_frees_the_fd(ring: Ring, tmp_path:
 
 
 @needs_uring
+def test_writev_of_one_bytes_buffer_writes_it_and_keeps_it(ring: Ring, tmp_path: Path) -> None:
+    """A writev of one bytes object (a whole message) writes all of it at the offset and keeps
+    the data alive until the completion."""
+    data = bytes(range(256)) * 9
+    fd = os.open(tmp_path / "a", NEW, 0o600)
+    op = ops.writev(fd, [data], offset=0)
+    assert (op.length, op.expect) == (1, len(data))
+    assert data in op.keep
+    assert ring.run([op]) == [len(data)]
+    os.close(fd)
+    assert (tmp_path / "a").read_bytes() == data
+
+
+@needs_uring
+@pytest.mark.parametrize("parts", [[b"abc", b"def"], [b"abcdef"]], ids=["two", "one-bytes"])
 @pytest.mark.parametrize("cut", [0, 2, 3, 5])
-def test_an_injected_short_writev_is_real(ring: Ring, tmp_path: Path, cut: int) -> None:
+def test_an_injected_short_writev_is_real(
+    ring: Ring, tmp_path: Path, cut: int, parts: list[bytes]
+) -> None:
     """A short write injected on a writev at the file position really writes fewer bytes, so
-    writing the rest after it gives the whole data once."""
+    writing the rest after it gives the whole data once (one bytes buffer: a packed iovec)."""
     ring.hooks = Script(inject={0: cut})
     fd = os.open(tmp_path / "a", NEW, 0o600)
-    (written,) = ring.run([ops.writev(fd, [b"abc", b"def"])])
+    (written,) = ring.run([ops.writev(fd, parts)])
     ring.hooks = None
     (rest,) = ring.run([ops.write(fd, b"abcdef"[written:])])
     os.close(fd)
@@ -684,3 +701,25 @@ def test_close_unmaps_even_when_a_callback_raises_while_draining() -> None:
     with pytest.raises(KeyboardInterrupt, match="stop"):
         ring.close()
     assert set(os.listdir("/proc/self/fd")) <= before
+
+
+@needs_uring
+@pytest.mark.asyncio
+async def test_a_raising_callback_goes_to_the_loops_exception_handler(ring: Ring) -> None:
+    """On a ring attached to a loop, a callback that raises reaches the loop's exception
+    handler; the chain after it still ends."""
+    loop = asyncio.get_running_loop()
+    seen: list[object] = []
+    loop.set_exception_handler(lambda _, context: seen.append(context["exception"]))
+    ring.attach(loop)
+    bug = RuntimeError("a callback's bug")
+
+    def boom(results: list[int]) -> None:
+        raise bug
+
+    try:
+        ring.queue([ops.nop()], boom)
+        assert await ring.submit([ops.nop()]) == [0]
+    finally:
+        loop.set_exception_handler(None)
+    assert seen == [bug]

@@ -343,3 +343,25 @@ async def test_the_shared_table_drops_idle_maildirs_past_its_bound(
     for i in range(5):
         await Maildir(tmp_path / f"m{i}", backend="uring").deliver(MSG)
     assert len(ring_backend().shared) <= 2
+
+
+def name_of(op: Op) -> bytes:
+    """The file name an op's path ends with."""
+    raw = op.keep[0]
+    assert isinstance(raw, bytes)
+    return os.path.basename(raw)
+
+
+async def test_each_chain_unlinks_the_tmp_name_its_create_made(tmp_path: Path) -> None:
+    """After a taken tmp name (EEXIST), and for deliveries that share directories or open
+    their own, each chain's unlink removes the very name the create made: tmp/ ends empty."""
+    hooks = Series(creates, [-errno.EEXIST])
+    md, path = await ring_maildir(tmp_path, hooks)
+    await in_workers(md, 3, 2)
+    reaped = list(zip(hooks.ops, hooks.trace, strict=True))
+    made = [name_of(op) for op, (_, r) in reaped if creates(op) and r >= 0]
+    gone = [name_of(op) for op, (name, _) in reaped if name == "unlinkat"]
+    assert hooks.left == 0
+    assert len(made) == 6
+    assert sorted(gone) == sorted(made)
+    assert listing(path)["tmp"] == []
