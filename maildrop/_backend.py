@@ -46,6 +46,7 @@ __all__ = [
     "Done",
     "PoolBackend",
     "backend_for",
+    "busy",
     "current",
     "requested",
     "run_sync",
@@ -215,6 +216,12 @@ def requested(backend: str, syscalls: Syscalls) -> str:
     return env
 
 
+def busy(threads: Backend) -> bool:
+    """Whether the thread backend *threads* (an event loop's, :func:`current`) has jobs in
+    flight: maildrop's own pool only (trio's anyio threads are never asked)."""
+    return isinstance(threads, PoolBackend) and threads.pool.pending > 0
+
+
 def server_backend() -> str:
     """Return the backend a server's maildirs take by default: ``"threads"``, unless the
     operator set ``MAILDROP_BACKEND`` to ``uring`` or ``threads`` (then ``"auto"``, which
@@ -240,7 +247,7 @@ def backend_for(choice: str) -> Backend:
         # more files than it needs). One that finds work in flight has them loaded in a
         # thread (tens of ms of imports would stall the loop) and takes threads meanwhile.
         threads = current()
-        if isinstance(threads, PoolBackend) and threads.pool.pending:
+        if busy(threads):
             _load_in_background()
         return threads
     from ._uring_backend import choose  # noqa: F401 - loading it sets _choose (uring_loaded)

@@ -15,7 +15,7 @@ Rules, each applied where the comment names it (checked on kernel 6.18, see test
 - Quiet ops (``IOSQE_CQE_SKIP_SUCCESS``) post no completion on success, and after one fails
   none is posted for the rest of its chain: counting completions cannot find a chain's end.
   Only ops whose success value is known and whose failure severs are made quiet
-  (``quiet_result``); fsync/linkat/unlinkat/renameat2 never (an EEXIST link would look like
+  (``Op.success``); fsync/linkat/unlinkat/renameat2 never (an EEXIST link would look like
   a success), nor a chain's last op. A chain ends at its last op's completion or a quiet op's
   (``reap``); every result is then known.
 - Submission space for a whole chain is reserved before any of it is written; ops in flight
@@ -160,14 +160,13 @@ class Ring:
             why = "was inherited across fork" if self._forked else "is closed"
             raise RuntimeError(f"this io_uring ring {why}; open a new one")
         if not 0 < len(ops) <= self._max_chain:
-            raise ValueError(f"a chain holds 1 to {self._sq_entries} ops, not {len(ops)}")
+            raise ValueError(f"a chain holds 1 to {self._max_chain} ops, not {len(ops)}")
         users = self._fd_users
         for op in ops:
             for fd in op.fds:
                 users[fd] = users.get(fd, 0) + 1
         self._pending.append(Chain(list(ops), done, linked))
-        if not self._flush_scheduled:  # _kick(), whose test this is, saved a call per chain
-            self._kick()
+        self._kick()
 
     def _live_loop(self) -> asyncio.AbstractEventLoop | None:
         return None if self._loop is None else self._loop()
@@ -216,7 +215,7 @@ class Ring:
                 op = chain.inject(i, op, hooks)  # may raise: this op then keeps its number
             seq, ud = seq + 1, ud + 1
             link = i < last and linked
-            quiet = link and quiet_ok and op.success is not None  # quiet_result(op)
+            quiet = link and quiet_ok and op.success is not None
             inflight[ud] = (chain, i)
             uds[i], quiets[i] = ud, quiet
             flags = _LINK_QUIET if quiet else abi.IOSQE_IO_LINK if link else 0

@@ -36,11 +36,11 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
 from . import _uring_stream as ring_stream
-from ._backend import Backend, Done, PoolBackend, current, uring_loaded
+from ._backend import Backend, Done, PoolBackend, busy, current, uring_loaded
 from ._delivery import Delivery
 from ._group_commit import groups, sync_and_close
 from ._handoff import Step, begin, hand_back
-from ._loops import per_loop
+from ._loops import per_loop, running_loop
 from ._pool import retrieve
 from ._steps import Steps
 from ._uring import Ring, availability
@@ -80,10 +80,7 @@ def choose(choice: str) -> Backend:
         UringUnavailableError: *choice* is ``"uring"`` and io_uring cannot run here (the
             message says why).
     """
-    try:  # running_loop(), inline: once per delivery
-        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-    except RuntimeError:
-        loop = None
+    loop = running_loop()
     if loop is None:
         if choice == "uring":
             raise UringUnavailableError(
@@ -108,8 +105,7 @@ def alone(loop: asyncio.AbstractEventLoop) -> bool:
     made = _backends.made(loop)
     if isinstance(made, UringBackend) and (made.active or made.jobs):
         return False
-    threads = current(loop)
-    return not (isinstance(threads, PoolBackend) and threads.pool.pending)
+    return not busy(current(loop))
 
 
 class UringBackend(PoolBackend):

@@ -93,8 +93,7 @@ class Chain:
         silent = []
         for j in range(self.start, self.next):
             if not self.reported[j]:
-                success = self.ops[j].success  # quiet_result()
-                ok = j < stop and success is not None
-                self.results[j] = -errno.ECANCELED if success is None or not ok else success
+                success = self.ops[j].success
+                self.results[j] = success if j < stop and success is not None else -errno.ECANCELED
                 silent.append(j)
         return silent

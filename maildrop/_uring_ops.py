@@ -33,7 +33,6 @@ __all__ = [
     "nop",
     "openat",
     "openat2",
-    "quiet_result",
     "renameat2",
     "severs",
     "shorten",
@@ -102,7 +101,11 @@ class Op:
         self.fds: tuple[int, ...] = () if fixed or fd < 0 else (fd,)
         #: Position in the driver's submission order (set when the entry is written).
         self.seq = -1
-        #: The result on success when it is known in advance (see :func:`quiet_result`).
+        #: The result on success when it is known in advance, else None. Only such ops may
+        #: be submitted quiet (``IOSQE_CQE_SKIP_SUCCESS``), and all of them sever their chain
+        #: when they fail, so a failure always reports. fsync, linkat, unlinkat and renameat2
+        #: never know theirs: their failure does not sever the chain, and the kernel then
+        #: skips their failed completion too (an EEXIST link would look like a success).
         self.success: int | None = None
 
     @property
@@ -120,17 +123,6 @@ def severs(op: Op, result: int) -> bool:
     if result < 0:
         return op.opcode not in _KEEPS_CHAIN
     return op.opcode in _WRITES and result < op.expect
-
-
-def quiet_result(op: Op) -> int | None:
-    """Return *op*'s result on success when it is known in advance, else None.
-
-    Only such ops may be submitted quiet (``IOSQE_CQE_SKIP_SUCCESS``), and all of them sever
-    their chain when they fail, so a failure always reports. fsync, linkat, unlinkat and
-    renameat2 are never quiet: their failure does not sever the chain, and the kernel then
-    skips their failed completion too (an EEXIST link would look like a success).
-    """
-    return op.success
 
 
 _ENCODING, _ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
@@ -336,10 +328,8 @@ def close(fd: int, *, fixed: bool = False) -> Op:
     op = Op(abi.OP_CLOSE, 0 if fixed else fd)
     if fixed:
         op.file_index = fd + 1
-    op.fds, op.success = (
-        (),
-        0,
-    )  # a close must not wait for itself: the caller no longer uses this fd
+    op.fds = ()  # a close must not wait for itself: the caller no longer uses this fd
+    op.success = 0
     return op
 
 
